@@ -1,0 +1,220 @@
+"""Butterfly-orthogonal math as pure tensor functions.
+
+Conventions (shared with Hugging Face PEFT so adapter files are interchangeable):
+
+* A rotation over ``dim`` features is ``R = B_{m-1} ... B_1 B_0`` with
+  ``B_i = P_i . blockdiag(C_i1, ..., C_iN) . P_i^T``, ``N = dim / b`` blocks of size ``b``.
+* ``P_i`` is the butterfly permutation of factor ``i``: inside each chunk of ``b * 2**i``
+  features, the sub-blocks of ``b / 2`` features are regrouped with the even-numbered ones
+  first and the odd-numbered ones after them. ``P_0`` is the identity.
+* ``C = (I - S)(I + S)^-1`` is the Cayley transform of a skew-symmetric ``S``.
+* The adapted weight is ``W' = diag(s) . W . R^T``; acting on row-vector activations this is
+  ``y = s * ((x @ R) @ W^T)``.
+
+Nothing here builds a dense ``dim x dim`` matrix: each factor is a reshape/transpose of the
+feature axis plus one batched ``b x b`` product, so the cost is ``O(m * dim * b)`` per row.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+
+__all__ = [
+    "BlockGeometry",
+    "resolve_geometry",
+    "valid_block_sizes",
+    "max_butterfly_factors",
+    "butterfly_permutation",
+    "num_skew_params",
+    "skew_from_params",
+    "params_from_skew",
+    "cayley",
+    "upcast",
+    "drop_blocks",
+    "butterfly_matmul",
+    "dense_rotation",
+]
+
+
+class BlockGeometry(NamedTuple):
+    """Block layout of one adapted feature axis."""
+
+    block_size: int
+    block_num: int
+    n_factors: int
+
+
+def _is_valid(dim: int, block_size: int, n_factors: int) -> bool:
+    if block_size < 1 or n_factors < 1 or dim % block_size:
+        return False
+    if n_factors == 1:
+        return True
+    return block_size % 2 == 0 and dim % (block_size * 2 ** (n_factors - 1)) == 0
+
+
+def valid_block_sizes(dim: int, n_factors: int) -> list[int]:
+    """Block sizes that tile ``dim`` with ``n_factors`` butterfly factors."""
+    return [b for b in range(1, dim + 1) if _is_valid(dim, b, n_factors)]
+
+
+def max_butterfly_factors(dim: int, block_size: int) -> int:
+    """Largest number of factors possible for ``dim`` and ``block_size`` (0 if none)."""
+    if not _is_valid(dim, block_size, 1):
+        return 0
+    m = 1
+    while _is_valid(dim, block_size, m + 1):
+        m += 1
+    return m
+
+
+def resolve_geometry(
+    dim: int, block_size: int, block_num: int, n_factors: int, module_name: str = "module"
+) -> BlockGeometry:
+    """Check a BOFT configuration against a feature dimension and return its geometry.
+
+    Exactly one of ``block_size`` / ``block_num`` must be non-zero. Raises ValueError naming the
+    module, its dimension and what would be valid, instead of silently changing ``n_factors``.
+    """
+    if (block_size > 0) == (block_num > 0):
+        raise ValueError(
+            f"{module_name}: set exactly one of block_size ({block_size}) and block_num ({block_num})."
+        )
+    if n_factors < 1:
+        raise ValueError(f"{module_name}: n_butterfly_factor must be >= 1, got {n_factors}.")
+    if block_num > 0:
+        if dim % block_num:
+            divisors = [n for n in range(1, dim + 1) if dim % n == 0]
+            raise ValueError(
+                f"{module_name}: block_num {block_num} does not divide its dimension {dim}; "
+                f"valid block_num values: {divisors}."
+            )
+        block_size = dim // block_num
+    if not _is_valid(dim, block_size, n_factors):
+        sizes = valid_block_sizes(dim, n_factors)
+        limit = max_butterfly_factors(dim, block_size)
+        factor_hint = (
+            f"with block_size {block_size} at most {limit} factor(s) fit"
+            if limit
+            else f"block_size {block_size} does not divide {dim}"
+        )
+        raise ValueError(
+            f"{module_name}: block_size {block_size} with n_butterfly_factor {n_factors} does not fit "
+            f"its dimension {dim} (m > 1 needs an even block size and dim divisible by "
+            f"block_size * 2**(m-1)); {factor_hint}; valid block sizes for m={n_factors}: {sizes}."
+        )
+    return BlockGeometry(block_size, dim // block_size, n_factors)
+
+
+def butterfly_permutation(dim: int, block_size: int, factor: int) -> torch.Tensor:
+    """Index form of ``P_factor``: ``(P x)[j] == x[perm[j]]``.
+
+    Reference helper for tests and dense checks; the fast path never materialises it.
+    """
+    chunk = block_size * 2**factor
+    half = block_size // 2 if factor > 0 else block_size
+    groups = chunk // (2 * half) if factor > 0 else 1
+    idx = torch.arange(dim)
+    if factor == 0:
+        return idx
+    return idx.view(dim // chunk, groups, 2, half).transpose(1, 2).reshape(dim)
+
+
+def num_skew_params(block_size: int) -> int:
+    return block_size * (block_size - 1) // 2
+
+
+def skew_from_params(params: torch.Tensor, block_size: int) -> torch.Tensor:
+    """Build skew-symmetric blocks ``[..., b, b]`` from their upper-triangle entries ``[..., b(b-1)/2]``."""
+    rows, cols = torch.triu_indices(block_size, block_size, offset=1, device=params.device)
+    upper = params.new_zeros(*params.shape[:-1], block_size, block_size)
+    upper[..., rows, cols] = params
+    return upper - upper.transpose(-1, -2)
+
+
+def params_from_skew(matrix: torch.Tensor) -> torch.Tensor:
+    """Free entries of the skew part ``0.5 (A - A^T)`` of (not necessarily skew) blocks ``[..., b, b]``."""
+    block_size = matrix.shape[-1]
+    skew = 0.5 * (matrix - matrix.transpose(-1, -2))
+    rows, cols = torch.triu_indices(block_size, block_size, offset=1, device=matrix.device)
+    return skew[..., rows, cols]
+
+
+def upcast(tensor: torch.Tensor) -> torch.Tensor:
+    """At least float32: half-precision inputs are lifted, float64 is kept (for gradcheck)."""
+    return tensor if tensor.dtype in (torch.float32, torch.float64) else tensor.float()
+
+
+def cayley(skew: torch.Tensor, neumann_terms: int = 0) -> torch.Tensor:
+    """Orthogonal blocks ``(I - S)(I + S)^-1`` in at least float32, whatever the input dtype.
+
+    ``neumann_terms = 0`` solves exactly (batched LU). ``k > 0`` replaces the inverse by the
+    series ``I - S + S^2 - ...`` truncated after ``k`` terms: cheaper on accelerators, but only
+    orthogonal up to ``O(||S||^k)``.
+    """
+    skew = upcast(skew)
+    eye = torch.eye(skew.shape[-1], device=skew.device, dtype=skew.dtype)
+    with torch.autocast(device_type=skew.device.type, enabled=False):
+        if neumann_terms <= 0:
+            return torch.linalg.solve(eye + skew, eye - skew)
+        inverse = eye.expand_as(skew)
+        power = eye.expand_as(skew)
+        for _ in range(1, neumann_terms):
+            power = -(power @ skew)
+            inverse = inverse + power
+        return (eye - skew) @ inverse
+
+
+def drop_blocks(blocks: torch.Tensor, p: float, generator: torch.Generator | None = None) -> torch.Tensor:
+    """Multiplicative dropout: replace each ``b x b`` block by the identity with probability ``p``."""
+    if p <= 0.0:
+        return blocks
+    keep_shape = blocks.shape[:-2]
+    dropped = torch.rand(keep_shape, generator=generator, device=blocks.device) < p
+    eye = torch.eye(blocks.shape[-1], device=blocks.device, dtype=blocks.dtype)
+    return torch.where(dropped[..., None, None], eye, blocks)
+
+
+def _apply_factor(x: torch.Tensor, blocks: torch.Tensor, factor: int) -> torch.Tensor:
+    """Row vectors times ``P_i blockdiag(blocks) P_i^T`` along the last axis of ``x``."""
+    lead = x.shape[:-1]
+    dim = x.shape[-1]
+    block_num, block_size, _ = blocks.shape
+    if factor == 0:
+        y = x.reshape(-1, block_num, block_size).transpose(0, 1)
+        y = torch.bmm(y, blocks)
+        return y.transpose(0, 1).reshape(*lead, dim)
+    half = block_size // 2
+    groups = 2**factor
+    chunks = dim // (block_size * groups)
+    # x @ P_i: bring the two halves that the butterfly pairs next to each other.
+    y = x.reshape(-1, chunks, 2, groups, half).permute(1, 3, 0, 2, 4)
+    y = y.reshape(block_num, -1, block_size)
+    y = torch.bmm(y, blocks)
+    # ... @ P_i^T: send them back to their strided places.
+    y = y.reshape(chunks, groups, -1, 2, half).permute(2, 0, 3, 1, 4)
+    return y.reshape(*lead, dim)
+
+
+def butterfly_matmul(x: torch.Tensor, blocks: torch.Tensor, transpose: bool = False) -> torch.Tensor:
+    """``x @ R`` (or ``x @ R^T``) along the last axis of ``x``, with ``R`` given by its factor blocks.
+
+    ``blocks`` has shape ``[m, N, b, b]``; ``x @ R`` applies factor ``m-1`` first and factor 0
+    last, ``x @ R^T`` the reverse with each block transposed.
+    """
+    n_factors = blocks.shape[0]
+    blocks = blocks.to(x.dtype)
+    if transpose:
+        for factor in range(n_factors):
+            x = _apply_factor(x, blocks[factor].transpose(-1, -2), factor)
+    else:
+        for factor in reversed(range(n_factors)):
+            x = _apply_factor(x, blocks[factor], factor)
+    return x
+
+
+def dense_rotation(blocks: torch.Tensor) -> torch.Tensor:
+    """Materialise ``R`` (``dim x dim``). For inspection and tests only."""
+    dim = blocks.shape[1] * blocks.shape[2]
+    return butterfly_matmul(torch.eye(dim, dtype=blocks.dtype, device=blocks.device), blocks)

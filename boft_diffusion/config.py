@@ -1,0 +1,117 @@
+"""Adapter configuration, and its mapping to PEFT's ``adapter_config.json``."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any
+
+BIAS_MODES = ("none", "boft_only", "all")
+DEFAULT_TARGET_MODULES = ("to_q", "to_k", "to_v", "to_out.0")
+METADATA_KEY = "boft_diffusion"
+DEFAULT_BLOCK_SIZE = 8
+
+
+@dataclass
+class BOFTConfig:
+    """How to adapt a model with butterfly-orthogonal finetuning.
+
+    Set at most one of ``block_size`` (features per orthogonal block, 8 when neither is given) or
+    ``block_num`` (blocks per layer). ``n_butterfly_factor`` is the butterfly depth ``m``; it is honoured on every device.
+    ``target_modules`` is a list of module-name suffixes or one regular expression matched
+    against full module names, as in PEFT. ``dropout`` is the probability that each orthogonal
+    block is replaced by the identity in a training step. ``scale`` adds a learned per-output
+    magnitude. ``bias`` picks which biases train: "none", "boft_only" (adapted layers) or "all".
+    ``cayley_neumann_terms > 0`` swaps the exact Cayley solve for a truncated series.
+    """
+
+    block_size: int | None = None
+    block_num: int = 0
+    n_butterfly_factor: int = 2
+    target_modules: list[str] | str = field(default_factory=lambda: list(DEFAULT_TARGET_MODULES))
+    dropout: float = 0.0
+    scale: bool = True
+    bias: str = "none"
+    cayley_neumann_terms: int = 0
+    base_model_name_or_path: str | None = None
+    metadata: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if self.block_size is None:
+            self.block_size = 0 if self.block_num else DEFAULT_BLOCK_SIZE
+        if (self.block_size > 0) == (self.block_num > 0):
+            raise ValueError(
+                f"Set exactly one of block_size ({self.block_size}) and block_num ({self.block_num}); "
+                "the other must be 0."
+            )
+        if self.n_butterfly_factor < 1:
+            raise ValueError(f"n_butterfly_factor must be >= 1, got {self.n_butterfly_factor}.")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"dropout must be in [0, 1), got {self.dropout}.")
+        if self.bias not in BIAS_MODES:
+            raise ValueError(f"bias must be one of {BIAS_MODES}, got {self.bias!r}.")
+        if self.cayley_neumann_terms < 0:
+            raise ValueError(f"cayley_neumann_terms must be >= 0, got {self.cayley_neumann_terms}.")
+        if not isinstance(self.target_modules, str):
+            self.target_modules = list(self.target_modules)
+            if not self.target_modules:
+                raise ValueError("target_modules is empty.")
+
+    def to_peft_dict(self) -> dict[str, Any]:
+        """The JSON PEFT's BOFTConfig reads, plus our own fields under ``boft_diffusion``."""
+        from . import __version__
+
+        ours = {
+            "library_version": __version__,
+            "scale": self.scale,
+            "cayley_neumann_terms": self.cayley_neumann_terms,
+            **self.metadata,
+        }
+        return {
+            "peft_type": "BOFT",
+            "task_type": None,
+            "auto_mapping": None,
+            "base_model_name_or_path": self.base_model_name_or_path,
+            "revision": None,
+            "inference_mode": True,
+            "boft_block_size": self.block_size,
+            "boft_block_num": self.block_num,
+            "boft_n_butterfly_factor": self.n_butterfly_factor,
+            "target_modules": self.target_modules,
+            "exclude_modules": None,
+            "boft_dropout": self.dropout,
+            "fan_in_fan_out": False,
+            "bias": self.bias,
+            "modules_to_save": None,
+            "init_weights": True,
+            "layers_to_transform": None,
+            "layers_pattern": None,
+            METADATA_KEY: ours,
+        }
+
+    @classmethod
+    def from_peft_dict(cls, data: dict[str, Any]) -> BOFTConfig:
+        """Read an ``adapter_config.json`` written by us or by PEFT."""
+        if data.get("peft_type") != "BOFT":
+            raise ValueError(f"not a BOFT adapter config (peft_type={data.get('peft_type')!r}).")
+        if data.get("fan_in_fan_out"):
+            raise ValueError("fan_in_fan_out=True adapters (Conv1D models) are not supported.")
+        ours = dict(data.get(METADATA_KEY) or {})
+        ours.pop("library_version", None)
+        scale = bool(ours.pop("scale", True))
+        neumann = int(ours.pop("cayley_neumann_terms", 0))
+        return cls(
+            block_size=int(data.get("boft_block_size") or 0),
+            block_num=int(data.get("boft_block_num") or 0),
+            n_butterfly_factor=int(data.get("boft_n_butterfly_factor") or 1),
+            target_modules=data.get("target_modules") or list(DEFAULT_TARGET_MODULES),
+            dropout=float(data.get("boft_dropout") or 0.0),
+            scale=scale,
+            bias=data.get("bias") or "none",
+            cayley_neumann_terms=neumann,
+            base_model_name_or_path=data.get("base_model_name_or_path"),
+            metadata=ours,
+        )
+
+    def replace(self, **changes: Any) -> BOFTConfig:
+        return dataclasses.replace(self, **changes)

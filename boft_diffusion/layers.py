@@ -1,0 +1,292 @@
+"""nn.Module wrappers that put named butterfly-orthogonal adapters on a frozen layer.
+
+Training rotates the activations (``x @ R``) whenever that is exact without unfolding
+(Linear, 1x1 Conv2d), so autograd never computes a gradient for the frozen weight. Other
+convolutions rotate the flattened ``(in_channels, kh, kw)`` axis of the weight instead.
+Inference without gradients folds ``diag(s) W R^T`` once into a cached weight, so an unmerged
+adapter costs what the base layer costs.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .butterfly import (
+    BlockGeometry,
+    butterfly_matmul,
+    cayley,
+    drop_blocks,
+    num_skew_params,
+    params_from_skew,
+    skew_from_params,
+    upcast,
+)
+
+ADAPTER_NAME_PATTERN = re.compile(r"^[A-Za-z_][A-Za-z0-9_\-]*$")
+
+
+@dataclass
+class AdapterSpec:
+    """Per-adapter settings that are not trainable parameters."""
+
+    geometry: BlockGeometry
+    dropout: float = 0.0
+    neumann_terms: int = 0
+    strength: float = 1.0
+
+
+class BOFTLayer(nn.Module):
+    """Common logic of the Linear and Conv2d wrappers: adapters, strength, folding, merging."""
+
+    def __init__(self, base_layer: nn.Module, module_name: str) -> None:
+        super().__init__()
+        self.base_layer = base_layer
+        self.module_name = module_name
+        self.boft_skew = nn.ParameterDict()
+        self.boft_s = nn.ParameterDict()
+        self.specs: dict[str, AdapterSpec] = {}
+        self.active_adapter: str | None = None
+        self.adapters_disabled = False
+        self.merged: tuple[str, float] | None = None
+        self._folded_cache: tuple[tuple, torch.Tensor] | None = None
+
+    # Geometry of the wrapped layer -----------------------------------------------------------
+    @property
+    def weight(self) -> torch.Tensor:
+        return self.base_layer.weight
+
+    @property
+    def bias(self) -> torch.Tensor | None:
+        return self.base_layer.bias
+
+    @property
+    def rotated_dim(self) -> int:
+        """Length of the axis R acts on: in_features, or in_channels/groups * kh * kw."""
+        return self.weight[0].numel()
+
+    @property
+    def out_features(self) -> int:
+        return self.weight.shape[0]
+
+    # Adapter bookkeeping ---------------------------------------------------------------------
+    def add_adapter(
+        self,
+        name: str,
+        geometry: BlockGeometry,
+        dropout: float = 0.0,
+        neumann_terms: int = 0,
+        scale: bool = True,
+    ) -> None:
+        if not ADAPTER_NAME_PATTERN.match(name):
+            raise ValueError(f"invalid adapter name {name!r}: use letters, digits, '_' or '-'.")
+        if name in self.specs:
+            raise ValueError(f"{self.module_name}: adapter {name!r} already exists.")
+        if geometry.block_size * geometry.block_num != self.rotated_dim:
+            raise ValueError(
+                f"{self.module_name}: blocks {geometry.block_num} x {geometry.block_size} do not cover "
+                f"its dimension {self.rotated_dim}."
+            )
+        device = self.weight.device
+        self.boft_skew[name] = nn.Parameter(
+            torch.zeros(
+                geometry.n_factors,
+                geometry.block_num,
+                num_skew_params(geometry.block_size),
+                device=device,
+            )
+        )
+        if scale:
+            self.boft_s[name] = nn.Parameter(torch.ones(self.out_features, device=device))
+        self.specs[name] = AdapterSpec(geometry, dropout, neumann_terms)
+
+    def delete_adapter(self, name: str) -> None:
+        if self.merged and self.merged[0] == name:
+            self.unmerge()
+        del self.boft_skew[name]
+        if name in self.boft_s:
+            del self.boft_s[name]
+        del self.specs[name]
+        if self.active_adapter == name:
+            self.active_adapter = None
+        self._folded_cache = None
+
+    def load_peft_tensors(self, name: str, boft_r: torch.Tensor, boft_s: torch.Tensor | None) -> None:
+        """Copy PEFT-layout tensors (``boft_R [m, N, b, b]``, ``boft_s``) into adapter ``name``."""
+        with torch.no_grad():
+            self.boft_skew[name].copy_(params_from_skew(boft_r.float()))
+            if boft_s is not None and name in self.boft_s:
+                self.boft_s[name].copy_(boft_s.float().reshape(-1))
+
+    def peft_tensors(self, name: str) -> tuple[torch.Tensor, torch.Tensor]:
+        """Adapter ``name`` in PEFT's layout: full skew ``boft_R`` and shaped ``boft_s``."""
+        spec = self.specs[name]
+        skew = skew_from_params(self.boft_skew[name].detach().float(), spec.geometry.block_size)
+        s = self.boft_s[name].detach().float() if name in self.boft_s else torch.ones(self.out_features)
+        return skew.contiguous(), self._peft_s_shape(s.cpu())
+
+    def _peft_s_shape(self, s: torch.Tensor) -> torch.Tensor:
+        return s.reshape(-1, 1).contiguous()
+
+    # Rotation and magnitude --------------------------------------------------------------------
+    def rotation_blocks(self, name: str, apply_dropout: bool = False) -> torch.Tensor:
+        """Orthogonal blocks ``[m, N, b, b]`` (float32) of adapter ``name`` at its strength."""
+        spec = self.specs[name]
+        params = self.boft_skew[name]
+        if spec.strength != 1.0:
+            params = params * spec.strength
+        blocks = cayley(skew_from_params(params, spec.geometry.block_size), spec.neumann_terms)
+        if apply_dropout:
+            blocks = drop_blocks(blocks, spec.dropout)
+        return blocks
+
+    def magnitude(self, name: str) -> torch.Tensor | None:
+        """Per-output magnitude ``s**strength`` (None when the adapter has none, or strength is 0)."""
+        if name not in self.boft_s:
+            return None
+        s = self.boft_s[name]
+        strength = self.specs[name].strength
+        if strength == 1.0:
+            return s
+        if strength == 0.0:
+            return None
+        return s.sign() * s.abs().pow(strength)
+
+    def folded_weight(self, name: str, apply_dropout: bool = False) -> torch.Tensor:
+        """``diag(s) W R^T`` computed in float32 (differentiable), cast to the weight's dtype."""
+        weight = self.weight
+        blocks = self.rotation_blocks(name, apply_dropout)
+        flat = butterfly_matmul(upcast(weight).flatten(1), blocks, transpose=True)
+        s = self.magnitude(name)
+        if s is not None:
+            flat = flat * upcast(s)[:, None]
+        return flat.reshape(weight.shape).to(weight.dtype)
+
+    def _cached_folded_weight(self, name: str) -> torch.Tensor:
+        s = self.boft_s[name] if name in self.boft_s else None
+        key = (
+            name,
+            self.specs[name].strength,
+            self.boft_skew[name]._version,
+            self.boft_skew[name].data_ptr(),
+            s._version if s is not None else None,
+            self.weight._version,
+            self.weight.data_ptr(),
+            self.weight.dtype,
+        )
+        if self._folded_cache is None or self._folded_cache[0] != key:
+            with torch.no_grad():
+                self._folded_cache = (key, self.folded_weight(name))
+        return self._folded_cache[1]
+
+    def live_adapter(self) -> str | None:
+        """The adapter a forward must apply on top of the (possibly merged) base weight."""
+        if self.adapters_disabled or self.merged is not None:
+            return None
+        return self.active_adapter
+
+    # Merging -------------------------------------------------------------------------------------
+    def merge(self, safe_merge: bool = False) -> None:
+        """Fold the active adapter into the base weight; the forward then costs the base layer."""
+        name = self.active_adapter
+        if name is None or self.merged is not None:
+            return
+        with torch.no_grad():
+            merged = self.folded_weight(name)
+            if safe_merge and not torch.isfinite(merged).all():
+                raise ValueError(
+                    f"{self.module_name}: merging adapter {name!r} gives non-finite weights; "
+                    "the base weights were left unchanged."
+                )
+            self.weight.copy_(merged)
+        self.merged = (name, self.specs[name].strength)
+        self._folded_cache = None
+
+    def unmerge(self) -> None:
+        """Undo ``merge`` with ``W = diag(1/s) W' R`` (R is orthogonal: no inverse needed)."""
+        if self.merged is None:
+            return
+        name, _ = self.merged
+        with torch.no_grad():
+            weight = self.weight
+            flat = upcast(weight).flatten(1)
+            s = self.magnitude(name)
+            if s is not None:
+                flat = flat / upcast(s)[:, None]
+            flat = butterfly_matmul(flat, self.rotation_blocks(name))
+            weight.copy_(flat.reshape(weight.shape))
+        self.merged = None
+        self._folded_cache = None
+
+    def _use_folded_path(self, name: str) -> bool:
+        dropout_active = self.training and self.specs[name].dropout > 0
+        return not torch.is_grad_enabled() and not dropout_active
+
+    def extra_repr(self) -> str:
+        adapters = ", ".join(
+            f"{n}(b={s.geometry.block_size}, N={s.geometry.block_num}, m={s.geometry.n_factors})"
+            for n, s in self.specs.items()
+        )
+        return f"adapters=[{adapters}], active={self.active_adapter!r}, merged={self.merged is not None}"
+
+
+def _apply_magnitude(y: torch.Tensor, s: torch.Tensor | None, bias: torch.Tensor | None, channel_dim: int) -> torch.Tensor:
+    """Turn ``y = W x + b`` into ``s * W x + b`` as ``y + (s - 1)(y - b)``.
+
+    Written this way so that ``s == 1`` returns ``y`` bit for bit: the base layer keeps its own
+    fused bias kernel and a fresh adapter is exactly the base model on every backend.
+    """
+    if s is None:
+        return y
+    shape = [1] * y.dim()
+    shape[channel_dim] = -1
+    pre_bias = y if bias is None else y - bias.to(y.dtype).view(shape)
+    return torch.addcmul(y, (s.to(y.dtype) - 1).view(shape), pre_bias)
+
+
+class BOFTLinear(BOFTLayer):
+    """nn.Linear with butterfly-orthogonal adapters: ``y = s * (W (R^T x)) + b``."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        name = self.live_adapter()
+        if name is None:
+            return self.base_layer(x)
+        if self._use_folded_path(name):
+            return F.linear(x, self._cached_folded_weight(name), self.bias)
+        rotated = butterfly_matmul(x, self.rotation_blocks(name, apply_dropout=self.training))
+        y = F.linear(rotated, self.weight, self.bias)
+        return _apply_magnitude(y, self.magnitude(name), self.bias, channel_dim=-1)
+
+
+class BOFTConv2d(BOFTLayer):
+    """nn.Conv2d with butterfly-orthogonal adapters on the flattened (in_channels, kh, kw) axis.
+
+    1x1 convolutions rotate the input channels (exact and cheapest); larger kernels rotate the
+    weight, which costs one small product per step instead of unfolding the input.
+    """
+
+    def _peft_s_shape(self, s: torch.Tensor) -> torch.Tensor:
+        return s.reshape(1, -1).contiguous()
+
+    @property
+    def rotates_input(self) -> bool:
+        conv = self.base_layer
+        return conv.kernel_size == (1, 1) and conv.groups == 1
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        name = self.live_adapter()
+        conv = self.base_layer
+        if name is None:
+            return conv(x)
+        if self._use_folded_path(name):
+            return conv._conv_forward(x, self._cached_folded_weight(name), self.bias)
+        if self.rotates_input:
+            blocks = self.rotation_blocks(name, apply_dropout=self.training)
+            rotated = butterfly_matmul(x.movedim(1, -1), blocks).movedim(-1, 1).contiguous()
+            y = conv._conv_forward(rotated, self.weight, self.bias)
+            return _apply_magnitude(y, self.magnitude(name), self.bias, channel_dim=1)
+        return conv._conv_forward(x, self.folded_weight(name, apply_dropout=self.training), self.bias)

@@ -1,0 +1,61 @@
+import pytest
+import torch
+
+
+def make_tiny_unet(seed: int = 0):
+    """A two-level UNet2DConditionModel with cross-attention, random weights, built from a config."""
+    from diffusers import UNet2DConditionModel
+
+    torch.manual_seed(seed)
+    return UNet2DConditionModel(
+        sample_size=8,
+        in_channels=4,
+        out_channels=4,
+        block_out_channels=(32, 64),
+        layers_per_block=1,
+        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+        cross_attention_dim=32,
+        attention_head_dim=8,
+        norm_num_groups=8,
+    ).eval()
+
+
+def unet_inputs(seed: int = 1, batch: int = 2):
+    gen = torch.Generator().manual_seed(seed)
+    return (
+        torch.randn(batch, 4, 8, 8, generator=gen),
+        torch.tensor([10, 500][:batch]),
+        torch.randn(batch, 5, 32, generator=gen),
+    )
+
+
+@pytest.fixture
+def tiny_unet():
+    return make_tiny_unet()
+
+
+@pytest.fixture
+def inputs():
+    return unet_inputs()
+
+
+def run_unet(unet, inputs, grad: bool = False) -> torch.Tensor:
+    sample, timestep, context = inputs
+    with torch.set_grad_enabled(grad):
+        return unet(sample, timestep, encoder_hidden_states=context).sample.detach()
+
+
+def randomize_adapter(model, adapter_name: str = "default", scale: float = 0.3, seed: int = 0) -> None:
+    """Give an adapter non-trivial values, as after training."""
+    from boft_diffusion.model import boft_layers
+
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for _, layer in boft_layers(model):
+            if adapter_name in layer.specs:
+                skew = layer.boft_skew[adapter_name]
+                skew.copy_(torch.randn(skew.shape, generator=gen) * scale)
+                if adapter_name in layer.boft_s:
+                    s = layer.boft_s[adapter_name]
+                    s.copy_(1 + 0.1 * torch.randn(s.shape, generator=gen))
