@@ -3,6 +3,7 @@
 __version__ = "0.1.0"
 
 from .config import BOFTConfig
+from .loading import load_pipeline
 from .model import (
     active_adapter,
     adapter_configs,
@@ -29,6 +30,7 @@ __all__ = [
     "disable_adapters",
     "enable_adapters",
     "load_adapter",
+    "load_pipeline",
     "merge_adapter",
     "save_adapter",
     "set_adapter",

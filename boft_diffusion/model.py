@@ -43,6 +43,7 @@ __all__ = [
     "adapter_state_dict",
     "load_adapter_state_dict",
     "boft_layers",
+    "merged_state_dict",
 ]
 
 
@@ -267,6 +268,22 @@ def delete_adapter(model: nn.Module, name: str) -> None:
 
 def count_trainable_parameters(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters() if p.requires_grad)
+
+
+def merged_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The model's plain state dict (original key names, no adapter tensors) with the active
+    adapter folded into the weights: loadable by the unadapted model class."""
+    folded = {}
+    with torch.no_grad():
+        for name, layer in boft_layers(model):
+            if layer.live_adapter() is not None:
+                folded[f"{name}.base_layer.weight"] = layer.folded_weight(layer.active_adapter)
+    state = {}
+    for key, value in model.state_dict().items():
+        if ".boft_skew." in key or ".boft_s." in key:
+            continue
+        state[key.replace(".base_layer.", ".")] = folded.get(key, value)
+    return state
 
 
 # State dicts and files ---------------------------------------------------------------------------

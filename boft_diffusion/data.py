@@ -1,0 +1,133 @@
+"""Image loading and augmentation with Pillow and torch (no torchvision)."""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image, UnidentifiedImageError
+
+logger = logging.getLogger("boft_diffusion")
+
+IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff"}
+
+
+class DataError(ValueError):
+    """Unusable training data; the message names the folder or file."""
+
+
+def to_rgb(image: Image.Image) -> Image.Image:
+    """RGB from any mode: grayscale, palette, RGBA (on white), 16-bit and float images."""
+    if image.mode == "RGB":
+        return image
+    if image.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
+        array = np.asarray(image, dtype=np.float64)
+        low, high = float(array.min()), float(array.max())
+        scaled = (array - low) / (high - low) * 255 if high > low else np.zeros_like(array)
+        return Image.fromarray(scaled.astype(np.uint8), "L").convert("RGB")
+    if image.mode in ("RGBA", "LA", "PA") or (image.mode == "P" and "transparency" in image.info):
+        rgba = image.convert("RGBA")
+        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return Image.alpha_composite(background, rgba).convert("RGB")
+    return image.convert("RGB")
+
+
+def open_image(path: str | os.PathLike) -> Image.Image:
+    """Decode an image fully (so truncated files fail here, not mid-training) and make it RGB."""
+    with Image.open(path) as image:
+        image.load()
+        return to_rgb(image)
+
+
+def list_images(folder: str | os.PathLike) -> list[Path]:
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise DataError(f"image folder {folder} does not exist.")
+    return sorted(p for p in folder.iterdir() if p.is_file() and not p.name.startswith("."))
+
+
+def load_images(
+    folder: str | os.PathLike, resolution: int, num_workers: int = 0, what: str = "images"
+) -> list[tuple[Path, Image.Image]]:
+    """All decodable images of ``folder``, resized so the shorter side is ``resolution``.
+
+    Unreadable or non-image files are skipped with one warning that lists them; a folder with no
+    usable image is an error. Images smaller than ``resolution`` are upscaled with a warning.
+    """
+    paths = list_images(folder)
+
+    def decode(path: Path) -> Image.Image | None:
+        try:
+            return open_image(path)
+        except (UnidentifiedImageError, OSError, ValueError, SyntaxError):
+            return None
+
+    if num_workers > 0:
+        with ThreadPoolExecutor(num_workers) as pool:
+            decoded = list(pool.map(decode, paths))
+    else:
+        decoded = [decode(p) for p in paths]
+    skipped = [p.name for p, image in zip(paths, decoded, strict=True) if image is None]
+    if skipped:
+        logger.warning("skipped %d unreadable or non-image file(s) in %s: %s", len(skipped), folder, ", ".join(skipped))
+    images = [(p, image) for p, image in zip(paths, decoded, strict=True) if image is not None]
+    if not images:
+        raise DataError(f"no usable {what} in {folder} (found {len(paths)} file(s), none decodable as an image).")
+    small = [p.name for p, image in images if min(image.size) < resolution]
+    if small:
+        logger.warning("upscaling %d image(s) smaller than %dpx: %s", len(small), resolution, ", ".join(small))
+    return [(p, resize_shorter_side(image, resolution)) for p, image in images]
+
+
+def resize_shorter_side(image: Image.Image, size: int) -> Image.Image:
+    width, height = image.size
+    scale = size / min(width, height)
+    new_size = (max(size, round(width * scale)), max(size, round(height * scale)))
+    if new_size == image.size:
+        return image
+    return image.resize(new_size, Image.BICUBIC)
+
+
+def center_crop(image: Image.Image, size: int) -> Image.Image:
+    width, height = image.size
+    left, top = (width - size) // 2, (height - size) // 2
+    return image.crop((left, top, left + size, top + size))
+
+
+def image_to_tensor(image: Image.Image) -> torch.Tensor:
+    """PIL RGB -> float tensor [3, H, W] in [-1, 1]."""
+    array = np.asarray(image.convert("RGB"), dtype=np.float32) / 127.5 - 1.0
+    return torch.from_numpy(array).permute(2, 0, 1).contiguous()
+
+
+def tensor_to_image(tensor: torch.Tensor) -> Image.Image:
+    array = ((tensor.detach().float().clamp(-1, 1) + 1) * 127.5).round().byte().permute(1, 2, 0).cpu().numpy()
+    return Image.fromarray(array)
+
+
+def augment_batch(
+    images: Sequence[torch.Tensor],
+    size: int,
+    generator: torch.Generator,
+    random_crop: bool,
+    random_flip: bool,
+) -> torch.Tensor:
+    """Crop each ``[3, H, W]`` tensor to ``size`` (random or centred) and maybe flip it."""
+    out = []
+    for image in images:
+        _, height, width = image.shape
+        if random_crop:
+            top = int(torch.randint(0, height - size + 1, (1,), generator=generator))
+            left = int(torch.randint(0, width - size + 1, (1,), generator=generator))
+        else:
+            top, left = (height - size) // 2, (width - size) // 2
+        crop = image[:, top : top + size, left : left + size]
+        if random_flip and bool(torch.rand((), generator=generator) < 0.5):
+            crop = crop.flip(-1)
+        out.append(crop)
+    return torch.stack(out)

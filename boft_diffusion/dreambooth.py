@@ -1,0 +1,275 @@
+"""DreamBooth with BOFT: subject data, prior preservation, the loss, and the run itself."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+from . import apply_boft, save_adapter
+from .data import augment_batch, center_crop, image_to_tensor, list_images, load_images
+from .export import export_merged_pipeline
+from .loading import load_pipeline
+from .model import count_trainable_parameters, disable_adapters, enable_adapters
+from .training import (
+    Recipe,
+    Trainer,
+    TrainingError,
+    boft_config_from_args,
+    check_output_dir,
+    make_accelerator,
+    weight_dtype,
+)
+
+logger = logging.getLogger("boft_diffusion")
+
+UNET_TARGETS = ("to_q", "to_k", "to_v", "to_out.0")
+TEXT_ENCODER_TARGETS = ("q_proj", "k_proj", "v_proj", "out_proj")
+EXAMPLE_SUBJECT = Path(__file__).resolve().parent.parent / "examples" / "sks_star"
+
+
+@dataclass
+class ImageSet:
+    """Preprocessed training images: one ``[3, H, W]`` tensor each, shorter side = resolution."""
+
+    tensors: list[torch.Tensor]
+    names: list[str]
+
+    @classmethod
+    def from_folder(cls, folder: str | os.PathLike, resolution: int, crop: bool, workers: int, what: str) -> ImageSet:
+        loaded = load_images(folder, resolution, workers, what)
+        images = [center_crop(image, resolution) if crop else image for _, image in loaded]
+        return cls([image_to_tensor(image) for image in images], [p.name for p, _ in loaded])
+
+
+def place(module: torch.nn.Module, device: torch.device | None = None, dtype: torch.dtype = torch.float32) -> None:
+    """Move a frozen module; cast only when a half dtype is asked for (float32 is the loaded dtype)."""
+    if device is not None:
+        module.to(device)
+    if dtype != torch.float32:
+        module.to(dtype=dtype)
+
+
+def default_instance_dir() -> Path:
+    return EXAMPLE_SUBJECT
+
+
+def ensure_class_images(pipe, args: argparse.Namespace, accelerator) -> None:
+    """Generate class images with the base model until the folder holds ``num_class_images``.
+
+    Files are numbered and written atomically, so an interrupted generation resumes where it
+    stopped and never leaves a half-written image behind.
+    """
+    folder = Path(args.class_data_dir)
+    if accelerator.is_main_process:
+        folder.mkdir(parents=True, exist_ok=True)
+        existing = len(list_images(folder))
+        missing = args.num_class_images - existing
+        if missing > 0:
+            logger.info("generating %d class images for %r in %s", missing, args.class_prompt, folder)
+            pipe.set_progress_bar_config(disable=True)
+            index = existing
+            while index < args.num_class_images:
+                count = min(args.sample_batch_size, args.num_class_images - index)
+                generators = [torch.Generator().manual_seed(args.seed + 7919 * (index + i)) for i in range(count)]
+                with torch.no_grad():
+                    images = pipe(
+                        [args.class_prompt] * count,
+                        num_inference_steps=args.num_inference_steps,
+                        generator=generators,
+                        **_guidance(args),
+                    ).images
+                for image in images:
+                    _save_atomic(image, folder / f"class_{index:05d}.png")
+                    index += 1
+    accelerator.wait_for_everyone()
+
+
+def _save_atomic(image: Image.Image, path: Path) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    image.save(tmp, format="PNG")
+    os.replace(tmp, path)
+
+
+def _guidance(args: argparse.Namespace) -> dict[str, Any]:
+    return {} if args.guidance_scale is None else {"guidance_scale": args.guidance_scale}
+
+
+def encode_prompts(tokenizer, text_encoder, prompts: list[str], device) -> torch.Tensor:
+    ids = tokenizer(
+        prompts, padding="max_length", max_length=tokenizer.model_max_length, truncation=True, return_tensors="pt"
+    ).input_ids.to(device)
+    return text_encoder(ids)[0]
+
+
+def model_card(args: argparse.Namespace, trainable: int, steps: int) -> str:
+    return f"""---
+library_name: boft-diffusion
+base_model: {args.pretrained_model_name_or_path}
+tags: [boft, dreambooth, stable-diffusion, peft]
+instance_prompt: {args.instance_prompt}
+---
+# BOFT DreamBooth adapter
+
+Trained with `train_dreambooth.py` from boft-diffusion on **{args.pretrained_model_name_or_path}**
+for {steps} steps. Trigger prompt: `{args.instance_prompt}`.
+
+BOFT: block size {args.boft_block_size or '-'}, block number {args.boft_block_num or '-'},
+butterfly factors m = {args.boft_n_butterfly_factor}, dropout {args.boft_dropout},
+targets {', '.join(args.boft_target_modules)}; {trainable:,} trainable parameters.
+Prior preservation: {'yes, weight ' + str(args.prior_loss_weight) if args.with_prior_preservation else 'no'}.
+
+![validation samples](validation/latest.png)
+
+## Use
+
+```python
+import boft_diffusion as bd
+pipe = bd.load_pipeline("{args.pretrained_model_name_or_path}")
+bd.load_adapter(pipe.unet, "{args.output_dir}")
+image = pipe("{args.instance_prompt}").images[0]
+```
+
+The folder is also a Hugging Face PEFT BOFT adapter: `PeftModel.from_pretrained(pipe.unet, folder)`.
+"""
+
+
+def run(args: argparse.Namespace) -> dict[str, Any]:
+    """Train a DreamBooth BOFT adapter as described by parsed ``train_dreambooth.py`` flags."""
+    check_output_dir(args, ["adapter_model.safetensors"])
+    if args.with_prior_preservation and (not args.class_data_dir or not args.class_prompt):
+        raise TrainingError("--with_prior_preservation needs --class_data_dir and --class_prompt.")
+    accelerator = make_accelerator(args)
+    dtype = weight_dtype(accelerator)
+    pipe = load_pipeline(
+        args.pretrained_model_name_or_path, revision=args.revision, variant=args.variant
+    )
+    pipe.set_progress_bar_config(disable=True)
+    resolution = args.resolution or pipe.unet.config.sample_size * pipe.vae_scale_factor
+    instance_dir = args.instance_data_dir or default_instance_dir()
+    instances = ImageSet.from_folder(instance_dir, resolution, args.center_crop, args.dataloader_num_workers, "instance images")
+    logger.info("%d instance images from %s", len(instances.tensors), instance_dir)
+
+    # Build the adapters first: invalid block sizes must fail before minutes of class generation.
+    unet, text_encoder, vae, tokenizer = pipe.unet, pipe.text_encoder, pipe.vae, pipe.tokenizer
+    for module in (unet, text_encoder, vae):
+        module.requires_grad_(False)
+    place(unet, dtype=dtype)
+    apply_boft(unet, boft_config_from_args(args))
+    modules: dict[str, torch.nn.Module] = {"unet": unet}
+    if args.train_text_encoder:
+        place(text_encoder, dtype=dtype)
+        apply_boft(text_encoder, boft_config_from_args(args, args.text_encoder_target_modules))
+        modules["text_encoder"] = text_encoder
+
+    classes = None
+    if args.with_prior_preservation:
+        for module in modules.values():
+            disable_adapters(module)
+        ensure_class_images(pipe, args, accelerator)
+        for module in modules.values():
+            enable_adapters(module)
+        classes = ImageSet.from_folder(args.class_data_dir, resolution, args.center_crop, args.dataloader_num_workers, "class images")
+
+    device = accelerator.device
+    place(vae, device, dtype)
+    place(text_encoder, device, dtype)
+    if args.gradient_checkpointing:
+        unet.enable_gradient_checkpointing()
+        if args.train_text_encoder:
+            text_encoder.gradient_checkpointing_enable()
+
+    from diffusers import DDPMScheduler
+
+    noise_scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
+    prediction_type = noise_scheduler.config.prediction_type
+    prompts = [args.instance_prompt] + ([args.class_prompt] if classes else [])
+    cached_embeddings = None
+    if not args.train_text_encoder:
+        with torch.no_grad():
+            cached_embeddings = encode_prompts(tokenizer, text_encoder, prompts, device)
+    dataset_len = max(len(instances.tensors), len(classes.tensors) if classes else 0)
+    scaling = vae.config.scaling_factor
+
+    def compute_loss(indices: list[int], generator: torch.Generator):
+        pixels = [instances.tensors[i % len(instances.tensors)] for i in indices]
+        prompt_rows = [0] * len(indices)
+        if classes:
+            pixels += [classes.tensors[i % len(classes.tensors)] for i in indices]
+            prompt_rows += [1] * len(indices)
+        batch = augment_batch(pixels, resolution, generator, not args.center_crop, args.random_flip)
+        with torch.no_grad():
+            latent_dist = vae.encode(batch.to(device, dtype)).latent_dist
+            eps = torch.randn(latent_dist.mean.shape, generator=generator).to(device, latent_dist.mean.dtype)
+            latents = (latent_dist.mean + latent_dist.std * eps) * scaling
+        latents = latents.float()
+        noise = torch.randn(latents.shape, generator=generator).to(device)
+        timesteps = torch.randint(0, noise_scheduler.config.num_train_timesteps, (len(latents),), generator=generator)
+        timesteps = timesteps.to(device)
+        noisy = noise_scheduler.add_noise(latents, noise, timesteps)
+        if cached_embeddings is not None:
+            embeddings = cached_embeddings[prompt_rows]
+        else:
+            embeddings = encode_prompts(tokenizer, trainer.wrapped["text_encoder"], [prompts[r] for r in prompt_rows], device)
+        prediction = trainer.wrapped["unet"](noisy.to(dtype), timesteps, embeddings.to(dtype)).sample.float()
+        if prediction_type == "epsilon":
+            target = noise
+        elif prediction_type == "v_prediction":
+            target = noise_scheduler.get_velocity(latents, noise, timesteps)
+        else:
+            raise TrainingError(f"unsupported prediction_type {prediction_type!r} (epsilon or v_prediction).")
+        if classes:
+            pred_instance, pred_prior = prediction.chunk(2)
+            target_instance, target_prior = target.chunk(2)
+            instance_loss = F.mse_loss(pred_instance, target_instance)
+            prior_loss = F.mse_loss(pred_prior, target_prior)
+            loss = instance_loss + args.prior_loss_weight * prior_loss
+            return loss, {"instance_loss": instance_loss.item(), "prior_loss": prior_loss.item()}
+        return F.mse_loss(prediction, target), {}
+
+    validation_prompts = args.validation_prompt or [args.instance_prompt]
+
+    def validate(step: int) -> list[list[Image.Image]]:
+        rows = []
+        for prompt in validation_prompts:
+            generators = [torch.Generator().manual_seed(args.seed + i) for i in range(args.num_validation_images)]
+            with torch.no_grad():
+                rows.append(pipe([prompt] * args.num_validation_images, num_inference_steps=args.num_inference_steps,
+                                 generator=generators, **_guidance(args)).images)
+        return rows
+
+    def save_outputs(folder: Path) -> None:
+        metadata = {"instance_prompt": args.instance_prompt, "class_prompt": args.class_prompt,
+                    "train_steps": trainer.step, "resolution": resolution,
+                    "prior_preservation": bool(args.with_prior_preservation)}
+        save_adapter(accelerator.unwrap_model(trainer.wrapped["unet"]), folder, metadata=metadata)
+        if args.train_text_encoder:
+            save_adapter(accelerator.unwrap_model(trainer.wrapped["text_encoder"]), folder / "text_encoder",
+                         metadata=metadata)
+
+    recipe = Recipe(modules=modules, dataset_len=dataset_len, compute_loss=compute_loss,
+                    save_outputs=save_outputs, validate=validate, run_name="boft-dreambooth")
+    trainer = Trainer(args, accelerator, recipe)
+    result = trainer.train()
+    if accelerator.is_main_process:
+        output_dir = Path(args.output_dir)
+        _link_latest_validation(output_dir)
+        trainable = sum(count_trainable_parameters(m) for m in modules.values())
+        (output_dir / "README.md").write_text(model_card(args, trainable, trainer.step))
+        if args.save_merged:
+            export_merged_pipeline(pipe, output_dir / "merged")
+    trainer.close()
+    return result
+
+
+def _link_latest_validation(output_dir: Path) -> None:
+    grids = sorted((output_dir / "validation").glob("step-*.png"))
+    if grids:
+        Image.open(grids[-1]).save(output_dir / "validation" / "latest.png")

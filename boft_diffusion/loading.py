@@ -1,0 +1,175 @@
+"""Loading Stable Diffusion pipelines: the embedded tiny model, local folders,
+single-file checkpoints and (cached) Hugging Face Hub ids."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+#: Folder of the tiny Stable Diffusion pretrained on the shapes world
+#: (``scripts/pretrain_tiny_sd.py``), shipped inside the package.
+EMBEDDED_MODEL_DIR = Path(__file__).resolve().parent / "tiny" / "model"
+
+#: Names accepted for the embedded model.
+TINY_ALIASES = ("tiny", "embedded", "tiny-sd")
+
+_REQUIRED_COMPONENTS = ("unet", "vae", "text_encoder", "tokenizer", "scheduler")
+
+
+class ModelLoadError(OSError):
+    """A pipeline could not be loaded; the message says what and why."""
+
+
+def _offline() -> bool:
+    return os.environ.get("HF_HUB_OFFLINE", "").strip().upper() in ("1", "ON", "YES", "TRUE")
+
+
+def _default_device(device):
+    import torch
+
+    if device is not None:
+        return torch.device(device)
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def _default_dtype(dtype, device):
+    import torch
+
+    if dtype is not None:
+        return getattr(torch, dtype) if isinstance(dtype, str) else dtype
+    return torch.float16 if device.type == "cuda" else torch.float32
+
+
+def check_pipeline_folder(path: str | os.PathLike) -> None:
+    """Raise :class:`ModelLoadError` naming ``path`` and what is missing if it is
+    not a complete diffusers Stable Diffusion folder."""
+    path = Path(path)
+    if not path.exists():
+        raise ModelLoadError(f"model folder {str(path)!r} does not exist")
+    if not path.is_dir():
+        raise ModelLoadError(f"{str(path)!r} is not a folder")
+    index = path / "model_index.json"
+    if not index.is_file():
+        raise ModelLoadError(f"{str(path)!r} is not a diffusers pipeline folder: model_index.json is missing")
+    try:
+        spec = json.loads(index.read_text())
+    except (OSError, ValueError) as e:
+        raise ModelLoadError(f"{str(index)!r} is corrupt (not valid JSON): {e}") from e
+    missing = []
+    for comp in _REQUIRED_COMPONENTS:
+        if comp not in spec:
+            missing.append(f"{comp} (not listed in model_index.json)")
+            continue
+        sub = path / comp
+        if not sub.is_dir():
+            missing.append(f"{comp}/")
+            continue
+        if comp in ("unet", "vae", "text_encoder"):
+            if not (sub / "config.json").is_file():
+                missing.append(f"{comp}/config.json")
+            if not any(sub.glob("*.safetensors")) and not any(sub.glob("*.bin")):
+                missing.append(f"{comp}/ weights (*.safetensors)")
+        elif comp == "scheduler" and not (sub / "scheduler_config.json").is_file():
+            missing.append("scheduler/scheduler_config.json")
+        elif comp == "tokenizer" and not any(
+            (sub / f).is_file() for f in ("vocab.json", "tokenizer.json")
+        ):
+            missing.append("tokenizer/vocab.json")
+    if missing:
+        raise ModelLoadError(f"model folder {str(path)!r} is incomplete; missing: {', '.join(missing)}")
+
+
+def _looks_like_path(name: str) -> bool:
+    return (
+        name.startswith(("/", "./", "../", "~", "\\"))
+        or os.path.isabs(name)
+        or name.count("/") > 1
+        or os.path.exists(name)
+        or name.lower().endswith((".safetensors", ".ckpt"))
+    )
+
+
+def load_pipeline(name_or_path: str | os.PathLike = "tiny", dtype=None, device=None, **kwargs):
+    """Load a :class:`diffusers.StableDiffusionPipeline`.
+
+    * ``"tiny"`` -> the embedded model in :data:`EMBEDDED_MODEL_DIR`;
+    * a local diffusers folder -> ``from_pretrained``;
+    * a path ending in ``.safetensors`` / ``.ckpt`` -> ``from_single_file``;
+    * anything else -> a Hugging Face Hub id via ``from_pretrained`` (from the
+      local cache when ``HF_HUB_OFFLINE=1``).
+
+    ``dtype`` defaults to float16 on CUDA and float32 on CPU; ``device`` to CUDA
+    when available.  Extra ``kwargs`` go to the diffusers loader.  Failures raise
+    :class:`ModelLoadError` with a message naming the model and the reason.
+    """
+    from diffusers import StableDiffusionPipeline
+
+    dev = _default_device(device)
+    dt = _default_dtype(dtype, dev)
+    name = str(name_or_path)
+    common = dict(dtype=dt, safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+    common.update(kwargs)
+
+    if name in TINY_ALIASES:
+        if not EMBEDDED_MODEL_DIR.exists():
+            raise ModelLoadError(
+                f"the embedded tiny model is missing: {str(EMBEDDED_MODEL_DIR)!r} does not exist "
+                "(regenerate it with `python scripts/pretrain_tiny_sd.py`)"
+            )
+        path = EMBEDDED_MODEL_DIR
+    else:
+        path = Path(os.path.expanduser(name))
+
+    if name in TINY_ALIASES or path.is_dir():
+        check_pipeline_folder(path)
+        try:
+            pipe = StableDiffusionPipeline.from_pretrained(str(path), local_files_only=True, **common)
+        except Exception as e:  # corrupt weights, bad configs, ...
+            raise ModelLoadError(f"could not load the pipeline folder {str(path)!r}: {type(e).__name__}: {e}") from e
+    elif name.lower().endswith((".safetensors", ".ckpt")):
+        if not path.is_file():
+            raise ModelLoadError(f"checkpoint file {name!r} does not exist")
+        try:
+            kw = dict(common, local_files_only=True) if _offline() else common
+            pipe = StableDiffusionPipeline.from_single_file(str(path), **kw)
+        except Exception as e:
+            raise ModelLoadError(
+                f"could not load single-file checkpoint {name!r}: {type(e).__name__}: {e}. "
+                "from_single_file needs the matching model configs, which come from the Hub unless cached; "
+                "on an offline machine pass config=<local diffusers folder> or convert the file first."
+            ) from e
+    elif _looks_like_path(name):
+        raise ModelLoadError(f"model folder {name!r} does not exist")
+    else:
+        offline = _offline()
+        try:
+            pipe = StableDiffusionPipeline.from_pretrained(name, local_files_only=offline, **common)
+        except Exception as e:
+            why = (
+                "it is not in the local Hugging Face cache and HF_HUB_OFFLINE is set"
+                if offline
+                else "it is not in the local Hugging Face cache and the Hub could not be reached (offline machine?)"
+            )
+            raise ModelLoadError(
+                f"could not load hub model {name!r}: {why}. Download it on a connected machine "
+                f"(`huggingface-cli download {name}`) and copy the cache (HF_HOME), pass a local diffusers "
+                f"folder or a .safetensors file instead, or use 'tiny' for the embedded model. "
+                f"[{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}]"
+            ) from e
+    return pipe.to(dev)
+
+
+def tiny_defaults() -> dict:
+    """Recommended sampling settings for the embedded model (guidance scale,
+    steps, rare identifier tokens), from its ``tiny_sd_meta.json``."""
+    meta_path = EMBEDDED_MODEL_DIR / "tiny_sd_meta.json"
+    out = {"guidance_scale": 4.0, "num_inference_steps": 25, "height": 64, "width": 64}
+    if meta_path.is_file():
+        meta = json.loads(meta_path.read_text())
+        out["guidance_scale"] = meta.get("default_guidance_scale", out["guidance_scale"])
+        out["num_inference_steps"] = meta.get("default_num_inference_steps", out["num_inference_steps"])
+    return out
+
+
+__all__ = ["EMBEDDED_MODEL_DIR", "ModelLoadError", "load_pipeline", "check_pipeline_folder", "tiny_defaults"]

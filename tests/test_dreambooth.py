@@ -1,0 +1,218 @@
+"""train_dreambooth.py on the embedded tiny model: outputs, resume, bad input, several processes."""
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from safetensors.torch import load_file
+
+import train_dreambooth
+from boft_diffusion.checkpoint import list_checkpoints
+
+ROOT = Path(__file__).resolve().parent.parent
+FAST = ["--max_train_steps", "4", "--num_inference_steps", "2", "--num_validation_images", "1",
+        "--report_to", "none", "--boft_block_size", "8", "--boft_dropout", "0.1"]
+
+
+def run_main(*flags) -> int:
+    return train_dreambooth.main([*FAST, *map(str, flags)])
+
+
+def subprocess_env() -> dict:
+    return {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+
+
+def test_short_run_writes_peft_adapter_card_and_grid(tmp_path):
+    out = tmp_path / "out"
+    assert run_main("--output_dir", out, "--validation_prompt", "a photo of sks star", "a photo of star",
+                    "--report_to", "tensorboard") == 0
+    config = json.loads((out / "adapter_config.json").read_text())
+    assert config["peft_type"] == "BOFT" and config["boft_n_butterfly_factor"] == 2
+    assert config["boft_diffusion"]["instance_prompt"] == "a photo of sks star"
+    assert config["boft_diffusion"]["train_steps"] == 4
+    assert config["base_model_name_or_path"] == "tiny"
+    tensors = load_file(out / "adapter_model.safetensors")
+    skews = [v for k, v in tensors.items() if k.endswith("boft_R")]
+    assert skews and any(v.abs().sum() > 0 for v in skews), "training did not move the adapter"
+    assert "sks star" in (out / "README.md").read_text()
+    grid = Image.open(out / "validation" / "step-000004.png")
+    assert grid.size[1] == 2 * grid.size[0]  # two prompts, one image each
+    assert list((out / "logs").rglob("events.out.tfevents*"))
+
+
+def test_refuses_output_dir_of_another_run(tmp_path, capsys):
+    out = tmp_path / "out"
+    assert run_main("--output_dir", out, "--max_train_steps", "1") == 0
+    assert run_main("--output_dir", out, "--max_train_steps", "1") == 2
+    assert "already holds another run" in capsys.readouterr().err
+    assert run_main("--output_dir", out, "--max_train_steps", "1", "--overwrite_output_dir") == 0
+
+
+def test_invalid_block_size_fails_before_training(tmp_path, capsys):
+    out = tmp_path / "out"
+    assert run_main("--output_dir", out, "--boft_block_size", "24", "--with_prior_preservation",
+                    "--class_data_dir", tmp_path / "class", "--class_prompt", "a photo of star") == 2
+    err = capsys.readouterr().err
+    assert "to_q" in err and "valid block sizes" in err
+    assert not (tmp_path / "class").exists() or not any((tmp_path / "class").iterdir())
+
+
+def test_bad_instance_folders(tmp_path, capsys, caplog):
+    assert run_main("--output_dir", tmp_path / "a", "--instance_data_dir", tmp_path / "missing") == 2
+    assert "does not exist" in capsys.readouterr().err
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    (empty / "notes.txt").write_text("not an image")
+    assert run_main("--output_dir", tmp_path / "b", "--instance_data_dir", empty) == 2
+    assert "no usable instance images" in capsys.readouterr().err
+
+    mixed = tmp_path / "mixed"
+    mixed.mkdir()
+    source = Image.open(ROOT / "examples" / "sks_star" / sorted(os.listdir(ROOT / "examples" / "sks_star"))[0])
+    source.convert("L").save(mixed / "gray.png")
+    source.convert("RGBA").save(mixed / "rgba.png")
+    source.convert("P").save(mixed / "palette.png")
+    Image.fromarray(np.asarray(source.convert("L"), dtype=np.uint16) * 257).save(mixed / "sixteen.png")
+    source.resize((32, 32)).save(mixed / "small.png")
+    (mixed / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n broken")
+    (mixed / "readme.txt").write_text("hello")
+    with caplog.at_level("WARNING", logger="boft_diffusion"):
+        assert run_main("--output_dir", tmp_path / "c", "--instance_data_dir", mixed, "--max_train_steps", "1") == 0
+    messages = "\n".join(r.getMessage() for r in caplog.records)
+    assert "broken.png" in messages and "readme.txt" in messages
+    assert "small.png" in messages and "upscaling" in messages
+
+
+def test_nan_loss_stops_with_message_and_keeps_checkpoint(tmp_path, capsys, monkeypatch):
+    out = tmp_path / "out"
+    real_mse = torch.nn.functional.mse_loss
+    calls = {"n": 0}
+
+    def poisoned(prediction, target, *args, **kwargs):
+        calls["n"] += 1
+        loss = real_mse(prediction, target, *args, **kwargs)
+        return loss * float("nan") if calls["n"] > 2 else loss
+
+    monkeypatch.setattr("boft_diffusion.dreambooth.F.mse_loss", poisoned)
+    assert run_main("--output_dir", out, "--checkpointing_steps", "2", "--max_train_steps", "6") == 2
+    err = capsys.readouterr().err
+    assert "nan" in err and "step 3" in err and "checkpoint-2" in err
+    assert [p.name for p in list_checkpoints(out)] == ["checkpoint-2"]
+    assert not (out / "adapter_model.safetensors").exists()
+
+
+def test_prior_preservation_generates_and_resumes_class_images(tmp_path):
+    class_dir = tmp_path / "class"
+    class_dir.mkdir()
+    Image.new("RGB", (64, 64), "red").save(class_dir / "class_00000.png")
+    flags = ["--with_prior_preservation", "--class_data_dir", class_dir, "--class_prompt", "a photo of star",
+             "--num_class_images", "3", "--sample_batch_size", "2", "--max_train_steps", "2"]
+    assert run_main("--output_dir", tmp_path / "out", *flags) == 0
+    names = sorted(os.listdir(class_dir))
+    assert names == ["class_00000.png", "class_00001.png", "class_00002.png"]
+    assert (np.asarray(Image.open(class_dir / "class_00000.png")) == [255, 0, 0]).all()  # kept, not regenerated
+
+
+def adapter_tensors(folder: Path) -> dict:
+    return load_file(folder / "adapter_model.safetensors")
+
+
+def launch(out: Path, *extra) -> subprocess.Popen:
+    command = [sys.executable, str(ROOT / "train_dreambooth.py"), *FAST, "--output_dir", str(out),
+               "--max_train_steps", "8", "--checkpointing_steps", "2", *map(str, extra)]
+    return subprocess.Popen(command, env=subprocess_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+
+
+@pytest.mark.slow
+def test_kill_and_resume_equals_uninterrupted_run(tmp_path):
+    reference = launch(tmp_path / "reference")
+    assert reference.wait(timeout=300) == 0, reference.stderr.read().decode()[-2000:]
+
+    victim = launch(tmp_path / "killed")
+    deadline = time.time() + 300
+    while not (tmp_path / "killed" / "checkpoint-4").exists():
+        assert victim.poll() is None, victim.stderr.read().decode()[-2000:]
+        assert time.time() < deadline
+        time.sleep(0.05)
+    victim.send_signal(signal.SIGKILL)
+    victim.wait()
+    assert not (tmp_path / "killed" / "adapter_model.safetensors").exists()
+    assert list_checkpoints(tmp_path / "killed")[-1].name in ("checkpoint-4", "checkpoint-6")
+    resumed = launch(tmp_path / "killed", "--resume_from_checkpoint", "latest")
+    assert resumed.wait(timeout=300) == 0, resumed.stderr.read().decode()[-2000:]
+
+    expected, actual = adapter_tensors(tmp_path / "reference"), adapter_tensors(tmp_path / "killed")
+    assert expected.keys() == actual.keys()
+    for key in expected:
+        assert torch.equal(expected[key], actual[key]), key
+
+
+@pytest.mark.slow
+def test_two_processes_train_one_synchronised_adapter(tmp_path):
+    out = tmp_path / "ddp"
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29517",
+               str(ROOT / "train_dreambooth.py"), *FAST, "--output_dir", str(out), "--max_train_steps", "3"]
+    result = subprocess.run(command, env=subprocess_env(), capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "identical on all 2 processes" in result.stderr
+    assert (out / "adapter_model.safetensors").is_file()
+    assert sorted(p.name for p in out.iterdir() if not p.name.startswith(".")) == [
+        "README.md", "adapter_config.json", "adapter_model.safetensors", "validation"]
+
+
+def test_resume_refuses_checkpoint_of_other_configuration(tmp_path, capsys):
+    out = tmp_path / "out"
+    assert run_main("--output_dir", out, "--checkpointing_steps", "2", "--max_train_steps", "3") == 0
+    shutil.rmtree(out / "validation")
+    assert run_main("--output_dir", out, "--resume_from_checkpoint", "latest", "--boft_block_size", "4") == 2
+    assert "checkpoint-2" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_bf16_checkpointing_text_encoder_accumulation_and_merged_export(tmp_path):
+    out = tmp_path / "out"
+    assert run_main("--output_dir", out, "--mixed_precision", "bf16", "--gradient_checkpointing",
+                    "--train_text_encoder", "--gradient_accumulation_steps", "2", "--max_train_steps", "1",
+                    "--save_merged", "--random_flip") == 0
+    text_adapter = load_file(out / "text_encoder" / "adapter_model.safetensors")
+    assert any(k.endswith("q_proj.boft_R") for k in text_adapter)
+    assert all(v.dtype == torch.float32 for v in text_adapter.values())
+
+    from diffusers import StableDiffusionPipeline
+
+    import boft_diffusion as bd
+
+    merged = StableDiffusionPipeline.from_pretrained(out / "merged", safety_checker=None)
+    assert not any("boft" in name for name, _ in merged.unet.named_parameters())
+    adapted = bd.load_pipeline("tiny", dtype=torch.float32)
+    bd.load_adapter(adapted.unet, out)
+    bd.load_adapter(adapted.text_encoder, out / "text_encoder")
+    sample = torch.randn(1, 4, 16, 16, generator=torch.Generator().manual_seed(0))
+    ids = adapted.tokenizer(["a photo of sks star"], padding="max_length",
+                            max_length=adapted.tokenizer.model_max_length, return_tensors="pt").input_ids
+    with torch.no_grad():
+        context = adapted.text_encoder(ids)[0]
+        expected = adapted.unet(sample, 10, context).sample
+        got = merged.unet.float()(sample, 10, merged.text_encoder.float()(ids)[0]).sample
+    # the merged export holds bf16 weights (the training precision): compare loosely
+    assert (got - expected).abs().mean() < 0.05 * expected.abs().mean()
+
+
+def test_v_prediction_scheduler(tmp_path):
+    import boft_diffusion as bd
+
+    pipe = bd.load_pipeline("tiny", dtype=torch.float32)
+    pipe.scheduler.register_to_config(prediction_type="v_prediction")
+    pipe.save_pretrained(tmp_path / "vpred")
+    assert run_main("--output_dir", tmp_path / "out", "--pretrained_model_name_or_path", tmp_path / "vpred",
+                    "--max_train_steps", "2") == 0
+    assert (tmp_path / "out" / "adapter_model.safetensors").is_file()
