@@ -22,6 +22,9 @@ from .training import (
     Recipe,
     Trainer,
     TrainingError,
+    add_boft_args,
+    add_model_args,
+    add_training_args,
     boft_config_from_args,
     check_output_dir,
     make_accelerator,
@@ -139,6 +142,31 @@ image = pipe("{args.instance_prompt}").images[0]
 
 The folder is also a Hugging Face PEFT BOFT adapter: `PeftModel.from_pretrained(pipe.unet, folder)`.
 """
+
+
+def build_parser(description: str | None = None) -> argparse.ArgumentParser:
+    """The flags of train_dreambooth.py (diffusers' names), shared with the demo."""
+    parser = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_model_args(parser)
+    group = parser.add_argument_group("subject and prior")
+    group.add_argument("--instance_data_dir", default=None,
+                       help="Images of the subject (default: the bundled striped star, examples/sks_star).")
+    group.add_argument("--instance_prompt", default="a photo of sks star")
+    group.add_argument("--class_data_dir", default=None, help="Class images; generated with the base model if short.")
+    group.add_argument("--class_prompt", default=None, help='e.g. "a photo of star".')
+    group.add_argument("--with_prior_preservation", action="store_true")
+    group.add_argument("--prior_loss_weight", type=float, default=1.0)
+    group.add_argument("--num_class_images", type=int, default=50)
+    group.add_argument("--sample_batch_size", type=int, default=8, help="Batch size for class image generation.")
+    group.add_argument("--center_crop", action="store_true", help="Centre crop instead of random crop.")
+    group.add_argument("--random_flip", action="store_true")
+    group.add_argument("--train_text_encoder", action="store_true", help="Also put BOFT adapters on the text encoder.")
+    group.add_argument("--text_encoder_target_modules", nargs="+", default=list(TEXT_ENCODER_TARGETS))
+    group.add_argument("--save_merged", action="store_true",
+                       help="Also export a full diffusers pipeline with the adapter merged, in output_dir/merged.")
+    add_training_args(parser, default_output_dir="outputs/dreambooth", default_steps=300)
+    add_boft_args(parser, UNET_TARGETS)
+    return parser
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:

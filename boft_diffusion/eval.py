@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -100,6 +101,89 @@ def compare_tiny_world(pipe, model, instance_images, instance_prompt: str, class
     return {"instances": instance_self_score(instance_images), "base": base, "adapter": adapted}
 
 
+# Control ------------------------------------------------------------------------------------------------
+def control_sampler(pipe, folder: str | os.PathLike, scale: float = 1.0, steps: int = 25, guidance: float | None = None):
+    """``sample(condition_image, prompt, seed) -> image`` for a control folder from train_controlnet.py."""
+    from .control import condition_tensor, light_control, load_control
+
+    kind, handle = load_control(pipe, folder)
+    resolution = pipe.unet.config.sample_size * pipe.vae_scale_factor
+    extra = {} if guidance is None else {"guidance_scale": guidance}
+
+    def run(condition: Image.Image, prompt: str, seed: int) -> Image.Image:
+        generator = torch.Generator().manual_seed(seed)
+        with torch.no_grad():
+            if kind == "light":
+                with light_control(pipe.unet, handle, condition_tensor(condition, resolution), scale):
+                    return pipe(prompt, num_inference_steps=steps, generator=generator, **extra).images[0]
+            return handle(prompt, image=condition.convert("RGB").resize((resolution, resolution)),
+                          num_inference_steps=steps, generator=generator,
+                          controlnet_conditioning_scale=scale, **extra).images[0]
+
+    return run
+
+
+def tiny_control_scores(sample_fn, num_images: int = 32, seed: int = 0) -> dict[str, float]:
+    """Mask IoU against held-out control maps, and colour fidelity of the same samples."""
+    from .tiny import metrics, world
+
+    scenes = world.held_out_scenes(num_images, seed=seed + 4242)
+    ious, background, colour = [], [], []
+    for i, scene in enumerate(scenes):
+        mask = world.render_mask(scene)
+        image = sample_fn(mask.convert("RGB"), world.caption(scene), seed + i)
+        ious.append(metrics.control_fidelity(image, mask))
+        fidelity = metrics.prompt_fidelity(image, scene)
+        background.append(fidelity["background"])
+        colour.append(fidelity["shape_color"])
+    return {"control_iou": float(np.mean(ious)), "background": float(np.mean(background)),
+            "shape_color": float(np.mean(colour))}
+
+
+def edges(image: Image.Image, threshold: float = 0.2) -> np.ndarray:
+    """Binary edge map: Sobel gradient magnitude above ``threshold`` of its maximum."""
+    gray = np.asarray(image.convert("L"), dtype=np.float32)
+    padded = np.pad(gray, 1, mode="edge")
+    gx = (padded[1:-1, 2:] - padded[1:-1, :-2]) * 2 + padded[:-2, 2:] - padded[:-2, :-2] + padded[2:, 2:] - padded[2:, :-2]
+    gy = (padded[2:, 1:-1] - padded[:-2, 1:-1]) * 2 + padded[2:, :-2] - padded[:-2, :-2] + padded[2:, 2:] - padded[:-2, 2:]
+    magnitude = np.hypot(gx, gy)
+    return magnitude > threshold * max(float(magnitude.max()), 1e-6)
+
+
+def _dilate(mask: np.ndarray) -> np.ndarray:
+    padded = np.pad(mask, 1)
+    out = np.zeros_like(mask)
+    for dy in range(3):
+        for dx in range(3):
+            out |= padded[dy : dy + mask.shape[0], dx : dx + mask.shape[1]]
+    return out
+
+
+def edge_agreement(image: Image.Image, condition_edges: Image.Image) -> float:
+    """F1 between the generated image's edges and a conditioning edge map, with 1-pixel tolerance."""
+    generated = edges(image)
+    reference = np.asarray(condition_edges.convert("L").resize(image.size)) > 127
+    if not generated.any() and not reference.any():
+        return 1.0
+    precision = (generated & _dilate(reference)).sum() / max(generated.sum(), 1)
+    recall = (reference & _dilate(generated)).sum() / max(reference.sum(), 1)
+    return float(2 * precision * recall / max(precision + recall, 1e-9))
+
+
+def face_landmark_error(image: Image.Image, reference_landmarks: np.ndarray) -> float | None:
+    """Mean landmark distance (pixels) with the optional face-alignment package; None without it."""
+    try:
+        import face_alignment
+    except ImportError:
+        print("face-alignment is not installed: skipping the landmark error (pip install face-alignment).")
+        return None
+    aligner = face_alignment.FaceAlignment(face_alignment.LandmarksType.TWO_D, device="cpu")
+    found = aligner.get_landmarks(np.asarray(image.convert("RGB")))
+    if not found:
+        return float("inf")
+    return float(np.linalg.norm(found[0] - reference_landmarks, axis=-1).mean())
+
+
 # Real checkpoints ----------------------------------------------------------------------------------
 def _normalise(x: torch.Tensor) -> torch.Tensor:
     return x / x.norm(dim=-1, keepdim=True)
@@ -147,17 +231,78 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--guidance_scale", type=float, default=None)
     parser.add_argument("--clip_model", default=None, help="CLIP model id or path for CLIP-T / CLIP-I.")
     parser.add_argument("--dino_model", default=None, help="DINO ViT id or path for the DINO score.")
+    parser.add_argument("--control_data_dir", default=None,
+                        help="Control folders: metadata.jsonl with conditioning_file_name (and edges_file_name) "
+                             "to score edge agreement on real data.")
+    parser.add_argument("--conditioning_scale", type=float, default=1.0)
     parser.add_argument("--output_json", default=None)
     return parser.parse_args(argv)
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
+    from .control import read_control_info
+
+    args = parse_args(argv)
+    info = read_control_info(args.adapter)
+    if info is not None:
+        report = control_report(args, info)
+    else:
+        report = dreambooth_report(args)
+    text = json.dumps(report, indent=2)
+    print(text)
+    if args.output_json:
+        Path(args.output_json).write_text(text + "\n")
+    return report
+
+
+def control_report(args: argparse.Namespace, info: dict[str, Any]) -> dict[str, Any]:
+    """Base (no control) against the control adapter: tiny-world IoU, or edge agreement on a data folder."""
+    from .loading import TINY_ALIASES, load_pipeline
+
+    base_model = args.pretrained_model_name_or_path or "tiny"
+    pipe = load_pipeline(base_model, dtype=torch.float32)
+    pipe.set_progress_bar_config(disable=True)
+    extra = {} if args.guidance_scale is None else {"guidance_scale": args.guidance_scale}
+
+    def base(condition: Image.Image, prompt: str, seed: int) -> Image.Image:
+        with torch.no_grad():
+            return pipe(prompt, num_inference_steps=args.num_inference_steps,
+                        generator=torch.Generator().manual_seed(seed), **extra).images[0]
+
+    scorers = {}
+    if str(base_model) in TINY_ALIASES and not args.control_data_dir:
+        scorers["tiny_world"] = lambda fn: tiny_control_scores(fn, args.num_images, args.seed)
+    if args.control_data_dir:
+        scorers["edges"] = lambda fn: folder_edge_agreement(fn, args.control_data_dir, args.num_images, args.seed)
+    report: dict[str, Any] = {"base_model": str(base_model), "adapter": str(args.adapter), "mode": info["mode"]}
+    for name, scorer in scorers.items():
+        report[name] = {"base": scorer(base)}
+    adapted = control_sampler(pipe, args.adapter, args.conditioning_scale, args.num_inference_steps, args.guidance_scale)
+    for name, scorer in scorers.items():
+        report[name]["adapter"] = scorer(adapted)
+    return report
+
+
+def folder_edge_agreement(sample_fn, folder: str | os.PathLike, num_images: int, seed: int) -> dict[str, float]:
+    """Edge agreement between conditioning edge maps of a data folder and samples conditioned on them."""
+    from .data import open_image
+
+    folder = Path(folder)
+    rows = [json.loads(line) for line in (folder / "metadata.jsonl").read_text().splitlines() if line.strip()]
+    scores = []
+    for i, row in enumerate(rows[:num_images]):
+        condition = open_image(folder / row["conditioning_file_name"])
+        edge_map = open_image(folder / row.get("edges_file_name", row["conditioning_file_name"]))
+        scores.append(edge_agreement(sample_fn(condition, row.get("text") or "", seed + i), edge_map))
+    return {"edge_agreement": float(np.mean(scores)), "n": len(scores)}
+
+
+def dreambooth_report(args: argparse.Namespace) -> dict[str, Any]:
     from .data import load_images
     from .dreambooth import default_instance_dir
     from .loading import TINY_ALIASES, load_pipeline
     from .model import load_adapter, read_adapter_config
 
-    args = parse_args(argv)
     config = read_adapter_config(args.adapter)
     base = args.pretrained_model_name_or_path or config.base_model_name_or_path or "tiny"
     instance_prompt = args.instance_prompt or config.metadata.get("instance_prompt") or "a photo of sks star"
@@ -178,10 +323,6 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             report.update(clip_scores(args.clip_model, generated, instance_prompt, instances))
         if args.dino_model:
             report["dino"] = dino_score(args.dino_model, generated, instances)
-    text = json.dumps(report, indent=2)
-    print(text)
-    if args.output_json:
-        Path(args.output_json).write_text(text + "\n")
     return report
 
 

@@ -19,6 +19,7 @@ import json
 import logging
 import math
 import os
+import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -109,6 +110,18 @@ def add_boft_args(parser: argparse.ArgumentParser, default_targets: Sequence[str
     group.add_argument("--no_boft_scale", dest="boft_scale", action="store_false")
     group.add_argument("--boft_cayley_neumann_terms", type=int, default=0,
                        help="0: exact Cayley; k > 0: k-term Neumann series (faster, approximate).")
+
+
+def run_cli(build_parser: Callable[[str | None], argparse.ArgumentParser], run: Callable[[argparse.Namespace], Any],
+            description: str | None, argv: list[str] | None) -> int:
+    """Entry point of a training script: parse, run, and turn expected failures into exit code 2."""
+    args = build_parser(description).parse_args(argv)
+    try:
+        run(args)
+    except (TrainingError, ValueError, OSError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    return 0
 
 
 def boft_config_from_args(args: argparse.Namespace, target_modules: Sequence[str] | None = None) -> BOFTConfig:

@@ -1,0 +1,200 @@
+"""Control for BOFT finetuning: the paper's light control encoder, and BOFT on a diffusers ControlNet.
+
+Light control (BOFT paper, section on controllable generation): a small convolutional encoder
+maps the conditioning image to features shaped like the UNet's ``conv_in`` output; its last
+layer starts at zero, and its output is added after ``conv_in``. The UNet's attention
+projections get BOFT adapters. A forward hook carries the conditioning into the UNet, so any
+diffusers pipeline can sample with it inside ``with light_control(unet, encoder, image):``.
+
+ControlNet: a ``ControlNetModel`` copied from the UNet (or loaded) whose copied blocks stay
+frozen and receive BOFT adapters, while its zero convolutions and conditioning embedding train.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import os
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from .model import _atomic_write, load_adapter, save_adapter
+
+ENCODER_CONFIG = "control_encoder_config.json"
+ENCODER_WEIGHTS = "control_encoder.safetensors"
+CONTROLNET_CONFIG = "controlnet_config.json"
+CONTROLNET_TRAINABLE = "controlnet_trainable.safetensors"
+CONTROL_INFO = "control.json"
+
+
+class ControlEncoder(nn.Module):
+    """Conditioning image ``[B, 3, H, W]`` in [-1, 1] -> features ``[B, C, H/f, W/f]``.
+
+    ``downscale`` must be a power of two (the VAE's scale factor); the output layer is zero
+    initialised so that a fresh encoder leaves the UNet unchanged.
+    """
+
+    def __init__(self, out_channels: int, downscale: int = 8, hidden: int = 32, in_channels: int = 3) -> None:
+        super().__init__()
+        steps = int(round(math.log2(downscale)))
+        if 2**steps != downscale:
+            raise ValueError(f"control encoder downscale must be a power of two, got {downscale}.")
+        self.config = {"out_channels": out_channels, "downscale": downscale, "hidden": hidden, "in_channels": in_channels}
+        layers: list[nn.Module] = [nn.Conv2d(in_channels, hidden, 3, padding=1), nn.SiLU()]
+        for _ in range(steps):
+            layers += [nn.Conv2d(hidden, hidden, 3, padding=1, stride=2), nn.SiLU(), nn.Conv2d(hidden, hidden, 3, padding=1), nn.SiLU()]
+        self.body = nn.Sequential(*layers)
+        self.out = nn.Conv2d(hidden, out_channels, 1)
+        nn.init.zeros_(self.out.weight)
+        nn.init.zeros_(self.out.bias)
+
+    def forward(self, condition: torch.Tensor) -> torch.Tensor:
+        return self.out(self.body(condition))
+
+    def save(self, folder: str | os.PathLike) -> None:
+        tensors = {k: v.detach().float().cpu().contiguous() for k, v in self.state_dict().items()}
+        _atomic_write(Path(folder), {
+            ENCODER_WEIGHTS: lambda tmp: save_file(tensors, tmp),
+            ENCODER_CONFIG: lambda tmp: Path(tmp).write_text(json.dumps(self.config, indent=2)),
+        })
+
+    @classmethod
+    def load(cls, folder: str | os.PathLike) -> ControlEncoder:
+        folder = Path(folder)
+        config = json.loads((folder / ENCODER_CONFIG).read_text())
+        encoder = cls(**config)
+        encoder.load_state_dict(load_file(str(folder / ENCODER_WEIGHTS)))
+        return encoder
+
+
+def encoder_for_unet(unet, vae_scale_factor: int) -> ControlEncoder:
+    return ControlEncoder(unet.conv_in.out_channels, vae_scale_factor)
+
+
+@contextlib.contextmanager
+def light_control(unet, encoder: ControlEncoder, condition: torch.Tensor, scale: float = 1.0) -> Iterator[None]:
+    """Add ``scale * encoder(condition)`` after ``unet.conv_in`` for every forward in the block.
+
+    The features are repeated to the UNet's batch, so classifier-free guidance (which doubles
+    the batch) and several images per prompt work unchanged.
+    """
+
+    def add_control(module, inputs, output):
+        features = encoder(condition.to(output.device, torch.float32))
+        if output.shape[0] % features.shape[0]:
+            raise ValueError(f"{features.shape[0]} control images for a UNet batch of {output.shape[0]}.")
+        features = features.repeat(output.shape[0] // features.shape[0], 1, 1, 1)
+        return output + scale * features.to(output.dtype)
+
+    handle = unet.conv_in.register_forward_hook(add_control)
+    try:
+        yield
+    finally:
+        handle.remove()
+
+
+def condition_tensor(image, resolution: int) -> torch.Tensor:
+    """A PIL conditioning image as a ``[1, 3, r, r]`` tensor in [-1, 1]."""
+    from PIL import Image
+
+    from .data import image_to_tensor, to_rgb
+
+    image = to_rgb(image).resize((resolution, resolution), Image.BILINEAR)
+    return image_to_tensor(image)[None]
+
+
+# diffusers ControlNet -------------------------------------------------------------------------------
+CONTROLNET_FULL_TRAIN = ("controlnet_cond_embedding", "controlnet_down_blocks", "controlnet_mid_block")
+
+
+def controlnet_from_unet(unet, vae_scale_factor: int = 8):
+    """``ControlNetModel.from_unet`` for any VAE scale factor and attention-pooled text embeddings.
+
+    The conditioning embedding downsamples once per factor of two of the VAE (SD: 8, three
+    times; the embedded tiny model: 4, twice). diffusers' from_unet also drops
+    ``addition_embed_type_num_heads``, so for ``addition_embed_type="text"`` we copy the module.
+    """
+    import copy
+
+    from diffusers import ControlNetModel
+
+    downsamples = int(round(math.log2(vae_scale_factor)))
+    channels = (16, 32, 96, 256, 256)[: downsamples + 1]
+    controlnet = ControlNetModel.from_unet(unet, conditioning_embedding_out_channels=channels)
+    if unet.config.get("addition_embed_type") == "text":
+        controlnet.add_embedding = copy.deepcopy(unet.add_embedding)
+        controlnet.register_to_config(addition_embed_type_num_heads=unet.config.addition_embed_type_num_heads)
+    return controlnet
+
+
+def controlnet_trainable_parameters(controlnet) -> dict[str, nn.Parameter]:
+    """The ControlNet parts that train in full: conditioning embedding and zero convolutions."""
+    return {n: p for n, p in controlnet.named_parameters() if n.startswith(CONTROLNET_FULL_TRAIN)}
+
+
+def save_control(folder: str | os.PathLike, mode: str, unet_adapter: Any, controlnet: Any = None,
+                 encoder: ControlEncoder | None = None, metadata: dict[str, Any] | None = None) -> None:
+    """Write a control adapter folder: BOFT adapter(s) plus the fully trained control parts."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    info = {"mode": mode, **(metadata or {})}
+    if unet_adapter is not None:
+        save_adapter(unet_adapter, folder, metadata=metadata)
+        info["unet_adapter"] = "."
+    if encoder is not None:
+        encoder.save(folder)
+    if controlnet is not None:
+        save_adapter(controlnet, folder / "controlnet", metadata=metadata)
+        tensors = {k: v.detach().float().cpu().contiguous() for k, v in controlnet_trainable_parameters(controlnet).items()}
+        config = {k: v for k, v in dict(controlnet.config).items() if not k.startswith("_")}
+        _atomic_write(folder, {
+            CONTROLNET_TRAINABLE: lambda tmp: save_file(tensors, tmp),
+            CONTROLNET_CONFIG: lambda tmp: Path(tmp).write_text(json.dumps(config, indent=2, default=list)),
+        })
+    _atomic_write(folder, {CONTROL_INFO: lambda tmp: Path(tmp).write_text(json.dumps(info, indent=2))})
+
+
+def read_control_info(folder: str | os.PathLike) -> dict[str, Any] | None:
+    path = Path(folder) / CONTROL_INFO
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
+def load_control(pipe, folder: str | os.PathLike, adapter_name: str | None = None):
+    """Load a folder written by train_controlnet.py onto ``pipe``; return what sampling needs.
+
+    Light mode returns ``("light", encoder)`` (use with :func:`light_control`); ControlNet mode
+    returns ``("controlnet", StableDiffusionControlNetPipeline)`` sharing ``pipe``'s components.
+    """
+    folder = Path(folder)
+    info = read_control_info(folder)
+    if info is None:
+        raise FileNotFoundError(f"{folder / CONTROL_INFO} not found: not a control adapter folder.")
+    if info["mode"] == "light":
+        if (folder / "adapter_config.json").is_file():
+            load_adapter(pipe.unet, folder, adapter_name)
+        encoder = ControlEncoder.load(folder).to(pipe.unet.device)
+        return "light", encoder
+    from diffusers import StableDiffusionControlNetPipeline
+
+    controlnet = controlnet_from_unet(pipe.unet, pipe.vae_scale_factor)
+    config = json.loads((folder / CONTROLNET_CONFIG).read_text())
+    if config.get("block_out_channels") and list(config["block_out_channels"]) != list(controlnet.config.block_out_channels):
+        raise ValueError(f"{folder} was trained for another UNet (block_out_channels {config['block_out_channels']}).")
+    tensors = load_file(str(folder / CONTROLNET_TRAINABLE))
+    missing, unexpected = controlnet.load_state_dict(tensors, strict=False)
+    if unexpected:
+        raise ValueError(f"{folder / CONTROLNET_TRAINABLE} holds tensors this ControlNet lacks: {unexpected[:3]}")
+    load_adapter(controlnet, folder / "controlnet")
+    if (folder / "adapter_config.json").is_file():
+        load_adapter(pipe.unet, folder, adapter_name)
+    controlnet.to(pipe.unet.device, pipe.unet.dtype)
+    control_pipe = StableDiffusionControlNetPipeline(**{k: v for k, v in pipe.components.items()
+                                                        if k not in ("image_encoder",)}, controlnet=controlnet)
+    control_pipe.set_progress_bar_config(disable=True)
+    return "controlnet", control_pipe

@@ -1,0 +1,325 @@
+"""ControlNet-conditioned finetuning with BOFT: data, the two control modes, and the run."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from PIL import Image, UnidentifiedImageError
+
+from .control import (
+    controlnet_from_unet,
+    controlnet_trainable_parameters,
+    encoder_for_unet,
+    light_control,
+    save_control,
+)
+from .data import DataError, center_crop, image_to_tensor, open_image, resize_shorter_side, tensor_to_image, to_rgb
+from .dreambooth import UNET_TARGETS, encode_prompts, place
+from .loading import load_pipeline
+from .model import apply_boft, disable_adapters, enable_adapters
+from .training import (
+    Recipe,
+    Trainer,
+    TrainingError,
+    add_boft_args,
+    add_model_args,
+    add_training_args,
+    boft_config_from_args,
+    check_output_dir,
+    make_accelerator,
+    weight_dtype,
+)
+
+logger = logging.getLogger("boft_diffusion")
+EXAMPLE_CONTROL_DATA = Path(__file__).resolve().parent.parent / "examples" / "tiny_control"
+
+
+@dataclass
+class ControlExample:
+    image: torch.Tensor
+    condition: torch.Tensor
+    caption: str
+
+
+def _prepare_pair(image: Image.Image, condition: Image.Image, resolution: int, name: str,
+                  resized: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+    if condition.size != image.size:
+        resized.append(name)
+        condition = condition.resize(image.size, Image.BILINEAR)
+    image = center_crop(resize_shorter_side(image, resolution), resolution)
+    condition = center_crop(resize_shorter_side(condition, resolution), resolution)
+    return image_to_tensor(image), image_to_tensor(condition)
+
+
+def load_control_folder(folder: str | os.PathLike, resolution: int, max_samples: int | None = None) -> list[ControlExample]:
+    """Read ``metadata.jsonl`` lines {file_name, conditioning_file_name, text} of a local folder.
+
+    Pairs with a missing or corrupt side are skipped and listed; conditioning images of another
+    size are resized with a warning; missing captions become the empty prompt with a warning.
+    """
+    folder = Path(folder)
+    metadata = folder / "metadata.jsonl"
+    if not metadata.is_file():
+        raise DataError(f"{metadata} not found: a control data folder needs metadata.jsonl with file_name, "
+                        "conditioning_file_name and text.")
+    examples, skipped, resized, no_caption = [], [], [], []
+    for number, line in enumerate(metadata.read_text().splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError:
+            skipped.append(f"line {number} (not JSON)")
+            continue
+        image_name, condition_name = row.get("file_name"), row.get("conditioning_file_name")
+        if not image_name or not condition_name:
+            skipped.append(f"line {number} ({'image' if not image_name else 'conditioning image'} missing)")
+            continue
+        try:
+            image, condition = open_image(folder / image_name), open_image(folder / condition_name)
+        except FileNotFoundError as error:
+            skipped.append(f"{Path(error.filename).name} (missing)")
+            continue
+        except (UnidentifiedImageError, OSError, ValueError, SyntaxError):
+            skipped.append(f"{image_name} / {condition_name} (unreadable)")
+            continue
+        caption = row.get("text")
+        if not isinstance(caption, str) or not caption.strip():
+            no_caption.append(image_name)
+            caption = ""
+        pixels, cond = _prepare_pair(image, condition, resolution, image_name, resized)
+        examples.append(ControlExample(pixels, cond, caption))
+        if max_samples and len(examples) >= max_samples:
+            break
+    _report(folder, skipped, resized, no_caption)
+    if not examples:
+        raise DataError(f"no usable image/conditioning pairs in {folder}.")
+    return examples
+
+
+def _report(source: Any, skipped: list[str], resized: list[str], no_caption: list[str]) -> None:
+    if skipped:
+        logger.warning("skipped %d pair(s) in %s: %s", len(skipped), source, ", ".join(skipped))
+    if resized:
+        logger.warning("resized %d conditioning image(s) to their image's size: %s", len(resized), ", ".join(resized))
+    if no_caption:
+        logger.warning("%d example(s) have no caption and train with the empty prompt: %s",
+                       len(no_caption), ", ".join(map(str, no_caption[:10])))
+
+
+def load_control_dataset(args: argparse.Namespace, resolution: int) -> list[ControlExample]:
+    """A Hugging Face dataset with image, conditioning image and caption columns."""
+    try:
+        import datasets
+    except ImportError as error:
+        raise DataError("--dataset_name needs the optional package `datasets` (pip install datasets).") from error
+    if Path(args.dataset_name).is_dir() and (Path(args.dataset_name) / "dataset_info.json").is_file():
+        dataset = datasets.load_from_disk(args.dataset_name)  # a folder written by Dataset.save_to_disk
+    else:
+        dataset = datasets.load_dataset(args.dataset_name, args.dataset_config_name, split="train")
+    columns = list(dataset.column_names)
+    for flag in ("image_column", "conditioning_image_column", "caption_column"):
+        if getattr(args, flag) not in columns:
+            raise DataError(f"--{flag} {getattr(args, flag)!r} is not a column of {args.dataset_name}; "
+                            f"its columns are {columns}.")
+    if args.max_train_samples:
+        dataset = dataset.select(range(min(args.max_train_samples, len(dataset))))
+    examples, skipped, resized, no_caption = [], [], [], []
+    for index, row in enumerate(dataset):
+        image, condition = row[args.image_column], row[args.conditioning_image_column]
+        if image is None or condition is None:
+            skipped.append(f"row {index}")
+            continue
+        caption = row[args.caption_column]
+        if not isinstance(caption, str) or not caption.strip():
+            no_caption.append(index)
+            caption = ""
+        pixels, cond = _prepare_pair(to_rgb(image), to_rgb(condition), resolution, f"row {index}", resized)
+        examples.append(ControlExample(pixels, cond, caption))
+    _report(args.dataset_name, skipped, resized, no_caption)
+    if not examples:
+        raise DataError(f"no usable rows in {args.dataset_name}.")
+    return examples
+
+
+def build_parser(description: str | None = None) -> argparse.ArgumentParser:
+    """The flags of train_controlnet.py, sharing training, checkpoint and BOFT flags with DreamBooth."""
+    parser = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_model_args(parser)
+    group = parser.add_argument_group("control")
+    group.add_argument("--control", default="light", choices=["light", "controlnet"],
+                       help="light: the BOFT paper's small control encoder + BOFT on the UNet; "
+                            "controlnet: BOFT on a diffusers ControlNet's frozen copy of the UNet.")
+    group.add_argument("--controlnet_model_name_or_path", default=None,
+                       help="Start from this ControlNet instead of copying the UNet.")
+    group.add_argument("--train_unet_boft", action="store_true", help="controlnet mode: also adapt the UNet.")
+    group.add_argument("--conditioning_scale", type=float, default=1.0)
+    group = parser.add_argument_group("data")
+    group.add_argument("--train_data_dir", default=None,
+                       help="Folder with metadata.jsonl (default: the bundled tiny-world control set).")
+    group.add_argument("--dataset_name", default=None, help="A Hugging Face dataset (needs `datasets`).")
+    group.add_argument("--dataset_config_name", default=None)
+    group.add_argument("--image_column", default="image")
+    group.add_argument("--conditioning_image_column", default="conditioning_image")
+    group.add_argument("--caption_column", default="text")
+    group.add_argument("--proportion_empty_prompts", type=float, default=0.0)
+    group.add_argument("--max_train_samples", type=int, default=None)
+    group.add_argument("--validation_image", nargs="+", default=None, help="Paired with --validation_prompt.")
+    add_training_args(parser, default_output_dir="outputs/controlnet", default_steps=400)
+    add_boft_args(parser, UNET_TARGETS)
+    return parser
+
+
+def default_validation_pairs(count: int = 4) -> list[tuple[Image.Image, str]]:
+    """Held-out tiny-world scenes: (shape mask, caption)."""
+    from .tiny import world
+
+    return [(world.render_mask(s).convert("RGB"), world.caption(s)) for s in world.held_out_scenes(count, seed=99)]
+
+
+def run(args: argparse.Namespace) -> dict[str, Any]:
+    """Train control as described by parsed ``train_controlnet.py`` flags."""
+    check_output_dir(args, ["adapter_model.safetensors", "control.json"])
+    if args.validation_image and args.validation_prompt and len(args.validation_image) != len(args.validation_prompt):
+        raise TrainingError("--validation_image and --validation_prompt must come in pairs (same count).")
+    accelerator = make_accelerator(args)
+    dtype = weight_dtype(accelerator)
+    pipe = load_pipeline(args.pretrained_model_name_or_path, dtype=torch.float32,
+                         device=accelerator.device, revision=args.revision, variant=args.variant)
+    pipe.set_progress_bar_config(disable=True)
+    resolution = args.resolution or pipe.unet.config.sample_size * pipe.vae_scale_factor
+    if args.dataset_name:
+        examples = load_control_dataset(args, resolution)
+    else:
+        examples = load_control_folder(args.train_data_dir or EXAMPLE_CONTROL_DATA, resolution, args.max_train_samples)
+    logger.info("%d training pairs", len(examples))
+
+    unet, vae, text_encoder, tokenizer = pipe.unet, pipe.vae, pipe.text_encoder, pipe.tokenizer
+    for module in (unet, vae, text_encoder):
+        module.requires_grad_(False)
+    boft = boft_config_from_args(args)
+    modules: dict[str, torch.nn.Module] = {}
+    controlnet = encoder = None
+    if args.control == "light":
+        place(unet, dtype=dtype)
+        apply_boft(unet, boft)
+        encoder = encoder_for_unet(unet, pipe.vae_scale_factor).to(accelerator.device)
+        modules = {"unet": unet, "control_encoder": encoder}
+    else:
+        from diffusers import ControlNetModel
+
+        if args.controlnet_model_name_or_path:
+            controlnet = ControlNetModel.from_pretrained(args.controlnet_model_name_or_path, revision=args.revision)
+        else:
+            controlnet = controlnet_from_unet(unet, pipe.vae_scale_factor)
+        controlnet.requires_grad_(False)
+        place(controlnet, accelerator.device, dtype)
+        apply_boft(controlnet, boft)
+        for param in controlnet_trainable_parameters(controlnet).values():
+            param.data = param.data.float()
+            param.requires_grad_(True)
+        modules["controlnet"] = controlnet
+        place(unet, dtype=dtype)
+        if args.train_unet_boft:
+            apply_boft(unet, boft)
+            modules["unet"] = unet
+    place(vae, accelerator.device, dtype)
+    place(text_encoder, accelerator.device, dtype)
+    place(unet, accelerator.device)
+    if args.gradient_checkpointing:
+        unet.enable_gradient_checkpointing()
+        if controlnet is not None:
+            controlnet.enable_gradient_checkpointing()
+
+    from diffusers import DDPMScheduler
+
+    noise_scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
+    captions = sorted({e.caption for e in examples} | {""})
+    with torch.no_grad():
+        embeddings = dict(zip(captions, encode_prompts(tokenizer, text_encoder, captions, accelerator.device), strict=True))
+    scaling = vae.config.scaling_factor
+    device = accelerator.device
+
+    def compute_loss(indices: list[int], generator: torch.Generator):
+        batch = [examples[i] for i in indices]
+        pixels = torch.stack([e.image for e in batch]).to(device, dtype)
+        conditions = torch.stack([(e.condition + 1) / 2 for e in batch]).to(device)
+        drop = torch.rand(len(batch), generator=generator) < args.proportion_empty_prompts
+        context = torch.stack([embeddings["" if d else e.caption] for e, d in zip(batch, drop.tolist(), strict=True)])
+        with torch.no_grad():
+            dist = vae.encode(pixels).latent_dist
+            eps = torch.randn(dist.mean.shape, generator=generator).to(device, dist.mean.dtype)
+            latents = ((dist.mean + dist.std * eps) * scaling).float()
+        noise = torch.randn(latents.shape, generator=generator).to(device)
+        timesteps = torch.randint(0, noise_scheduler.config.num_train_timesteps, (len(batch),), generator=generator).to(device)
+        noisy = noise_scheduler.add_noise(latents, noise, timesteps).to(dtype)
+        model_unet = trainer.wrapped.get("unet", unet)
+        if args.control == "light":
+            with light_control(unet, trainer.wrapped["control_encoder"], conditions * 2 - 1, args.conditioning_scale):
+                prediction = model_unet(noisy, timesteps, context).sample
+        else:
+            down, mid = trainer.wrapped["controlnet"](noisy, timesteps, encoder_hidden_states=context,
+                                                      controlnet_cond=conditions.to(dtype), return_dict=False)
+            prediction = model_unet(noisy, timesteps, context, down_block_additional_residuals=down,
+                                    mid_block_additional_residual=mid).sample
+        target = noise if noise_scheduler.config.prediction_type == "epsilon" else \
+            noise_scheduler.get_velocity(latents, noise, timesteps)
+        return F.mse_loss(prediction.float(), target), {}
+
+    if args.validation_image:
+        prompts = args.validation_prompt or [""] * len(args.validation_image)
+        pairs = [(open_image(path), prompt) for path, prompt in zip(args.validation_image, prompts, strict=True)]
+    else:
+        pairs = default_validation_pairs()
+
+    def validate(step: int) -> list[list[Image.Image]]:
+        rows = []
+        for condition_image, prompt in pairs:
+            condition = (image_to_tensor(condition_image.resize((resolution, resolution))) + 1) / 2
+            images = [condition_image.resize((resolution, resolution))]
+            for adapted in (False, True):
+                images.append(sample_with_control(pipe, args.control, controlnet, encoder, condition[None], prompt,
+                                                  args, adapted=adapted, modules=modules))
+            rows.append(images)
+        return rows
+
+    def save_outputs(folder: Path) -> None:
+        metadata = {"control": args.control, "train_steps": trainer.step, "resolution": resolution}
+        save_control(folder, args.control, unet if "unet" in modules else None, controlnet, encoder, metadata)
+
+    recipe = Recipe(modules=modules, dataset_len=len(examples), compute_loss=compute_loss,
+                    save_outputs=save_outputs, validate=validate, run_name=f"boft-control-{args.control}")
+    trainer = Trainer(args, accelerator, recipe)
+    result = trainer.train()
+    trainer.close()
+    return result
+
+
+def sample_with_control(pipe, mode: str, controlnet, encoder, condition: torch.Tensor, prompt: str,
+                        args: argparse.Namespace, adapted: bool, modules: dict[str, torch.nn.Module]) -> Image.Image:
+    """One validation image; ``adapted=False`` is the base model without control."""
+    generator = torch.Generator().manual_seed(args.seed)
+    extra = {} if args.guidance_scale is None else {"guidance_scale": args.guidance_scale}
+    for module in modules.values():
+        if hasattr(module, "_boft_configs"):
+            (enable_adapters if adapted else disable_adapters)(module)
+    with torch.no_grad():
+        if not adapted:
+            return pipe(prompt, num_inference_steps=args.num_inference_steps, generator=generator, **extra).images[0]
+        if mode == "light":
+            with light_control(pipe.unet, encoder, condition * 2 - 1, args.conditioning_scale):
+                return pipe(prompt, num_inference_steps=args.num_inference_steps, generator=generator, **extra).images[0]
+        from diffusers import StableDiffusionControlNetPipeline
+
+        control_pipe = StableDiffusionControlNetPipeline(**pipe.components, controlnet=controlnet)
+        control_pipe.set_progress_bar_config(disable=True)
+        return control_pipe(prompt, image=tensor_to_image(condition[0] * 2 - 1), num_inference_steps=args.num_inference_steps,
+                            generator=generator, controlnet_conditioning_scale=args.conditioning_scale, **extra).images[0]

@@ -1,0 +1,213 @@
+"""The app: generation callback, safety of uploads and paths, the HTTP API, and a real browser."""
+
+import io
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+import zipfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import boft_diffusion as bd
+from boft_diffusion.studio import NO_ADAPTER, GenerationRequest, Limits, Studio, StudioError, png_with_parameters
+from conftest import randomize_adapter
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(scope="module")
+def adapters_dir(tmp_path_factory):
+    """Adapters made without training: random BOFT values on the tiny model, and one for another model."""
+    root = tmp_path_factory.mktemp("adapters")
+    pipe = bd.load_pipeline("tiny", dtype=torch.float32)
+    bd.apply_boft(pipe.unet, bd.BOFTConfig(block_size=8, n_butterfly_factor=2))
+    randomize_adapter(pipe.unet, scale=0.5)
+    bd.save_adapter(pipe.unet, root / "star", metadata={"instance_prompt": "a photo of sks star", "train_steps": 7})
+    from conftest import make_tiny_unet
+
+    other = make_tiny_unet()
+    bd.apply_boft(other, bd.BOFTConfig(block_size=4, target_modules=["to_q"]))
+    bd.save_adapter(other, root / "other_model")
+    (root / "star" / "checkpoint-1").mkdir()
+    shutil.copy(root / "star" / "adapter_config.json", root / "star" / "checkpoint-1")
+    return root
+
+
+@pytest.fixture(scope="module")
+def studio(adapters_dir):
+    return Studio("tiny", adapters_dir, Limits(max_size=128, max_steps=10, max_images=2))
+
+
+def request(**changes):
+    values = dict(prompt="a photo of sks star on a blue background", steps=2, seed=3)
+    values.update(changes)
+    return GenerationRequest(**values)
+
+
+def pixels(image):
+    return np.asarray(image, dtype=np.int16)
+
+
+def test_lists_adapters_but_not_checkpoints(studio):
+    assert studio.list_adapters() == [NO_ADAPTER, "other_model", "star"]
+
+
+def test_generate_base_adapter_compare_and_strength(studio):
+    base = studio.generate(request())
+    assert len(base) == 1 and base[0][0].size == (64, 64)
+    adapted = studio.generate(request(adapter="star"))
+    assert np.abs(pixels(adapted[0][0]) - pixels(base[0][0])).mean() > 1
+    compared = studio.generate(request(adapter="star", compare_with_base=True, num_images=2))
+    assert [json.loads(p)["rendered"] for _, p in compared] == ["base", "base", "adapter", "adapter"]
+    assert np.array_equal(pixels(compared[0][0]), pixels(base[0][0]))
+    assert np.array_equal(pixels(compared[2][0]), pixels(adapted[0][0]))
+    zero = studio.generate(request(adapter="star", strength=0.0))
+    assert np.array_equal(pixels(zero[0][0]), pixels(base[0][0]))
+    again = studio.generate(request(adapter="star"))
+    assert np.array_equal(pixels(again[0][0]), pixels(adapted[0][0])), "switching must not drift the base weights"
+
+
+def test_parameters_travel_in_png(studio):
+    image, parameters = studio.generate(request(adapter="star", scheduler="DPM++ 2M"))[0]
+    data = png_with_parameters(image, parameters)
+    saved = json.loads(Image.open(io.BytesIO(data)).text["parameters"])
+    assert saved["adapter"] == "star" and saved["scheduler"] == "DPM++ 2M" and saved["seed"] == 3
+
+
+def test_limits_are_clamped(studio):
+    clamped = studio.clamp(request(width=10_000, height=3, steps=500, num_images=50, strength=9))
+    assert (clamped.width, clamped.height, clamped.steps, clamped.num_images, clamped.strength) == (128, 8, 10, 2, 1.5)
+
+
+def test_errors_are_readable_and_app_survives(studio, adapters_dir):
+    with pytest.raises(StudioError, match="another model|to_q"):
+        studio.generate(request(adapter="other_model"))
+    with pytest.raises(StudioError, match="outside"):
+        studio.generate(request(adapter="../../etc"))
+    with pytest.raises(StudioError, match="scheduler"):
+        studio.generate(request(scheduler="nope"))
+    assert studio.generate(request(adapter="star"))[0][0].size == (64, 64)
+    info = studio.adapter_info("star")
+    assert info["trigger_prompt"] == "a photo of sks star" and info["boft"]["n_butterfly_factor"] == 2
+    assert info["trainable_parameters"] > 0 and info["training_steps"] == 7
+
+
+def zip_bytes(members: dict) -> bytes:
+    buffer = io.BytesIO()
+    with zipfile.ZipFile(buffer, "w") as archive:
+        for name, data in members.items():
+            archive.writestr(name, data)
+    return buffer.getvalue()
+
+
+def test_uploads(studio, adapters_dir, tmp_path):
+    config = (adapters_dir / "star" / "adapter_config.json").read_bytes()
+    weights = (adapters_dir / "star" / "adapter_model.safetensors").read_bytes()
+    good = tmp_path / "mystar.zip"
+    good.write_bytes(zip_bytes({"mystar/adapter_config.json": config, "mystar/adapter_model.safetensors": weights}))
+    name = studio.import_upload([good])
+    assert name in studio.list_adapters()
+    assert studio.generate(request(adapter=name))[0][0].size == (64, 64)
+
+    traversal = tmp_path / "evil.zip"
+    traversal.write_bytes(zip_bytes({"../evil/adapter_config.json": config}))
+    with pytest.raises(StudioError, match="unsafe path"):
+        studio.import_upload([traversal])
+    pickle = tmp_path / "pickle.zip"
+    pickle.write_bytes(zip_bytes({"adapter_config.json": config, "adapter_model.bin": b"\x80\x04"}))
+    with pytest.raises(StudioError, match="only JSON"):
+        studio.import_upload([pickle])
+    pair = tmp_path / "pair"
+    pair.mkdir()
+    (pair / "adapter_config.json").write_bytes(config)
+    (pair / "adapter_model.safetensors").write_bytes(b"not safetensors at all")
+    with pytest.raises(StudioError, match="not a valid safetensors"):
+        studio.import_upload([pair / "adapter_config.json", pair / "adapter_model.safetensors"])
+    small = Studio("tiny", adapters_dir, Limits(max_upload_bytes=100))
+    with pytest.raises(StudioError, match="limit"):
+        small.import_upload([good])
+    assert not any(p.name.startswith(".upload-") for p in (adapters_dir / "uploads").iterdir())
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def server(adapters_dir):
+    port = free_port()
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "GRADIO_ANALYTICS_ENABLED": "False", "HF_HUB_OFFLINE": "1"}
+    process = subprocess.Popen([sys.executable, str(ROOT / "app.py"), "--port", str(port), "--adapters_dir",
+                                str(adapters_dir), "--max_steps", "10"], env=env,
+                               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    deadline = time.time() + 120
+    while True:
+        assert process.poll() is None, process.stderr.read().decode()[-2000:]
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=1).close()
+            break
+        except OSError:
+            assert time.time() < deadline, "the app did not start in 120 s"
+            time.sleep(0.5)
+    yield f"http://127.0.0.1:{port}/"
+    process.terminate()
+    process.wait(timeout=30)
+
+
+@pytest.mark.slow
+def test_gradio_client_generates(server):
+    from gradio_client import Client
+
+    client = Client(server, verbose=False)
+    gallery, files = client.predict("a photo of sks star on a green background", "", "star", 1.0, 5, 2, 4.0, "DDIM",
+                                    64, 64, 1, True, None, 1.0, api_name="/generate")
+    assert len(gallery) == 2 and len(files) == 2
+    saved = Image.open(files[1])
+    assert json.loads(saved.text["parameters"])["adapter"] == "star"
+
+
+@pytest.mark.slow
+def test_browser_picks_adapter_and_generates(server, tmp_path):
+    from selenium import webdriver
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.common.keys import Keys
+    from selenium.webdriver.support import expected_conditions
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    options = webdriver.ChromeOptions()
+    options.binary_location = shutil.which("chromium") or "/usr/bin/chromium"
+    for flag in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage", "--no-first-run",
+                 "--disable-background-networking", "--disable-component-update", "--disable-sync",
+                 "--window-size=1280,1400", f"--user-data-dir={tmp_path / 'profile'}"):
+        options.add_argument(flag)
+    service = webdriver.ChromeService(executable_path=shutil.which("chromedriver") or "/usr/bin/chromedriver")
+    driver = webdriver.Chrome(options=options, service=service)
+    try:
+        driver.get(server)
+        wait = WebDriverWait(driver, 120)
+        box = wait.until(expected_conditions.element_to_be_clickable((By.CSS_SELECTOR, "#adapter input")))
+        box.click()
+        box.send_keys(Keys.CONTROL, "a")
+        box.send_keys("star")
+        option = wait.until(expected_conditions.element_to_be_clickable(
+            (By.XPATH, "//ul[contains(@class,'options')]//li[normalize-space()='star']")))
+        option.click()
+        wait.until(lambda d: d.find_element(By.CSS_SELECTOR, "#adapter input").get_attribute("value") == "star")
+        driver.find_element(By.CSS_SELECTOR, "#generate").click()
+        image = wait.until(expected_conditions.presence_of_element_located((By.CSS_SELECTOR, "#gallery img")))
+        assert image.get_attribute("src")
+        driver.save_screenshot(str(tmp_path / "app.png"))
+        if os.environ.get("BOFT_SAVE_SCREENSHOT"):
+            shutil.copy(tmp_path / "app.png", os.environ["BOFT_SAVE_SCREENSHOT"])
+    finally:
+        driver.quit()
