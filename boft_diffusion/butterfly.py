@@ -34,6 +34,7 @@ __all__ = [
     "upcast",
     "drop_blocks",
     "butterfly_matmul",
+    "rotate_features_first",
     "dense_rotation",
 ]
 
@@ -176,8 +177,8 @@ def drop_blocks(blocks: torch.Tensor, p: float, generator: torch.Generator | Non
     return torch.where(dropped[..., None, None], eye, blocks)
 
 
-def _apply_factor(x: torch.Tensor, blocks: torch.Tensor, factor: int) -> torch.Tensor:
-    """Row vectors times ``P_i blockdiag(blocks) P_i^T`` along the last axis of ``x``."""
+def _factor_rows(x: torch.Tensor, blocks: torch.Tensor, factor: int) -> torch.Tensor:
+    """Row-major: ``x @ P_i blockdiag(blocks) P_i^T`` along the last axis of ``x`` (few rows)."""
     lead = x.shape[:-1]
     dim = x.shape[-1]
     block_num, block_size, _ = blocks.shape
@@ -197,20 +198,62 @@ def _apply_factor(x: torch.Tensor, blocks: torch.Tensor, factor: int) -> torch.T
     return y.reshape(*lead, dim)
 
 
+def _factor_features(z: torch.Tensor, blocks_t: torch.Tensor, factor: int) -> torch.Tensor:
+    """Feature-major: ``(P_i blockdiag(blocks) P_i^T)^T z`` for ``z`` of shape ``[B, dim, R]``.
+
+    With the features leading, every permutation moves contiguous runs of ``R`` values and
+    factor 0 needs no copy at all, which is what makes long activations cheap to rotate.
+    ``blocks_t`` holds the transposed blocks.
+    """
+    batch, dim, rows = z.shape
+    block_num, block_size, _ = blocks_t.shape
+    if factor == 0:
+        return torch.matmul(blocks_t, z.reshape(batch, block_num, block_size, rows)).reshape(batch, dim, rows)
+    half = block_size // 2
+    groups = 2**factor
+    chunks = dim // (block_size * groups)
+    y = z.reshape(batch, chunks, 2, groups, half, rows).transpose(2, 3).reshape(batch, block_num, block_size, rows)
+    y = torch.matmul(blocks_t, y)
+    return y.reshape(batch, chunks, groups, 2, half, rows).transpose(2, 3).reshape(batch, dim, rows)
+
+
+def rotate_features_first(z: torch.Tensor, blocks: torch.Tensor, transpose: bool = False) -> torch.Tensor:
+    """``R^T z`` (or ``R z``) for ``z`` of shape ``[B, dim, R]``: ``(x @ R)^T`` for ``z = x^T``.
+
+    This is the rotation of channels-first activations (a 1x1 convolution's input) as they lie.
+    """
+    n_factors = blocks.shape[0]
+    blocks = blocks.to(z.dtype)
+    if transpose:
+        for factor in range(n_factors):
+            z = _factor_features(z, blocks[factor], factor)
+    else:
+        for factor in reversed(range(n_factors)):
+            z = _factor_features(z, blocks[factor].transpose(-1, -2), factor)
+    return z
+
+
 def butterfly_matmul(x: torch.Tensor, blocks: torch.Tensor, transpose: bool = False) -> torch.Tensor:
     """``x @ R`` (or ``x @ R^T``) along the last axis of ``x``, with ``R`` given by its factor blocks.
 
     ``blocks`` has shape ``[m, N, b, b]``; ``x @ R`` applies factor ``m-1`` first and factor 0
-    last, ``x @ R^T`` the reverse with each block transposed.
+    last, ``x @ R^T`` the reverse with each block transposed. Inputs with many rows (activations)
+    are rotated feature-major (one transposing copy, then contiguous moves); a few rows (weights
+    of wide layers, short token sequences) are rotated row-major.
     """
+    dim = x.shape[-1]
+    rows = x.numel() // dim
+    if 2 * rows >= dim:
+        z = rotate_features_first(x.reshape(rows, dim).t()[None], blocks, transpose)
+        return z[0].t().reshape(x.shape)
     n_factors = blocks.shape[0]
     blocks = blocks.to(x.dtype)
     if transpose:
         for factor in range(n_factors):
-            x = _apply_factor(x, blocks[factor].transpose(-1, -2), factor)
+            x = _factor_rows(x, blocks[factor].transpose(-1, -2), factor)
     else:
         for factor in reversed(range(n_factors)):
-            x = _apply_factor(x, blocks[factor], factor)
+            x = _factor_rows(x, blocks[factor], factor)
     return x
 
 

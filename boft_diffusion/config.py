@@ -62,10 +62,10 @@ class BOFTConfig:
         from . import __version__
 
         ours = {
+            **self.metadata,
             "library_version": __version__,
             "scale": self.scale,
             "cayley_neumann_terms": self.cayley_neumann_terms,
-            **self.metadata,
         }
         return {
             "peft_type": "BOFT",

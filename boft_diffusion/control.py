@@ -24,7 +24,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from .model import _atomic_write, load_adapter, save_adapter
+from .model import _atomic_write, adapter_configs, base_state_dict, load_adapter, save_adapter
 
 ENCODER_CONFIG = "control_encoder_config.json"
 ENCODER_WEIGHTS = "control_encoder.safetensors"
@@ -65,9 +65,16 @@ class ControlEncoder(nn.Module):
         })
 
     @classmethod
-    def load(cls, folder: str | os.PathLike) -> ControlEncoder:
+    def load(cls, folder: str | os.PathLike, out_channels: int | None = None, downscale: int | None = None) -> ControlEncoder:
+        """Rebuild a saved encoder; the config is checked (and sizes capped) before anything is allocated."""
         folder = Path(folder)
         config = json.loads((folder / ENCODER_CONFIG).read_text())
+        expected = {"out_channels": out_channels, "downscale": downscale}
+        for key, value in expected.items():
+            if value is not None and config.get(key) != value:
+                raise ValueError(f"{folder / ENCODER_CONFIG}: {key} is {config.get(key)}, this model needs {value}.")
+        if set(config) - {"out_channels", "downscale", "hidden", "in_channels"} or not 0 < int(config.get("hidden", 32)) <= 1024:
+            raise ValueError(f"{folder / ENCODER_CONFIG} is not a control encoder config of this library.")
         encoder = cls(**config)
         encoder.load_state_dict(load_file(str(folder / ENCODER_WEIGHTS)))
         return encoder
@@ -99,13 +106,13 @@ def light_control(unet, encoder: ControlEncoder, condition: torch.Tensor, scale:
         handle.remove()
 
 
-def condition_tensor(image, resolution: int) -> torch.Tensor:
-    """A PIL conditioning image as a ``[1, 3, r, r]`` tensor in [-1, 1]."""
+def condition_tensor(image, size: tuple[int, int]) -> torch.Tensor:
+    """A PIL conditioning image as a ``[1, 3, height, width]`` tensor in [-1, 1]; ``size`` is (width, height)."""
     from PIL import Image
 
     from .data import image_to_tensor, to_rgb
 
-    image = to_rgb(image).resize((resolution, resolution), Image.BILINEAR)
+    image = to_rgb(image).resize(size, Image.BILINEAR)
     return image_to_tensor(image)[None]
 
 
@@ -126,11 +133,20 @@ def controlnet_from_unet(unet, vae_scale_factor: int = 8):
 
     downsamples = int(round(math.log2(vae_scale_factor)))
     channels = (16, 32, 96, 256, 256)[: downsamples + 1]
+    if adapter_configs(unet):
+        unet = plain_copy(unet)
     controlnet = ControlNetModel.from_unet(unet, conditioning_embedding_out_channels=channels)
     if unet.config.get("addition_embed_type") == "text":
         controlnet.add_embedding = copy.deepcopy(unet.add_embedding)
         controlnet.register_to_config(addition_embed_type_num_heads=unet.config.addition_embed_type_num_heads)
     return controlnet
+
+
+def plain_copy(model):
+    """The same model class without adapters, holding the base weights."""
+    plain = type(model).from_config(model.config)
+    plain.load_state_dict(base_state_dict(model))
+    return plain.to(model.device)
 
 
 def controlnet_trainable_parameters(controlnet) -> dict[str, nn.Parameter]:
@@ -178,11 +194,16 @@ def load_control(pipe, folder: str | os.PathLike, adapter_name: str | None = Non
     if info["mode"] == "light":
         if (folder / "adapter_config.json").is_file():
             load_adapter(pipe.unet, folder, adapter_name)
-        encoder = ControlEncoder.load(folder).to(pipe.unet.device)
+        encoder = ControlEncoder.load(folder, pipe.unet.conv_in.out_channels, pipe.vae_scale_factor).to(pipe.unet.device)
         return "light", encoder
     from diffusers import StableDiffusionControlNetPipeline
 
-    controlnet = controlnet_from_unet(pipe.unet, pipe.vae_scale_factor)
+    if info.get("controlnet_source"):
+        from diffusers import ControlNetModel
+
+        controlnet = ControlNetModel.from_pretrained(info["controlnet_source"])
+    else:
+        controlnet = controlnet_from_unet(pipe.unet, pipe.vae_scale_factor)
     config = json.loads((folder / CONTROLNET_CONFIG).read_text())
     if config.get("block_out_channels") and list(config["block_out_channels"]) != list(controlnet.config.block_out_channels):
         raise ValueError(f"{folder} was trained for another UNet (block_out_channels {config['block_out_channels']}).")

@@ -217,7 +217,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         from diffusers import ControlNetModel
 
         if args.controlnet_model_name_or_path:
-            controlnet = ControlNetModel.from_pretrained(args.controlnet_model_name_or_path, revision=args.revision)
+            controlnet = ControlNetModel.from_pretrained(args.controlnet_model_name_or_path)
         else:
             controlnet = controlnet_from_unet(unet, pipe.vae_scale_factor)
         controlnet.requires_grad_(False)
@@ -292,7 +292,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         return rows
 
     def save_outputs(folder: Path) -> None:
-        metadata = {"control": args.control, "train_steps": trainer.step, "resolution": resolution}
+        metadata = {"control": args.control, "train_steps": trainer.step, "resolution": resolution,
+                    "controlnet_source": args.controlnet_model_name_or_path}
         save_control(folder, args.control, unet if "unet" in modules else None, controlnet, encoder, metadata)
 
     recipe = Recipe(modules=modules, dataset_len=len(examples), compute_loss=compute_loss,

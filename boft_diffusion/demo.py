@@ -25,20 +25,18 @@ INSTANCE_PROMPT = "a photo of sks star"
 CLASS_PROMPT = "a photo of star"
 
 
-def train(output_dir: Path, steps: int, seed: int) -> Path:
-    adapter_dir = output_dir / "adapter"
-    flags = [
+def training_flags(adapter_dir: Path, steps: int, seed: int, class_dir: Path) -> list[str]:
+    """The demo's DreamBooth recipe for the tiny model, as train_dreambooth.py flags."""
+    return [
         "--output_dir", str(adapter_dir), "--overwrite_output_dir",
         "--instance_prompt", INSTANCE_PROMPT,
         "--with_prior_preservation", "--class_prompt", CLASS_PROMPT,
-        "--class_data_dir", str(output_dir / "class_images"), "--num_class_images", "40",
+        "--class_data_dir", str(class_dir), "--num_class_images", "40",
         "--max_train_steps", str(steps), "--train_batch_size", "2",
         "--learning_rate", "1e-3", "--seed", str(seed), "--random_flip",
         "--validation_prompt", INSTANCE_PROMPT, f"{INSTANCE_PROMPT} on a green background", CLASS_PROMPT,
         "--num_validation_images", "4",
     ]
-    run(build_parser().parse_args(flags))
-    return adapter_dir
 
 
 def comparison_grid(pipe, prompts: list[str], seeds: int, path: Path) -> None:
@@ -77,7 +75,9 @@ def main(argv: list[str] | None = None) -> dict:
     args = parser.parse_args(argv)
     output_dir = Path(args.output_dir)
     start = time.time()
-    adapter_dir = train(output_dir, args.max_train_steps, args.seed)
+    adapter_dir = output_dir / "adapter"
+    run(build_parser().parse_args(training_flags(adapter_dir, args.max_train_steps, args.seed,
+                                                 output_dir / "class_images")))
     trained = time.time()
 
     pipe = load_pipeline("tiny", dtype=torch.float32)

@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 from . import apply_boft, save_adapter
+from .baselines import apply_lora, save_lora
 from .data import augment_batch, center_crop, image_to_tensor, list_images, load_images
 from .export import export_merged_pipeline
 from .loading import load_pipeline
@@ -113,13 +114,15 @@ def encode_prompts(tokenizer, text_encoder, prompts: list[str], device) -> torch
 
 
 def model_card(args: argparse.Namespace, trainable: int, steps: int) -> str:
+    load_line = (f'bd.load_adapter(pipe.unet, "{args.output_dir}")' if args.adapter_type == "boft" else
+                 f'from boft_diffusion.baselines import load_lora; load_lora(pipe.unet, "{args.output_dir}")')
     return f"""---
 library_name: boft-diffusion
 base_model: {args.pretrained_model_name_or_path}
 tags: [boft, dreambooth, stable-diffusion, peft]
 instance_prompt: {args.instance_prompt}
 ---
-# BOFT DreamBooth adapter
+# {args.adapter_type.upper()} DreamBooth adapter
 
 Trained with `train_dreambooth.py` from boft-diffusion on **{args.pretrained_model_name_or_path}**
 for {steps} steps. Trigger prompt: `{args.instance_prompt}`.
@@ -136,7 +139,7 @@ Prior preservation: {'yes, weight ' + str(args.prior_loss_weight) if args.with_p
 ```python
 import boft_diffusion as bd
 pipe = bd.load_pipeline("{args.pretrained_model_name_or_path}")
-bd.load_adapter(pipe.unet, "{args.output_dir}")
+{load_line}
 image = pipe("{args.instance_prompt}").images[0]
 ```
 
@@ -162,11 +165,21 @@ def build_parser(description: str | None = None) -> argparse.ArgumentParser:
     group.add_argument("--random_flip", action="store_true")
     group.add_argument("--train_text_encoder", action="store_true", help="Also put BOFT adapters on the text encoder.")
     group.add_argument("--text_encoder_target_modules", nargs="+", default=list(TEXT_ENCODER_TARGETS))
+    group.add_argument("--adapter_type", default="boft", choices=["boft", "lora"],
+                       help="lora: PEFT LoRA instead of BOFT, as a same-budget baseline (needs peft).")
+    group.add_argument("--lora_rank", type=int, default=4)
     group.add_argument("--save_merged", action="store_true",
                        help="Also export a full diffusers pipeline with the adapter merged, in output_dir/merged.")
     add_training_args(parser, default_output_dir="outputs/dreambooth", default_steps=300)
     add_boft_args(parser, UNET_TARGETS)
     return parser
+
+
+def add_adapters(model: torch.nn.Module, args: argparse.Namespace, targets: list[str]) -> None:
+    if args.adapter_type == "lora":
+        apply_lora(model, args.lora_rank, targets)
+    else:
+        apply_boft(model, boft_config_from_args(args, targets))
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
@@ -176,9 +189,10 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         raise TrainingError("--with_prior_preservation needs --class_data_dir and --class_prompt.")
     accelerator = make_accelerator(args)
     dtype = weight_dtype(accelerator)
-    pipe = load_pipeline(
-        args.pretrained_model_name_or_path, revision=args.revision, variant=args.variant
-    )
+    if args.adapter_type == "lora" and args.save_merged:
+        raise TrainingError("--save_merged is for BOFT adapters.")
+    pipe = load_pipeline(args.pretrained_model_name_or_path, dtype=torch.float32, device=accelerator.device,
+                         revision=args.revision, variant=args.variant)
     pipe.set_progress_bar_config(disable=True)
     resolution = args.resolution or pipe.unet.config.sample_size * pipe.vae_scale_factor
     instance_dir = args.instance_data_dir or default_instance_dir()
@@ -190,20 +204,24 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     for module in (unet, text_encoder, vae):
         module.requires_grad_(False)
     place(unet, dtype=dtype)
-    apply_boft(unet, boft_config_from_args(args))
+    add_adapters(unet, args, args.boft_target_modules)
     modules: dict[str, torch.nn.Module] = {"unet": unet}
     if args.train_text_encoder:
         place(text_encoder, dtype=dtype)
-        apply_boft(text_encoder, boft_config_from_args(args, args.text_encoder_target_modules))
+        add_adapters(text_encoder, args, args.text_encoder_target_modules)
         modules["text_encoder"] = text_encoder
 
     classes = None
     if args.with_prior_preservation:
+        boft = args.adapter_type == "boft"  # fresh LoRA is the identity already
         for module in modules.values():
-            disable_adapters(module)
-        ensure_class_images(pipe, args, accelerator)
+            if boft:
+                disable_adapters(module)
+        with accelerator.autocast():  # the UNet may already be in half precision
+            ensure_class_images(pipe, args, accelerator)
         for module in modules.values():
-            enable_adapters(module)
+            if boft:
+                enable_adapters(module)
         classes = ImageSet.from_folder(args.class_data_dir, resolution, args.center_crop, args.dataloader_num_workers, "class images")
 
     device = accelerator.device
@@ -277,10 +295,10 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         metadata = {"instance_prompt": args.instance_prompt, "class_prompt": args.class_prompt,
                     "train_steps": trainer.step, "resolution": resolution,
                     "prior_preservation": bool(args.with_prior_preservation)}
-        save_adapter(accelerator.unwrap_model(trainer.wrapped["unet"]), folder, metadata=metadata)
+        save = save_adapter if args.adapter_type == "boft" else save_lora
+        save(accelerator.unwrap_model(trainer.wrapped["unet"]), folder, metadata=metadata)
         if args.train_text_encoder:
-            save_adapter(accelerator.unwrap_model(trainer.wrapped["text_encoder"]), folder / "text_encoder",
-                         metadata=metadata)
+            save(accelerator.unwrap_model(trainer.wrapped["text_encoder"]), folder / "text_encoder", metadata=metadata)
 
     recipe = Recipe(modules=modules, dataset_len=dataset_len, compute_loss=compute_loss,
                     save_outputs=save_outputs, validate=validate, run_name="boft-dreambooth")

@@ -114,7 +114,7 @@ def control_sampler(pipe, folder: str | os.PathLike, scale: float = 1.0, steps: 
         generator = torch.Generator().manual_seed(seed)
         with torch.no_grad():
             if kind == "light":
-                with light_control(pipe.unet, handle, condition_tensor(condition, resolution), scale):
+                with light_control(pipe.unet, handle, condition_tensor(condition, (resolution, resolution)), scale):
                     return pipe(prompt, num_inference_steps=steps, generator=generator, **extra).images[0]
             return handle(prompt, image=condition.convert("RGB").resize((resolution, resolution)),
                           num_inference_steps=steps, generator=generator,

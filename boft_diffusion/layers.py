@@ -23,6 +23,7 @@ from .butterfly import (
     drop_blocks,
     num_skew_params,
     params_from_skew,
+    rotate_features_first,
     skew_from_params,
     upcast,
 )
@@ -210,17 +211,28 @@ class BOFTLayer(nn.Module):
         """Undo ``merge`` with ``W = diag(1/s) W' R`` (R is orthogonal: no inverse needed)."""
         if self.merged is None:
             return
-        name, _ = self.merged
-        with torch.no_grad():
-            weight = self.weight
-            flat = upcast(weight).flatten(1)
-            s = self.magnitude(name)
-            if s is not None:
-                flat = flat / upcast(s)[:, None]
-            flat = butterfly_matmul(flat, self.rotation_blocks(name))
-            weight.copy_(flat.reshape(weight.shape))
+        name, merged_strength = self.merged
+        spec = self.specs[name]
+        current_strength, spec.strength = spec.strength, merged_strength
+        try:
+            with torch.no_grad():
+                weight = self.weight
+                flat = upcast(weight).flatten(1)
+                s = self.magnitude(name)
+                if s is not None:
+                    flat = flat / upcast(s)[:, None]
+                flat = butterfly_matmul(flat, self.rotation_blocks(name))
+                weight.copy_(flat.reshape(weight.shape))
+        finally:
+            spec.strength = current_strength
         self.merged = None
         self._folded_cache = None
+
+    def train(self, mode: bool = True) -> BOFTLayer:
+        """Entering training drops the folded inference weight: it is stale after the next step anyway."""
+        if mode:
+            self._folded_cache = None
+        return super().train(mode)
 
     def _use_folded_path(self, name: str) -> bool:
         dropout_active = self.training and self.specs[name].dropout > 0
@@ -245,7 +257,7 @@ def _apply_magnitude(y: torch.Tensor, s: torch.Tensor | None, bias: torch.Tensor
     shape = [1] * y.dim()
     shape[channel_dim] = -1
     pre_bias = y if bias is None else y - bias.to(y.dtype).view(shape)
-    return torch.addcmul(y, (s.to(y.dtype) - 1).view(shape), pre_bias)
+    return torch.addcmul(y, (s.float() - 1).to(y.dtype).view(shape), pre_bias)
 
 
 class BOFTLinear(BOFTLayer):
@@ -286,7 +298,7 @@ class BOFTConv2d(BOFTLayer):
             return conv._conv_forward(x, self._cached_folded_weight(name), self.bias)
         if self.rotates_input:
             blocks = self.rotation_blocks(name, apply_dropout=self.training)
-            rotated = butterfly_matmul(x.movedim(1, -1), blocks).movedim(-1, 1).contiguous()
+            rotated = rotate_features_first(x.flatten(2), blocks).reshape(x.shape)
             y = conv._conv_forward(rotated, self.weight, self.bias)
             return _apply_magnitude(y, self.magnitude(name), self.bias, channel_dim=1)
         return conv._conv_forward(x, self.folded_weight(name, apply_dropout=self.training), self.bias)

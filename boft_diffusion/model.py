@@ -18,7 +18,7 @@ from torch import nn
 
 from .butterfly import BlockGeometry, resolve_geometry
 from .config import BOFTConfig
-from .layers import BOFTConv2d, BOFTLayer, BOFTLinear
+from .layers import ADAPTER_NAME_PATTERN, BOFTConv2d, BOFTLayer, BOFTLinear
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
@@ -44,6 +44,7 @@ __all__ = [
     "load_adapter_state_dict",
     "boft_layers",
     "merged_state_dict",
+    "base_state_dict",
 ]
 
 
@@ -132,6 +133,7 @@ def apply_boft(model: nn.Module, config: BOFTConfig, adapter_name: str = "defaul
     raises ValueError and leaves the model unchanged.
     """
     configs = adapter_configs(model)
+    check_adapter_name(adapter_name)
     if adapter_name in configs:
         raise ValueError(f"adapter {adapter_name!r} already exists; delete_adapter it or choose another name.")
     targets = _find_targets(model, config)
@@ -145,6 +147,11 @@ def apply_boft(model: nn.Module, config: BOFTConfig, adapter_name: str = "defaul
     configs[adapter_name] = config
     set_adapter(model, adapter_name)
     return model
+
+
+def check_adapter_name(name: str) -> None:
+    if not ADAPTER_NAME_PATTERN.match(name):
+        raise ValueError(f"invalid adapter name {name!r}: start with a letter or '_', then letters, digits, '_' or '-'.")
 
 
 def _add_adapter_layers(
@@ -286,6 +293,14 @@ def merged_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     return state
 
 
+def base_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The model's plain state dict without any adapter (it must not be merged)."""
+    if _is_merged(model):
+        raise ValueError("the model has a merged adapter; unmerge_adapter it first.")
+    return {k.replace(".base_layer.", "."): v for k, v in model.state_dict().items()
+            if ".boft_skew." not in k and ".boft_s." not in k}
+
+
 # State dicts and files ---------------------------------------------------------------------------
 def adapter_state_dict(model: nn.Module, adapter_name: str = "default") -> dict[str, torch.Tensor]:
     """Adapter ``adapter_name`` in PEFT's key names and shapes (CPU, float32, contiguous)."""
@@ -304,7 +319,8 @@ def adapter_state_dict(model: nn.Module, adapter_name: str = "default") -> dict[
     if config.bias == "all":
         for name, param in model.named_parameters():
             if name.endswith(".bias") and name not in adapted_biases:
-                tensors[f"{PEFT_PREFIX}{name}"] = param.detach().float().cpu().contiguous()
+                # a layer wrapped only for another adapter is written under its plain name
+                tensors[f"{PEFT_PREFIX}{name.replace('.base_layer.', '.')}"] = param.detach().float().cpu().contiguous()
     return tensors
 
 
@@ -391,6 +407,7 @@ def load_adapter_state_dict(
 
     The butterfly depth of each module is read from its ``boft_R`` shape, never from the config.
     """
+    check_adapter_name(adapter_name)
     if adapter_name in adapter_configs(model):
         raise ValueError(f"adapter {adapter_name!r} already exists; delete_adapter it or choose another name.")
     modules = dict(model.named_modules())
@@ -401,7 +418,7 @@ def load_adapter_state_dict(
         if kind:
             per_module.setdefault(module_name, {})[kind] = tensor
         elif key.endswith(".bias"):
-            plain_biases[module_name] = tensor
+            plain_biases[module_name[: -len(".bias")]] = tensor
         else:
             raise ValueError(f"adapter file holds an unexpected tensor {key!r}.")
     if not per_module:
@@ -439,11 +456,11 @@ def load_adapter_state_dict(
         if bias is not None and (base.bias is None or bias.shape != base.bias.shape):
             expected = None if base.bias is None else list(base.bias.shape)
             raise ValueError(f"{module_name}: adapter bias has shape {list(bias.shape)}, module bias {expected}.")
-    params = dict(model.named_parameters())
+    params = {n.replace(".base_layer.", "."): p for n, p in model.named_parameters()}
     for name, bias in plain_biases.items():
-        target = params.get(f"{name}.bias") if not name.endswith(".bias") else params.get(name)
+        target = params.get(f"{name}.bias")
         if target is None or target.shape != bias.shape:
-            raise ValueError(f"adapter bias {name!r} does not match a bias of this model.")
+            raise ValueError(f"adapter bias {name}.bias does not match a bias of this model.")
 
     depths = {g.n_factors for g in geometries.values()}
     if depths != {config.n_butterfly_factor}:
@@ -462,8 +479,13 @@ def load_adapter_state_dict(
                 layer.bias.copy_(parts["base_layer.bias"])
     with torch.no_grad():
         for name, bias in plain_biases.items():
-            params[name if name.endswith(".bias") else f"{name}.bias"].copy_(bias)
+            params[f"{name}.bias"].copy_(bias)
     adapter_configs(model)[adapter_name] = config
+
+
+def _name_from(folder: Path) -> str:
+    name = re.sub(r"[^A-Za-z0-9_\-]+", "_", folder.resolve().name)
+    return name if ADAPTER_NAME_PATTERN.match(name) else f"adapter_{name}"
 
 
 def load_adapter(model: nn.Module, path: str | os.PathLike, adapter_name: str | None = None) -> str:
@@ -477,7 +499,7 @@ def load_adapter(model: nn.Module, path: str | os.PathLike, adapter_name: str | 
         raise FileNotFoundError(f"adapter folder {folder} does not exist.")
     config = read_adapter_config(folder)
     tensors = _read_tensors(folder)
-    name = adapter_name or ("default" if "default" not in adapter_configs(model) else folder.name)
+    name = adapter_name or ("default" if "default" not in adapter_configs(model) else _name_from(folder))
     load_adapter_state_dict(model, tensors, config, name)
     set_adapter(model, name)
     return name

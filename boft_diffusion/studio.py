@@ -7,6 +7,7 @@ adapter or strength never reloads the base model and never touches its weights.
 
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 import re
@@ -116,6 +117,10 @@ class Studio:
     def set_model(self, name_or_path: str) -> str:
         """Switch base model (reloads only when it changes); loaded adapters are dropped."""
         name_or_path = (name_or_path or "tiny").strip()
+        with self.lock:
+            return self._set_model(name_or_path)
+
+    def _set_model(self, name_or_path: str) -> str:
         if name_or_path != self.model_name or self._pipe is None:
             previous = self.model_name
             self.model_name, self._pipe, self._loaded = name_or_path, None, {}
@@ -154,6 +159,12 @@ class Studio:
         return path
 
     def adapter_info(self, name: str) -> dict[str, Any]:
+        try:
+            return self._adapter_info(name)
+        except (ValueError, OSError, KeyError) as error:
+            raise StudioError(f"adapter {name!r} cannot be read: {error}") from error
+
+    def _adapter_info(self, name: str) -> dict[str, Any]:
         if not name or name == NO_ADAPTER:
             return {"adapter": None, "base_model": self.model_name}
         folder = self.resolve(name)
@@ -175,40 +186,61 @@ class Studio:
             })
         return info
 
+    def _models(self) -> list[Any]:
+        return [self.pipe.unet, self.pipe.text_encoder]
+
+    def _key(self, name: str) -> str:
+        """A distinct adapter name per folder (folder names may collide once sanitised)."""
+        digest = hashlib.sha1(name.encode()).hexdigest()[:8]
+        return f"a_{_safe_name(name)}_{digest}"
+
     def _activate(self, name: str, strength: float) -> tuple[str, Any]:
         """Load (once) and activate adapter ``name`` at ``strength``; return its control kind and handle."""
-        unet = self.pipe.unet
         if name == NO_ADAPTER:
-            disable_adapters(unet)
+            for model in self._models():
+                disable_adapters(model)
             return "none", None
-        key = _safe_name(name)
+        key = self._key(name)
         if key not in self._loaded:
-            folder = self.resolve(name)
-            from .control import load_control, read_control_info
-
-            try:
-                if read_control_info(folder):
-                    self._loaded[key] = load_control(self.pipe, folder, adapter_name=key)
-                else:
-                    load_adapter(unet, folder, adapter_name=key)
-                    self._loaded[key] = ("adapter", None)
-            except StudioError:
-                raise
-            except Exception as error:
-                if key in adapter_configs(unet):
-                    delete_adapter(unet, key)
-                raise StudioError(f"could not load adapter {name!r}: {error}") from error
+            self._loaded[key] = self._load_adapter(name, key)
         kind, handle = self._loaded[key]
-        if key in adapter_configs(unet):
-            enable_adapters(unet)
-            set_adapter(unet, key)
-            set_adapter_strength(unet, strength)
-        else:
-            disable_adapters(unet)
+        for model in self._models():
+            if key in adapter_configs(model):
+                enable_adapters(model)
+                set_adapter(model, key)
+                set_adapter_strength(model, strength)
+            else:
+                disable_adapters(model)
         if kind == "controlnet":
             for adapter in adapter_configs(handle.controlnet):
                 set_adapter_strength(handle.controlnet, strength, adapter)
         return kind, handle
+
+    def _load_adapter(self, name: str, key: str) -> tuple[str, Any]:
+        """Load a folder (UNet adapter, text-encoder adapter, control parts); undo everything on failure."""
+        folder = self.resolve(name)
+        from .control import load_control, read_control_info
+
+        try:
+            for config_folder in (folder, folder / "controlnet", folder / "text_encoder"):
+                if (config_folder / CONFIG_NAME).is_file() and read_adapter_config(config_folder).bias != "none":
+                    raise StudioError(f"adapter {name!r} trained biases, which would change the shared base "
+                                      "model for every adapter; the app serves bias='none' adapters only.")
+            if read_control_info(folder):
+                loaded = load_control(self.pipe, folder, adapter_name=key)
+            else:
+                load_adapter(self.pipe.unet, folder, adapter_name=key)
+                loaded = ("adapter", None)
+            if (folder / "text_encoder" / CONFIG_NAME).is_file():
+                load_adapter(self.pipe.text_encoder, folder / "text_encoder", adapter_name=key)
+            return loaded
+        except Exception as error:
+            for model in self._models():
+                if key in adapter_configs(model):
+                    delete_adapter(model, key)
+            if isinstance(error, StudioError):
+                raise
+            raise StudioError(f"could not load adapter {name!r}: {error}") from error
 
     # uploads --------------------------------------------------------------------------------------------
     def import_upload(self, paths: list[str | Path]) -> str:
@@ -239,7 +271,9 @@ class Studio:
         staging = Path(tempfile.mkdtemp(prefix=".upload-", dir=self._ensure_dir(target_root)))
         try:
             for relative, data in files.items():
-                destination = staging / relative
+                destination = (staging / relative).resolve()
+                if staging.resolve() not in destination.parents:
+                    raise StudioError(f"unsafe path in upload: {relative!r}.")
                 destination.parent.mkdir(parents=True, exist_ok=True)
                 destination.write_bytes(data)
                 if destination.suffix == ".safetensors":
@@ -269,21 +303,29 @@ class Studio:
             archive = zipfile.ZipFile(path)
         except zipfile.BadZipFile as error:
             raise StudioError(f"{path.name} is not a zip file.") from error
-        with archive:
-            infos = [i for i in archive.infolist() if not i.is_dir()]
-            if sum(i.file_size for i in infos) > self.limits.max_upload_bytes:
-                raise StudioError("the zip expands beyond the upload size limit.")
-            names = [i.filename for i in infos]
-            prefix = _common_folder(names)
-            files = {}
-            for info in infos:
-                relative = info.filename[len(prefix):]
-                parts = Path(relative).parts
-                if info.filename.startswith(("/", "\\")) or ".." in parts or ":" in info.filename or not parts:
-                    raise StudioError(f"unsafe path in zip: {info.filename!r}.")
-                if Path(relative).suffix not in ALLOWED_UPLOAD_SUFFIXES:
-                    raise StudioError(f"{info.filename}: only JSON, safetensors (and README/PNG) files are accepted.")
-                files[relative] = archive.read(info)
+        try:
+            return self._read_members(archive)
+        except (zipfile.BadZipFile, RuntimeError, NotImplementedError, OSError) as error:
+            raise StudioError(f"{path.name} could not be read: {error}") from error
+        finally:
+            archive.close()
+
+    def _read_members(self, archive: zipfile.ZipFile) -> dict[str, bytes]:
+        infos = [i for i in archive.infolist() if not i.is_dir()]
+        if sum(i.file_size for i in infos) > self.limits.max_upload_bytes:
+            raise StudioError("the zip expands beyond the upload size limit.")
+        names = [i.filename for i in infos]
+        prefix = _common_folder(names)
+        files = {}
+        for info in infos:
+            relative = info.filename[len(prefix):]
+            parts = relative.replace("\\", "/").split("/")
+            if (info.filename.startswith(("/", "\\")) or ":" in info.filename
+                    or any(part in ("", ".", "..") for part in parts)):
+                raise StudioError(f"unsafe path in zip: {info.filename!r}.")
+            if Path(relative).suffix not in ALLOWED_UPLOAD_SUFFIXES:
+                raise StudioError(f"{info.filename}: only JSON, safetensors (and README/PNG) files are accepted.")
+            files[relative] = archive.read(info)
         return files
 
     # generation --------------------------------------------------------------------------------------------
@@ -322,7 +364,8 @@ class Studio:
                     image = self._sample(kind, handle, request, seed, total, len(results), progress)
                     label = "adapter" if adapted else "base"
                     results.append((image, self._parameters(request, seed, label)))
-            enable_adapters(pipe.unet)
+            for model in self._models():
+                enable_adapters(model)
         return results
 
     def _sample(self, kind: str, handle: Any, request: GenerationRequest, seed: int, total: int, done: int,
@@ -344,7 +387,7 @@ class Studio:
             if kind == "light":
                 from .control import condition_tensor, light_control
 
-                condition = condition_tensor(request.control_image, request.height)
+                condition = condition_tensor(request.control_image, (request.width, request.height))
                 with light_control(pipe.unet, handle, condition, request.control_strength):
                     return pipe(**kwargs).images[0]
             if kind == "controlnet":

@@ -304,11 +304,18 @@ class Trainer:
 
     # checkpoints ---------------------------------------------------------------------------------
     def _trainer_state(self) -> dict[str, Any]:
-        state = {"seed": self.args.seed, "max_train_steps": self.max_steps, "library_version": __version__}
+        state = {"library_version": __version__, **self._schedule()}
         scaler = getattr(self.accelerator, "scaler", None)
         if scaler is not None:
             state["grad_scaler"] = {k: (v.item() if torch.is_tensor(v) else v) for k, v in scaler.state_dict().items()}
         return state
+
+    def _schedule(self) -> dict[str, int]:
+        """Settings that decide which examples and random draws each step uses: resume needs them equal."""
+        args = self.args
+        return {"seed": args.seed, "train_batch_size": args.train_batch_size,
+                "gradient_accumulation_steps": args.gradient_accumulation_steps,
+                "num_processes": self.accelerator.num_processes, "dataset_len": self.recipe.dataset_len}
 
     def save_checkpoint(self) -> Path | None:
         path = None
@@ -336,6 +343,10 @@ class Trainer:
             logger.info("no checkpoint in %s; starting from scratch", self.output_dir)
             return
         tensors, state = load_checkpoint(path, self.optimizer, self.lr_scheduler)
+        changed = {k: (state.get(k), v) for k, v in self._schedule().items() if k in state and state[k] != v}
+        if changed:
+            details = ", ".join(f"{k} {old} -> {new}" for k, (old, new) in changed.items())
+            raise TrainingError(f"{path} was written with other settings ({details}); resume with the same ones.")
         missing = sorted(set(self.params) - set(tensors))
         if missing:
             raise TrainingError(f"{path} does not match this run: it lacks {missing[:3]} (and {len(missing)} in all).")
@@ -358,7 +369,8 @@ class Trainer:
         indices = micro_batch_indices(
             micro, self.recipe.dataset_len, args.train_batch_size, acc.num_processes, acc.process_index, args.seed
         )
-        generator = torch.Generator(acc.device).manual_seed(derive_seed(args.seed, micro, acc.process_index))
+        # A CPU generator: the same draws on every device type, and usable with CPU-side sampling.
+        generator = torch.Generator().manual_seed(derive_seed(args.seed, micro, acc.process_index))
         torch.manual_seed(derive_seed(args.seed, micro, acc.process_index, 0xD0))
         sync = contextlib.ExitStack()
         if not last:
@@ -378,6 +390,18 @@ class Trainer:
             acc.backward(loss / args.gradient_accumulation_steps)
         return {"loss": losses.mean().item(), **logs}
 
+    def _check_gradients(self) -> None:
+        """Clip, and refuse to apply non-finite gradients (fp16's scaler skips those steps itself)."""
+        args, acc = self.args, self.accelerator
+        max_norm = args.max_grad_norm if args.max_grad_norm and args.max_grad_norm > 0 else float("inf")
+        norm = acc.clip_grad_norm_(list(self.params.values()), max_norm)
+        if getattr(acc, "scaler", None) is None and norm is not None and not torch.isfinite(torch.as_tensor(norm)):
+            checkpoints = list_checkpoints(self.output_dir)
+            raise TrainingError(
+                f"non-finite gradients at step {self.step + 1}; stopping before they reach the weights. "
+                f"Last good checkpoint: {checkpoints[-1] if checkpoints else 'none yet'}."
+            )
+
     def train(self) -> dict[str, Any]:
         args, acc = self.args, self.accelerator
         self.maybe_resume()
@@ -394,8 +418,7 @@ class Trainer:
                 logs = self._micro_step(micro, last=j == args.gradient_accumulation_steps - 1)
                 for key, value in logs.items():
                     accumulated[key] = accumulated.get(key, 0.0) + value / args.gradient_accumulation_steps
-            if args.max_grad_norm and args.max_grad_norm > 0:
-                acc.clip_grad_norm_(list(self.params.values()), args.max_grad_norm)
+            self._check_gradients()
             self.optimizer.step()
             self.lr_scheduler.step()
             self.optimizer.zero_grad(set_to_none=True)

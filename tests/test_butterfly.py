@@ -12,6 +12,7 @@ from boft_diffusion.butterfly import (
     num_skew_params,
     params_from_skew,
     resolve_geometry,
+    rotate_features_first,
     skew_from_params,
     valid_block_sizes,
 )
@@ -52,9 +53,13 @@ def test_fast_rotation_equals_dense_reference(m):
     reference = dense_boft_rotation(blocks_params)
     skew = 0.5 * (blocks_params - blocks_params.transpose(-1, -2))
     ours = cayley(skew).double()
-    x = torch.randn(3, 5, dim, dtype=torch.float64)
-    assert torch.allclose(butterfly_matmul(x, ours), x @ reference, atol=1e-5)
-    assert torch.allclose(butterfly_matmul(x, ours, transpose=True), x @ reference.T, atol=1e-5)
+    for shape in ((3, 5, dim), (4, 40, dim)):  # few rows (row-major path), many rows (feature-major path)
+        x = torch.randn(shape, dtype=torch.float64)
+        assert torch.allclose(butterfly_matmul(x, ours), x @ reference, atol=1e-5)
+        assert torch.allclose(butterfly_matmul(x, ours, transpose=True), x @ reference.T, atol=1e-5)
+    channels = torch.randn(2, dim, 3, 3, dtype=torch.float64)
+    expected = (channels.movedim(1, -1) @ reference).movedim(-1, 1)
+    assert torch.allclose(rotate_features_first(channels.flatten(2), ours).reshape(channels.shape), expected, atol=1e-5)
 
 
 def test_full_depth_rotation_is_dense():

@@ -1,0 +1,68 @@
+"""DreamBooth on the embedded tiny model: BOFT against PEFT LoRA with a similar parameter budget.
+
+Trains both with the demo's recipe (same steps, data, prior preservation, seed), then scores the
+base model and each adapter with the tiny-world measures. Prints a markdown table.
+
+    python benchmarks/bench_dreambooth.py --max_train_steps 300 --lora_rank 2
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+import torch
+
+from boft_diffusion import count_trainable_parameters, load_adapter, load_pipeline
+from boft_diffusion.baselines import load_lora
+from boft_diffusion.data import load_images
+from boft_diffusion.demo import CLASS_PROMPT, INSTANCE_PROMPT, training_flags
+from boft_diffusion.dreambooth import build_parser, default_instance_dir, run
+from boft_diffusion.eval import instance_self_score, tiny_world_scores
+
+
+def scores_for(adapter_dir: Path | None, kind: str, instances, num_images: int, seed: int) -> tuple[dict, int]:
+    pipe = load_pipeline("tiny", dtype=torch.float32)
+    pipe.set_progress_bar_config(disable=True)
+    if adapter_dir is not None:
+        (load_adapter if kind == "boft" else load_lora)(pipe.unet, adapter_dir)
+    params = count_trainable_parameters(pipe.unet) if adapter_dir is not None else 0
+    if kind == "lora":
+        params = sum(p.numel() for n, p in pipe.unet.named_parameters() if "lora_" in n)
+    return tiny_world_scores(pipe, instances, INSTANCE_PROMPT, CLASS_PROMPT, num_images=num_images, seed=seed), params
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--output_dir", default="outputs/bench_dreambooth")
+    parser.add_argument("--max_train_steps", type=int, default=300)
+    parser.add_argument("--lora_rank", type=int, default=2)
+    parser.add_argument("--num_images", type=int, default=32)
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args()
+    out = Path(args.output_dir)
+    instances = [image for _, image in load_images(default_instance_dir(), 64)]
+    rows = {"base model": scores_for(None, "base", instances, args.num_images, args.seed + 100) + (0.0,)}
+    for kind in ("boft", "lora"):
+        flags = training_flags(out / kind, args.max_train_steps, args.seed, class_dir=out / "class_images")
+        flags += ["--adapter_type", kind, "--lora_rank", str(args.lora_rank), "--report_to", "none"]
+        start = time.time()
+        run(build_parser().parse_args(flags))
+        seconds = time.time() - start
+        label = "BOFT m=2, b=8" if kind == "boft" else f"PEFT LoRA r={args.lora_rank}"
+        rows[label] = scores_for(out / kind, kind, instances, args.num_images, args.seed + 100) + (seconds,)
+    print(f"\nTiny-world DreamBooth, {args.max_train_steps} steps, {args.num_images} samples per measure; "
+          f"instance images' own subject fidelity {instance_self_score(instances):.2f}.\n")
+    print("| adapter | trainable params | train time (s) | subject fidelity | background right (re-context) "
+          "| prompt fidelity (class captions) | class prompt subject fidelity |")
+    print("|---|---|---|---|---|---|---|")
+    for label, (s, params, seconds) in rows.items():
+        print(f"| {label} | {params:,} | {seconds:.0f} | {s['subject']:.2f} | {s['recontext_background']:.2f} "
+              f"| {s['class_prompt_fidelity']:.2f} | {s['class_subject']:.2f} |")
+    (out / "results.json").write_text(json.dumps({k: v[0] | {"params": v[1]} for k, v in rows.items()}, indent=2))
+
+
+if __name__ == "__main__":
+    main()
