@@ -42,7 +42,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def build_app(studio: Studio) -> gr.Blocks:
     """The page; every callback reports StudioError as a readable message and keeps the app alive."""
     limits = studio.limits
-    default_size = 64 if studio.model_name == "tiny" else 512
+    default_size = min(64 if studio.model_name == "tiny" else 512, limits.max_size)
     output_dir = Path(tempfile.mkdtemp(prefix="boft-app-"))
 
     def refresh():
@@ -113,7 +113,7 @@ def build_app(studio: Studio) -> gr.Blocks:
                     seed = gr.Number(value=0, precision=0, label="Seed")
                     randomise = gr.Button("Randomise")
                 with gr.Row():
-                    steps = gr.Slider(1, limits.max_steps, value=25, step=1, label="Steps")
+                    steps = gr.Slider(1, limits.max_steps, value=min(25, limits.max_steps), step=1, label="Steps")
                     guidance = gr.Slider(1.0, 15.0, value=4.0 if studio.model_name == "tiny" else 7.5, step=0.5,
                                          label="Guidance scale")
                 scheduler = gr.Dropdown(list(SCHEDULERS), value="DDIM", label="Scheduler")

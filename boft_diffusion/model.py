@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import SafetensorError
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
 
@@ -275,6 +275,26 @@ def delete_adapter(model: nn.Module, name: str) -> None:
 
 def count_trainable_parameters(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters() if p.requires_grad)
+
+
+def count_file_parameters(path: str | os.PathLike) -> int | None:
+    """Trainable parameters stored in a safetensors file: b(b-1)/2 per BOFT block, every other tensor in full."""
+    path = Path(path)
+    if not path.is_file():
+        return None
+    total = 0
+    with safe_open(str(path), framework="pt") as handle:
+        for key in handle.keys():
+            shape = handle.get_slice(key).get_shape()
+            if key.endswith("boft_R"):
+                m, n, b, _ = shape
+                total += m * n * b * (b - 1) // 2
+            else:
+                count = 1
+                for dim in shape:
+                    count *= dim
+                total += count
+    return total
 
 
 def merged_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:

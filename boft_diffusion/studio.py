@@ -28,6 +28,7 @@ from .model import (
     CONFIG_NAME,
     WEIGHTS_NAME,
     adapter_configs,
+    count_file_parameters,
     delete_adapter,
     disable_adapters,
     enable_adapters,
@@ -182,7 +183,7 @@ class Studio:
                 "boft": {"block_size": config.block_size, "block_num": config.block_num,
                          "n_butterfly_factor": config.n_butterfly_factor, "dropout": config.dropout,
                          "target_modules": config.target_modules, "scale": config.scale},
-                "trainable_parameters": _count_file_parameters(config_folder / WEIGHTS_NAME),
+                "trainable_parameters": count_file_parameters(config_folder / WEIGHTS_NAME),
             })
         return info
 
@@ -318,11 +319,10 @@ class Studio:
         prefix = _common_folder(names)
         files = {}
         for info in infos:
-            relative = info.filename[len(prefix):]
-            parts = relative.replace("\\", "/").split("/")
-            if (info.filename.startswith(("/", "\\")) or ":" in info.filename
-                    or any(part in ("", ".", "..") for part in parts)):
+            parts = info.filename.replace("\\", "/").split("/")
+            if ":" in info.filename or any(part in ("", ".", "..") for part in parts):
                 raise StudioError(f"unsafe path in zip: {info.filename!r}.")
+            relative = info.filename[len(prefix):]
             if Path(relative).suffix not in ALLOWED_UPLOAD_SUFFIXES:
                 raise StudioError(f"{info.filename}: only JSON, safetensors (and README/PNG) files are accepted.")
             files[relative] = archive.read(info)
@@ -410,25 +410,6 @@ def _common_folder(names: list[str]) -> str:
     if len(tops) == 1 and all("/" in n for n in names):
         return next(iter(tops)) + "/"
     return ""
-
-
-def _count_file_parameters(path: Path) -> int | None:
-    """Trainable parameters of a saved adapter: b(b-1)/2 per block plus the magnitudes."""
-    if not path.is_file():
-        return None
-    total = 0
-    with safe_open(str(path), framework="pt") as handle:
-        for key in handle.keys():
-            shape = handle.get_slice(key).get_shape()
-            if key.endswith("boft_R"):
-                m, n, b, _ = shape
-                total += m * n * b * (b - 1) // 2
-            else:
-                count = 1
-                for dim in shape:
-                    count *= dim
-                total += count
-    return total
 
 
 def png_with_parameters(image: Image.Image, parameters: str) -> bytes:

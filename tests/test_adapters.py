@@ -216,3 +216,42 @@ def test_multiple_adapters_keep_their_own_geometry(tmp_path, inputs):
         other = make_tiny_unet()
         bd.load_adapter(other, tmp_path / name, adapter_name=name)
         assert torch.allclose(run_unet(other, inputs), expected, atol=1e-6)
+
+
+def test_invalid_adapter_name_leaves_model_unchanged(tiny_unet):
+    with pytest.raises(ValueError, match="invalid adapter name"):
+        bd.apply_boft(tiny_unet, bd.BOFTConfig(block_size=4, target_modules=ATTENTION), "9 lives")
+    assert not list(boft_layers(tiny_unet))
+
+
+def test_bias_all_round_trip_with_two_adapters(tmp_path, inputs):
+    unet = make_tiny_unet()
+    bd.apply_boft(unet, bd.BOFTConfig(block_size=4, target_modules=["to_q"]), "only_q")
+    bd.apply_boft(unet, bd.BOFTConfig(block_size=4, target_modules=["to_k"], bias="all"), "with_bias")
+    randomize_adapter(unet, "with_bias")
+    with torch.no_grad():
+        for name, param in unet.named_parameters():
+            if name.endswith("bias"):
+                param.add_(0.01)
+    expected = run_unet(unet, inputs)
+    bd.save_adapter(unet, tmp_path / "b", "with_bias")
+    keys = load_file(tmp_path / "b" / "adapter_model.safetensors").keys()
+    assert not any(".base_layer.bias" in k and "to_q" in k for k in keys)
+    fresh = make_tiny_unet()
+    bd.load_adapter(fresh, tmp_path / "b")
+    assert torch.allclose(run_unet(fresh, inputs), expected, atol=1e-6)
+
+
+def test_unmerge_uses_the_strength_it_merged_with(tiny_unet):
+    weights = {n: p.detach().clone() for n, p in tiny_unet.named_parameters()}
+    bd.apply_boft(tiny_unet, bd.BOFTConfig(block_size=4, target_modules=ATTENTION))
+    randomize_adapter(tiny_unet)
+    bd.set_adapter_strength(tiny_unet, 0.7)
+    bd.merge_adapter(tiny_unet)
+    for _, layer in boft_layers(tiny_unet):
+        layer.specs["default"].strength = 1.3  # changed behind the API's back
+    bd.unmerge_adapter(tiny_unet)
+    for name, param in tiny_unet.named_parameters():
+        original = weights.get(name.replace(".base_layer", ""))
+        if original is not None:
+            assert torch.allclose(param, original, atol=1e-5), name

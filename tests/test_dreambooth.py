@@ -216,3 +216,11 @@ def test_v_prediction_scheduler(tmp_path):
     assert run_main("--output_dir", tmp_path / "out", "--pretrained_model_name_or_path", tmp_path / "vpred",
                     "--max_train_steps", "2") == 0
     assert (tmp_path / "out" / "adapter_model.safetensors").is_file()
+
+
+def test_resume_refuses_changed_batch_settings(tmp_path, capsys):
+    out = tmp_path / "out"
+    assert run_main("--output_dir", out, "--checkpointing_steps", "2", "--max_train_steps", "3") == 0
+    assert run_main("--output_dir", out, "--resume_from_checkpoint", "latest", "--max_train_steps", "4",
+                    "--gradient_accumulation_steps", "2") == 2
+    assert "gradient_accumulation_steps 1 -> 2" in capsys.readouterr().err

@@ -1,0 +1,132 @@
+import json
+import shutil
+import time
+
+import numpy as np
+import pytest
+import torch
+
+from boft_diffusion.loading import EMBEDDED_MODEL_DIR, ModelLoadError, load_pipeline
+
+HAS_TINY = (EMBEDDED_MODEL_DIR / "model_index.json").is_file()
+
+
+@pytest.fixture(scope="module")
+def quick_pipeline_dir(tmp_path_factory):
+    """A pipeline folder written by the --quick mode of the pretraining script."""
+    import importlib.util
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    spec = importlib.util.spec_from_file_location("pretrain_tiny_sd", root / "scripts" / "pretrain_tiny_sd.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    out = tmp_path_factory.mktemp("quick") / "model"
+    n_threads = torch.get_num_threads()
+    try:
+        mod.main(["--quick", "--out", str(out)])
+    finally:
+        torch.set_num_threads(n_threads)
+    return out
+
+
+def test_quick_pretrain_roundtrip(quick_pipeline_dir):
+    from diffusers import StableDiffusionPipeline
+
+    pipe = load_pipeline(str(quick_pipeline_dir), device="cpu")
+    assert isinstance(pipe, StableDiffusionPipeline)
+    assert pipe.unet.dtype == torch.float32
+    tok = pipe.tokenizer
+    assert tok.model_max_length == pipe.text_encoder.config.max_position_embeddings
+    for word in ("sks", "zwx", "ohwx", "star", "background", "photo"):
+        assert len(tok(word, add_special_tokens=False).input_ids) == 1
+    gen = torch.Generator().manual_seed(0)
+    img = pipe("a red circle on a blue background", num_inference_steps=2, generator=gen).images[0]
+    assert img.size == (64, 64)
+    gen = torch.Generator().manual_seed(0)
+    img2 = pipe("a red circle on a blue background", num_inference_steps=2, generator=gen).images[0]
+    assert np.array_equal(np.asarray(img), np.asarray(img2))
+
+
+def test_missing_folder_error(tmp_path):
+    missing = tmp_path / "nope"
+    with pytest.raises(ModelLoadError, match="nope"):
+        load_pipeline(str(missing))
+
+
+def test_incomplete_folder_error(quick_pipeline_dir, tmp_path):
+    broken = tmp_path / "broken"
+    shutil.copytree(quick_pipeline_dir, broken)
+    shutil.rmtree(broken / "unet")
+    with pytest.raises(ModelLoadError, match=r"broken.*unet"):
+        load_pipeline(str(broken))
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    with pytest.raises(ModelLoadError, match="model_index.json"):
+        load_pipeline(str(empty))
+
+
+def test_corrupt_weights_error(quick_pipeline_dir, tmp_path):
+    broken = tmp_path / "corrupt"
+    shutil.copytree(quick_pipeline_dir, broken)
+    for f in (broken / "unet").glob("*.safetensors"):
+        f.write_bytes(b"not a safetensors file")
+    with pytest.raises(ModelLoadError, match="corrupt"):
+        load_pipeline(str(broken))
+    (broken / "model_index.json").write_text("{not json")
+    with pytest.raises(ModelLoadError, match="model_index.json"):
+        load_pipeline(str(broken))
+
+
+def test_missing_single_file_error(tmp_path):
+    with pytest.raises(ModelLoadError, match="does not exist"):
+        load_pipeline(str(tmp_path / "model.safetensors"))
+
+
+def test_unavailable_hub_id_error(monkeypatch, tmp_path):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
+    with pytest.raises(ModelLoadError) as ei:
+        load_pipeline("nobody-here/definitely-not-cached-sd")
+    msg = str(ei.value)
+    assert "nobody-here/definitely-not-cached-sd" in msg and "cache" in msg and "HF_HUB_OFFLINE" in msg
+
+
+@pytest.mark.skipif(not HAS_TINY, reason="embedded model not built yet")
+def test_embedded_model_meta_and_size():
+    size = sum(f.stat().st_size for f in EMBEDDED_MODEL_DIR.rglob("*") if f.is_file())
+    assert size <= 25 * 1024 * 1024
+    meta = json.loads((EMBEDDED_MODEL_DIR / "tiny_sd_meta.json").read_text())
+    assert "recipe" in meta
+
+
+@pytest.mark.skipif(not HAS_TINY, reason="embedded model not built yet")
+def test_tiny_samples_64x64_fast():
+    pipe = load_pipeline("tiny", device="cpu")
+    pipe.set_progress_bar_config(disable=True)
+    gen = torch.Generator().manual_seed(0)
+    pipe("a red circle on a blue background", num_inference_steps=2, generator=gen)  # warm-up
+    t = time.time()
+    img = pipe("a red circle on a blue background", num_inference_steps=25, guidance_scale=4.0,
+               generator=torch.Generator().manual_seed(0)).images[0]
+    dt = time.time() - t
+    assert img.size == (64, 64)
+    assert dt < 6.0  # ~1 s on an idle 2-core CPU; generous for loaded CI machines
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not HAS_TINY, reason="embedded model not built yet")
+def test_tiny_prompt_fidelity_on_held_out():
+    from boft_diffusion.loading import tiny_defaults
+    from boft_diffusion.tiny import world as W
+    from boft_diffusion.tiny.evaluate import evaluate_prompt_fidelity
+
+    pipe = load_pipeline("tiny", device="cpu")
+    pipe.set_progress_bar_config(disable=True)
+    scenes = W.held_out_scenes(16, seed=0)
+    d = tiny_defaults()
+    res = evaluate_prompt_fidelity(pipe, scenes, seeds=range(16), steps=d["num_inference_steps"],
+                                   guidance=d["guidance_scale"])
+    assert res["background"] >= 0.7
+    assert res["shape_color"] >= 0.6
+    assert res["shape_class"] >= 0.4

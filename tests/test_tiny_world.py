@@ -1,0 +1,89 @@
+import numpy as np
+import pytest
+
+from boft_diffusion.tiny import world as W
+
+
+def test_render_is_deterministic_and_64x64():
+    a = W.sample_scene(123)
+    b = W.sample_scene(123)
+    assert a == b
+    ia, ib = W.render(a), W.render(b)
+    assert ia.size == (64, 64) and ia.mode == "RGB"
+    assert np.array_equal(np.asarray(ia), np.asarray(ib))
+    assert W.caption(a) == W.caption(b)
+
+
+def test_training_scenes_reproducible():
+    s1 = W.training_scenes(50, seed=3)
+    s2 = W.training_scenes(50, seed=3)
+    assert s1 == s2
+    assert W.training_scenes(50, seed=4) != s1
+
+
+def test_captions_follow_grammar():
+    s = W.make_scene("green", "square", "yellow", size="small", position="top left")
+    assert W.caption(s) == "a small green square at the top left on a yellow background"
+    s = W.make_scene("red", "circle", "blue")
+    assert W.caption(s) == "a red circle on a blue background"
+    s = W.make_scene("orange", "star", "white")
+    assert W.caption(s) == "an orange star on a white background"
+    for scene in W.training_scenes(200, seed=0):
+        c = W.caption(scene)
+        assert c.endswith(" background")
+        for shp in scene.shapes:
+            assert shp.color != scene.background
+            assert shp.color in c and shp.kind in c
+        assert len(c.split()) <= 20
+
+
+def test_shape_colour_differs_from_background():
+    with pytest.raises(ValueError):
+        W.make_scene("red", "circle", "red")
+
+
+def test_held_out_never_sampled_for_training():
+    combos = W.held_out_combos()
+    assert 20 <= len(combos) <= 60
+    for scene in W.training_scenes(3000, seed=11):
+        assert not W.is_held_out(scene)
+        for shp in scene.shapes:
+            assert (shp.color, shp.kind, scene.background) not in combos
+
+
+def test_held_out_scenes_are_held_out_and_cover_combos():
+    scenes = W.held_out_scenes(len(W.held_out_combos()), seed=0)
+    assert all(W.is_held_out(s) for s in scenes)
+    assert {(s.shape.color, s.shape.kind, s.background) for s in scenes} == set(W.held_out_combos())
+    assert W.held_out_scenes(10, seed=5) == W.held_out_scenes(10, seed=5)
+
+
+def test_every_attribute_pair_still_seen_in_training():
+    held = set(W.held_out_combos())
+    for c in W.COLORS:
+        for k in W.SHAPES:
+            assert any((c, k, b) not in held for b in W.COLORS if b != c)
+
+
+def test_mask_and_edges():
+    s = W.make_scene("red", "star", "blue")
+    m = np.asarray(W.render_mask(s))
+    e = np.asarray(W.render_edges(s))
+    assert m.shape == (64, 64) and set(np.unique(m)) <= {0, 255}
+    assert set(np.unique(e)) <= {0, 255}
+    assert 0 < (e > 0).sum() < (m > 0).sum()
+    # mask marks exactly the shape-coloured pixels (up to anti-aliasing)
+    img = np.asarray(W.render(s)).astype(int)
+    red = np.abs(img - np.array(W.PALETTE["red"])).sum(-1) < 60
+    assert (red & (m > 0)).sum() / max(red.sum(), 1) > 0.95
+
+
+def test_subject_is_striped_star_never_in_world():
+    img = np.asarray(W.render_subject("blue")).astype(int)
+    cols = [np.array(W.PALETTE[c]) for c in W.SUBJECT_STRIPE_COLORS]
+    n1 = (np.abs(img - cols[0]).sum(-1) < 40).sum()
+    n2 = (np.abs(img - cols[1]).sum(-1) < 40).sum()
+    assert n1 > 50 and n2 > 50
+    assert all(shp.pattern == "solid" for s in W.training_scenes(500, seed=0) for shp in s.shapes)
+    scenes = W.subject_instance_scenes(5)
+    assert len({s.background for s in scenes}) >= 3
