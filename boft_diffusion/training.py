@@ -155,7 +155,7 @@ def check_output_dir(args: argparse.Namespace, adapter_files: Sequence[str]) -> 
 def make_accelerator(args: argparse.Namespace):
     from accelerate import Accelerator
     from accelerate.state import AcceleratorState
-    from accelerate.utils import ProjectConfiguration
+    from accelerate.utils import ProjectConfiguration, set_seed
 
     logging_dir = Path(args.output_dir) / args.logging_dir
     # Without a GPU, several processes (torchrun / accelerate launch) run data parallel on CPU (gloo).
@@ -170,6 +170,8 @@ def make_accelerator(args: argparse.Namespace):
         log_with=None if args.report_to == "none" else args.report_to,
         project_config=ProjectConfiguration(project_dir=args.output_dir, logging_dir=str(logging_dir)),
     )
+    # New layers (control encoder, ControlNet embedding) are initialised from the seed, not from chance.
+    set_seed(args.seed)
     if args.allow_tf32 and torch.cuda.is_available():
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
