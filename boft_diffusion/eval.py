@@ -185,7 +185,10 @@ def face_landmark_error(image: Image.Image, reference_landmarks: np.ndarray) -> 
 
 
 # Real checkpoints ----------------------------------------------------------------------------------
-def _normalise(x: torch.Tensor) -> torch.Tensor:
+def _normalise(x) -> torch.Tensor:
+    """Unit vectors; accepts transformers >= 5's output objects (projected features in pooler_output)."""
+    if not isinstance(x, torch.Tensor):
+        x = x.pooler_output
     return x / x.norm(dim=-1, keepdim=True)
 
 

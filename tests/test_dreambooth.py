@@ -77,7 +77,7 @@ def test_bad_instance_folders(tmp_path, capsys, caplog):
 
     mixed = tmp_path / "mixed"
     mixed.mkdir()
-    source = Image.open(ROOT / "examples" / "sks_star" / sorted(os.listdir(ROOT / "examples" / "sks_star"))[0])
+    source = Image.open(sorted((ROOT / "examples" / "sks_star").glob("*.png"))[0])
     source.convert("L").save(mixed / "gray.png")
     source.convert("RGBA").save(mixed / "rgba.png")
     source.convert("P").save(mixed / "palette.png")

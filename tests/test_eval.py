@@ -55,7 +55,7 @@ def tiny_clip(folder: Path) -> str:
                           num_attention_heads=4, max_position_embeddings=77)
     vision = CLIPVisionConfig(image_size=32, patch_size=8, hidden_size=32, intermediate_size=37,
                               num_hidden_layers=2, num_attention_heads=4)
-    CLIPModel(CLIPConfig.from_text_vision_configs(text, vision, projection_dim=16)).save_pretrained(folder)
+    CLIPModel(CLIPConfig(text_config=text.to_dict(), vision_config=vision.to_dict(), projection_dim=16)).save_pretrained(folder)
     tokenizer = CLIPTokenizer.from_pretrained(ROOT / "boft_diffusion" / "tiny" / "model" / "tokenizer")
     image_processor = CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32})
     CLIPProcessor(image_processor=image_processor, tokenizer=tokenizer).save_pretrained(folder)

@@ -1,0 +1,81 @@
+#!/usr/bin/env python
+"""Regenerate the example data sets from the shapes world (deterministic).
+
+* ``examples/sks_star/``: 5 instance images (64x64 PNG) of the demo subject, a
+  star with diagonal orange/purple stripes, on varied backgrounds/positions.
+* ``examples/tiny_control/``: a small ControlNet-style data set: ``images/``,
+  ``conditioning/`` (binary shape masks), ``edges/`` (edge maps) and
+  ``metadata.jsonl`` lines ``{"file_name", "conditioning_file_name",
+  "edges_file_name", "text"}`` (paths relative to the folder).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from boft_diffusion.tiny import world as W  # noqa: E402
+
+
+def make_subject(out: Path, n: int = 5, seed: int = 7) -> list[Path]:
+    out.mkdir(parents=True, exist_ok=True)
+    for old in out.glob("*.png"):
+        old.unlink()
+    paths = []
+    for i, scene in enumerate(W.subject_instance_scenes(n, seed)):
+        p = out / f"sks_star_{i:02d}.png"
+        W.render(scene).save(p, optimize=True)
+        paths.append(p)
+    # beside the image folder, so the folder holds images only
+    out.with_suffix(".json").write_text(json.dumps({
+        "instance_prompt": "a photo of sks star",
+        "class_prompt": "a photo of star",
+        "identifier": "sks",
+        "class_noun": "star",
+        "description": "a star with diagonal orange/purple stripes (never seen in pretraining)",
+    }, indent=1) + "\n")
+    return paths
+
+
+def make_control(out: Path, n: int = 128, seed: int = 2024) -> Path:
+    if out.exists():
+        shutil.rmtree(out)
+    for sub in ("images", "conditioning", "edges"):
+        (out / sub).mkdir(parents=True)
+    scenes = W.training_scenes(n, seed)
+    lines = []
+    for i, s in enumerate(scenes):
+        name = f"{i:04d}.png"
+        W.render(s).save(out / "images" / name, optimize=True)
+        W.render_mask(s).save(out / "conditioning" / name, optimize=True)
+        W.render_edges(s).save(out / "edges" / name, optimize=True)
+        lines.append(json.dumps({
+            "file_name": f"images/{name}",
+            "conditioning_file_name": f"conditioning/{name}",
+            "edges_file_name": f"edges/{name}",
+            "text": W.caption(s),
+        }))
+    (out / "metadata.jsonl").write_text("\n".join(lines) + "\n")
+    return out
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--out", default=str(ROOT / "examples"))
+    p.add_argument("--n-control", type=int, default=128)
+    args = p.parse_args(argv)
+    out = Path(args.out)
+    make_subject(out / "sks_star")
+    make_control(out / "tiny_control", args.n_control)
+    size = sum(f.stat().st_size for f in out.rglob("*") if f.is_file())
+    print(f"wrote examples to {out} ({size / 1e3:.0f} kB)")
+
+
+if __name__ == "__main__":
+    main()
