@@ -14,6 +14,7 @@ from pathlib import Path
 
 import gradio as gr
 
+from boft_diffusion.loading import default_guidance
 from boft_diffusion.studio import (
     NO_ADAPTER,
     SCHEDULERS,
@@ -114,7 +115,7 @@ def build_app(studio: Studio) -> gr.Blocks:
                     randomise = gr.Button("Randomise")
                 with gr.Row():
                     steps = gr.Slider(1, limits.max_steps, value=min(25, limits.max_steps), step=1, label="Steps")
-                    guidance = gr.Slider(1.0, 15.0, value=4.0 if studio.model_name == "tiny" else 7.5, step=0.5,
+                    guidance = gr.Slider(1.0, 15.0, value=default_guidance(studio.model_name, None) or 7.5, step=0.5,
                                          label="Guidance scale")
                 scheduler = gr.Dropdown(list(SCHEDULERS), value="DDIM", label="Scheduler")
                 with gr.Row():

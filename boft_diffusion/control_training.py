@@ -23,7 +23,7 @@ from .control import (
 )
 from .data import DataError, center_crop, image_to_tensor, open_image, resize_shorter_side, tensor_to_image, to_rgb
 from .dreambooth import UNET_TARGETS, encode_prompts, place
-from .loading import load_pipeline
+from .loading import default_guidance, load_pipeline
 from .model import apply_boft, disable_adapters, enable_adapters
 from .training import (
     Recipe,
@@ -188,6 +188,7 @@ def default_validation_pairs(count: int = 4) -> list[tuple[Image.Image, str]]:
 def run(args: argparse.Namespace) -> dict[str, Any]:
     """Train control as described by parsed ``train_controlnet.py`` flags."""
     check_output_dir(args, ["adapter_model.safetensors", "control.json"])
+    args.guidance_scale = default_guidance(args.pretrained_model_name_or_path, args.guidance_scale)
     if args.validation_image and args.validation_prompt and len(args.validation_image) != len(args.validation_prompt):
         raise TrainingError("--validation_image and --validation_prompt must come in pairs (same count).")
     accelerator = make_accelerator(args)

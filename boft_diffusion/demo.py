@@ -17,12 +17,13 @@ import torch
 from .data import load_images
 from .dreambooth import build_parser, default_instance_dir, run
 from .eval import compare_tiny_world, recontext_prompts, sample
-from .loading import load_pipeline
+from .loading import load_pipeline, tiny_defaults
 from .model import disable_adapters, enable_adapters, load_adapter
 from .training import image_grid
 
 INSTANCE_PROMPT = "a photo of sks star"
 CLASS_PROMPT = "a photo of star"
+GUIDANCE = tiny_defaults()["guidance_scale"]  # the embedded model's sampling default
 
 
 def training_flags(adapter_dir: Path, steps: int, seed: int, class_dir: Path) -> list[str]:
@@ -33,7 +34,7 @@ def training_flags(adapter_dir: Path, steps: int, seed: int, class_dir: Path) ->
         "--with_prior_preservation", "--class_prompt", CLASS_PROMPT,
         "--class_data_dir", str(class_dir), "--num_class_images", "40",
         "--max_train_steps", str(steps), "--train_batch_size", "2",
-        "--learning_rate", "1e-3", "--seed", str(seed), "--random_flip",
+        "--learning_rate", "5e-3", "--seed", str(seed), "--random_flip", "--guidance_scale", str(GUIDANCE),
         "--validation_prompt", INSTANCE_PROMPT, f"{INSTANCE_PROMPT} on a green background", CLASS_PROMPT,
         "--num_validation_images", "4",
     ]
@@ -44,9 +45,9 @@ def comparison_grid(pipe, prompts: list[str], seeds: int, path: Path) -> None:
     rows = []
     for prompt in prompts:
         disable_adapters(pipe.unet)
-        rows.append(sample(pipe, [prompt] * seeds, 0, 25, None))
+        rows.append(sample(pipe, [prompt] * seeds, 0, 25, GUIDANCE))
         enable_adapters(pipe.unet)
-        rows.append(sample(pipe, [prompt] * seeds, 0, 25, None))
+        rows.append(sample(pipe, [prompt] * seeds, 0, 25, GUIDANCE))
     image_grid(rows).resize((64 * seeds * 2, 64 * len(rows) * 2)).save(path)
 
 
@@ -88,7 +89,7 @@ def main(argv: list[str] | None = None) -> dict:
     comparison_grid(pipe, prompts, 6, grid_path)
     instances = [image for _, image in load_images(default_instance_dir(), 64)]
     scores = compare_tiny_world(pipe, pipe.unet, instances, INSTANCE_PROMPT, CLASS_PROMPT,
-                                num_images=args.num_images, seed=args.seed + 100)
+                                num_images=args.num_images, seed=args.seed + 100, guidance=GUIDANCE)
     scores["train_seconds"] = round(trained - start, 1)
     scores["total_seconds"] = round(time.time() - start, 1)
     (output_dir / "scores.json").write_text(json.dumps(scores, indent=2) + "\n")

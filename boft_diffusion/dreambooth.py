@@ -17,7 +17,7 @@ from . import apply_boft, save_adapter
 from .baselines import apply_lora, save_lora
 from .data import augment_batch, center_crop, image_to_tensor, list_images, load_images
 from .export import export_merged_pipeline
-from .loading import load_pipeline
+from .loading import default_guidance, load_pipeline
 from .model import count_trainable_parameters, disable_adapters, enable_adapters
 from .training import (
     Recipe,
@@ -185,6 +185,7 @@ def add_adapters(model: torch.nn.Module, args: argparse.Namespace, targets: list
 def run(args: argparse.Namespace) -> dict[str, Any]:
     """Train a DreamBooth BOFT adapter as described by parsed ``train_dreambooth.py`` flags."""
     check_output_dir(args, ["adapter_model.safetensors"])
+    args.guidance_scale = default_guidance(args.pretrained_model_name_or_path, args.guidance_scale)
     if args.with_prior_preservation and (not args.class_data_dir or not args.class_prompt):
         raise TrainingError("--with_prior_preservation needs --class_data_dir and --class_prompt.")
     accelerator = make_accelerator(args)

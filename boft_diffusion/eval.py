@@ -244,7 +244,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     from .control import read_control_info
-
     args = parse_args(argv)
     info = read_control_info(args.adapter)
     if info is not None:
@@ -260,9 +259,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
 def control_report(args: argparse.Namespace, info: dict[str, Any]) -> dict[str, Any]:
     """Base (no control) against the control adapter: tiny-world IoU, or edge agreement on a data folder."""
-    from .loading import TINY_ALIASES, load_pipeline
+    from .loading import TINY_ALIASES, default_guidance, load_pipeline
 
     base_model = args.pretrained_model_name_or_path or "tiny"
+    args.guidance_scale = default_guidance(base_model, args.guidance_scale)
     pipe = load_pipeline(base_model, dtype=torch.float32)
     pipe.set_progress_bar_config(disable=True)
     extra = {} if args.guidance_scale is None else {"guidance_scale": args.guidance_scale}
@@ -303,13 +303,14 @@ def folder_edge_agreement(sample_fn, folder: str | os.PathLike, num_images: int,
 def dreambooth_report(args: argparse.Namespace) -> dict[str, Any]:
     from .data import load_images
     from .dreambooth import default_instance_dir
-    from .loading import TINY_ALIASES, load_pipeline
+    from .loading import TINY_ALIASES, default_guidance, load_pipeline
     from .model import load_adapter, read_adapter_config
 
     config = read_adapter_config(args.adapter)
     base = args.pretrained_model_name_or_path or config.base_model_name_or_path or "tiny"
     instance_prompt = args.instance_prompt or config.metadata.get("instance_prompt") or "a photo of sks star"
     class_prompt = args.class_prompt or config.metadata.get("class_prompt") or "a photo of star"
+    args.guidance_scale = default_guidance(base, args.guidance_scale)
     pipe = load_pipeline(base, dtype=torch.float32)
     pipe.set_progress_bar_config(disable=True)
     load_adapter(pipe.unet, args.adapter)

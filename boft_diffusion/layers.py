@@ -31,6 +31,13 @@ from .butterfly import (
 ADAPTER_NAME_PATTERN = re.compile(r"^[A-Za-z_][A-Za-z0-9_\-]*$")
 
 
+def _memory_format(weight: torch.Tensor) -> torch.memory_format:
+    """Keep a folded weight in its base weight's layout, so both take the same kernels (and sums)."""
+    if weight.dim() == 4 and weight.is_contiguous(memory_format=torch.channels_last) and not weight.is_contiguous():
+        return torch.channels_last
+    return torch.contiguous_format
+
+
 @dataclass
 class AdapterSpec:
     """Per-adapter settings that are not trainable parameters."""
@@ -165,7 +172,7 @@ class BOFTLayer(nn.Module):
         s = self.magnitude(name)
         if s is not None:
             flat = flat * upcast(s)[:, None]
-        return flat.reshape(weight.shape).to(weight.dtype)
+        return flat.reshape(weight.shape).to(weight.dtype).contiguous(memory_format=_memory_format(weight))
 
     def _cached_folded_weight(self, name: str) -> torch.Tensor:
         s = self.boft_s[name] if name in self.boft_s else None

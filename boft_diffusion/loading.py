@@ -172,4 +172,12 @@ def tiny_defaults() -> dict:
     return out
 
 
-__all__ = ["EMBEDDED_MODEL_DIR", "ModelLoadError", "load_pipeline", "check_pipeline_folder", "tiny_defaults"]
+def default_guidance(name_or_path, guidance_scale: float | None) -> float | None:
+    """The guidance scale to sample with: the one given, else the embedded model's own default,
+    else None (the pipeline's default)."""
+    if guidance_scale is not None:
+        return guidance_scale
+    return tiny_defaults()["guidance_scale"] if str(name_or_path) in TINY_ALIASES else None
+
+
+__all__ = ["EMBEDDED_MODEL_DIR", "default_guidance", "ModelLoadError", "load_pipeline", "check_pipeline_folder", "tiny_defaults"]

@@ -1,0 +1,1 @@
+"""Tiny synthetic shapes world, metrics and the embedded tiny Stable Diffusion."""

@@ -1,0 +1,382 @@
+"""Model-free measures on 64x64 images of the shapes world.
+
+All scores are in [0, 1].  They work from pixels only (numpy + Pillow):
+
+* the background colour is the median of a 2-pixel border frame;
+* the object mask is every pixel far (RGB distance) from that background colour,
+  reduced to its largest 4-connected component;
+* the object colour is the majority nearest-palette colour of the eroded mask;
+* the shape class is the rendered template (same bounding box) with the highest
+  IoU against the mask.
+"""
+
+from __future__ import annotations
+
+import re
+from collections import Counter, deque
+from collections.abc import Iterable, Sequence
+
+import numpy as np
+from PIL import Image, ImageFilter
+
+from . import world as W
+
+_PAL_NAMES = list(W.PALETTE)
+_PAL = np.array([W.PALETTE[c] for c in _PAL_NAMES], np.float32)
+FG_THRESHOLD = 70.0  # RGB L2 distance from the background colour
+
+
+# ----------------------------------------------------------------------------
+# caption parsing
+
+
+def parse_caption(text: str) -> dict:
+    """Parse a world caption into attributes.
+
+    Returns ``{"background": str|None, "shapes": [{"color", "kind", "size",
+    "position", "pattern"}...]}``.  Unknown words are ignored, so prompts such
+    as "a photo of sks star on a blue background" parse to a star with colour
+    None.  Missing attributes are None.
+    """
+    t = text.lower().strip().rstrip(".")
+    t = re.sub(r"^(a |an )?(photo|picture|image) of ", "", t)
+    background = None
+    m = re.search(r"\bon (?:a |an )?(\w+) background\b", t)
+    if m:
+        background = m.group(1) if m.group(1) in W.PALETTE else None
+        t = (t[: m.start()] + t[m.end():]).strip()
+    shapes = []
+    for part in re.split(r"\band\b", t):
+        words = part.split()
+        if not words:
+            continue
+        pos = None
+        pm = re.search(r"\bat the (top|bottom) (left|right)\b", part)
+        if pm:
+            pos = f"{pm.group(1)} {pm.group(2)}"
+        kind = next((w for w in words if w in W.SHAPES), None)
+        color = next((w for w in words if w in W.PALETTE), None)
+        if kind is None and color is None:
+            continue
+        shapes.append(
+            {
+                "color": color,
+                "kind": kind,
+                "size": "small" if "small" in words else ("large" if "large" in words else None),
+                "position": pos,
+                "pattern": "striped" if "striped" in words else "solid",
+            }
+        )
+    return {"background": background, "shapes": shapes}
+
+
+def scene_attributes(scene: W.Scene) -> dict:
+    return {
+        "background": scene.background,
+        "shapes": [
+            {"color": s.color, "kind": s.kind, "size": s.size, "position": s.position, "pattern": s.pattern}
+            for s in sorted(scene.shapes, key=lambda s: s.cx)
+        ],
+    }
+
+
+# ----------------------------------------------------------------------------
+# segmentation helpers
+
+
+def to_rgb_array(image) -> np.ndarray:
+    """PIL image / uint8 HWC array / float CHW-or-HWC array in [0,1] -> float32 HWC 0..255."""
+    if isinstance(image, Image.Image):
+        return np.asarray(image.convert("RGB"), np.float32)
+    a = np.asarray(image)
+    if a.ndim == 3 and a.shape[0] in (1, 3) and a.shape[-1] not in (1, 3):
+        a = a.transpose(1, 2, 0)
+    a = a.astype(np.float32)
+    if a.max() <= 1.0 + 1e-6:
+        a = a * 255.0
+    if a.shape[-1] == 1:
+        a = np.repeat(a, 3, -1)
+    return a
+
+
+def nearest_palette(rgb, names: Sequence[str] | None = None) -> str:
+    names = list(names) if names is not None else _PAL_NAMES
+    pal = np.array([W.PALETTE[c] for c in names], np.float32)
+    d = ((pal - np.asarray(rgb, np.float32)[None]) ** 2).sum(-1)
+    return names[int(d.argmin())]
+
+
+def background_color(arr: np.ndarray) -> np.ndarray:
+    """Median RGB of a 2-pixel frame around the image."""
+    border = np.concatenate([arr[:2].reshape(-1, 3), arr[-2:].reshape(-1, 3),
+                             arr[:, :2].reshape(-1, 3), arr[:, -2:].reshape(-1, 3)])
+    return np.median(border, axis=0)
+
+
+def _largest_component(mask: np.ndarray) -> np.ndarray:
+    h, w = mask.shape
+    seen = np.zeros_like(mask, bool)
+    best: list[tuple[int, int]] = []
+    for y0, x0 in zip(*np.nonzero(mask), strict=False):
+        if seen[y0, x0]:
+            continue
+        comp = []
+        q = deque([(y0, x0)])
+        seen[y0, x0] = True
+        while q:
+            y, x = q.popleft()
+            comp.append((y, x))
+            for yy, xx in ((y - 1, x), (y + 1, x), (y, x - 1), (y, x + 1)):
+                if 0 <= yy < h and 0 <= xx < w and mask[yy, xx] and not seen[yy, xx]:
+                    seen[yy, xx] = True
+                    q.append((yy, xx))
+        if len(comp) > len(best):
+            best = comp
+    out = np.zeros_like(mask, bool)
+    if best:
+        ys, xs = zip(*best, strict=False)
+        out[list(ys), list(xs)] = True
+    return out
+
+
+def object_mask(image, region: tuple[int, int] | None = None, largest: bool = True) -> np.ndarray:
+    """Boolean mask of the object: pixels far from the border colour (largest
+    connected component).  ``region=(x0, x1)`` restricts to image columns."""
+    arr = to_rgb_array(image)
+    bg = background_color(arr)
+    m = np.sqrt(((arr - bg) ** 2).sum(-1)) > FG_THRESHOLD
+    if region is not None:
+        r = np.zeros_like(m)
+        r[:, region[0]:region[1]] = True
+        m &= r
+    if largest and m.any():
+        m = _largest_component(m)
+    return m
+
+
+def _erode(mask: np.ndarray) -> np.ndarray:
+    img = Image.fromarray(mask.astype(np.uint8) * 255, "L").filter(ImageFilter.MinFilter(3))
+    e = np.asarray(img) > 127
+    return e if e.sum() >= 4 else mask
+
+
+_TEMPLATE_BBOX: dict[str, tuple[float, float, float, float]] = {}
+
+
+def _template_bbox(kind: str) -> tuple[float, float, float, float]:
+    """(left, top, right, bottom) offsets of a unit-radius shape around its centre."""
+    if kind not in _TEMPLATE_BBOX:
+        poly = W.shape_polygon(kind, 0.0, 0.0, 1.0)
+        if poly is None:
+            _TEMPLATE_BBOX[kind] = (-1.0, -1.0, 1.0, 1.0)
+        else:
+            xs, ys = zip(*poly, strict=False)
+            _TEMPLATE_BBOX[kind] = (min(xs), min(ys), max(xs), max(ys))
+    return _TEMPLATE_BBOX[kind]
+
+
+def template_mask(kind: str, bbox: tuple[float, float, float, float], size: int = 64) -> np.ndarray:
+    """Mask of ``kind`` fitted to the pixel bounding box ``(x0, y0, x1, y1)`` (inclusive)."""
+    x0, y0, x1, y1 = bbox
+    left, t, r, b = _template_bbox(kind)
+    w, h = x1 - x0 + 1, y1 - y0 + 1
+    rad = 0.5 * (w / (r - left) + h / (b - t))
+    cx = x0 + w / 2 - (left + r) / 2 * rad
+    cy = y0 + h / 2 - (t + b) / 2 * rad
+    shp = W.Shape(kind, "red", cx=cx, cy=cy, radius=rad)
+    return np.asarray(W.render_mask(W.Scene("blue", (shp,)), size)) > 127
+
+
+def shape_scores(mask: np.ndarray) -> dict[str, float]:
+    """IoU of ``mask`` with each shape template fitted to its bounding box."""
+    if mask.sum() < 4:
+        return {k: 0.0 for k in W.SHAPES}
+    ys, xs = np.nonzero(mask)
+    bbox = (xs.min(), ys.min(), xs.max(), ys.max())
+    out = {}
+    for k in W.SHAPES:
+        t = template_mask(k, bbox, mask.shape[0])
+        inter = (t & mask).sum()
+        union = (t | mask).sum()
+        out[k] = float(inter / union) if union else 0.0
+    return out
+
+
+def classify_shape(mask: np.ndarray) -> str | None:
+    if mask.sum() < 4:
+        return None
+    s = shape_scores(mask)
+    return max(s, key=s.get)
+
+
+def object_color(arr: np.ndarray, mask: np.ndarray) -> str | None:
+    if mask.sum() == 0:
+        return None
+    px = arr[_erode(mask)]
+    d = ((px[:, None, :] - _PAL[None]) ** 2).sum(-1)
+    votes = Counter(d.argmin(1).tolist())
+    return _PAL_NAMES[votes.most_common(1)[0][0]]
+
+
+def analyse(image, region=None) -> dict:
+    """Predicted background / object colour / shape class of an image."""
+    arr = to_rgb_array(image)
+    m = object_mask(arr, region)
+    return {
+        "background": nearest_palette(background_color(arr)),
+        "color": object_color(arr, m),
+        "kind": classify_shape(m),
+        "mask": m,
+    }
+
+
+# ----------------------------------------------------------------------------
+# prompt fidelity
+
+
+def prompt_fidelity(image, target) -> dict[str, float]:
+    """Per-attribute correctness of ``image`` w.r.t. a caption (str) or Scene.
+
+    Returns ``{"background", "shape_color", "shape_class", "mean"}``, each in
+    [0, 1]: 1 when the attribute read off the pixels equals the requested one.
+    With two shapes the left and right image halves are scored separately and
+    averaged.  Attributes the caption does not specify are not counted (their
+    key is absent from the result unless every attribute is missing).
+    """
+    attrs = scene_attributes(target) if isinstance(target, W.Scene) else parse_caption(target)
+    arr = to_rgb_array(image)
+    res: dict[str, float] = {}
+    if attrs["background"] is not None:
+        res["background"] = float(nearest_palette(background_color(arr)) == attrs["background"])
+    shapes = attrs["shapes"]
+    regions = [None] if len(shapes) <= 1 else [(0, arr.shape[1] // 2), (arr.shape[1] // 2, arr.shape[1])]
+    cols, kinds = [], []
+    for spec, region in zip(shapes, regions, strict=False):
+        a = analyse(arr, region)
+        if spec["color"] is not None:
+            cols.append(float(a["color"] == spec["color"]))
+        if spec["kind"] is not None:
+            kinds.append(float(a["kind"] == spec["kind"]))
+    if cols:
+        res["shape_color"] = float(np.mean(cols))
+    if kinds:
+        res["shape_class"] = float(np.mean(kinds))
+    res["mean"] = float(np.mean(list(res.values()))) if res else 0.0
+    return res
+
+
+# ----------------------------------------------------------------------------
+# subject fidelity
+
+
+def _stripe_response(labels: np.ndarray, mask: np.ndarray, angle: float, period: float) -> float:
+    """|mean(labels * exp(i 2 pi proj / period))| / (2/pi) over the mask (1 for a
+    perfect square wave of +-1 labels)."""
+    ys, xs = np.nonzero(mask)
+    if len(xs) < 8:
+        return 0.0
+    proj = xs * np.cos(angle) + ys * np.sin(angle)
+    z = labels[ys, xs] * np.exp(2j * np.pi * proj / period)
+    return float(min(1.0, abs(z.mean()) / (2 / np.pi)))
+
+
+class SubjectProfile:
+    """Statistics of the subject estimated from its instance images: the two
+    stripe colours (dominant object colours), stripe direction and period."""
+
+    def __init__(self, instance_images: Iterable):
+        arrs = [to_rgb_array(im) for im in instance_images]
+        if not arrs:
+            raise ValueError("need at least one instance image")
+        px = np.concatenate([a[_erode(object_mask(a))] for a in arrs])
+        # two dominant colours: k-means (k=2) on object pixels, deterministic init
+        c = np.stack([px[np.argmin(px.sum(1))], px[np.argmax(px.sum(1))]]).astype(np.float32)
+        for _ in range(20):
+            lab = ((px[:, None] - c[None]) ** 2).sum(-1).argmin(1)
+            c = np.stack([px[lab == k].mean(0) if (lab == k).any() else c[k] for k in range(2)])
+        self.colors = c
+        prepared = []
+        for a in arrs:
+            m = _erode(object_mask(a))
+            lab, _ = self.labels(a, m)
+            prepared.append((lab, m))
+        best = (0.0, 0.0, 8.0)
+        for ang in np.deg2rad(np.arange(0, 180, 15)):
+            for per in np.arange(4.0, 20.5, 1.0):
+                r = float(np.mean([_stripe_response(lab, m, ang, per) for lab, m in prepared]))
+                if r > best[0]:
+                    best = (r, ang, per)
+        _, self.angle, self.period = best
+
+    def labels(self, arr: np.ndarray, mask: np.ndarray):
+        """+1 / -1 for pixels near colour A / B (within 80 RGB), 0 otherwise."""
+        d = np.sqrt(((arr[..., None, :] - self.colors[None, None]) ** 2).sum(-1))
+        near = d.min(-1) < 80.0
+        lab = np.where(d[..., 0] < d[..., 1], 1.0, -1.0) * near * mask
+        return lab, near & mask
+
+    def score(self, image) -> dict[str, float]:
+        arr = to_rgb_array(image)
+        m = object_mask(arr)
+        if m.sum() < 8:
+            return {"shape": 0.0, "colors": 0.0, "stripes": 0.0, "score": 0.0}
+        sc = shape_scores(m)
+        others = max(v for k, v in sc.items() if k != "star")
+        # 1 when the star template fits clearly better than any other template
+        s_shape = float(np.clip(sc["star"], 0, 1) * np.clip((sc["star"] - others) / 0.1 + 0.5, 0, 1))
+        me = _erode(m)
+        lab, near = self.labels(arr, me)
+        n = me.sum()
+        pa, pb = (lab > 0).sum() / n, (lab < 0).sum() / n
+        s_col = float(min(1.0, 4 * pa * pb / max(pa + pb, 1e-6) ** 2) * min(1.0, (pa + pb) / 0.8))
+        s_str = max(
+            _stripe_response(lab, me, self.angle + da, self.period * f)
+            for da in np.deg2rad([-15, 0, 15])
+            for f in (0.8, 0.9, 1.0, 1.1, 1.25)
+        )
+        score = float((max(s_shape, 0) * s_col * s_str) ** (1 / 3))
+        return {"shape": s_shape, "colors": s_col, "stripes": float(s_str), "score": score}
+
+
+def subject_fidelity(image, instance_images, return_parts: bool = False):
+    """How much the object in ``image`` looks like the subject shown in
+    ``instance_images`` (the striped star), in [0, 1].
+
+    Geometric mean of (a) star-shape match: star template IoU, gated by how much
+    better it fits than the best non-star template, (b) two-colour balance: the
+    object's pixels split between the subject's two stripe colours, and (c)
+    stripe structure: Fourier response at the subject's stripe direction and
+    period.  High (~0.8-1) for instance renders; ~0 for solid shapes (no second
+    colour) and low for other shapes.
+    ``instance_images`` may also be a prebuilt :class:`SubjectProfile`.
+    """
+    prof = instance_images if isinstance(instance_images, SubjectProfile) else SubjectProfile(instance_images)
+    parts = prof.score(image)
+    return parts if return_parts else parts["score"]
+
+
+# ----------------------------------------------------------------------------
+# control fidelity
+
+
+def control_fidelity(image, control_mask) -> float:
+    """IoU between the generated object's mask and ``control_mask`` (PIL 'L' /
+    array; >127 or True means object).  Empty-vs-empty counts as 1."""
+    cm = np.asarray(control_mask.convert("L") if isinstance(control_mask, Image.Image) else control_mask)
+    cm = cm > 127 if cm.dtype != bool else cm
+    if isinstance(image, np.ndarray) and image.ndim == 2:
+        gm = image > 127 if image.dtype != bool else image
+    elif isinstance(image, Image.Image) and image.mode in ("L", "1"):
+        gm = np.asarray(image.convert("L")) > 127
+    else:
+        gm = object_mask(image, largest=False)
+    union = (gm | cm).sum()
+    if union == 0:
+        return 1.0
+    return float((gm & cm).sum() / union)
+
+
+__all__ = [
+    "parse_caption", "prompt_fidelity", "subject_fidelity", "control_fidelity", "SubjectProfile",
+    "object_mask", "analyse", "classify_shape", "shape_scores", "nearest_palette", "background_color",
+]

@@ -1,0 +1,446 @@
+"""A tiny synthetic world of captioned shapes.
+
+Pure and deterministic (numpy + Pillow only).  A :class:`Scene` is a background
+colour plus one (mostly) or two shapes.  :func:`render` draws it as a 64x64 RGB
+image, :func:`caption` describes it in a small fixed grammar::
+
+    a red circle on a blue background
+    a small green square at the top left on a yellow background
+    an orange star and a white cross on a black background
+
+Grammar: ``<article> [small] <colour> <shape> [at the <position>] on a <colour>
+background``; large shapes carry no size word, centred shapes no position
+phrase; two-shape scenes list the left shape first ("... and ...").  The
+article is "an" before a vowel ("an orange circle").
+
+Some (shape colour, shape, background colour) combinations are held out of the
+pretraining distribution (:func:`is_held_out`) so that compositional
+generalisation can be measured on :func:`held_out_scenes`.
+
+The demo subject is a *striped* star (diagonal orange/purple stripes), see
+:func:`subject_scene` / :func:`render_subject`; the pretraining world only has
+solid shapes.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass, field, replace
+
+import numpy as np
+from PIL import Image, ImageDraw, ImageFilter
+
+IMAGE_SIZE = 64
+_SS = 4  # supersampling factor used for anti-aliased rendering
+
+#: Well separated palette (name -> RGB).
+PALETTE: dict[str, tuple[int, int, int]] = {
+    "red": (220, 30, 30),
+    "green": (30, 170, 50),
+    "blue": (30, 60, 220),
+    "yellow": (240, 220, 40),
+    "purple": (140, 40, 180),
+    "orange": (250, 140, 20),
+    "white": (245, 245, 245),
+    "black": (20, 20, 20),
+}
+COLORS: tuple[str, ...] = tuple(PALETTE)
+SHAPES: tuple[str, ...] = ("circle", "square", "triangle", "star", "diamond", "cross", "hexagon")
+SIZES: tuple[str, ...] = ("small", "large")
+#: "center" is not mentioned in captions.
+POSITIONS: tuple[str, ...] = ("center", "top left", "top right", "bottom left", "bottom right")
+
+#: Demo subject: a star with diagonal stripes in these two colours.
+SUBJECT_STRIPE_COLORS: tuple[str, str] = ("orange", "purple")
+SUBJECT_STRIPE_PERIOD = 14.0  # pixels along x (at 64x64); wide enough to survive the tiny VAE
+
+_POS_CENTERS = {
+    "center": (32.0, 32.0),
+    "top left": (17.0, 17.0),
+    "top right": (47.0, 17.0),
+    "bottom left": (17.0, 47.0),
+    "bottom right": (47.0, 47.0),
+    "left": (18.0, 32.0),
+    "right": (46.0, 32.0),
+}
+
+
+@dataclass(frozen=True)
+class Shape:
+    """One object: ``kind`` in SHAPES, ``color`` in COLORS, centre (cx, cy) and
+    half-extent ``radius`` in pixels of the 64x64 image.  ``pattern`` is
+    "solid" (the world) or "striped" (the demo subject; stripes alternate
+    ``color`` and ``color2``)."""
+
+    kind: str
+    color: str
+    size: str = "large"
+    position: str = "center"
+    cx: float = 32.0
+    cy: float = 32.0
+    radius: float = 19.0
+    pattern: str = "solid"
+    color2: str | None = None
+
+
+@dataclass(frozen=True)
+class Scene:
+    background: str
+    shapes: tuple[Shape, ...] = field(default_factory=tuple)
+
+    @property
+    def shape(self) -> Shape:
+        return self.shapes[0]
+
+
+# ----------------------------------------------------------------------------
+# held-out combinations
+
+
+def _combo_index(color: str, kind: str, background: str) -> int:
+    return COLORS.index(color) * 7 + SHAPES.index(kind) * 3 + COLORS.index(background) * 5
+
+
+def is_held_out_combo(color: str, kind: str, background: str) -> bool:
+    """True for the (shape colour, shape, background colour) triples kept out of
+    pretraining (about 1 in 11 of the valid triples; every colour, shape, and
+    every (colour, shape) / (colour, background) / (shape, background) pair is
+    still seen in training)."""
+    if color == background:
+        return False
+    return _combo_index(color, kind, background) % 11 == 0
+
+
+def held_out_combos() -> list[tuple[str, str, str]]:
+    return [
+        (c, s, b)
+        for c in COLORS
+        for s in SHAPES
+        for b in COLORS
+        if c != b and is_held_out_combo(c, s, b)
+    ]
+
+
+def is_held_out(scene: Scene) -> bool:
+    """True if any shape of ``scene`` uses a held-out combination."""
+    return any(is_held_out_combo(s.color, s.kind, scene.background) for s in scene.shapes)
+
+
+# ----------------------------------------------------------------------------
+# sampling
+
+
+def _rng(seed_or_rng) -> np.random.Generator:
+    if isinstance(seed_or_rng, np.random.Generator):
+        return seed_or_rng
+    return np.random.default_rng(seed_or_rng)
+
+
+def _place(rng: np.random.Generator, kind: str, color: str, size: str, position: str) -> Shape:
+    cx, cy = _POS_CENTERS[position]
+    if size == "large":
+        radius = float(rng.uniform(17.0, 21.0))
+        jitter = 3.0
+    else:
+        radius = float(rng.uniform(8.5, 10.5))
+        jitter = 2.0 if position != "center" else 3.0
+    cx += float(rng.uniform(-jitter, jitter))
+    cy += float(rng.uniform(-jitter, jitter))
+    return Shape(kind=kind, color=color, size=size, position=position, cx=cx, cy=cy, radius=radius)
+
+
+def make_scene(
+    color: str,
+    kind: str,
+    background: str,
+    size: str = "large",
+    position: str = "center",
+    rng=None,
+) -> Scene:
+    """Scene with one shape; the exact placement is jittered by ``rng`` (seed or
+    Generator; None -> no jitter and mid-range radius)."""
+    if color == background:
+        raise ValueError("shape colour must differ from background colour")
+    if size == "large" and position != "center":
+        raise ValueError("large shapes are always centred")
+    if rng is None:
+        cx, cy = _POS_CENTERS[position]
+        radius = 19.0 if size == "large" else 9.5
+        shp = Shape(kind, color, size, position, cx, cy, radius)
+    else:
+        shp = _place(_rng(rng), kind, color, size, position)
+    return Scene(background=background, shapes=(shp,))
+
+
+def sample_scene(
+    seed_or_rng=None,
+    *,
+    p_two: float = 0.15,
+    p_small: float = 0.4,
+    allow_held_out: bool = False,
+    held_out_only: bool = False,
+) -> Scene:
+    """Sample a scene.  By default (the pretraining sampler) held-out combinations
+    are never returned; ``held_out_only`` returns single-shape held-out scenes."""
+    rng = _rng(seed_or_rng)
+    for _ in range(1000):
+        bg = COLORS[rng.integers(len(COLORS))]
+        others = [c for c in COLORS if c != bg]
+        if held_out_only or rng.random() >= p_two:
+            color = others[rng.integers(len(others))]
+            kind = SHAPES[rng.integers(len(SHAPES))]
+            if rng.random() < p_small:
+                size = "small"
+                position = POSITIONS[0] if rng.random() < 0.2 else POSITIONS[1 + rng.integers(4)]
+            else:
+                size, position = "large", "center"
+            scene = Scene(bg, (_place(rng, kind, color, size, position),))
+        else:
+            shapes = []
+            for pos in ("left", "right"):
+                color = others[rng.integers(len(others))]
+                kind = SHAPES[rng.integers(len(SHAPES))]
+                cx, cy = _POS_CENTERS[pos]
+                shapes.append(
+                    Shape(
+                        kind,
+                        color,
+                        "small",
+                        pos,
+                        cx + float(rng.uniform(-1.5, 1.5)),
+                        cy + float(rng.uniform(-4.0, 4.0)),
+                        float(rng.uniform(9.0, 11.0)),
+                    )
+                )
+            scene = Scene(bg, tuple(shapes))
+        held = is_held_out(scene)
+        if held_out_only:
+            if held:
+                return scene
+            continue
+        if allow_held_out or not held:
+            return scene
+    raise RuntimeError("could not sample a scene")  # pragma: no cover
+
+
+def training_scenes(n: int, seed: int = 0) -> list[Scene]:
+    rng = np.random.default_rng(seed)
+    return [sample_scene(rng) for _ in range(n)]
+
+
+def held_out_scenes(n: int, seed: int = 1234, *, single_large: bool = False) -> list[Scene]:
+    """``n`` single-shape scenes whose (colour, shape, background) combination is
+    held out of pretraining.  Cycles through all held-out combinations so every
+    combination is covered when ``n >= len(held_out_combos())``."""
+    rng = np.random.default_rng(seed)
+    combos = held_out_combos()
+    order = rng.permutation(len(combos))
+    scenes = []
+    for i in range(n):
+        c, s, b = combos[order[i % len(combos)]]
+        if single_large or rng.random() >= 0.4:
+            size, pos = "large", "center"
+        else:
+            size = "small"
+            pos = POSITIONS[0] if rng.random() < 0.2 else POSITIONS[1 + rng.integers(4)]
+        scenes.append(Scene(b, (_place(rng, s, c, size, pos),)))
+    return scenes
+
+
+# ----------------------------------------------------------------------------
+# captions
+
+
+def _article(word: str) -> str:
+    return "an" if word[0] in "aeiou" else "a"
+
+
+def _shape_phrase(s: Shape, with_position: bool = True) -> str:
+    if s.pattern == "striped":
+        words = ["striped", s.kind]
+    else:
+        words = ([s.size] if s.size == "small" else []) + [s.color, s.kind]
+    phrase = f"{_article(words[0])} {' '.join(words)}"
+    if with_position and s.position not in ("center", "left", "right"):
+        phrase += f" at the {s.position}"
+    return phrase
+
+
+def caption(scene: Scene) -> str:
+    """Caption in the world's grammar (see module docstring)."""
+    if len(scene.shapes) == 1:
+        body = _shape_phrase(scene.shapes[0])
+    else:
+        shapes = sorted(scene.shapes, key=lambda s: s.cx)
+        body = " and ".join(_shape_phrase(s, with_position=False) for s in shapes)
+    return f"{body} on {_article(scene.background)} {scene.background} background"
+
+
+# ----------------------------------------------------------------------------
+# rendering
+
+
+def shape_polygon(kind: str, cx: float, cy: float, r: float) -> list[tuple[float, float]] | None:
+    """Polygon vertices (pixel coords) of a shape, or None for the circle."""
+    if kind == "circle":
+        return None
+    if kind == "square":
+        h = r * 0.85
+        return [(cx - h, cy - h), (cx + h, cy - h), (cx + h, cy + h), (cx - h, cy + h)]
+    if kind == "triangle":
+        # equilateral, pointing up, bbox vertically centred on cy
+        h = r * 1.8
+        w = h / math.sqrt(3.0)
+        return [(cx, cy - h / 2), (cx + w, cy + h / 2), (cx - w, cy + h / 2)]
+    if kind == "star":
+        pts = []
+        for i in range(10):
+            rad = r if i % 2 == 0 else r * 0.45
+            a = -math.pi / 2 + i * math.pi / 5
+            pts.append((cx + rad * math.cos(a), cy + rad * math.sin(a) + r * 0.1))
+        return pts
+    if kind == "diamond":
+        return [(cx, cy - r), (cx + r * 0.75, cy), (cx, cy + r), (cx - r * 0.75, cy)]
+    if kind == "cross":
+        t = r * 0.33
+        e = r * 0.92
+        return [
+            (cx - t, cy - e), (cx + t, cy - e), (cx + t, cy - t), (cx + e, cy - t),
+            (cx + e, cy + t), (cx + t, cy + t), (cx + t, cy + e), (cx - t, cy + e),
+            (cx - t, cy + t), (cx - e, cy + t), (cx - e, cy - t), (cx - t, cy - t),
+        ]
+    if kind == "hexagon":
+        return [
+            (cx + r * math.cos(i * math.pi / 3), cy + r * math.sin(i * math.pi / 3)) for i in range(6)
+        ]
+    raise ValueError(f"unknown shape {kind!r}")
+
+
+def _draw_shape_mask(draw: ImageDraw.ImageDraw, s: Shape, scale: float, fill=255) -> None:
+    cx, cy, r = s.cx * scale, s.cy * scale, s.radius * scale
+    poly = shape_polygon(s.kind, cx, cy, r)
+    if poly is None:
+        draw.ellipse([cx - r, cy - r, cx + r, cy + r], fill=fill)
+    else:
+        draw.polygon(poly, fill=fill)
+
+
+def _shape_mask_hi(s: Shape, size: int) -> Image.Image:
+    m = Image.new("L", (size, size), 0)
+    _draw_shape_mask(ImageDraw.Draw(m), s, size / IMAGE_SIZE)
+    return m
+
+
+def _stripe_layer(s: Shape, size: int) -> Image.Image:
+    """Full-canvas RGB image of diagonal stripes (colour / colour2)."""
+    scale = size / IMAGE_SIZE
+    yy, xx = np.mgrid[0:size, 0:size].astype(np.float32) / scale
+    phase = ((xx + yy) / SUBJECT_STRIPE_PERIOD) % 1.0
+    a = np.array(PALETTE[s.color], np.uint8)
+    b = np.array(PALETTE[s.color2 or s.color], np.uint8)
+    arr = np.where((phase < 0.5)[..., None], a, b).astype(np.uint8)
+    return Image.fromarray(arr, "RGB")
+
+
+def render(scene: Scene, size: int = IMAGE_SIZE) -> Image.Image:
+    """Render ``scene`` as an anti-aliased ``size`` x ``size`` RGB image."""
+    hi = size * _SS
+    img = Image.new("RGB", (hi, hi), PALETTE[scene.background])
+    for s in scene.shapes:
+        mask = _shape_mask_hi(s, hi)
+        if s.pattern == "striped":
+            img.paste(_stripe_layer(s, hi), (0, 0), mask)
+        else:
+            img.paste(PALETTE[s.color], (0, 0, hi, hi), mask)
+    return img.resize((size, size), Image.BOX)
+
+
+def render_mask(scene: Scene, size: int = IMAGE_SIZE) -> Image.Image:
+    """Binary ('L', values 0/255) mask of all shapes."""
+    hi = size * _SS
+    m = Image.new("L", (hi, hi), 0)
+    d = ImageDraw.Draw(m)
+    for s in scene.shapes:
+        _draw_shape_mask(d, s, hi / IMAGE_SIZE)
+    m = m.resize((size, size), Image.BOX)
+    return m.point(lambda v: 255 if v >= 128 else 0)
+
+
+def render_edges(scene: Scene, size: int = IMAGE_SIZE) -> Image.Image:
+    """Edge map ('L', 0/255): 1-2 px outline of the shape mask."""
+    m = render_mask(scene, size)
+    dil = m.filter(ImageFilter.MaxFilter(3))
+    ero = m.filter(ImageFilter.MinFilter(3))
+    a = np.asarray(dil, np.int16) - np.asarray(ero, np.int16)
+    return Image.fromarray(np.where(a > 0, 255, 0).astype(np.uint8), "L")
+
+
+# ----------------------------------------------------------------------------
+# the demo subject
+
+
+def subject_scene(
+    background: str = "blue",
+    size: str = "large",
+    position: str = "center",
+    rng=None,
+) -> Scene:
+    """A scene containing the demo subject: a star with diagonal orange/purple
+    stripes (never shown in pretraining, where all shapes are solid)."""
+    if background in SUBJECT_STRIPE_COLORS:
+        raise ValueError("background must differ from the stripe colours")
+    base = make_scene("yellow" if background != "yellow" else "white", "star", background, size, position, rng)
+    c1, c2 = SUBJECT_STRIPE_COLORS
+    shp = replace(base.shape, color=c1, color2=c2, pattern="striped")
+    return Scene(background, (shp,))
+
+
+def render_subject(
+    background: str = "blue", size: str = "large", position: str = "center", rng=None
+) -> Image.Image:
+    return render(subject_scene(background, size, position, rng))
+
+
+def subject_instance_scenes(n: int = 5, seed: int = 7) -> list[Scene]:
+    """``n`` varied instances (backgrounds, jittered positions, sizes) of the subject."""
+    rng = np.random.default_rng(seed)
+    bgs = [c for c in COLORS if c not in SUBJECT_STRIPE_COLORS]
+    # mostly large: small stars lose their stripes in the tiny VAE's 16x16 latents
+    setups = [("large", "center"), ("large", "center"), ("large", "center"), ("small", "top left"),
+              ("large", "center"), ("small", "bottom right"), ("large", "center"), ("small", "top right")]
+    order = [bgs[j] for j in rng.permutation(len(bgs))]
+    out = []
+    for i in range(n):
+        bg = order[i % len(order)]
+        size, pos = setups[i % len(setups)]
+        out.append(subject_scene(bg, size, pos, rng))
+    return out
+
+
+def all_vocabulary_words() -> list[str]:
+    """Every word that can occur in a world caption."""
+    words = {"a", "an", "small", "at", "the", "on", "background", "and", "striped"}
+    words.update(COLORS)
+    words.update(SHAPES)
+    for p in POSITIONS:
+        words.update(p.split())
+    return sorted(words)
+
+
+def to_array(img: Image.Image) -> np.ndarray:
+    return np.asarray(img.convert("RGB"), dtype=np.uint8)
+
+
+def render_batch(scenes: Sequence[Scene]) -> np.ndarray:
+    """uint8 array [N, 64, 64, 3]."""
+    return np.stack([to_array(render(s)) for s in scenes])
+
+
+__all__ = [
+    "IMAGE_SIZE", "PALETTE", "COLORS", "SHAPES", "SIZES", "POSITIONS", "Shape", "Scene",
+    "sample_scene", "make_scene", "training_scenes", "held_out_scenes", "held_out_combos",
+    "is_held_out", "is_held_out_combo", "caption", "render", "render_mask", "render_edges",
+    "subject_scene", "render_subject", "subject_instance_scenes", "all_vocabulary_words",
+    "render_batch", "shape_polygon", "SUBJECT_STRIPE_COLORS",
+]
