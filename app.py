@@ -16,6 +16,7 @@ import gradio as gr
 
 from boft_diffusion.loading import default_guidance
 from boft_diffusion.studio import (
+    MODEL_SCHEDULER,
     NO_ADAPTER,
     SCHEDULERS,
     GenerationRequest,
@@ -117,7 +118,7 @@ def build_app(studio: Studio) -> gr.Blocks:
                     steps = gr.Slider(1, limits.max_steps, value=min(25, limits.max_steps), step=1, label="Steps")
                     guidance = gr.Slider(1.0, 15.0, value=default_guidance(studio.model_name, None) or 7.5, step=0.5,
                                          label="Guidance scale")
-                scheduler = gr.Dropdown(list(SCHEDULERS), value="DDIM", label="Scheduler")
+                scheduler = gr.Dropdown(list(SCHEDULERS), value=MODEL_SCHEDULER, label="Scheduler")
                 with gr.Row():
                     width = gr.Slider(8, limits.max_size, value=default_size, step=8, label="Width")
                     height = gr.Slider(8, limits.max_size, value=default_size, step=8, label="Height")

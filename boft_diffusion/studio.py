@@ -39,7 +39,9 @@ from .model import (
 )
 
 NO_ADAPTER = "(none: base model)"
+MODEL_SCHEDULER = "Model default"
 SCHEDULERS = {
+    MODEL_SCHEDULER: None,
     "DDIM": "DDIMScheduler",
     "Euler": "EulerDiscreteScheduler",
     "Euler ancestral": "EulerAncestralDiscreteScheduler",
@@ -70,7 +72,7 @@ class GenerationRequest:
     seed: int = 0
     steps: int = 25
     guidance_scale: float = 4.0
-    scheduler: str = "DDIM"
+    scheduler: str = MODEL_SCHEDULER
     width: int = 64
     height: int = 64
     num_images: int = 1
@@ -113,6 +115,7 @@ class Studio:
 
         self._pipe = load_pipeline(self.model_name, dtype=torch.float32)
         self._pipe.set_progress_bar_config(disable=True)
+        self._model_scheduler = self._pipe.scheduler
         return self._pipe
 
     def set_model(self, name_or_path: str) -> str:
@@ -353,7 +356,9 @@ class Studio:
             import diffusers
 
             pipe = self.pipe
-            pipe.scheduler = getattr(diffusers, SCHEDULERS[request.scheduler]).from_config(pipe.scheduler.config)
+            chosen = SCHEDULERS[request.scheduler]
+            pipe.scheduler = (self._model_scheduler if chosen is None
+                              else getattr(diffusers, chosen).from_config(self._model_scheduler.config))
             runs = [False, True] if request.compare_with_base and request.adapter != NO_ADAPTER else [request.adapter != NO_ADAPTER]
             results = []
             total = len(runs) * request.num_images
