@@ -225,8 +225,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         place(controlnet, accelerator.device, dtype)
         apply_boft(controlnet, boft)
         for param in controlnet_trainable_parameters(controlnet).values():
-            param.data = param.data.float()
-            param.requires_grad_(True)
+            param.requires_grad_(True)  # the Trainer keeps every trainable parameter in float32
         modules["controlnet"] = controlnet
         place(unet, dtype=dtype)
         if args.train_unet_boft:

@@ -25,14 +25,9 @@ from .model import disable_adapters, enable_adapters
 
 def sample(pipe, prompts: Sequence[str], seed: int, steps: int, guidance: float | None, batch_size: int = 16):
     """One image per prompt, image ``i`` seeded with ``seed + i`` whatever the batch size."""
-    images = []
-    extra = {} if guidance is None else {"guidance_scale": guidance}
-    for start in range(0, len(prompts), batch_size):
-        chunk = list(prompts[start : start + batch_size])
-        generators = [torch.Generator().manual_seed(seed + start + i) for i in range(len(chunk))]
-        with torch.no_grad():
-            images += pipe(chunk, num_inference_steps=steps, generator=generators, **extra).images
-    return images
+    from .tiny.evaluate import generate
+
+    return generate(pipe, prompts, [seed + i for i in range(len(prompts))], steps, guidance, batch_size)
 
 
 # Tiny world --------------------------------------------------------------------------------------

@@ -11,24 +11,21 @@ from . import metrics as M
 from . import world as W
 
 
-def generate(pipe, prompts: Sequence[str], seeds: Sequence[int], steps: int = 25, guidance: float = 4.0,
+def generate(pipe, prompts: Sequence[str], seeds: Sequence[int], steps: int = 25, guidance: float | None = 4.0,
              batch_size: int = 16, **kwargs):
     """One image per (prompt, seed); each sample has its own seeded generator,
-    so results do not depend on the batch size."""
+    so results do not depend on the batch size. ``guidance=None`` keeps the pipeline's default."""
     import torch
 
     if len(prompts) != len(seeds):
         raise ValueError("need one seed per prompt")
+    if guidance is not None:
+        kwargs["guidance_scale"] = guidance
     out = []
     for i in range(0, len(prompts), batch_size):
         gens = [torch.Generator("cpu").manual_seed(int(s)) for s in seeds[i : i + batch_size]]
-        res = pipe(
-            list(prompts[i : i + batch_size]),
-            num_inference_steps=steps,
-            guidance_scale=guidance,
-            generator=gens,
-            **kwargs,
-        )
+        with torch.no_grad():
+            res = pipe(list(prompts[i : i + batch_size]), num_inference_steps=steps, generator=gens, **kwargs)
         out.extend(res.images)
     return out
 
