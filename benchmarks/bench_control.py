@@ -39,16 +39,19 @@ def main() -> None:
     parser.add_argument("--max_train_steps", type=int, default=400)
     parser.add_argument("--learning_rate", type=float, default=1e-3)
     parser.add_argument("--train_batch_size", type=int, default=8)
+    parser.add_argument("--snr_gamma", type=float, default=5.0)
+    parser.add_argument("--modes", nargs="+", default=["light", "controlnet"], choices=["light", "controlnet"])
     parser.add_argument("--num_images", type=int, default=32)
     parser.add_argument("--steps", type=int, default=25, help="Sampler steps for the evaluation.")
     args = parser.parse_args()
     out = Path(args.output_dir)
     rows = {"base model, no control": (tiny_control_scores(base_sampler(args.steps), args.num_images), 0, 0.0, 0.0)}
-    for mode in ("light", "controlnet"):
+    for mode in args.modes:
         flags = ["--control", mode, "--output_dir", str(out / mode), "--overwrite_output_dir",
                  "--max_train_steps", str(args.max_train_steps), "--learning_rate", str(args.learning_rate),
                  "--train_batch_size", str(args.train_batch_size), "--report_to", "none",
-                 "--proportion_empty_prompts", "0.1", "--num_validation_images", "1"]
+                 "--proportion_empty_prompts", "0.1", "--num_validation_images", "1",
+                 "--snr_gamma", str(args.snr_gamma)]
         parsed = build_parser().parse_args(flags)
         start = time.time()
         run(parsed)

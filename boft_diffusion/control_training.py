@@ -11,7 +11,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from PIL import Image, UnidentifiedImageError
 
 from .control import (
@@ -34,6 +33,8 @@ from .training import (
     add_training_args,
     boft_config_from_args,
     check_output_dir,
+    denoising_loss,
+    denoising_target,
     make_accelerator,
     weight_dtype,
 )
@@ -182,7 +183,7 @@ def default_validation_pairs(count: int = 4) -> list[tuple[Image.Image, str]]:
     """Held-out tiny-world scenes: (shape mask, caption)."""
     from .tiny import world
 
-    return [(world.render_mask(s).convert("RGB"), world.caption(s)) for s in world.held_out_scenes(count, seed=99)]
+    return [(world.render_mask(s).convert("RGB"), world.caption(s)) for s in world.free_placement_scenes(count, seed=99, held_out=True)]
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
@@ -270,9 +271,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                                                       controlnet_cond=conditions.to(dtype), return_dict=False)
             prediction = model_unet(noisy, timesteps, context, down_block_additional_residuals=down,
                                     mid_block_additional_residual=mid).sample
-        target = noise if noise_scheduler.config.prediction_type == "epsilon" else \
-            noise_scheduler.get_velocity(latents, noise, timesteps)
-        return F.mse_loss(prediction.float(), target), {}
+        target = denoising_target(noise_scheduler, latents, noise, timesteps)
+        return denoising_loss(prediction, target, timesteps, noise_scheduler, args.snr_gamma), {}
 
     if args.validation_image:
         prompts = args.validation_prompt or [""] * len(args.validation_image)

@@ -16,9 +16,9 @@ import torch
 
 from .data import load_images
 from .dreambooth import build_parser, default_instance_dir, run
-from .eval import compare_tiny_world, recontext_prompts, sample
+from .eval import compare_tiny_world, load_dreambooth_adapter, recontext_prompts, sample
 from .loading import load_pipeline, tiny_defaults
-from .model import disable_adapters, enable_adapters, load_adapter
+from .model import disable_adapters, enable_adapters
 from .training import image_grid
 
 INSTANCE_PROMPT = "a photo of sks star"
@@ -34,20 +34,21 @@ def training_flags(adapter_dir: Path, steps: int, seed: int, class_dir: Path) ->
         "--with_prior_preservation", "--class_prompt", CLASS_PROMPT,
         "--class_data_dir", str(class_dir), "--num_class_images", "40",
         "--max_train_steps", str(steps), "--train_batch_size", "2",
-        "--learning_rate", "5e-3", "--seed", str(seed), "--random_flip", "--guidance_scale", str(GUIDANCE),
+        "--train_text_encoder", "--learning_rate", "2e-3", "--snr_gamma", "5",
+        "--seed", str(seed), "--random_flip", "--guidance_scale", str(GUIDANCE),
         "--validation_prompt", INSTANCE_PROMPT, f"{INSTANCE_PROMPT} on a green background", CLASS_PROMPT,
         "--num_validation_images", "4",
     ]
 
 
-def comparison_grid(pipe, prompts: list[str], seeds: int, path: Path) -> None:
+def comparison_grid(pipe, models, prompts: list[str], seeds: int, path: Path) -> None:
     """Rows: each prompt with the base model, then with the adapter; same seeds in each column."""
     rows = []
     for prompt in prompts:
-        disable_adapters(pipe.unet)
-        rows.append(sample(pipe, [prompt] * seeds, 0, 25, GUIDANCE))
-        enable_adapters(pipe.unet)
-        rows.append(sample(pipe, [prompt] * seeds, 0, 25, GUIDANCE))
+        for switch in (disable_adapters, enable_adapters):
+            for model in models:
+                switch(model)
+            rows.append(sample(pipe, [prompt] * seeds, 0, 25, GUIDANCE))
     image_grid(rows).resize((64 * seeds * 2, 64 * len(rows) * 2)).save(path)
 
 
@@ -83,12 +84,12 @@ def main(argv: list[str] | None = None) -> dict:
 
     pipe = load_pipeline("tiny", dtype=torch.float32)
     pipe.set_progress_bar_config(disable=True)
-    load_adapter(pipe.unet, adapter_dir)
+    models = load_dreambooth_adapter(pipe, adapter_dir)
     prompts = [INSTANCE_PROMPT, recontext_prompts(INSTANCE_PROMPT)[1][0], CLASS_PROMPT]
     grid_path = output_dir / "base_vs_adapter.png"
-    comparison_grid(pipe, prompts, 6, grid_path)
+    comparison_grid(pipe, models, prompts, 6, grid_path)
     instances = [image for _, image in load_images(default_instance_dir(), 64)]
-    scores = compare_tiny_world(pipe, pipe.unet, instances, INSTANCE_PROMPT, CLASS_PROMPT,
+    scores = compare_tiny_world(pipe, models, instances, INSTANCE_PROMPT, CLASS_PROMPT,
                                 num_images=args.num_images, seed=args.seed + 100, guidance=GUIDANCE)
     scores["train_seconds"] = round(trained - start, 1)
     scores["total_seconds"] = round(time.time() - start, 1)

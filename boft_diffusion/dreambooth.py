@@ -10,7 +10,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from PIL import Image
 
 from . import apply_boft, save_adapter
@@ -28,6 +27,8 @@ from .training import (
     add_training_args,
     boft_config_from_args,
     check_output_dir,
+    denoising_loss,
+    denoising_target,
     make_accelerator,
     weight_dtype,
 )
@@ -236,7 +237,6 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     from diffusers import DDPMScheduler
 
     noise_scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
-    prediction_type = noise_scheduler.config.prediction_type
     prompts = [args.instance_prompt] + ([args.class_prompt] if classes else [])
     cached_embeddings = None
     if not args.train_text_encoder:
@@ -266,20 +266,16 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         else:
             embeddings = encode_prompts(tokenizer, trainer.wrapped["text_encoder"], [prompts[r] for r in prompt_rows], device)
         prediction = trainer.wrapped["unet"](noisy.to(dtype), timesteps, embeddings.to(dtype)).sample.float()
-        if prediction_type == "epsilon":
-            target = noise
-        elif prediction_type == "v_prediction":
-            target = noise_scheduler.get_velocity(latents, noise, timesteps)
-        else:
-            raise TrainingError(f"unsupported prediction_type {prediction_type!r} (epsilon or v_prediction).")
+        target = denoising_target(noise_scheduler, latents, noise, timesteps)
         if classes:
-            pred_instance, pred_prior = prediction.chunk(2)
-            target_instance, target_prior = target.chunk(2)
-            instance_loss = F.mse_loss(pred_instance, target_instance)
-            prior_loss = F.mse_loss(pred_prior, target_prior)
+            half = len(indices)
+            instance_loss = denoising_loss(prediction[:half], target[:half], timesteps[:half], noise_scheduler,
+                                           args.snr_gamma)
+            prior_loss = denoising_loss(prediction[half:], target[half:], timesteps[half:], noise_scheduler,
+                                        args.snr_gamma)
             loss = instance_loss + args.prior_loss_weight * prior_loss
             return loss, {"instance_loss": instance_loss.item(), "prior_loss": prior_loss.item()}
-        return F.mse_loss(prediction, target), {}
+        return denoising_loss(prediction, target, timesteps, noise_scheduler, args.snr_gamma), {}
 
     validation_prompts = args.validation_prompt or [args.instance_prompt]
 

@@ -43,7 +43,7 @@ def class_captions(n: int, seed: int) -> list[str]:
     """World captions of solid shapes (stars and others), to check for language drift."""
     from .tiny import world
 
-    return [world.caption(scene) for scene in world.training_scenes(n, seed)]
+    return [world.caption(scene) for scene in world.training_scenes(n, seed, p_striped=0.0)]
 
 
 def tiny_world_scores(
@@ -87,11 +87,27 @@ def instance_self_score(instance_images: Sequence[Image.Image]) -> float:
     return float(np.mean(scores))
 
 
-def compare_tiny_world(pipe, model, instance_images, instance_prompt: str, class_prompt: str, **kwargs) -> dict[str, Any]:
-    """The same measures with the adapter disabled (base) and enabled, plus the instance images' own score."""
-    disable_adapters(model)
+def load_dreambooth_adapter(pipe, folder: str | os.PathLike) -> list[torch.nn.Module]:
+    """Load a train_dreambooth.py output into ``pipe`` (UNet, and text encoder when it was
+    trained); return the adapted models."""
+    from .model import load_adapter
+
+    load_adapter(pipe.unet, folder)
+    models = [pipe.unet]
+    if (Path(folder) / "text_encoder").is_dir():
+        load_adapter(pipe.text_encoder, Path(folder) / "text_encoder")
+        models.append(pipe.text_encoder)
+    return models
+
+
+def compare_tiny_world(pipe, models: Sequence[torch.nn.Module], instance_images, instance_prompt: str,
+                       class_prompt: str, **kwargs) -> dict[str, Any]:
+    """The same measures with the adapters disabled (base) and enabled, plus the instance images' own score."""
+    for model in models:
+        disable_adapters(model)
     base = tiny_world_scores(pipe, instance_images, instance_prompt, class_prompt, **kwargs)
-    enable_adapters(model)
+    for model in models:
+        enable_adapters(model)
     adapted = tiny_world_scores(pipe, instance_images, instance_prompt, class_prompt, **kwargs)
     return {"instances": instance_self_score(instance_images), "base": base, "adapter": adapted}
 
@@ -119,10 +135,13 @@ def control_sampler(pipe, folder: str | os.PathLike, scale: float = 1.0, steps: 
 
 
 def tiny_control_scores(sample_fn, num_images: int = 32, seed: int = 0) -> dict[str, float]:
-    """Mask IoU against held-out control maps, and colour fidelity of the same samples."""
+    """Mask IoU against held-out control maps, and colour fidelity of the same samples.
+
+    The maps place held-out (colour, shape, background) combinations anywhere, at
+    any size, and the prompts do not say where: only the control can place the shape."""
     from .tiny import metrics, world
 
-    scenes = world.held_out_scenes(num_images, seed=seed + 4242)
+    scenes = world.free_placement_scenes(num_images, seed=seed + 4242, held_out=True)
     ious, background, colour = [], [], []
     for i, scene in enumerate(scenes):
         mask = world.render_mask(scene)
@@ -299,7 +318,7 @@ def dreambooth_report(args: argparse.Namespace) -> dict[str, Any]:
     from .data import load_images
     from .dreambooth import default_instance_dir
     from .loading import TINY_ALIASES, default_guidance, load_pipeline
-    from .model import load_adapter, read_adapter_config
+    from .model import read_adapter_config
 
     config = read_adapter_config(args.adapter)
     base = args.pretrained_model_name_or_path or config.base_model_name_or_path or "tiny"
@@ -308,14 +327,14 @@ def dreambooth_report(args: argparse.Namespace) -> dict[str, Any]:
     args.guidance_scale = default_guidance(base, args.guidance_scale)
     pipe = load_pipeline(base, dtype=torch.float32)
     pipe.set_progress_bar_config(disable=True)
-    load_adapter(pipe.unet, args.adapter)
+    models = load_dreambooth_adapter(pipe, args.adapter)
     instance_dir = args.instance_data_dir or default_instance_dir()
     resolution = pipe.unet.config.sample_size * pipe.vae_scale_factor
     instances = [image for _, image in load_images(instance_dir, resolution)]
     settings = dict(num_images=args.num_images, seed=args.seed, steps=args.num_inference_steps, guidance=args.guidance_scale)
     report: dict[str, Any] = {"base_model": str(base), "adapter": str(args.adapter), "instance_prompt": instance_prompt}
     if str(base) in TINY_ALIASES:
-        report["tiny_world"] = compare_tiny_world(pipe, pipe.unet, instances, instance_prompt, class_prompt, **settings)
+        report["tiny_world"] = compare_tiny_world(pipe, models, instances, instance_prompt, class_prompt, **settings)
     if args.clip_model or args.dino_model:
         generated = sample(pipe, [instance_prompt] * args.num_images, args.seed, args.num_inference_steps, args.guidance_scale)
         if args.clip_model:

@@ -503,8 +503,9 @@ def load_adapter_state_dict(
     adapter_configs(model)[adapter_name] = config
 
 
-def _name_from(folder: Path) -> str:
-    name = re.sub(r"[^A-Za-z0-9_\-]+", "_", folder.resolve().name)
+def adapter_name_from(text: str) -> str:
+    """A valid adapter name made from free text (a folder or file name)."""
+    name = re.sub(r"[^A-Za-z0-9_\-]+", "_", text).strip("_") or "adapter"
     return name if ADAPTER_NAME_PATTERN.match(name) else f"adapter_{name}"
 
 
@@ -519,7 +520,7 @@ def load_adapter(model: nn.Module, path: str | os.PathLike, adapter_name: str | 
         raise FileNotFoundError(f"adapter folder {folder} does not exist.")
     config = read_adapter_config(folder)
     tensors = _read_tensors(folder)
-    name = adapter_name or ("default" if "default" not in adapter_configs(model) else _name_from(folder))
+    name = adapter_name or ("default" if "default" not in adapter_configs(model) else adapter_name_from(folder.resolve().name))
     load_adapter_state_dict(model, tensors, config, name)
     set_adapter(model, name)
     return name

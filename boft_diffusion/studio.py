@@ -10,7 +10,6 @@ from __future__ import annotations
 import hashlib
 import io
 import json
-import re
 import shutil
 import tempfile
 import threading
@@ -28,6 +27,7 @@ from .model import (
     CONFIG_NAME,
     WEIGHTS_NAME,
     adapter_configs,
+    adapter_name_from,
     count_file_parameters,
     delete_adapter,
     disable_adapters,
@@ -79,10 +79,6 @@ class GenerationRequest:
     compare_with_base: bool = False
     control_image: Image.Image | None = field(default=None, repr=False)
     control_strength: float = 1.0
-
-
-def _safe_name(text: str) -> str:
-    return re.sub(r"[^A-Za-z0-9_\-]+", "_", text).strip("_") or "adapter"
 
 
 def _check_safetensors(path: Path) -> None:
@@ -196,7 +192,7 @@ class Studio:
     def _key(self, name: str) -> str:
         """A distinct adapter name per folder (folder names may collide once sanitised)."""
         digest = hashlib.sha1(name.encode()).hexdigest()[:8]
-        return f"a_{_safe_name(name)}_{digest}"
+        return f"a_{adapter_name_from(name)}_{digest}"
 
     def _activate(self, name: str, strength: float) -> tuple[str, Any]:
         """Load (once) and activate adapter ``name`` at ``strength``; return its control kind and handle."""
@@ -261,10 +257,10 @@ class Studio:
             raise StudioError(f"upload of {total} bytes exceeds the {self.limits.max_upload_bytes}-byte limit.")
         target_root = self.adapters_dir / "uploads"
         if len(paths) == 1 and paths[0].suffix == ".zip":
-            name = _safe_name(paths[0].stem)
+            name = adapter_name_from(paths[0].stem)
             files = self._read_zip(paths[0])
         else:
-            name = _safe_name(next((p.parent.name for p in paths if p.suffix == ".json"), "adapter"))
+            name = adapter_name_from(next((p.parent.name for p in paths if p.suffix == ".json"), "adapter"))
             files = {}
             for p in paths:
                 if p.suffix not in (".json", ".safetensors"):

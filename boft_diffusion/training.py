@@ -77,6 +77,8 @@ def add_training_args(parser: argparse.ArgumentParser, default_output_dir: str, 
     group.add_argument("--adam_weight_decay", type=float, default=0.0)
     group.add_argument("--adam_epsilon", type=float, default=1e-8)
     group.add_argument("--max_grad_norm", type=float, default=1.0)
+    group.add_argument("--snr_gamma", type=float, default=None,
+                       help="Min-SNR loss weighting with this gamma (5.0 is the usual choice); default: plain MSE.")
     group.add_argument("--use_8bit_adam", action="store_true", help="bitsandbytes AdamW8bit (CUDA).")
     group.add_argument("--mixed_precision", default="no", choices=["no", "fp16", "bf16"],
                        help="Frozen weights in half precision; adapter weights stay float32.")
@@ -205,6 +207,34 @@ def make_optimizer(args: argparse.Namespace, params: list[nn.Parameter], num_pro
         weight_decay=args.adam_weight_decay,
         eps=args.adam_epsilon,
     )
+
+
+def denoising_target(scheduler, latents: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
+    """What the UNet learns to predict: the noise (epsilon) or the velocity (v-prediction, SD 2.x)."""
+    kind = scheduler.config.prediction_type
+    if kind == "epsilon":
+        return noise
+    if kind == "v_prediction":
+        return scheduler.get_velocity(latents, noise, timesteps)
+    raise TrainingError(f"unsupported prediction_type {kind!r} (epsilon or v_prediction).")
+
+
+def denoising_loss(
+    prediction: torch.Tensor, target: torch.Tensor, timesteps: torch.Tensor, scheduler, snr_gamma: float | None
+) -> torch.Tensor:
+    """Per-example MSE, averaged; with ``snr_gamma`` weighted by Min-SNR (Hang et al. 2023).
+
+    Min-SNR caps the weight of nearly clean timesteps and, for v-prediction, shrinks that of
+    nearly pure noise, where the target is the data mean: without it a few instance images
+    pull the whole palette of a small model towards their average colour."""
+    per_example = ((prediction.float() - target.float()) ** 2).mean(dim=tuple(range(1, prediction.ndim)))
+    if not snr_gamma:
+        return per_example.mean()
+    alphas = scheduler.alphas_cumprod.to(timesteps.device)[timesteps]
+    snr = alphas / (1 - alphas)
+    capped = torch.clamp(snr, max=snr_gamma)
+    weight = capped / (snr + 1) if scheduler.config.prediction_type == "v_prediction" else capped / snr
+    return (per_example * weight).mean()
 
 
 def derive_seed(*parts: int) -> int:

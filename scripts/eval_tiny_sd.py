@@ -23,7 +23,12 @@ sys.path.insert(0, str(ROOT))
 from boft_diffusion.loading import load_pipeline  # noqa: E402
 from boft_diffusion.tiny import metrics as M  # noqa: E402
 from boft_diffusion.tiny import world as W  # noqa: E402
-from boft_diffusion.tiny.evaluate import evaluate_prompt_fidelity, generate, image_grid  # noqa: E402
+from boft_diffusion.tiny.evaluate import evaluate_prompt_fidelity, generate  # noqa: E402
+from boft_diffusion.training import image_grid  # noqa: E402
+
+
+def rows_of(images, columns: int = 8):
+    return [images[i : i + columns] for i in range(0, len(images), columns)]
 
 
 def main(argv=None):
@@ -56,7 +61,7 @@ def main(argv=None):
         r = evaluate_prompt_fidelity(pipe, scenes, seeds=range(args.n), steps=args.steps, guidance=g,
                                      return_images=bool(args.grid))
         if args.grid:
-            image_grid(r.pop("images")).save(args.grid.replace(".png", f"_g{g}.png"))
+            image_grid(rows_of(r.pop("images"))).save(args.grid.replace(".png", f"_g{g}.png"))
         report[f"held_out_g{g}"] = r
         print(f"held-out guidance {g}:", {k: round(v, 3) for k, v in r.items()}, flush=True)
         if args.train_check:
@@ -76,7 +81,7 @@ def main(argv=None):
     print("subject fidelity: instances", round(np.mean(inst_scores), 3), "base 'a photo of sks star'",
           round(np.mean(base_scores), 3), flush=True)
     if args.grid:
-        image_grid(imgs).save(args.grid.replace(".png", "_sks.png"))
+        image_grid(rows_of(imgs)).save(args.grid.replace(".png", "_sks.png"))
     print(json.dumps(report, default=float))
 
 

@@ -2,8 +2,9 @@
 """Regenerate the example data sets from the shapes world (deterministic).
 
 * ``examples/sks_star/``: 5 instance images (64x64 PNG) of the demo subject, a
-  star with diagonal orange/purple stripes, on varied backgrounds/positions.
-* ``examples/tiny_control/``: a small ControlNet-style data set: ``images/``,
+  an orange star with purple stripes, on varied backgrounds/positions.
+* ``examples/tiny_control/``: a small ControlNet-style data set of shapes placed
+  anywhere (captions do not say where, the maps do): ``images/``,
   ``conditioning/`` (binary shape masks), ``edges/`` (edge maps) and
   ``metadata.jsonl`` lines ``{"file_name", "conditioning_file_name",
   "edges_file_name", "text"}`` (paths relative to the folder).
@@ -38,17 +39,17 @@ def make_subject(out: Path, n: int = 5, seed: int = 7) -> list[Path]:
         "class_prompt": "a photo of star",
         "identifier": "sks",
         "class_noun": "star",
-        "description": "a star with diagonal orange/purple stripes (never seen in pretraining)",
+        "description": "an orange star with purple stripes (the world has striped shapes and solid stars, never a striped star)",
     }, indent=1) + "\n")
     return paths
 
 
-def make_control(out: Path, n: int = 128, seed: int = 2024) -> Path:
+def make_control(out: Path, n: int = 512, seed: int = 2024) -> Path:
     if out.exists():
         shutil.rmtree(out)
     for sub in ("images", "conditioning", "edges"):
         (out / sub).mkdir(parents=True)
-    scenes = W.training_scenes(n, seed)
+    scenes = W.free_placement_scenes(n, seed)
     lines = []
     for i, s in enumerate(scenes):
         name = f"{i:04d}.png"
@@ -68,7 +69,7 @@ def make_control(out: Path, n: int = 128, seed: int = 2024) -> Path:
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", default=str(ROOT / "examples"))
-    p.add_argument("--n-control", type=int, default=128)
+    p.add_argument("--n-control", type=int, default=512)
     args = p.parse_args(argv)
     out = Path(args.out)
     make_subject(out / "sks_star")

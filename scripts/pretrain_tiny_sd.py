@@ -47,7 +47,7 @@ from boft_diffusion.tiny import world as W  # noqa: E402
 
 EXTRA_WORDS = [
     # prompt template words, identifier tokens (never used in pretraining), misc
-    "photo", "of", "picture", "image", "in", "with", "stripes", "shape", "object",
+    "photo", "of", "picture", "image", "in", "with", "stripes", "striped", "shape", "object",
     "sks", "zwx", "ohwx", "xyz", "qwe",
 ]
 RARE_TOKENS = ["sks", "zwx", "ohwx", "xyz", "qwe"]
@@ -264,7 +264,7 @@ def scene_record(s: W.Scene) -> dict:
     return {
         "caption": W.caption(s),
         "bg": s.background,
-        "shapes": [[sh.color, sh.kind] for sh in s.shapes],
+        "shapes": [[sh.color, sh.kind, sh.color2] for sh in s.shapes],
     }
 
 
@@ -272,14 +272,16 @@ def caption_variant(rec: dict, rng: np.random.Generator, p_photo: float, p_short
     cap = rec["caption"]
     u = rng.random()
     if u < p_short and len(rec["shapes"]) == 1:
-        color, kind = rec["shapes"][0]
+        color, kind, stripes = rec["shapes"][0]
+        if stripes:
+            color = f"{color} {kind} with {stripes} stripes"
         art = "an" if color[0] in "aeiou" else "a"
         kart = "an" if kind[0] in "aeiou" else "a"
         bg = rec["bg"]
         bart = "an" if bg[0] in "aeiou" else "a"
         v = rng.integers(4)
-        cap = [f"{kart} {kind}", f"{art} {color} {kind}", f"{kart} {kind} on {bart} {bg} background",
-               f"{kind}"][v]
+        colored = f"{art} {color}" if stripes else f"{art} {color} {kind}"
+        cap = [f"{kart} {kind}", colored, f"{kart} {kind} on {bart} {bg} background", f"{kind}"][v]
     if rng.random() < p_photo:
         cap = "a photo of " + cap
     return cap
@@ -558,7 +560,7 @@ def main(argv=None):
     t_start = time.time()
     log("args", vars(args))
 
-    images, recs = render_dataset(args.n_train, args.seed, None if args.quick else work / f"data_{args.n_train}_{args.seed}.npz")
+    images, recs = render_dataset(args.n_train, args.seed, None if args.quick else work / f"data_{args.n_train}_{args.seed}_w{W.WORLD_VERSION}.npz")
     tokenizer = make_tokenizer(work / "tokenizer", args.max_length)
     bos, eos, pad = tokenizer.bos_token_id, tokenizer.eos_token_id, tokenizer.pad_token_id
     vae, text_encoder, unet = make_models(args, len(tokenizer), bos, eos, pad)

@@ -16,6 +16,7 @@ from PIL import Image
 from safetensors.torch import load_file
 
 import train_dreambooth
+from boft_diffusion import dreambooth
 from boft_diffusion.checkpoint import list_checkpoints
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -94,15 +95,15 @@ def test_bad_instance_folders(tmp_path, capsys, caplog):
 
 def test_nan_loss_stops_with_message_and_keeps_checkpoint(tmp_path, capsys, monkeypatch):
     out = tmp_path / "out"
-    real_mse = torch.nn.functional.mse_loss
+    real_loss = dreambooth.denoising_loss
     calls = {"n": 0}
 
-    def poisoned(prediction, target, *args, **kwargs):
+    def poisoned(*args, **kwargs):
         calls["n"] += 1
-        loss = real_mse(prediction, target, *args, **kwargs)
+        loss = real_loss(*args, **kwargs)
         return loss * float("nan") if calls["n"] > 2 else loss
 
-    monkeypatch.setattr("boft_diffusion.dreambooth.F.mse_loss", poisoned)
+    monkeypatch.setattr(dreambooth, "denoising_loss", poisoned)
     assert run_main("--output_dir", out, "--checkpointing_steps", "2", "--max_train_steps", "6") == 2
     err = capsys.readouterr().err
     assert "nan" in err and "step 3" in err and "checkpoint-2" in err

@@ -9,8 +9,12 @@ def test_parse_caption():
     a = M.parse_caption("a small green square at the top left on a yellow background")
     assert a["background"] == "yellow"
     assert a["shapes"] == [
-        {"color": "green", "kind": "square", "size": "small", "position": "top left", "pattern": "solid"}
+        {"color": "green", "kind": "square", "size": "small", "position": "top left", "pattern": "solid",
+         "color2": None}
     ]
+    a = M.parse_caption("a red hexagon with white stripes on a green background")
+    assert a["shapes"][0]["pattern"] == "striped" and a["shapes"][0]["color2"] == "white"
+    assert a["shapes"][0]["color"] == "red" and a["background"] == "green"
     a = M.parse_caption("a photo of sks star")
     assert a["background"] is None and a["shapes"][0]["kind"] == "star" and a["shapes"][0]["color"] is None
     a = M.parse_caption("a red circle and an orange cross on a white background")
@@ -34,6 +38,11 @@ def test_prompt_fidelity_detects_wrong_attributes():
     assert r == {"background": 0.0, "shape_color": 0.0, "shape_class": 0.0, "mean": 0.0}
     r = M.prompt_fidelity(img, "a red triangle on a blue background")
     assert r["background"] == 1.0 and r["shape_color"] == 1.0 and r["shape_class"] == 0.0
+    # a solid shape is not the striped one asked for, and stripes need both colours
+    assert M.prompt_fidelity(img, "a red circle with white stripes on a blue background")["shape_color"] == 0.0
+    striped = W.render(W.Scene("blue", (W.Shape("circle", "red", pattern="striped", color2="white"),)))
+    assert M.prompt_fidelity(striped, "a red circle with white stripes on a blue background")["shape_color"] == 1.0
+    assert M.prompt_fidelity(striped, "a red circle with green stripes on a blue background")["shape_color"] == 0.0
 
 
 @pytest.mark.parametrize("kind", W.SHAPES)

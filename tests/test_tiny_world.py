@@ -78,12 +78,28 @@ def test_mask_and_edges():
     assert (red & (m > 0)).sum() / max(red.sum(), 1) > 0.95
 
 
-def test_subject_is_striped_star_never_in_world():
+def test_subject_is_a_striped_star_never_in_world():
     img = np.asarray(W.render_subject("blue")).astype(int)
     cols = [np.array(W.PALETTE[c]) for c in W.SUBJECT_STRIPE_COLORS]
     n1 = (np.abs(img - cols[0]).sum(-1) < 40).sum()
     n2 = (np.abs(img - cols[1]).sum(-1) < 40).sum()
     assert n1 > 50 and n2 > 50
-    assert all(shp.pattern == "solid" for s in W.training_scenes(500, seed=0) for shp in s.shapes)
+    shapes = [shp for s in W.training_scenes(500, seed=0) for shp in s.shapes]
+    striped = [shp for shp in shapes if shp.pattern == "striped"]
+    assert 0.1 < len(striped) / len(shapes) < 0.4
+    assert all(shp.kind != "star" and shp.color2 not in (None, shp.color) for shp in striped)
+    assert any(shp.kind == "star" for shp in shapes)
     scenes = W.subject_instance_scenes(5)
     assert len({s.background for s in scenes}) >= 3
+
+
+def test_free_placement_scenes_leave_the_place_to_the_control_map():
+    scenes = W.free_placement_scenes(40, seed=1, held_out=True)
+    assert scenes == W.free_placement_scenes(40, seed=1, held_out=True)
+    assert all(W.is_held_out(s) for s in scenes)
+    assert not any(W.is_held_out(s) for s in W.free_placement_scenes(40, seed=1))
+    centres = np.array([[s.shape.cx, s.shape.cy] for s in scenes])
+    assert centres.std(0).min() > 6.0  # spread over the canvas, not at the five anchors
+    for s in scenes:
+        assert " at the " not in W.caption(s)
+        assert np.asarray(W.render_mask(s)).any()

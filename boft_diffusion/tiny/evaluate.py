@@ -58,15 +58,4 @@ def evaluate_subject_fidelity(pipe, prompt: str, instance_images, seeds: Sequenc
     return {"subject_fidelity": float(np.mean(scores)), "scores": scores, "images": images}
 
 
-def image_grid(images, cols: int = 8):
-    from PIL import Image
-
-    w, h = images[0].size
-    rows = (len(images) + cols - 1) // cols
-    grid = Image.new("RGB", (cols * w, rows * h))
-    for i, im in enumerate(images):
-        grid.paste(im, ((i % cols) * w, (i // cols) * h))
-    return grid
-
-
-__all__ = ["generate", "evaluate_prompt_fidelity", "evaluate_subject_fidelity", "image_grid"]
+__all__ = ["generate", "evaluate_prompt_fidelity", "evaluate_subject_fidelity"]

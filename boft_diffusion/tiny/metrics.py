@@ -34,7 +34,7 @@ def parse_caption(text: str) -> dict:
     """Parse a world caption into attributes.
 
     Returns ``{"background": str|None, "shapes": [{"color", "kind", "size",
-    "position", "pattern"}...]}``.  Unknown words are ignored, so prompts such
+    "position", "pattern", "color2"}...]}`` (``color2``: the stripe colour).  Unknown words are ignored, so prompts such
     as "a photo of sks star on a blue background" parse to a star with colour
     None.  Missing attributes are None.
     """
@@ -55,7 +55,9 @@ def parse_caption(text: str) -> dict:
         if pm:
             pos = f"{pm.group(1)} {pm.group(2)}"
         kind = next((w for w in words if w in W.SHAPES), None)
-        color = next((w for w in words if w in W.PALETTE), None)
+        colors = [w for w in words if w in W.PALETTE]
+        color = colors[0] if colors else None
+        striped = "striped" in words or "stripes" in words
         if kind is None and color is None:
             continue
         shapes.append(
@@ -64,7 +66,8 @@ def parse_caption(text: str) -> dict:
                 "kind": kind,
                 "size": "small" if "small" in words else ("large" if "large" in words else None),
                 "position": pos,
-                "pattern": "striped" if "striped" in words else "solid",
+                "pattern": "striped" if striped else "solid",
+                "color2": colors[1] if striped and len(colors) > 1 else None,
             }
         )
     return {"background": background, "shapes": shapes}
@@ -74,7 +77,8 @@ def scene_attributes(scene: W.Scene) -> dict:
     return {
         "background": scene.background,
         "shapes": [
-            {"color": s.color, "kind": s.kind, "size": s.size, "position": s.position, "pattern": s.pattern}
+            {"color": s.color, "kind": s.kind, "size": s.size, "position": s.position, "pattern": s.pattern,
+             "color2": s.color2}
             for s in sorted(scene.shapes, key=lambda s: s.cx)
         ],
     }
@@ -209,13 +213,19 @@ def classify_shape(mask: np.ndarray) -> str | None:
     return max(s, key=s.get)
 
 
-def object_color(arr: np.ndarray, mask: np.ndarray) -> str | None:
+def object_colors(arr: np.ndarray, mask: np.ndarray, count: int = 2) -> list[str]:
+    """The object's ``count`` most frequent palette colours, most frequent first."""
     if mask.sum() == 0:
-        return None
+        return []
     px = arr[_erode(mask)]
     d = ((px[:, None, :] - _PAL[None]) ** 2).sum(-1)
     votes = Counter(d.argmin(1).tolist())
-    return _PAL_NAMES[votes.most_common(1)[0][0]]
+    return [_PAL_NAMES[i] for i, _ in votes.most_common(count)]
+
+
+def object_color(arr: np.ndarray, mask: np.ndarray) -> str | None:
+    colors = object_colors(arr, mask, 1)
+    return colors[0] if colors else None
 
 
 def analyse(image, region=None) -> dict:
@@ -225,6 +235,7 @@ def analyse(image, region=None) -> dict:
     return {
         "background": nearest_palette(background_color(arr)),
         "color": object_color(arr, m),
+        "colors": object_colors(arr, m),
         "kind": classify_shape(m),
         "mask": m,
     }
@@ -238,7 +249,8 @@ def prompt_fidelity(image, target) -> dict[str, float]:
     """Per-attribute correctness of ``image`` w.r.t. a caption (str) or Scene.
 
     Returns ``{"background", "shape_color", "shape_class", "mean"}``, each in
-    [0, 1]: 1 when the attribute read off the pixels equals the requested one.
+    [0, 1]: 1 when the attribute read off the pixels equals the requested one
+    (for a striped shape: when its two main colours are the two requested).
     With two shapes the left and right image halves are scored separately and
     averaged.  Attributes the caption does not specify are not counted (their
     key is absent from the result unless every attribute is missing).
@@ -253,7 +265,9 @@ def prompt_fidelity(image, target) -> dict[str, float]:
     cols, kinds = [], []
     for spec, region in zip(shapes, regions, strict=False):
         a = analyse(arr, region)
-        if spec["color"] is not None:
+        if spec.get("pattern") == "striped" and spec["color"] is not None and spec.get("color2"):
+            cols.append(float(set(a["colors"]) == {spec["color"], spec["color2"]}))
+        elif spec["color"] is not None:
             cols.append(float(a["color"] == spec["color"]))
         if spec["kind"] is not None:
             kinds.append(float(a["kind"] == spec["kind"]))

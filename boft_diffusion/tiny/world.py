@@ -7,19 +7,22 @@ image, :func:`caption` describes it in a small fixed grammar::
     a red circle on a blue background
     a small green square at the top left on a yellow background
     an orange star and a white cross on a black background
+    a red hexagon with white stripes on a green background
 
-Grammar: ``<article> [small] <colour> <shape> [at the <position>] on a <colour>
-background``; large shapes carry no size word, centred shapes no position
-phrase; two-shape scenes list the left shape first ("... and ...").  The
-article is "an" before a vowel ("an orange circle").
+Grammar: ``<article> [small] <colour> <shape> [with <colour> stripes] [at the
+<position>] on a <colour> background``; large shapes carry no size word,
+centred shapes no position phrase; two-shape scenes list the left shape first
+("... and ...").  The article is "an" before a vowel ("an orange circle").
 
 Some (shape colour, shape, background colour) combinations are held out of the
 pretraining distribution (:func:`is_held_out`) so that compositional
 generalisation can be measured on :func:`held_out_scenes`.
 
-The demo subject is a *striped* star (diagonal orange/purple stripes), see
-:func:`subject_scene` / :func:`render_subject`; the pretraining world only has
-solid shapes.
+Some single shapes carry diagonal stripes of a second colour, but stars are
+always solid.  The demo subject is an orange star with purple stripes (see
+:func:`subject_scene` / :func:`render_subject`): every part of it is a concept
+the base model knows, the combination is one it has never seen, as with a real
+DreamBooth subject.
 """
 
 from __future__ import annotations
@@ -51,9 +54,15 @@ SIZES: tuple[str, ...] = ("small", "large")
 #: "center" is not mentioned in captions.
 POSITIONS: tuple[str, ...] = ("center", "top left", "top right", "bottom left", "bottom right")
 
-#: Demo subject: a star with diagonal stripes in these two colours.
+#: Demo subject: an orange star with purple stripes.
 SUBJECT_STRIPE_COLORS: tuple[str, str] = ("orange", "purple")
-SUBJECT_STRIPE_PERIOD = 14.0  # pixels along x (at 64x64); wide enough to survive the tiny VAE
+#: Stripe period in pixels along x (about 14 px across the diagonal stripes at
+#: 64x64): 3.5 latent pixels of the tiny VAE, so stripes survive its 16x16 latents.
+STRIPE_PERIOD = 20.0
+#: Shapes that are never striped in the world (so the subject stays new).
+NEVER_STRIPED: tuple[str, ...] = ("star",)
+#: Bumped whenever sampling or rendering changes (pretraining caches use it).
+WORLD_VERSION = 2
 
 _POS_CENTERS = {
     "center": (32.0, 32.0),
@@ -69,9 +78,9 @@ _POS_CENTERS = {
 @dataclass(frozen=True)
 class Shape:
     """One object: ``kind`` in SHAPES, ``color`` in COLORS, centre (cx, cy) and
-    half-extent ``radius`` in pixels of the 64x64 image.  ``pattern`` is
-    "solid" (the world) or "striped" (the demo subject; stripes alternate
-    ``color`` and ``color2``)."""
+    half-extent ``radius`` in pixels of the 64x64 image; ``position`` "free"
+    (anywhere, not named in the caption) is used for control data.  ``pattern`` is
+    "solid" or "striped" (diagonal stripes alternate ``color`` and ``color2``)."""
 
     kind: str
     color: str
@@ -178,11 +187,13 @@ def sample_scene(
     *,
     p_two: float = 0.15,
     p_small: float = 0.4,
+    p_striped: float = 0.25,
     allow_held_out: bool = False,
     held_out_only: bool = False,
 ) -> Scene:
     """Sample a scene.  By default (the pretraining sampler) held-out combinations
-    are never returned; ``held_out_only`` returns single-shape held-out scenes."""
+    are never returned; ``held_out_only`` returns solid single-shape held-out
+    scenes.  A fraction ``p_striped`` of single shapes (never stars) get stripes."""
     rng = _rng(seed_or_rng)
     for _ in range(1000):
         bg = COLORS[rng.integers(len(COLORS))]
@@ -195,7 +206,11 @@ def sample_scene(
                 position = POSITIONS[0] if rng.random() < 0.2 else POSITIONS[1 + rng.integers(4)]
             else:
                 size, position = "large", "center"
-            scene = Scene(bg, (_place(rng, kind, color, size, position),))
+            shape = _place(rng, kind, color, size, position)
+            if not held_out_only and kind not in NEVER_STRIPED and rng.random() < p_striped:
+                second = [c for c in others if c != color]
+                shape = replace(shape, pattern="striped", color2=second[rng.integers(len(second))])
+            scene = Scene(bg, (shape,))
         else:
             shapes = []
             for pos in ("left", "right"):
@@ -224,9 +239,9 @@ def sample_scene(
     raise RuntimeError("could not sample a scene")  # pragma: no cover
 
 
-def training_scenes(n: int, seed: int = 0) -> list[Scene]:
+def training_scenes(n: int, seed: int = 0, p_striped: float = 0.25) -> list[Scene]:
     rng = np.random.default_rng(seed)
-    return [sample_scene(rng) for _ in range(n)]
+    return [sample_scene(rng, p_striped=p_striped) for _ in range(n)]
 
 
 def held_out_scenes(n: int, seed: int = 1234, *, single_large: bool = False) -> list[Scene]:
@@ -248,6 +263,31 @@ def held_out_scenes(n: int, seed: int = 1234, *, single_large: bool = False) -> 
     return scenes
 
 
+def free_placement_scenes(n: int, seed: int = 0, *, held_out: bool = False) -> list[Scene]:
+    """``n`` single solid shapes at any position and size (position "free"), for
+    control: their captions name colour, shape and background but not where the
+    shape is, so only a control map can place it.  ``held_out`` draws the
+    (colour, shape, background) combinations kept out of pretraining."""
+    rng = np.random.default_rng(seed)
+    combos = held_out_combos()
+    scenes = []
+    while len(scenes) < n:
+        if held_out:
+            color, kind, background = combos[rng.integers(len(combos))]
+        else:
+            background = COLORS[rng.integers(len(COLORS))]
+            color = COLORS[rng.integers(len(COLORS))]
+            kind = SHAPES[rng.integers(len(SHAPES))]
+            if color == background or is_held_out_combo(color, kind, background):
+                continue
+        radius = float(rng.uniform(8.5, 20.0))
+        margin = radius + 1.0
+        cx, cy = (float(rng.uniform(margin, IMAGE_SIZE - margin)) for _ in range(2))
+        size = "small" if radius < 13.0 else "large"
+        scenes.append(Scene(background, (Shape(kind, color, size, "free", cx, cy, radius),)))
+    return scenes
+
+
 # ----------------------------------------------------------------------------
 # captions
 
@@ -257,12 +297,11 @@ def _article(word: str) -> str:
 
 
 def _shape_phrase(s: Shape, with_position: bool = True) -> str:
+    words = ([s.size] if s.size == "small" else []) + [s.color, s.kind]
     if s.pattern == "striped":
-        words = ["striped", s.kind]
-    else:
-        words = ([s.size] if s.size == "small" else []) + [s.color, s.kind]
+        words += ["with", s.color2, "stripes"]
     phrase = f"{_article(words[0])} {' '.join(words)}"
-    if with_position and s.position not in ("center", "left", "right"):
+    if with_position and s.position not in ("center", "left", "right", "free"):
         phrase += f" at the {s.position}"
     return phrase
 
@@ -336,7 +375,7 @@ def _stripe_layer(s: Shape, size: int) -> Image.Image:
     """Full-canvas RGB image of diagonal stripes (colour / colour2)."""
     scale = size / IMAGE_SIZE
     yy, xx = np.mgrid[0:size, 0:size].astype(np.float32) / scale
-    phase = ((xx + yy) / SUBJECT_STRIPE_PERIOD) % 1.0
+    phase = ((xx + yy) / STRIPE_PERIOD) % 1.0
     a = np.array(PALETTE[s.color], np.uint8)
     b = np.array(PALETTE[s.color2 or s.color], np.uint8)
     arr = np.where((phase < 0.5)[..., None], a, b).astype(np.uint8)
@@ -386,8 +425,8 @@ def subject_scene(
     position: str = "center",
     rng=None,
 ) -> Scene:
-    """A scene containing the demo subject: a star with diagonal orange/purple
-    stripes (never shown in pretraining, where all shapes are solid)."""
+    """A scene containing the demo subject: an orange star with purple stripes
+    (pretraining shows striped shapes and solid stars, never a striped star)."""
     if background in SUBJECT_STRIPE_COLORS:
         raise ValueError("background must differ from the stripe colours")
     base = make_scene("yellow" if background != "yellow" else "white", "star", background, size, position, rng)
@@ -403,24 +442,18 @@ def render_subject(
 
 
 def subject_instance_scenes(n: int = 5, seed: int = 7) -> list[Scene]:
-    """``n`` varied instances (backgrounds, jittered positions, sizes) of the subject."""
+    """``n`` instances of the subject on varied backgrounds, jittered in position
+    and size.  All large: a small star shows barely one stripe of each colour,
+    and the tiny VAE's 16x16 latents blur it into a blob."""
     rng = np.random.default_rng(seed)
     bgs = [c for c in COLORS if c not in SUBJECT_STRIPE_COLORS]
-    # mostly large: small stars lose their stripes in the tiny VAE's 16x16 latents
-    setups = [("large", "center"), ("large", "center"), ("large", "center"), ("small", "top left"),
-              ("large", "center"), ("small", "bottom right"), ("large", "center"), ("small", "top right")]
     order = [bgs[j] for j in rng.permutation(len(bgs))]
-    out = []
-    for i in range(n):
-        bg = order[i % len(order)]
-        size, pos = setups[i % len(setups)]
-        out.append(subject_scene(bg, size, pos, rng))
-    return out
+    return [subject_scene(order[i % len(order)], "large", "center", rng) for i in range(n)]
 
 
 def all_vocabulary_words() -> list[str]:
     """Every word that can occur in a world caption."""
-    words = {"a", "an", "small", "at", "the", "on", "background", "and", "striped"}
+    words = {"a", "an", "small", "at", "the", "on", "background", "and", "with", "stripes"}
     words.update(COLORS)
     words.update(SHAPES)
     for p in POSITIONS:
@@ -442,5 +475,5 @@ __all__ = [
     "sample_scene", "make_scene", "training_scenes", "held_out_scenes", "held_out_combos",
     "is_held_out", "is_held_out_combo", "caption", "render", "render_mask", "render_edges",
     "subject_scene", "render_subject", "subject_instance_scenes", "all_vocabulary_words",
-    "render_batch", "shape_polygon", "SUBJECT_STRIPE_COLORS",
+    "render_batch", "shape_polygon", "free_placement_scenes", "SUBJECT_STRIPE_COLORS", "STRIPE_PERIOD", "WORLD_VERSION",
 ]

@@ -1,0 +1,38 @@
+import pytest
+import torch
+import torch.nn.functional as F
+from diffusers import DDPMScheduler
+
+from boft_diffusion.training import TrainingError, denoising_loss, denoising_target
+
+
+def scheduler(kind: str) -> DDPMScheduler:
+    return DDPMScheduler(num_train_timesteps=1000, beta_schedule="squaredcos_cap_v2", prediction_type=kind)
+
+
+def test_plain_loss_is_mse_and_targets_follow_the_prediction_type():
+    gen = torch.Generator().manual_seed(0)
+    latents, noise, prediction = (torch.randn(4, 4, 8, 8, generator=gen) for _ in range(3))
+    timesteps = torch.tensor([0, 300, 700, 999])
+    eps, v = scheduler("epsilon"), scheduler("v_prediction")
+    assert torch.equal(denoising_target(eps, latents, noise, timesteps), noise)
+    assert torch.allclose(denoising_target(v, latents, noise, timesteps), v.get_velocity(latents, noise, timesteps))
+    assert torch.allclose(denoising_loss(prediction, noise, timesteps, eps, None), F.mse_loss(prediction, noise))
+    with pytest.raises(TrainingError, match="sample"):
+        denoising_target(scheduler("sample"), latents, noise, timesteps)
+
+
+@pytest.mark.parametrize("kind", ["epsilon", "v_prediction"])
+def test_min_snr_weights_caps_clean_and_noisy_ends(kind):
+    sched = scheduler(kind)
+    target = torch.zeros(3, 4, 8, 8)
+    prediction = torch.ones(3, 4, 8, 8)  # per-example MSE 1: the loss of each is its weight
+    timesteps = torch.tensor([1, 500, 998])
+    weights = [denoising_loss(prediction[i : i + 1], target[i : i + 1], timesteps[i : i + 1], sched, 5.0).item()
+               for i in range(3)]
+    snr = sched.alphas_cumprod[timesteps] / (1 - sched.alphas_cumprod[timesteps])
+    expected = torch.clamp(snr, max=5.0) / (snr + 1 if kind == "v_prediction" else snr)
+    assert weights == pytest.approx(expected.tolist(), rel=1e-5)
+    assert weights[0] < 1.0  # nearly clean latents no longer dominate
+    if kind == "v_prediction":
+        assert weights[2] < 0.01  # nor does pure noise, whose v-target is the data itself
