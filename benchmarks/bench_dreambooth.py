@@ -15,12 +15,12 @@ from pathlib import Path
 
 import torch
 
-from boft_diffusion import count_trainable_parameters, load_pipeline
+from boft_diffusion import count_trainable_parameters, load_adapter, load_pipeline
 from boft_diffusion.baselines import load_lora
 from boft_diffusion.data import load_images
 from boft_diffusion.demo import CLASS_PROMPT, INSTANCE_PROMPT, training_flags
-from boft_diffusion.dreambooth import build_parser, default_instance_dir, run
-from boft_diffusion.eval import instance_self_score, load_dreambooth_adapter, tiny_world_scores
+from boft_diffusion.dreambooth import build_parser, default_instance_dir, load_dreambooth_adapter, run
+from boft_diffusion.eval import instance_self_score, tiny_world_scores
 
 
 def scores_for(adapter_dir: Path | None, kind: str, instances, num_images: int, seed: int) -> tuple[dict, int]:
@@ -28,14 +28,10 @@ def scores_for(adapter_dir: Path | None, kind: str, instances, num_images: int, 
     pipe = load_pipeline("tiny", dtype=torch.float32)
     pipe.set_progress_bar_config(disable=True)
     params = 0
-    if adapter_dir is not None and kind == "boft":
-        params = sum(count_trainable_parameters(m) for m in load_dreambooth_adapter(pipe, adapter_dir))
-    elif adapter_dir is not None:
-        models = [(pipe.unet, adapter_dir), (pipe.text_encoder, adapter_dir / "text_encoder")]
-        for model, folder in models:
-            if folder.is_dir():
-                load_lora(model, folder)
-                params += sum(p.numel() for n, p in model.named_parameters() if "lora_" in n)
+    if adapter_dir is not None:
+        models = load_dreambooth_adapter(pipe, adapter_dir, load_adapter if kind == "boft" else load_lora)
+        params = sum(count_trainable_parameters(m) if kind == "boft" else
+                     sum(p.numel() for n, p in m.named_parameters() if "lora_" in n) for m in models)
     return tiny_world_scores(pipe, instances, INSTANCE_PROMPT, CLASS_PROMPT, num_images=num_images, seed=seed), params
 
 

@@ -15,10 +15,9 @@ from pathlib import Path
 import torch
 
 from .data import load_images
-from .dreambooth import build_parser, default_instance_dir, run
-from .eval import compare_tiny_world, load_dreambooth_adapter, recontext_prompts, sample
+from .dreambooth import build_parser, default_instance_dir, load_dreambooth_adapter, run
+from .eval import compare_tiny_world, recontext_prompts, sample, switch_adapters
 from .loading import load_pipeline, tiny_defaults
-from .model import disable_adapters, enable_adapters
 from .training import image_grid
 
 INSTANCE_PROMPT = "a photo of sks star"
@@ -45,9 +44,8 @@ def comparison_grid(pipe, models, prompts: list[str], seeds: int, path: Path) ->
     """Rows: each prompt with the base model, then with the adapter; same seeds in each column."""
     rows = []
     for prompt in prompts:
-        for switch in (disable_adapters, enable_adapters):
-            for model in models:
-                switch(model)
+        for enabled in (False, True):
+            switch_adapters(models, enabled)
             rows.append(sample(pipe, [prompt] * seeds, 0, 25, GUIDANCE))
     image_grid(rows).resize((64 * seeds * 2, 64 * len(rows) * 2)).save(path)
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -17,7 +18,7 @@ from .baselines import apply_lora, save_lora
 from .data import augment_batch, center_crop, image_to_tensor, list_images, load_images
 from .export import export_merged_pipeline
 from .loading import default_guidance, load_pipeline
-from .model import count_trainable_parameters, disable_adapters, enable_adapters
+from .model import count_trainable_parameters, disable_adapters, enable_adapters, load_adapter
 from .training import (
     Recipe,
     Trainer,
@@ -95,6 +96,23 @@ def ensure_class_images(pipe, args: argparse.Namespace, accelerator) -> None:
                     _save_atomic(image, folder / f"class_{index:05d}.png")
                     index += 1
     accelerator.wait_for_everyone()
+
+
+#: Inside an output folder: the text encoder's adapter (when --train_text_encoder was given).
+TEXT_ENCODER_FOLDER = "text_encoder"
+
+
+def load_dreambooth_adapter(
+    pipe, folder: str | os.PathLike, load: Callable[[torch.nn.Module, Path], object] = load_adapter
+) -> list[torch.nn.Module]:
+    """Load a train_dreambooth.py output into ``pipe`` with ``load`` (BOFT by default): the UNet's
+    adapter, and the text encoder's when it was trained. Returns the adapted models."""
+    folder = Path(folder)
+    load(pipe.unet, folder)
+    if not (folder / TEXT_ENCODER_FOLDER).is_dir():
+        return [pipe.unet]
+    load(pipe.text_encoder, folder / TEXT_ENCODER_FOLDER)
+    return [pipe.unet, pipe.text_encoder]
 
 
 def _save_atomic(image: Image.Image, path: Path) -> None:
@@ -295,7 +313,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         save = save_adapter if args.adapter_type == "boft" else save_lora
         save(accelerator.unwrap_model(trainer.wrapped["unet"]), folder, metadata=metadata)
         if args.train_text_encoder:
-            save(accelerator.unwrap_model(trainer.wrapped["text_encoder"]), folder / "text_encoder", metadata=metadata)
+            save(accelerator.unwrap_model(trainer.wrapped["text_encoder"]), folder / TEXT_ENCODER_FOLDER, metadata=metadata)
 
     recipe = Recipe(modules=modules, dataset_len=dataset_len, compute_loss=compute_loss,
                     save_outputs=save_outputs, validate=validate, run_name="boft-dreambooth")

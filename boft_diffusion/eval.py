@@ -87,27 +87,18 @@ def instance_self_score(instance_images: Sequence[Image.Image]) -> float:
     return float(np.mean(scores))
 
 
-def load_dreambooth_adapter(pipe, folder: str | os.PathLike) -> list[torch.nn.Module]:
-    """Load a train_dreambooth.py output into ``pipe`` (UNet, and text encoder when it was
-    trained); return the adapted models."""
-    from .model import load_adapter
-
-    load_adapter(pipe.unet, folder)
-    models = [pipe.unet]
-    if (Path(folder) / "text_encoder").is_dir():
-        load_adapter(pipe.text_encoder, Path(folder) / "text_encoder")
-        models.append(pipe.text_encoder)
-    return models
+def switch_adapters(models: Sequence[torch.nn.Module], enabled: bool) -> None:
+    """Turn the adapters of every model on (adapted pipeline) or off (the base model)."""
+    for model in models:
+        (enable_adapters if enabled else disable_adapters)(model)
 
 
 def compare_tiny_world(pipe, models: Sequence[torch.nn.Module], instance_images, instance_prompt: str,
                        class_prompt: str, **kwargs) -> dict[str, Any]:
     """The same measures with the adapters disabled (base) and enabled, plus the instance images' own score."""
-    for model in models:
-        disable_adapters(model)
+    switch_adapters(models, enabled=False)
     base = tiny_world_scores(pipe, instance_images, instance_prompt, class_prompt, **kwargs)
-    for model in models:
-        enable_adapters(model)
+    switch_adapters(models, enabled=True)
     adapted = tiny_world_scores(pipe, instance_images, instance_prompt, class_prompt, **kwargs)
     return {"instances": instance_self_score(instance_images), "base": base, "adapter": adapted}
 
@@ -316,7 +307,7 @@ def folder_edge_agreement(sample_fn, folder: str | os.PathLike, num_images: int,
 
 def dreambooth_report(args: argparse.Namespace) -> dict[str, Any]:
     from .data import load_images
-    from .dreambooth import default_instance_dir
+    from .dreambooth import default_instance_dir, load_dreambooth_adapter
     from .loading import TINY_ALIASES, default_guidance, load_pipeline
     from .model import read_adapter_config
 

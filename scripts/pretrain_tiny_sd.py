@@ -273,15 +273,13 @@ def caption_variant(rec: dict, rng: np.random.Generator, p_photo: float, p_short
     u = rng.random()
     if u < p_short and len(rec["shapes"]) == 1:
         color, kind, stripes = rec["shapes"][0]
-        if stripes:
-            color = f"{color} {kind} with {stripes} stripes"
+        described = f"{color} {kind}" + (f" with {stripes} stripes" if stripes else "")
         art = "an" if color[0] in "aeiou" else "a"
         kart = "an" if kind[0] in "aeiou" else "a"
         bg = rec["bg"]
         bart = "an" if bg[0] in "aeiou" else "a"
         v = rng.integers(4)
-        colored = f"{art} {color}" if stripes else f"{art} {color} {kind}"
-        cap = [f"{kart} {kind}", colored, f"{kart} {kind} on {bart} {bg} background", f"{kind}"][v]
+        cap = [f"{kart} {kind}", f"{art} {described}", f"{kart} {kind} on {bart} {bg} background", f"{kind}"][v]
     if rng.random() < p_photo:
         cap = "a photo of " + cap
     return cap
@@ -329,10 +327,22 @@ def texture_images(n: int, rng: np.random.Generator) -> np.ndarray:
     return out
 
 
+def vae_batch(images: np.ndarray, args, rng: np.random.Generator) -> torch.Tensor:
+    """A VAE training batch: world scenes plus a share of generic texture images."""
+    n_tex = int(round(args.vae_batch * args.vae_p_texture))
+    idx = rng.integers(0, len(images), args.vae_batch - n_tex)
+    return to_tensor(np.concatenate([images[idx], texture_images(n_tex, rng)]))
+
+
+def save_atomic(obj, path: Path) -> None:
+    """torch.save through a temporary file, so a kill never leaves a half-written checkpoint."""
+    torch.save(obj, str(path) + ".tmp")
+    os.replace(str(path) + ".tmp", path)
+
+
 def train_vae(vae, images, args, rng):
     tuner = ThreadTuner(args.threads)
     opt = torch.optim.AdamW(vae.parameters(), lr=args.vae_lr, weight_decay=0.0)
-    n = len(images)
     vae.train()
     t0 = time.time()
     for step in range(args.vae_steps):
@@ -340,9 +350,7 @@ def train_vae(vae, images, args, rng):
         for g in opt.param_groups:
             g["lr"] = lr
         tuner.start()
-        n_tex = int(round(args.vae_batch * args.vae_p_texture))
-        idx = rng.integers(0, n, args.vae_batch - n_tex)
-        x = to_tensor(np.concatenate([images[idx], texture_images(n_tex, rng)]))
+        x = vae_batch(images, args, rng)
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=args.bf16):
             post = vae.encode(x).latent_dist
             z = post.sample()
@@ -373,7 +381,6 @@ def finetune_decoder(vae, images, args, rng, steps: int, minutes: float = 0.0, s
         q.requires_grad_(True)
     opt = torch.optim.AdamW(dec_params, lr=args.decoder_lr, weight_decay=0.0)
     tuner = ThreadTuner(args.threads)
-    n = len(images)
     t0 = time.time()
     step = 0
     while True:
@@ -386,9 +393,7 @@ def finetune_decoder(vae, images, args, rng, steps: int, minutes: float = 0.0, s
         for g in opt.param_groups:
             g["lr"] = lr
         tuner.start()
-        n_tex = int(round(args.vae_batch * args.vae_p_texture))
-        idx = rng.integers(0, n, args.vae_batch - n_tex)
-        x = to_tensor(np.concatenate([images[idx], texture_images(n_tex, rng)]))
+        x = vae_batch(images, args, rng)
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=args.bf16):
             with torch.no_grad():
                 z = vae.encode(x).latent_dist.sample()
@@ -404,8 +409,7 @@ def finetune_decoder(vae, images, args, rng, steps: int, minutes: float = 0.0, s
         if step % 100 == 0:
             log(f"decoder step {step} l1 {l1.item():.4f} mse {mse.item():.5f} lr {lr:.2e} ({time.time() - t0:.0f}s) {tuner}")
             if save_to is not None and step % 500 == 0 and step:
-                torch.save(vae.state_dict(), str(save_to) + ".tmp")
-                os.replace(str(save_to) + ".tmp", save_to)
+                save_atomic(vae.state_dict(), save_to)
         step += 1
     vae.requires_grad_(False)
     vae.eval()
@@ -686,10 +690,9 @@ def main(argv=None):
             log(f"step {step} loss {loss_acc / k_acc:.4f} lr {lr:.2e} {el:.0f}s ({el / (step - start + 1):.2f}s/it) {tuner}")
             loss_acc, k_acc = 0.0, 0
         if (step + 1) % args.ckpt_every == 0:
-            torch.save({"unet": unet.state_dict(), "text": text_encoder.state_dict(),
-                        "ema_unet": ema_unet.state_dict(), "ema_text": ema_text.state_dict(),
-                        "opt": opt.state_dict(), "step": step + 1, "scaling_factor": scale}, str(ckpt_path) + ".tmp")
-            os.replace(str(ckpt_path) + ".tmp", ckpt_path)
+            save_atomic({"unet": unet.state_dict(), "text": text_encoder.state_dict(),
+                         "ema_unet": ema_unet.state_dict(), "ema_text": ema_text.state_dict(),
+                         "opt": opt.state_dict(), "step": step + 1, "scaling_factor": scale}, ckpt_path)
             log(f"checkpoint at step {step + 1}")
     train_s = time.time() - t0
     meta = {
