@@ -21,10 +21,12 @@ from boft_diffusion.data import load_images
 from boft_diffusion.demo import CLASS_PROMPT, INSTANCE_PROMPT, training_flags
 from boft_diffusion.dreambooth import build_parser, default_instance_dir, load_dreambooth_adapter, run
 from boft_diffusion.eval import instance_self_score, tiny_world_scores
+from boft_diffusion.layers import IdentifierEmbedding
 
 
 def scores_for(adapter_dir: Path | None, kind: str, instances, num_images: int, seed: int) -> tuple[dict, int]:
-    """Tiny-world scores of the base model with this adapter (UNet and text encoder parts), and its size."""
+    """Tiny-world scores of the base model with this adapter (UNet and text-encoder parts, learned
+    identifier embedding), and its size."""
     pipe = load_pipeline("tiny", dtype=torch.float32)
     pipe.set_progress_bar_config(disable=True)
     params = 0
@@ -32,6 +34,8 @@ def scores_for(adapter_dir: Path | None, kind: str, instances, num_images: int, 
         models = load_dreambooth_adapter(pipe, adapter_dir, load_adapter if kind == "boft" else load_lora)
         params = sum(count_trainable_parameters(m) if kind == "boft" else
                      sum(p.numel() for n, p in m.named_parameters() if "lora_" in n) for m in models)
+        params += sum(m.identifier_vectors.numel() for m in pipe.text_encoder.modules()
+                      if isinstance(m, IdentifierEmbedding))
     return tiny_world_scores(pipe, instances, INSTANCE_PROMPT, CLASS_PROMPT, num_images=num_images, seed=seed), params
 
 

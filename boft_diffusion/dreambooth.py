@@ -17,6 +17,13 @@ from . import apply_boft, save_adapter
 from .baselines import apply_lora, save_lora
 from .data import augment_batch, center_crop, image_to_tensor, list_images, load_images
 from .export import export_merged_pipeline
+from .identifier import (
+    EMBEDDINGS_NAME,
+    add_identifier_embeddings,
+    identifier_words,
+    load_identifier_embeddings,
+    save_identifier_embeddings,
+)
 from .loading import default_guidance, load_pipeline
 from .model import count_trainable_parameters, disable_adapters, enable_adapters, load_adapter
 from .training import (
@@ -106,13 +113,17 @@ def load_dreambooth_adapter(
     pipe, folder: str | os.PathLike, load: Callable[[torch.nn.Module, Path], object] = load_adapter
 ) -> list[torch.nn.Module]:
     """Load a train_dreambooth.py output into ``pipe`` with ``load`` (BOFT by default): the UNet's
-    adapter, and the text encoder's when it was trained. Returns the adapted models."""
+    adapter, the text encoder's when it was trained, and the learned identifier embedding when
+    there is one. Returns the adapted models."""
     folder = Path(folder)
     load(pipe.unet, folder)
-    if not (folder / TEXT_ENCODER_FOLDER).is_dir():
-        return [pipe.unet]
-    load(pipe.text_encoder, folder / TEXT_ENCODER_FOLDER)
-    return [pipe.unet, pipe.text_encoder]
+    models = [pipe.unet]
+    if (folder / TEXT_ENCODER_FOLDER).is_dir():
+        load(pipe.text_encoder, folder / TEXT_ENCODER_FOLDER)
+        models.append(pipe.text_encoder)
+    if load_identifier_embeddings(pipe.text_encoder, pipe.tokenizer, folder) and pipe.text_encoder not in models:
+        models.append(pipe.text_encoder)
+    return models
 
 
 def _save_atomic(image: Image.Image, path: Path) -> None:
@@ -133,8 +144,11 @@ def encode_prompts(tokenizer, text_encoder, prompts: list[str], device) -> torch
 
 
 def model_card(args: argparse.Namespace, trainable: int, steps: int) -> str:
-    load_line = (f'bd.load_adapter(pipe.unet, "{args.output_dir}")' if args.adapter_type == "boft" else
-                 f'from boft_diffusion.baselines import load_lora; load_lora(pipe.unet, "{args.output_dir}")')
+    load_line = (f'load_dreambooth_adapter(pipe, "{args.output_dir}")' if args.adapter_type == "boft" else
+                 'from boft_diffusion.baselines import load_lora\n'
+                 f'load_dreambooth_adapter(pipe, "{args.output_dir}", load=load_lora)')
+    identifier = (f"\nThe identifier's learned token embedding is in `{EMBEDDINGS_NAME}` (`{{word: vector}}`); "
+                  "`load_dreambooth_adapter` installs it.\n" if args.train_identifier_embedding else "")
     return f"""---
 library_name: boft-diffusion
 base_model: {args.pretrained_model_name_or_path}
@@ -150,13 +164,14 @@ BOFT: block size {args.boft_block_size or '-'}, block number {args.boft_block_nu
 butterfly factors m = {args.boft_n_butterfly_factor}, dropout {args.boft_dropout},
 targets {', '.join(args.boft_target_modules)}; {trainable:,} trainable parameters.
 Prior preservation: {'yes, weight ' + str(args.prior_loss_weight) if args.with_prior_preservation else 'no'}.
-
+{identifier}
 ![validation samples](validation/latest.png)
 
 ## Use
 
 ```python
 import boft_diffusion as bd
+from boft_diffusion.dreambooth import load_dreambooth_adapter
 pipe = bd.load_pipeline("{args.pretrained_model_name_or_path}")
 {load_line}
 image = pipe("{args.instance_prompt}").images[0]
@@ -184,6 +199,13 @@ def build_parser(description: str | None = None) -> argparse.ArgumentParser:
     group.add_argument("--random_flip", action="store_true")
     group.add_argument("--train_text_encoder", action="store_true", help="Also put BOFT adapters on the text encoder.")
     group.add_argument("--text_encoder_target_modules", nargs="+", default=list(TEXT_ENCODER_TARGETS))
+    group.add_argument("--train_identifier_embedding", action="store_true",
+                       help="Also learn the identifier word's token embedding (pivotal tuning), saved as "
+                            "learned_embeds.safetensors; prompts without the identifier encode exactly as before.")
+    group.add_argument("--identifier_token", nargs="+", default=None,
+                       help="The identifier word(s) (default: the instance prompt's words the class prompt lacks).")
+    group.add_argument("--identifier_learning_rate", type=float, default=5e-3,
+                       help="Learning rate of the identifier embedding.")
     group.add_argument("--adapter_type", default="boft", choices=["boft", "lora"],
                        help="lora: PEFT LoRA instead of BOFT, as a same-budget baseline (needs peft).")
     group.add_argument("--lora_rank", type=int, default=4)
@@ -199,6 +221,21 @@ def add_adapters(model: torch.nn.Module, args: argparse.Namespace, targets: list
         apply_lora(model, args.lora_rank, targets)
     else:
         apply_boft(model, boft_config_from_args(args, targets))
+
+
+def add_identifier(text_encoder: torch.nn.Module, tokenizer, args: argparse.Namespace) -> None:
+    if not args.identifier_token and not args.class_prompt:
+        raise TrainingError("--train_identifier_embedding: name the identifier with --identifier_token "
+                            "(or give --class_prompt: the identifier is then the word it lacks).")
+    words = args.identifier_token or identifier_words(args.instance_prompt, args.class_prompt)
+    if not words:
+        raise TrainingError("--train_identifier_embedding: every word of the instance prompt is in the class "
+                            "prompt; name the identifier with --identifier_token.")
+    try:
+        add_identifier_embeddings(text_encoder, tokenizer, words)
+    except ValueError as error:
+        raise TrainingError(f"--train_identifier_embedding: {error}") from error
+    logger.info("learning the embedding of %s", ", ".join(repr(w) for w in words))
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
@@ -226,9 +263,12 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     place(unet, dtype=dtype)
     add_adapters(unet, args, args.boft_target_modules)
     modules: dict[str, torch.nn.Module] = {"unet": unet}
-    if args.train_text_encoder:
+    if args.train_text_encoder or args.train_identifier_embedding:
         place(text_encoder, dtype=dtype)
-        add_adapters(text_encoder, args, args.text_encoder_target_modules)
+        if args.train_text_encoder:
+            add_adapters(text_encoder, args, args.text_encoder_target_modules)
+        if args.train_identifier_embedding:
+            add_identifier(text_encoder, tokenizer, args)
         modules["text_encoder"] = text_encoder
 
     classes = None
@@ -257,7 +297,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     noise_scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
     prompts = [args.instance_prompt] + ([args.class_prompt] if classes else [])
     cached_embeddings = None
-    if not args.train_text_encoder:
+    if "text_encoder" not in modules:
         with torch.no_grad():
             cached_embeddings = encode_prompts(tokenizer, text_encoder, prompts, device)
     dataset_len = max(len(instances.tensors), len(classes.tensors) if classes else 0)
@@ -314,9 +354,12 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         save(accelerator.unwrap_model(trainer.wrapped["unet"]), folder, metadata=metadata)
         if args.train_text_encoder:
             save(accelerator.unwrap_model(trainer.wrapped["text_encoder"]), folder / TEXT_ENCODER_FOLDER, metadata=metadata)
+        if args.train_identifier_embedding:
+            save_identifier_embeddings(accelerator.unwrap_model(trainer.wrapped["text_encoder"]), folder)
 
     recipe = Recipe(modules=modules, dataset_len=dataset_len, compute_loss=compute_loss,
-                    save_outputs=save_outputs, validate=validate, run_name="boft-dreambooth")
+                    save_outputs=save_outputs, validate=validate, run_name="boft-dreambooth",
+                    learning_rates={"identifier_vectors": args.identifier_learning_rate})
     trainer = Trainer(args, accelerator, recipe)
     result = trainer.train()
     if accelerator.is_main_process:

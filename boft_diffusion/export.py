@@ -5,18 +5,25 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+from .layers import IdentifierEmbedding
 from .model import adapter_configs, merged_state_dict
 
 
+def _adapted(module) -> bool:
+    """Has BOFT adapters or learned identifier embeddings."""
+    return bool(adapter_configs(module)) or any(isinstance(m, IdentifierEmbedding) for m in module.modules())
+
+
 def export_merged_pipeline(pipe, folder: str | os.PathLike) -> Path:
-    """Save ``pipe`` with every adapted component's active adapter merged into plain modules.
+    """Save ``pipe`` with every adapted component's active adapter (and learned identifier
+    embeddings) merged into plain modules.
 
     The result loads with ``StableDiffusionPipeline.from_pretrained`` and no boft-diffusion code;
     the adapters in ``pipe`` itself are left untouched.
     """
     components = dict(pipe.components)
     for key, module in pipe.components.items():
-        if module is None or not hasattr(module, "state_dict") or not adapter_configs(module):
+        if module is None or not hasattr(module, "state_dict") or not _adapted(module):
             continue
         config = module.config
         plain = type(module).from_config(config) if hasattr(type(module), "from_config") else type(module)(config)

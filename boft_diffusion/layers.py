@@ -309,3 +309,54 @@ class BOFTConv2d(BOFTLayer):
             y = conv._conv_forward(rotated, self.weight, self.bias)
             return _apply_magnitude(y, self.magnitude(name), self.bias, channel_dim=1)
         return conv._conv_forward(x, self.folded_weight(name, apply_dropout=self.training), self.bias)
+
+
+class IdentifierEmbedding(nn.Module):
+    """A frozen token embedding whose rows for a few identifier tokens are learned vectors.
+
+    DreamBooth names the subject with a rare token ("sks"). When the text encoder has barely
+    trained that token, the instance prompt encodes almost like the class prompt and no adapter
+    can tell them apart; learning the identifier's embedding (pivotal tuning) fixes that while
+    every prompt without the identifier encodes exactly as before.
+    """
+
+    def __init__(
+        self, base_layer: nn.Embedding, words: list[str], token_ids: list[int], vectors: torch.Tensor | None = None
+    ) -> None:
+        super().__init__()
+        if len(words) != len(token_ids):
+            raise ValueError(f"{len(words)} identifier words but {len(token_ids)} token ids.")
+        self.base_layer = base_layer
+        self.words = list(words)
+        self.register_buffer("token_ids", torch.tensor(token_ids, dtype=torch.long, device=base_layer.weight.device),
+                             persistent=False)
+        if vectors is None:
+            vectors = base_layer.weight.detach()[self.token_ids]
+        if vectors.shape != (len(token_ids), base_layer.embedding_dim):
+            raise ValueError(f"identifier vectors have shape {list(vectors.shape)}, expected "
+                             f"[{len(token_ids)}, {base_layer.embedding_dim}] for this text encoder.")
+        self.identifier_vectors = nn.Parameter(vectors.detach().float().clone().to(base_layer.weight.device))
+        self.adapters_disabled = False
+        self.strength = 1.0  # 0: the original rows, 1: the learned ones
+
+    @property
+    def weight(self) -> torch.Tensor:
+        return self.base_layer.weight
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        embeddings = self.base_layer(input_ids)
+        if self.adapters_disabled:
+            return embeddings
+        vectors = self.identifier_vectors
+        if self.strength != 1.0:
+            original = self.weight[self.token_ids].float()
+            vectors = original + self.strength * (vectors - original)
+        matches = input_ids.unsqueeze(-1) == self.token_ids
+        learned = matches.to(embeddings.dtype) @ vectors.to(embeddings.dtype)
+        return torch.where(matches.any(-1, keepdim=True), learned, embeddings)
+
+    def folded_weight(self) -> torch.Tensor:
+        """The embedding matrix with the learned rows written in (for merged exports)."""
+        weight = self.weight.detach().clone()
+        weight[self.token_ids] = self.identifier_vectors.detach().to(weight.dtype)
+        return weight

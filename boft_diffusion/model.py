@@ -18,7 +18,7 @@ from torch import nn
 
 from .butterfly import BlockGeometry, resolve_geometry
 from .config import BOFTConfig
-from .layers import ADAPTER_NAME_PATTERN, BOFTConv2d, BOFTLayer, BOFTLinear
+from .layers import ADAPTER_NAME_PATTERN, BOFTConv2d, BOFTLayer, BOFTLinear, IdentifierEmbedding
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
@@ -222,16 +222,21 @@ def set_adapter_strength(model: nn.Module, alpha: float, adapter_name: str | Non
         merge_adapter(model)
 
 
+def _switchable(model: nn.Module) -> Iterator[nn.Module]:
+    """Adapted layers and learned identifier embeddings: what disabling an adapter turns off."""
+    return (m for m in model.modules() if isinstance(m, (BOFTLayer, IdentifierEmbedding)))
+
+
 def disable_adapters(model: nn.Module) -> None:
     """Run the base model (unmerging first if needed) until ``enable_adapters``."""
     unmerge_adapter(model)
-    for _, layer in boft_layers(model):
-        layer.adapters_disabled = True
+    for module in _switchable(model):
+        module.adapters_disabled = True
 
 
 def enable_adapters(model: nn.Module) -> None:
-    for _, layer in boft_layers(model):
-        layer.adapters_disabled = False
+    for module in _switchable(model):
+        module.adapters_disabled = False
 
 
 def merge_adapter(model: nn.Module, safe_merge: bool = False) -> None:
@@ -305,20 +310,22 @@ def merged_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
         for name, layer in boft_layers(model):
             if layer.live_adapter() is not None:
                 folded[f"{name}.base_layer.weight"] = layer.folded_weight(layer.active_adapter)
-    state = {}
-    for key, value in model.state_dict().items():
-        if ".boft_skew." in key or ".boft_s." in key:
-            continue
-        state[key.replace(".base_layer.", ".")] = folded.get(key, value)
-    return state
+        for name, module in model.named_modules():
+            if isinstance(module, IdentifierEmbedding) and not module.adapters_disabled:
+                folded[f"{name}.base_layer.weight"] = module.folded_weight()
+    return {key.replace(".base_layer.", "."): folded.get(key, value)
+            for key, value in model.state_dict().items() if not _is_adapter_key(key)}
+
+
+def _is_adapter_key(key: str) -> bool:
+    return ".boft_skew." in key or ".boft_s." in key or key.endswith(".identifier_vectors")
 
 
 def base_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     """The model's plain state dict without any adapter (it must not be merged)."""
     if _is_merged(model):
         raise ValueError("the model has a merged adapter; unmerge_adapter it first.")
-    return {k.replace(".base_layer.", "."): v for k, v in model.state_dict().items()
-            if ".boft_skew." not in k and ".boft_s." not in k}
+    return {k.replace(".base_layer.", "."): v for k, v in model.state_dict().items() if not _is_adapter_key(k)}
 
 
 # State dicts and files ---------------------------------------------------------------------------

@@ -23,6 +23,7 @@ import torch
 from PIL import Image, PngImagePlugin
 from safetensors import safe_open
 
+from .identifier import identifier_embedding, load_identifier_embeddings, remove_identifier_embeddings
 from .model import (
     CONFIG_NAME,
     WEIGHTS_NAME,
@@ -199,6 +200,7 @@ class Studio:
         if name == NO_ADAPTER:
             for model in self._models():
                 disable_adapters(model)
+            remove_identifier_embeddings(self.pipe.text_encoder)
             return "none", None
         key = self._key(name)
         if key not in self._loaded:
@@ -211,6 +213,10 @@ class Studio:
                 set_adapter_strength(model, strength)
             else:
                 disable_adapters(model)
+        if load_identifier_embeddings(self.pipe.text_encoder, self.pipe.tokenizer, self.resolve(name)):
+            identifier_embedding(self.pipe.text_encoder).strength = strength
+        else:
+            remove_identifier_embeddings(self.pipe.text_encoder)
         if kind == "controlnet":
             for adapter in adapter_configs(handle.controlnet):
                 set_adapter_strength(handle.controlnet, strength, adapter)

@@ -188,10 +188,17 @@ def weight_dtype(accelerator) -> torch.dtype:
     return {"fp16": torch.float16, "bf16": torch.bfloat16}.get(accelerator.mixed_precision, torch.float32)
 
 
-def make_optimizer(args: argparse.Namespace, params: list[nn.Parameter], num_processes: int) -> torch.optim.Optimizer:
-    lr = args.learning_rate
-    if args.scale_lr:
-        lr *= args.gradient_accumulation_steps * args.train_batch_size * num_processes
+def make_optimizer(
+    args: argparse.Namespace, params: dict[str, nn.Parameter], num_processes: int,
+    learning_rates: dict[str, float] | None = None,
+) -> torch.optim.Optimizer:
+    """AdamW (or 8-bit AdamW) at --learning_rate, except parameters whose names end with a key of
+    ``learning_rates``, which get that rate; --scale_lr scales every rate alike."""
+    factor = args.gradient_accumulation_steps * args.train_batch_size * num_processes if args.scale_lr else 1
+    groups: dict[float, list[nn.Parameter]] = {}
+    for name, param in params.items():
+        rate = next((r for suffix, r in (learning_rates or {}).items() if name.endswith(suffix)), args.learning_rate)
+        groups.setdefault(rate, []).append(param)
     if args.use_8bit_adam:
         try:
             import bitsandbytes as bnb
@@ -201,8 +208,8 @@ def make_optimizer(args: argparse.Namespace, params: list[nn.Parameter], num_pro
     else:
         optimizer_class = torch.optim.AdamW
     return optimizer_class(
-        params,
-        lr=lr,
+        [{"params": group, "lr": rate * factor} for rate, group in groups.items()],
+        lr=args.learning_rate * factor,
         betas=(args.adam_beta1, args.adam_beta2),
         weight_decay=args.adam_weight_decay,
         eps=args.adam_epsilon,
@@ -288,6 +295,7 @@ class Recipe:
     ``compute_loss(indices, generator) -> (loss, logs)``: one micro-batch's loss.
     ``save_outputs(folder)``: write the trained artefacts (adapter folders, encoders).
     ``validate(step) -> rows of images``: optional, run on the main process.
+    ``learning_rates``: parameter-name suffix -> learning rate, for parameters that need their own.
     """
 
     modules: dict[str, nn.Module]
@@ -297,6 +305,7 @@ class Recipe:
     validate: Callable[[int], list[list[Image.Image]]] | None = None
     run_name: str = "boft"
     metadata: dict[str, Any] = field(default_factory=dict)
+    learning_rates: dict[str, float] = field(default_factory=dict)
 
 
 def trainable_tensors(modules: dict[str, nn.Module]) -> dict[str, nn.Parameter]:
@@ -322,7 +331,7 @@ class Trainer:
             if param.dtype != torch.float32:
                 param.data = param.data.float()
         self.max_steps = steps_for(args, recipe.dataset_len, accelerator.num_processes)
-        optimizer = make_optimizer(args, list(self.params.values()), accelerator.num_processes)
+        optimizer = make_optimizer(args, self.params, accelerator.num_processes, recipe.learning_rates)
         from diffusers.optimization import get_scheduler
 
         self.lr_scheduler = get_scheduler(

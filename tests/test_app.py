@@ -76,6 +76,21 @@ def test_generate_base_adapter_compare_and_strength(studio):
     assert np.array_equal(pixels(again[0][0]), pixels(adapted[0][0])), "switching must not drift the base weights"
 
 
+def test_learned_identifier_follows_the_selected_adapter_and_its_strength(adapters_dir, tmp_path):
+    shutil.copytree(adapters_dir / "star", tmp_path / "star_id", ignore=shutil.ignore_patterns("checkpoint-*"))
+    save_file({"sks": torch.randn(128, generator=torch.Generator().manual_seed(0))},
+              tmp_path / "star_id" / "learned_embeds.safetensors")
+    shutil.copytree(adapters_dir / "star", tmp_path / "star", ignore=shutil.ignore_patterns("checkpoint-*"))
+    studio = Studio("tiny", tmp_path, Limits(max_size=128, max_steps=10, max_images=2))
+    base = pixels(studio.generate(request())[0][0])
+    plain = pixels(studio.generate(request(adapter="star"))[0][0])
+    with_identifier = pixels(studio.generate(request(adapter="star_id"))[0][0])
+    assert np.abs(with_identifier - plain).mean() > 1
+    assert np.array_equal(pixels(studio.generate(request(adapter="star"))[0][0]), plain)
+    assert np.array_equal(pixels(studio.generate(request(adapter="star_id", strength=0.0))[0][0]), base)
+    assert np.array_equal(pixels(studio.generate(request())[0][0]), base)
+
+
 def test_parameters_travel_in_png(studio):
     image, parameters = studio.generate(request(adapter="star", scheduler="DPM++ 2M"))[0]
     data = png_with_parameters(image, parameters)

@@ -124,12 +124,14 @@ def test_prior_preservation_generates_and_resumes_class_images(tmp_path):
 
 
 def adapter_tensors(folder: Path) -> dict:
-    return load_file(folder / "adapter_model.safetensors")
+    return {**load_file(folder / "adapter_model.safetensors"),
+            **{f"identifier.{k}": v for k, v in load_file(folder / "learned_embeds.safetensors").items()}}
 
 
 def launch(out: Path, *extra) -> subprocess.Popen:
     command = [sys.executable, str(ROOT / "train_dreambooth.py"), *FAST, "--output_dir", str(out),
-               "--max_train_steps", "8", "--checkpointing_steps", "2", *map(str, extra)]
+               "--max_train_steps", "8", "--checkpointing_steps", "2", "--train_identifier_embedding",
+               "--identifier_token", "sks", *map(str, extra)]
     return subprocess.Popen(command, env=subprocess_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
 
 
@@ -225,3 +227,38 @@ def test_resume_refuses_changed_batch_settings(tmp_path, capsys):
     assert run_main("--output_dir", out, "--resume_from_checkpoint", "latest", "--max_train_steps", "4",
                     "--gradient_accumulation_steps", "2") == 2
     assert "gradient_accumulation_steps 1 -> 2" in capsys.readouterr().err
+
+
+def encode(pipe, prompt: str) -> torch.Tensor:
+    ids = pipe.tokenizer([prompt], padding="max_length", max_length=pipe.tokenizer.model_max_length,
+                         return_tensors="pt").input_ids
+    with torch.no_grad():
+        return pipe.text_encoder(ids)[0]
+
+
+def test_identifier_embedding_is_learned_saved_merged_and_leaves_class_prompts_alone(tmp_path, capsys):
+    from diffusers import StableDiffusionPipeline
+
+    import boft_diffusion as bd
+
+    out = tmp_path / "out"
+    assert run_main("--output_dir", out, "--train_identifier_embedding", "--class_prompt", "a photo of star",
+                    "--identifier_learning_rate", "1e-2", "--save_merged") == 0
+    learned = load_file(out / "learned_embeds.safetensors")
+    pipe = bd.load_pipeline("tiny", dtype=torch.float32)
+    sks = pipe.tokenizer("sks", add_special_tokens=False).input_ids[0]
+    base_row = pipe.text_encoder.get_input_embeddings().weight[sks].detach().clone()
+    assert list(learned) == ["sks"] and (learned["sks"] - base_row).abs().max() > 1e-3
+    base_class, base_instance = encode(pipe, "a photo of star"), encode(pipe, "a photo of sks star")
+
+    assert dreambooth.load_dreambooth_adapter(pipe, out) == [pipe.unet, pipe.text_encoder]
+    assert torch.equal(encode(pipe, "a photo of star"), base_class)
+    assert not torch.allclose(encode(pipe, "a photo of sks star"), base_instance, atol=1e-4)
+    merged = StableDiffusionPipeline.from_pretrained(out / "merged", safety_checker=None)
+    assert torch.allclose(merged.text_encoder.get_input_embeddings().weight[sks].float(), learned["sks"])
+    assert "learned_embeds.safetensors" in (out / "README.md").read_text()
+
+    assert run_main("--output_dir", tmp_path / "bad", "--train_identifier_embedding", "--identifier_token", "zqxvkj") == 2
+    assert "single token" in capsys.readouterr().err
+    assert run_main("--output_dir", tmp_path / "bad", "--train_identifier_embedding") == 2
+    assert "--identifier_token" in capsys.readouterr().err
