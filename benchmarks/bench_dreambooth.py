@@ -21,7 +21,7 @@ from boft_diffusion.data import load_images
 from boft_diffusion.demo import CLASS_PROMPT, INSTANCE_PROMPT, training_flags
 from boft_diffusion.dreambooth import build_parser, default_instance_dir, load_dreambooth_adapter, run
 from boft_diffusion.eval import instance_self_score, tiny_world_scores
-from boft_diffusion.layers import IdentifierEmbedding
+from boft_diffusion.identifier import identifier_embedding
 
 
 def scores_for(adapter_dir: Path | None, kind: str, instances, num_images: int, seed: int) -> tuple[dict, int]:
@@ -36,8 +36,8 @@ def scores_for(adapter_dir: Path | None, kind: str, instances, num_images: int, 
         models = load_dreambooth_adapter(pipe, adapter_dir, load_adapter if kind == "boft" else load_lora)
         params = sum(count_trainable_parameters(m) if kind == "boft" else
                      sum(p.numel() for n, p in m.named_parameters() if "lora_" in n) for m in models)
-        params += sum(m.identifier_vectors.numel() for m in pipe.text_encoder.modules()
-                      if isinstance(m, IdentifierEmbedding))
+        identifier = identifier_embedding(pipe.text_encoder)
+        params += identifier.identifier_vectors.numel() if identifier is not None else 0
     return tiny_world_scores(pipe, instances, INSTANCE_PROMPT, CLASS_PROMPT, num_images=num_images, seed=seed), params
 
 

@@ -5,13 +5,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from .layers import IdentifierEmbedding
-from .model import adapter_configs, merged_state_dict
-
-
-def _adapted(module) -> bool:
-    """Has BOFT adapters or learned identifier embeddings."""
-    return bool(adapter_configs(module)) or any(isinstance(m, IdentifierEmbedding) for m in module.modules())
+from .model import has_adapters, merged_state_dict
 
 
 def export_merged_pipeline(pipe, folder: str | os.PathLike) -> Path:
@@ -23,7 +17,7 @@ def export_merged_pipeline(pipe, folder: str | os.PathLike) -> Path:
     """
     components = dict(pipe.components)
     for key, module in pipe.components.items():
-        if module is None or not hasattr(module, "state_dict") or not _adapted(module):
+        if module is None or not hasattr(module, "state_dict") or not has_adapters(module):
             continue
         config = module.config
         plain = type(module).from_config(config) if hasattr(type(module), "from_config") else type(module)(config)

@@ -61,8 +61,9 @@ def add_identifier_embeddings(
     """
     if not words:
         raise ValueError("no identifier words given.")
+    ids = token_ids(tokenizer, words)
     remove_identifier_embeddings(text_encoder)
-    layer = IdentifierEmbedding(text_encoder.get_input_embeddings(), list(words), token_ids(tokenizer, words), vectors)
+    layer = IdentifierEmbedding(text_encoder.get_input_embeddings(), list(words), ids, vectors)
     text_encoder.set_input_embeddings(layer)
     return layer
 
@@ -78,26 +79,44 @@ def save_identifier_embeddings(text_encoder: nn.Module, folder: str | os.PathLik
     return Path(folder) / EMBEDDINGS_NAME
 
 
+def read_identifier_embeddings(folder: str | os.PathLike, width: int) -> dict[str, torch.Tensor] | None:
+    """The vectors of ``folder/learned_embeds.safetensors`` by word, or None without that file.
+
+    A file for another text encoder (vectors not ``width`` long) or an unreadable one raises
+    ValueError naming it.
+    """
+    path = Path(folder) / EMBEDDINGS_NAME
+    if not path.is_file():
+        return None
+    try:
+        tensors = load_file(str(path))
+    except (SafetensorError, OSError, ValueError) as error:
+        raise ValueError(f"{path} is not a readable safetensors file: {error}") from error
+    for word, vector in tensors.items():
+        if vector.shape != (width,):
+            raise ValueError(f"{path}: the vector for {word!r} has shape {list(vector.shape)}, but this text "
+                             f"encoder embeds tokens in {width} dimensions; it was made for another model.")
+    return tensors
+
+
+def install_identifier_embeddings(
+    text_encoder: nn.Module, tokenizer, vectors: dict[str, torch.Tensor]
+) -> IdentifierEmbedding:
+    """Install frozen learned vectors (as read by ``read_identifier_embeddings``)."""
+    words = list(vectors)
+    layer = add_identifier_embeddings(text_encoder, tokenizer, words, torch.stack([vectors[w] for w in words]))
+    layer.identifier_vectors.requires_grad_(False)
+    return layer
+
+
 def load_identifier_embeddings(text_encoder: nn.Module, tokenizer, folder: str | os.PathLike) -> bool:
     """Install the vectors of ``folder/learned_embeds.safetensors`` if the file exists.
 
     Returns whether it did. A file for another text encoder (other width, or words this
     tokenizer does not hold as one token) raises ValueError and changes nothing.
     """
-    path = Path(folder) / EMBEDDINGS_NAME
-    if not path.is_file():
+    vectors = read_identifier_embeddings(folder, text_encoder.get_input_embeddings().weight.shape[1])
+    if vectors is None:
         return False
-    try:
-        tensors = load_file(str(path))
-    except (SafetensorError, OSError, ValueError) as error:
-        raise ValueError(f"{path} is not a readable safetensors file: {error}") from error
-    width = text_encoder.get_input_embeddings().weight.shape[1]
-    for word, vector in tensors.items():
-        if vector.shape != (width,):
-            raise ValueError(f"{path}: the vector for {word!r} has shape {list(vector.shape)}, but this text "
-                             f"encoder embeds tokens in {width} dimensions; it was made for another model.")
-    words = list(tensors)
-    token_ids(tokenizer, words)
-    layer = add_identifier_embeddings(text_encoder, tokenizer, words, torch.stack([tensors[w] for w in words]))
-    layer.identifier_vectors.requires_grad_(False)
+    install_identifier_embeddings(text_encoder, tokenizer, vectors)
     return True

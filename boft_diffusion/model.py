@@ -227,6 +227,11 @@ def _switchable(model: nn.Module) -> Iterator[nn.Module]:
     return (m for m in model.modules() if isinstance(m, (BOFTLayer, IdentifierEmbedding)))
 
 
+def has_adapters(model: nn.Module) -> bool:
+    """Whether ``model`` holds adapted layers or learned identifier embeddings."""
+    return next(_switchable(model), None) is not None
+
+
 def disable_adapters(model: nn.Module) -> None:
     """Run the base model (unmerging first if needed) until ``enable_adapters``."""
     unmerge_adapter(model)

@@ -23,7 +23,12 @@ import torch
 from PIL import Image, PngImagePlugin
 from safetensors import safe_open
 
-from .identifier import identifier_embedding, load_identifier_embeddings, remove_identifier_embeddings
+from .identifier import (
+    install_identifier_embeddings,
+    read_identifier_embeddings,
+    remove_identifier_embeddings,
+    token_ids,
+)
 from .model import (
     CONFIG_NAME,
     WEIGHTS_NAME,
@@ -99,7 +104,8 @@ class Studio:
         self.limits = limits or Limits()
         self.model_name = model
         self._pipe = None
-        self._loaded: dict[str, tuple[str, Any]] = {}  # adapter name -> (kind, control handle)
+        # adapter key -> (kind, control handle, learned identifier vectors or None)
+        self._loaded: dict[str, tuple[str, Any, dict[str, torch.Tensor] | None]] = {}
         self.lock = threading.Lock()
 
     # model -----------------------------------------------------------------------------------------
@@ -205,7 +211,7 @@ class Studio:
         key = self._key(name)
         if key not in self._loaded:
             self._loaded[key] = self._load_adapter(name, key)
-        kind, handle = self._loaded[key]
+        kind, handle, identifier = self._loaded[key]
         for model in self._models():
             if key in adapter_configs(model):
                 enable_adapters(model)
@@ -213,8 +219,8 @@ class Studio:
                 set_adapter_strength(model, strength)
             else:
                 disable_adapters(model)
-        if load_identifier_embeddings(self.pipe.text_encoder, self.pipe.tokenizer, self.resolve(name)):
-            identifier_embedding(self.pipe.text_encoder).strength = strength
+        if identifier:
+            install_identifier_embeddings(self.pipe.text_encoder, self.pipe.tokenizer, identifier).strength = strength
         else:
             remove_identifier_embeddings(self.pipe.text_encoder)
         if kind == "controlnet":
@@ -222,8 +228,9 @@ class Studio:
                 set_adapter_strength(handle.controlnet, strength, adapter)
         return kind, handle
 
-    def _load_adapter(self, name: str, key: str) -> tuple[str, Any]:
-        """Load a folder (UNet adapter, text-encoder adapter, control parts); undo everything on failure."""
+    def _load_adapter(self, name: str, key: str) -> tuple[str, Any, dict[str, torch.Tensor] | None]:
+        """Load a folder (UNet adapter, text-encoder adapter, learned identifier, control parts);
+        undo everything on failure."""
         folder = self.resolve(name)
         from .control import load_control, read_control_info
 
@@ -233,13 +240,17 @@ class Studio:
                     raise StudioError(f"adapter {name!r} trained biases, which would change the shared base "
                                       "model for every adapter; the app serves bias='none' adapters only.")
             if read_control_info(folder):
-                loaded = load_control(self.pipe, folder, adapter_name=key)
+                kind, handle = load_control(self.pipe, folder, adapter_name=key)
             else:
                 load_adapter(self.pipe.unet, folder, adapter_name=key)
-                loaded = ("adapter", None)
+                kind, handle = "adapter", None
             if (folder / "text_encoder" / CONFIG_NAME).is_file():
                 load_adapter(self.pipe.text_encoder, folder / "text_encoder", adapter_name=key)
-            return loaded
+            width = self.pipe.text_encoder.get_input_embeddings().weight.shape[1]
+            identifier = read_identifier_embeddings(folder, width)
+            if identifier:
+                token_ids(self.pipe.tokenizer, list(identifier))
+            return kind, handle, identifier
         except Exception as error:
             for model in self._models():
                 if key in adapter_configs(model):

@@ -66,6 +66,13 @@ def test_multi_token_identifier_is_refused(pipe):
     with pytest.raises(ValueError, match="zqxvkj.*single token"):
         add_identifier_embeddings(pipe.text_encoder, pipe.tokenizer, [word])
     assert not isinstance(pipe.text_encoder.get_input_embeddings(), IdentifierEmbedding)
+    installed = add_identifier_embeddings(pipe.text_encoder, pipe.tokenizer, ["sks"])
+    try:
+        with pytest.raises(ValueError, match="single token"):
+            add_identifier_embeddings(pipe.text_encoder, pipe.tokenizer, [word])
+        assert pipe.text_encoder.get_input_embeddings() is installed, "a refused identifier must change nothing"
+    finally:
+        remove_identifier_embeddings(pipe.text_encoder)
 
 
 def test_save_load_round_trip_and_file_for_another_model(pipe, tmp_path):
