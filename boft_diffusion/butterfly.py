@@ -158,7 +158,9 @@ def cayley(skew: torch.Tensor, neumann_terms: int = 0) -> torch.Tensor:
     eye = torch.eye(skew.shape[-1], device=skew.device, dtype=skew.dtype)
     with torch.autocast(device_type=skew.device.type, enabled=False):
         if neumann_terms <= 0:
-            return torch.linalg.solve(eye + skew, eye - skew)
+            # I + S is invertible for every skew S (eigenvalues 1 + i*lambda), so skip the error
+            # check of linalg.solve: on a GPU it waits for the device at every call.
+            return torch.linalg.solve_ex(eye + skew, eye - skew).result
         inverse = eye.expand_as(skew)
         power = eye.expand_as(skew)
         for _ in range(1, neumann_terms):

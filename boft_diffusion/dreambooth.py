@@ -359,7 +359,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
     recipe = Recipe(modules=modules, dataset_len=dataset_len, compute_loss=compute_loss,
                     save_outputs=save_outputs, validate=validate, run_name="boft-dreambooth",
-                    learning_rates={"identifier_vectors": args.identifier_learning_rate})
+                    learning_rates={"identifier.vectors": args.identifier_learning_rate})
     trainer = Trainer(args, accelerator, recipe)
     result = trainer.train()
     if accelerator.is_main_process:

@@ -311,6 +311,14 @@ class BOFTConv2d(BOFTLayer):
         return conv._conv_forward(x, self.folded_weight(name, apply_dropout=self.training), self.bias)
 
 
+class IdentifierVectors(nn.Module):
+    """The learned rows of an IdentifierEmbedding, one per identifier token (float32)."""
+
+    def __init__(self, vectors: torch.Tensor) -> None:
+        super().__init__()
+        self.vectors = nn.Parameter(vectors)
+
+
 class IdentifierEmbedding(nn.Module):
     """A frozen token embedding whose rows for a few identifier tokens are learned vectors.
 
@@ -335,9 +343,15 @@ class IdentifierEmbedding(nn.Module):
         if vectors.shape != (len(token_ids), base_layer.embedding_dim):
             raise ValueError(f"identifier vectors have shape {list(vectors.shape)}, expected "
                              f"[{len(token_ids)}, {base_layer.embedding_dim}] for this text encoder.")
-        self.identifier_vectors = nn.Parameter(vectors.detach().float().clone().to(base_layer.weight.device))
+        # In a child module, so that the frozen (maybe half-precision) embedding weight stays the text
+        # encoder's first parameter: transformers and diffusers read a model's dtype from it.
+        self.identifier = IdentifierVectors(vectors.detach().float().clone().to(base_layer.weight.device))
         self.adapters_disabled = False
         self.strength = 1.0  # 0: the original rows, 1: the learned ones
+
+    @property
+    def identifier_vectors(self) -> nn.Parameter:
+        return self.identifier.vectors
 
     @property
     def weight(self) -> torch.Tensor:

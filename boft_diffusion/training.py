@@ -20,6 +20,7 @@ import logging
 import math
 import os
 import sys
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -317,6 +318,29 @@ def trainable_tensors(modules: dict[str, nn.Module]) -> dict[str, nn.Parameter]:
     }
 
 
+class Throughput:
+    """Optimiser steps per second after the first (which pays for warm-up), and peak GPU memory."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+        self.times: list[float] = []
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(device)
+
+    def tick(self) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        self.times.append(time.perf_counter())
+
+    def summary(self) -> dict[str, float]:
+        speed: dict[str, float] = {}
+        if len(self.times) > 1:
+            speed["steps_per_second"] = (len(self.times) - 1) / (self.times[-1] - self.times[0])
+        if self.device.type == "cuda":
+            speed["peak_memory_gib"] = torch.cuda.max_memory_allocated(self.device) / 2**30
+        return speed
+
+
 class Trainer:
     """Runs a Recipe: resume, accumulate, clip, step, checkpoint, validate, log, save."""
 
@@ -452,6 +476,7 @@ class Trainer:
             module.train()
         progress = tqdm(total=self.max_steps, initial=self.step, desc="steps", disable=not acc.is_local_main_process)
         accumulated: dict[str, float] = {}
+        throughput = Throughput(acc.device)
         while self.step < self.max_steps:
             accumulated = {}
             for j in range(args.gradient_accumulation_steps):
@@ -464,6 +489,7 @@ class Trainer:
             self.lr_scheduler.step()
             self.optimizer.zero_grad(set_to_none=True)
             self.step += 1
+            throughput.tick()
             accumulated["lr"] = self.lr_scheduler.get_last_lr()[0]
             progress.update(1)
             progress.set_postfix(loss=f"{accumulated['loss']:.4f}")
@@ -473,8 +499,11 @@ class Trainer:
             if args.validation_steps and self.step % args.validation_steps == 0 and self.step < self.max_steps:
                 self.run_validation()
         progress.close()
+        speed = throughput.summary()
+        if speed:
+            logger.info("training speed: %s", speed)
         self.finish()
-        return {"step": self.step, **accumulated}
+        return {"step": self.step, **accumulated, **speed}
 
     # validation and final outputs ------------------------------------------------------------------
     def run_validation(self) -> Path | None:

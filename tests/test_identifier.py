@@ -118,3 +118,20 @@ def test_merged_state_dict_writes_the_learned_row(pipe):
                          return_tensors="pt").input_ids
     with torch.no_grad():
         assert torch.allclose(plain(ids)[0], expected, atol=1e-6)
+
+
+def test_half_precision_pipeline_keeps_its_dtype_with_an_identifier(pipe, tmp_path):
+    """The float32 learned vectors must not become the text encoder's dtype: pipelines read it
+    to cast prompt embeddings, and a float32 prompt would then meet half-precision UNet weights."""
+    add_identifier_embeddings(pipe.text_encoder, pipe.tokenizer, ["sks"], random_vector(pipe, 3))
+    try:
+        save_identifier_embeddings(pipe.text_encoder, tmp_path)
+    finally:
+        remove_identifier_embeddings(pipe.text_encoder)
+    half = bd.load_pipeline("tiny", dtype=torch.bfloat16, device="cpu")
+    half.set_progress_bar_config(disable=True)
+    assert load_identifier_embeddings(half.text_encoder, half.tokenizer, tmp_path)
+    assert half.text_encoder.dtype == torch.bfloat16
+    images = half("a photo of sks star", num_inference_steps=2, output_type="pt",
+                  generator=torch.Generator().manual_seed(0)).images
+    assert torch.isfinite(images).all()

@@ -46,8 +46,8 @@ def test_make_optimizer_gives_named_parameters_their_own_rate():
                               use_8bit_adam=False, adam_beta1=0.9, adam_beta2=0.999, adam_weight_decay=0.0,
                               adam_epsilon=1e-8)
     params = {"unet.up.to_q.boft_skew.default": nn.Parameter(torch.zeros(2)),
-              "text_encoder.token_embedding.identifier_vectors": nn.Parameter(torch.zeros(3))}
-    optimizer = make_optimizer(args, params, 1, {"identifier_vectors": 5e-3})
+              "text_encoder.token_embedding.identifier.vectors": nn.Parameter(torch.zeros(3))}
+    optimizer = make_optimizer(args, params, 1, {"identifier.vectors": 5e-3})
     groups = sorted((g["lr"], [p.numel() for p in g["params"]]) for g in optimizer.param_groups)
     assert [sizes for _, sizes in groups] == [[2], [3]]
     assert [lr for lr, _ in groups] == pytest.approx([6e-3, 3e-2])
