@@ -44,22 +44,28 @@ def open_image(path: str | os.PathLike) -> Image.Image:
         return to_rgb(image)
 
 
-def list_images(folder: str | os.PathLike) -> list[Path]:
+def list_images(folder: str | os.PathLike, caption_extension: str | None = None) -> list[Path]:
+    """The files of ``folder`` that may be images: hidden files and caption sidecars left out."""
     folder = Path(folder)
     if not folder.is_dir():
         raise DataError(f"image folder {folder} does not exist.")
-    return sorted(p for p in folder.iterdir() if p.is_file() and not p.name.startswith("."))
+    return sorted(
+        p for p in folder.iterdir()
+        if p.is_file() and not p.name.startswith(".") and not (caption_extension and p.suffix == caption_extension)
+    )
 
 
 def load_images(
-    folder: str | os.PathLike, resolution: int, num_workers: int = 0, what: str = "images"
+    folder: str | os.PathLike, resolution: int, num_workers: int = 0, what: str = "images",
+    caption_extension: str | None = None,
 ) -> list[tuple[Path, Image.Image]]:
     """All decodable images of ``folder``, resized so the shorter side is ``resolution``.
 
     Unreadable or non-image files are skipped with one warning that lists them; a folder with no
     usable image is an error. Images smaller than ``resolution`` are upscaled with a warning.
+    Files ending in ``caption_extension`` are captions, not candidates.
     """
-    paths = list_images(folder)
+    paths = list_images(folder, caption_extension)
 
     def decode(path: Path) -> Image.Image | None:
         try:
@@ -82,6 +88,47 @@ def load_images(
     if small:
         logger.warning("upscaling %d image(s) smaller than %dpx: %s", len(small), resolution, ", ".join(small))
     return [(p, resize_shorter_side(image, resolution)) for p, image in images]
+
+
+def read_captions(images: Sequence[Path], extension: str, default: str) -> list[str]:
+    """Each image's prompt from its sidecar (``photo.png`` -> ``photo.txt``), else ``default``.
+
+    A sidecar that cannot be read as UTF-8 text, or is blank, is an error naming it: silently
+    training that image on the default prompt would hide the mistake.
+    """
+    captions = []
+    for image in images:
+        sidecar = image.with_suffix(extension)
+        if not sidecar.is_file():
+            captions.append(default)
+            continue
+        try:
+            text = " ".join(sidecar.read_text(encoding="utf-8").split())
+        except (OSError, UnicodeDecodeError) as error:
+            raise DataError(f"caption file {sidecar} is not readable UTF-8 text ({error}).") from error
+        if not text:
+            raise DataError(f"caption file {sidecar} is empty.")
+        captions.append(text)
+    return captions
+
+
+def load_masks(images: Sequence[tuple[Path, Image.Image]], mask_dir: str | os.PathLike) -> list[torch.Tensor]:
+    """For each loaded image, the mask in ``mask_dir`` with the same file stem, as ``[1, H, W]``
+    in [0, 1] at the image's size (white: the subject). A missing or unreadable mask is an error."""
+    mask_dir = Path(mask_dir)
+    by_stem = {p.stem: p for p in list_images(mask_dir)}
+    missing = [path.name for path, _ in images if path.stem not in by_stem]
+    if missing:
+        raise DataError(f"no mask in {mask_dir} for {len(missing)} image(s): {', '.join(missing)}.")
+    masks = []
+    for path, image in images:
+        try:
+            with Image.open(by_stem[path.stem]) as mask:
+                gray = to_rgb(mask).convert("L").resize(image.size, Image.BILINEAR)
+        except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as error:
+            raise DataError(f"mask {by_stem[path.stem]} is not a readable image ({error}).") from error
+        masks.append(torch.from_numpy(np.asarray(gray, dtype=np.float32) / 255.0).unsqueeze(0))
+    return masks
 
 
 def resize_shorter_side(image: Image.Image, size: int) -> Image.Image:
@@ -117,7 +164,7 @@ def augment_batch(
     random_crop: bool,
     random_flip: bool,
 ) -> torch.Tensor:
-    """Crop each ``[3, H, W]`` tensor to ``size`` (random or centred) and maybe flip it."""
+    """Crop each ``[C, H, W]`` tensor to ``size`` (random or centred) and maybe flip it."""
     out = []
     for image in images:
         _, height, width = image.shape

@@ -7,6 +7,7 @@ import logging
 import os
 from collections.abc import Callable
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -15,7 +16,15 @@ from PIL import Image
 
 from . import apply_boft, save_adapter
 from .baselines import apply_lora, save_lora
-from .data import augment_batch, center_crop, image_to_tensor, list_images, load_images
+from .data import (
+    augment_batch,
+    center_crop,
+    image_to_tensor,
+    list_images,
+    load_images,
+    load_masks,
+    read_captions,
+)
 from .export import export_merged_pipeline
 from .identifier import (
     EMBEDDINGS_NAME,
@@ -53,13 +62,20 @@ class ImageSet:
     """Preprocessed training images: one ``[3, H, W]`` tensor each, shorter side = resolution."""
 
     tensors: list[torch.Tensor]
-    names: list[str]
+    paths: list[Path]
 
     @classmethod
-    def from_folder(cls, folder: str | os.PathLike, resolution: int, crop: bool, workers: int, what: str) -> ImageSet:
-        loaded = load_images(folder, resolution, workers, what)
+    def from_folder(cls, folder: str | os.PathLike, resolution: int, crop: bool, workers: int, what: str,
+                    caption_extension: str | None = None, mask_dir: str | os.PathLike | None = None) -> ImageSet:
+        """With ``mask_dir``, each tensor carries its subject mask as a fourth channel, so crops
+        and flips move image and mask together."""
+        loaded = load_images(folder, resolution, workers, what, caption_extension)
         images = [center_crop(image, resolution) if crop else image for _, image in loaded]
-        return cls([image_to_tensor(image) for image in images], [p.name for p, _ in loaded])
+        tensors = [image_to_tensor(image) for image in images]
+        if mask_dir is not None:
+            masks = load_masks(list(zip([p for p, _ in loaded], images, strict=True)), mask_dir)
+            tensors = [torch.cat([image, mask]) for image, mask in zip(tensors, masks, strict=True)]
+        return cls(tensors, [p for p, _ in loaded])
 
 
 def place(module: torch.nn.Module, device: torch.device | None = None, dtype: torch.dtype = torch.float32) -> None:
@@ -189,6 +205,19 @@ def build_parser(description: str | None = None) -> argparse.ArgumentParser:
     group.add_argument("--instance_data_dir", default=None,
                        help="Images of the subject (default: the bundled striped star, examples/sks_star).")
     group.add_argument("--instance_prompt", default="a photo of sks star")
+    group.add_argument("--caption_extension", default=None,
+                       help="e.g. .txt: an instance image's sidecar file (photo.png -> photo.txt) is its prompt; "
+                            "images without one use --instance_prompt. Describe what is not the subject "
+                            "(\"a photo of sks star on a red background\") so the identifier does not absorb it.")
+    group.add_argument("--caption_dropout_rate", type=float, default=0.0,
+                       help="Probability of training a captioned image on --instance_prompt instead, so the "
+                            "plain prompt keeps working.")
+    group.add_argument("--instance_mask_dir", default=None,
+                       help="Subject masks (white: the subject), one per instance image with the same file stem. "
+                            "The instance loss outside the mask is weighted by --background_loss_weight, so "
+                            "the identifier learns the subject rather than the photos' backgrounds.")
+    group.add_argument("--background_loss_weight", type=float, default=0.1,
+                       help="Weight of the instance loss outside the subject mask (with --instance_mask_dir).")
     group.add_argument("--class_data_dir", default=None, help="Class images; generated with the base model if short.")
     group.add_argument("--class_prompt", default=None, help='e.g. "a photo of star".')
     group.add_argument("--with_prior_preservation", action="store_true")
@@ -253,8 +282,19 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     pipe.set_progress_bar_config(disable=True)
     resolution = args.resolution or pipe.unet.config.sample_size * pipe.vae_scale_factor
     instance_dir = args.instance_data_dir or default_instance_dir()
-    instances = ImageSet.from_folder(instance_dir, resolution, args.center_crop, args.dataloader_num_workers, "instance images")
+    instances = ImageSet.from_folder(instance_dir, resolution, args.center_crop, args.dataloader_num_workers,
+                                     "instance images", args.caption_extension, args.instance_mask_dir)
     logger.info("%d instance images from %s", len(instances.tensors), instance_dir)
+    instance_prompts = [args.instance_prompt] * len(instances.paths)
+    if args.caption_extension:
+        instance_prompts = read_captions(instances.paths, args.caption_extension, args.instance_prompt)
+        captioned = sum(prompt != args.instance_prompt for prompt in instance_prompts)
+        logger.info("%d of %d instance images have their own caption", captioned, len(instance_prompts))
+        identifier = args.identifier_token or identifier_words(args.instance_prompt, args.class_prompt)
+        unnamed = [p.name for p, prompt in zip(instances.paths, instance_prompts, strict=True)
+                   if identifier and not set(identifier) & set(prompt.split())]
+        if unnamed:
+            logger.warning("captions without the identifier %s: %s", " ".join(identifier), ", ".join(unnamed))
 
     # Build the adapters first: invalid block sizes must fail before minutes of class generation.
     unet, text_encoder, vae, tokenizer = pipe.unet, pipe.text_encoder, pipe.vae, pipe.tokenizer
@@ -295,7 +335,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     from diffusers import DDPMScheduler
 
     noise_scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
-    prompts = [args.instance_prompt] + ([args.class_prompt] if classes else [])
+    prompts = list(dict.fromkeys([args.instance_prompt] + instance_prompts + ([args.class_prompt] if classes else [])))
+    instance_rows = [prompts.index(prompt) for prompt in instance_prompts]
     cached_embeddings = None
     if "text_encoder" not in modules:
         with torch.no_grad():
@@ -304,12 +345,17 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     scaling = vae.config.scaling_factor
 
     def compute_loss(indices: list[int], generator: torch.Generator):
-        pixels = [instances.tensors[i % len(instances.tensors)] for i in indices]
-        prompt_rows = [0] * len(indices)
+        prompt_rows = [instance_rows[i % len(instance_rows)] for i in indices]
+        if args.caption_dropout_rate > 0:
+            dropped = (torch.rand(len(indices), generator=generator) < args.caption_dropout_rate).tolist()
+            prompt_rows = [0 if drop else row for row, drop in zip(prompt_rows, dropped, strict=True)]
+        augment = partial(augment_batch, size=resolution, generator=generator, random_crop=not args.center_crop,
+                          random_flip=args.random_flip)
+        batch = augment([instances.tensors[i % len(instances.tensors)] for i in indices])
+        batch, masks = batch[:, :3], batch[:, 3:]
         if classes:
-            pixels += [classes.tensors[i % len(classes.tensors)] for i in indices]
-            prompt_rows += [1] * len(indices)
-        batch = augment_batch(pixels, resolution, generator, not args.center_crop, args.random_flip)
+            batch = torch.cat([batch, augment([classes.tensors[i % len(classes.tensors)] for i in indices])])
+            prompt_rows += [prompts.index(args.class_prompt)] * len(indices)
         with torch.no_grad():
             latent_dist = vae.encode(batch.to(device, dtype)).latent_dist
             eps = torch.randn(latent_dist.mean.shape, generator=generator).to(device, latent_dist.mean.dtype)
@@ -325,15 +371,22 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             embeddings = encode_prompts(tokenizer, trainer.wrapped["text_encoder"], [prompts[r] for r in prompt_rows], device)
         prediction = trainer.wrapped["unet"](noisy.to(dtype), timesteps, embeddings.to(dtype)).sample.float()
         target = denoising_target(noise_scheduler, latents, noise, timesteps)
-        if classes:
-            half = len(indices)
-            instance_loss = denoising_loss(prediction[:half], target[:half], timesteps[:half], noise_scheduler,
-                                           args.snr_gamma)
-            prior_loss = denoising_loss(prediction[half:], target[half:], timesteps[half:], noise_scheduler,
-                                        args.snr_gamma)
-            loss = instance_loss + args.prior_loss_weight * prior_loss
-            return loss, {"instance_loss": instance_loss.item(), "prior_loss": prior_loss.item()}
-        return denoising_loss(prediction, target, timesteps, noise_scheduler, args.snr_gamma), {}
+        half = len(indices)
+        instance_loss = denoising_loss(prediction[:half], target[:half], timesteps[:half], noise_scheduler,
+                                       args.snr_gamma, subject_weight(masks, latents.shape[-2:]))
+        if not classes:
+            return instance_loss, {}
+        prior_loss = denoising_loss(prediction[half:], target[half:], timesteps[half:], noise_scheduler,
+                                    args.snr_gamma)
+        loss = instance_loss + args.prior_loss_weight * prior_loss
+        return loss, {"instance_loss": instance_loss.item(), "prior_loss": prior_loss.item()}
+
+    def subject_weight(masks: torch.Tensor, size: torch.Size) -> torch.Tensor | None:
+        """Per-latent-pixel loss weight: 1 on the subject, --background_loss_weight elsewhere."""
+        if masks.shape[1] == 0:
+            return None
+        coverage = torch.nn.functional.interpolate(masks.float(), size=tuple(size), mode="area").to(device)
+        return args.background_loss_weight + (1 - args.background_loss_weight) * coverage
 
     validation_prompts = args.validation_prompt or [args.instance_prompt]
 

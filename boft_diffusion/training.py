@@ -228,14 +228,23 @@ def denoising_target(scheduler, latents: torch.Tensor, noise: torch.Tensor, time
 
 
 def denoising_loss(
-    prediction: torch.Tensor, target: torch.Tensor, timesteps: torch.Tensor, scheduler, snr_gamma: float | None
+    prediction: torch.Tensor, target: torch.Tensor, timesteps: torch.Tensor, scheduler, snr_gamma: float | None,
+    pixel_weight: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Per-example MSE, averaged; with ``snr_gamma`` weighted by Min-SNR (Hang et al. 2023).
 
     Min-SNR caps the weight of nearly clean timesteps and, for v-prediction, shrinks that of
     nearly pure noise, where the target is the data mean: without it a few instance images
-    pull the whole palette of a small model towards their average colour."""
-    per_example = ((prediction.float() - target.float()) ** 2).mean(dim=tuple(range(1, prediction.ndim)))
+    pull the whole palette of a small model towards their average colour. ``pixel_weight``
+    (broadcastable to the prediction) turns each example's MSE into a weighted mean, e.g. to
+    learn less of a subject's background."""
+    error = (prediction.float() - target.float()) ** 2
+    dims = tuple(range(1, prediction.ndim))
+    if pixel_weight is None:
+        per_example = error.mean(dim=dims)
+    else:
+        weight = pixel_weight.float().expand_as(error)
+        per_example = (error * weight).sum(dim=dims) / weight.sum(dim=dims).clamp_min(1e-8)
     if not snr_gamma:
         return per_example.mean()
     alphas = scheduler.alphas_cumprod.to(timesteps.device)[timesteps]

@@ -2,7 +2,8 @@
 """Regenerate the example data sets from the shapes world (deterministic).
 
 * ``examples/sks_star/``: 5 instance images (64x64 PNG) of the demo subject, a
-  an orange star with purple stripes, on varied backgrounds/positions.
+  an orange star with purple stripes, on varied backgrounds/positions, and their subject
+  masks in ``examples/sks_star_masks/`` (for ``--instance_mask_dir``).
 * ``examples/tiny_control/``: a small ControlNet-style data set of shapes placed
   anywhere (captions do not say where, the maps do): ``images/``,
   ``conditioning/`` (binary shape masks), ``edges/`` (edge maps) and
@@ -25,13 +26,16 @@ from boft_diffusion.tiny import world as W  # noqa: E402
 
 
 def make_subject(out: Path, n: int = 5, seed: int = 7) -> list[Path]:
-    out.mkdir(parents=True, exist_ok=True)
-    for old in out.glob("*.png"):
-        old.unlink()
+    masks = out.with_name(out.name + "_masks")
+    for folder in (out, masks):
+        folder.mkdir(parents=True, exist_ok=True)
+        for old in folder.glob("*.png"):
+            old.unlink()
     paths = []
     for i, scene in enumerate(W.subject_instance_scenes(n, seed)):
         p = out / f"sks_star_{i:02d}.png"
         W.render(scene).save(p, optimize=True)
+        W.render_mask(scene).save(masks / p.name, optimize=True)
         paths.append(p)
     # beside the image folder, so the folder holds images only
     out.with_suffix(".json").write_text(json.dumps({

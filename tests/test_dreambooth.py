@@ -262,3 +262,67 @@ def test_identifier_embedding_is_learned_saved_merged_and_leaves_class_prompts_a
     assert "single token" in capsys.readouterr().err
     assert run_main("--output_dir", tmp_path / "bad", "--train_identifier_embedding") == 2
     assert "--identifier_token" in capsys.readouterr().err
+
+
+def subject_copy(folder: Path) -> Path:
+    shutil.copytree(ROOT / "examples" / "sks_star", folder)
+    return folder
+
+
+def test_sidecar_captions_are_the_prompts_of_their_images(tmp_path, capsys, caplog, monkeypatch):
+    instances = subject_copy(tmp_path / "captioned")
+    (instances / "sks_star_00.txt").write_text("a photo of sks star on a black background\n")
+    (instances / "sks_star_01.txt").write_text("  a photo of sks star\n  on a blue background ")
+    (instances / "sks_star_02.txt").write_text("a photo of a star")
+    seen: list[str] = []
+    real_encode = dreambooth.encode_prompts
+
+    def recording(tokenizer, text_encoder, prompts, device):
+        seen.extend(prompts)
+        return real_encode(tokenizer, text_encoder, prompts, device)
+
+    monkeypatch.setattr(dreambooth, "encode_prompts", recording)
+    common = ["--instance_data_dir", instances, "--caption_extension", ".txt", "--train_batch_size", "5",
+              "--train_identifier_embedding", "--class_prompt", "a photo of star", "--max_train_steps", "1"]
+    with caplog.at_level("WARNING", logger="boft_diffusion"):
+        assert run_main("--output_dir", tmp_path / "a", *common) == 0
+    messages = "\n".join(r.getMessage() for r in caplog.records)
+    assert "non-image" not in messages, "caption files are not images to skip"
+    assert "captions without the identifier sks: sks_star_02.png" in messages
+    training = seen[-5:]  # one batch of all five images; validation uses the pipeline
+    assert sorted(training) == sorted(["a photo of sks star on a black background",
+                                       "a photo of sks star on a blue background", "a photo of a star",
+                                       "a photo of sks star", "a photo of sks star"])
+
+    seen.clear()
+    assert run_main("--output_dir", tmp_path / "b", *common, "--caption_dropout_rate", "1") == 0
+    assert seen[-5:] == ["a photo of sks star"] * 5
+
+    (instances / "sks_star_03.txt").write_text("   \n")
+    assert run_main("--output_dir", tmp_path / "c", *common) == 2
+    assert "sks_star_03.txt is empty" in capsys.readouterr().err
+
+
+def test_subject_masks_weight_the_instance_loss(tmp_path, capsys):
+    masks = tmp_path / "masks"
+    masks.mkdir()
+    for image in sorted((ROOT / "examples" / "sks_star").glob("*.png")):
+        mask = np.zeros((64, 64), dtype=np.uint8)
+        mask[16:48, 16:48] = 255
+        Image.fromarray(mask).save(masks / image.name)
+    common = ["--max_train_steps", "3", "--seed", "3"]
+
+    def adapter(name: str, *flags) -> dict:
+        assert run_main("--output_dir", tmp_path / name, *common, *flags) == 0
+        return load_file(tmp_path / name / "adapter_model.safetensors")
+
+    plain = adapter("plain")
+    unit = adapter("unit", "--instance_mask_dir", masks, "--background_loss_weight", "1")
+    masked = adapter("masked", "--instance_mask_dir", masks, "--background_loss_weight", "0.1")
+    assert all(torch.allclose(plain[k], unit[k], atol=1e-6) for k in plain), "weight 1 everywhere is the plain loss"
+    assert any(not torch.allclose(plain[k], masked[k], atol=1e-4) for k in plain)
+
+    (masks / "sks_star_04.png").unlink()
+    assert run_main("--output_dir", tmp_path / "missing", *common, "--instance_mask_dir", masks) == 2
+    err = capsys.readouterr().err
+    assert "no mask in" in err and "sks_star_04.png" in err

@@ -51,3 +51,22 @@ def test_make_optimizer_gives_named_parameters_their_own_rate():
     groups = sorted((g["lr"], [p.numel() for p in g["params"]]) for g in optimizer.param_groups)
     assert [sizes for _, sizes in groups] == [[2], [3]]
     assert [lr for lr, _ in groups] == pytest.approx([6e-3, 3e-2])
+
+
+def test_pixel_weight_gives_a_weighted_mean_per_example():
+    gen = torch.Generator().manual_seed(1)
+    prediction, target = torch.randn(2, 4, 8, 8, generator=gen), torch.randn(2, 4, 8, 8, generator=gen)
+    timesteps, eps = torch.tensor([100, 800]), scheduler("epsilon")
+    ones = torch.ones(2, 1, 8, 8)
+    assert torch.allclose(denoising_loss(prediction, target, timesteps, eps, None, ones),
+                          denoising_loss(prediction, target, timesteps, eps, None))
+    left = torch.zeros(2, 1, 8, 8)
+    left[..., :4] = 1.0
+    changed = prediction.clone()
+    changed[..., 4:] += 100.0  # errors where the weight is zero do not count
+    expected = ((prediction - target) ** 2)[..., :4].mean()
+    assert torch.allclose(denoising_loss(changed, target, timesteps, eps, None, left), expected)
+    background = 0.1 + 0.9 * left
+    error = (prediction - target) ** 2
+    per_example = (error * background).sum(dim=(1, 2, 3)) / background.expand_as(error).sum(dim=(1, 2, 3))
+    assert torch.allclose(denoising_loss(prediction, target, timesteps, eps, None, background), per_example.mean())
