@@ -326,3 +326,18 @@ def test_subject_masks_weight_the_instance_loss(tmp_path, capsys):
     assert run_main("--output_dir", tmp_path / "missing", *common, "--instance_mask_dir", masks) == 2
     err = capsys.readouterr().err
     assert "no mask in" in err and "sks_star_04.png" in err
+
+
+def test_real_size_check_script_runs_its_tiny_variant(tmp_path):
+    """benchmarks/gpu_check.py (run on a GPU at SD 1.5 size) takes the same path at tiny size on CPU."""
+    command = [sys.executable, str(ROOT / "benchmarks" / "gpu_check.py"), "--size", "tiny", "--mixed_precision", "no",
+               "--max_train_steps", "2", "--recipes", "attention+convs+identifier", "--workdir", str(tmp_path)]
+    output = subprocess.run(command, capture_output=True, text=True, env=subprocess_env(), timeout=300)
+    assert output.returncode == 0, output.stderr[-2000:]
+    rows = [json.loads(line) for line in output.stdout.splitlines() if line.startswith("{")]
+    result = rows[-1]
+    assert result["recipe"] == "attention+convs+identifier" and result["step"] == 2
+    assert result["steps_per_second"] > 0 and "peak_memory_gib" not in result  # CPU: no GPU memory to report
+    assert result["validation_grid"] and result["finite"]
+    assert result["reloaded_adapter_changes_output"] > 0
+    assert (tmp_path / "attention-convs-identifier" / "learned_embeds.safetensors").is_file()
