@@ -59,7 +59,8 @@ EXAMPLE_SUBJECT = Path(__file__).resolve().parent.parent / "examples" / "sks_sta
 
 @dataclass
 class ImageSet:
-    """Preprocessed training images: one ``[3, H, W]`` tensor each, shorter side = resolution."""
+    """Preprocessed training images: one ``[3, H, W]`` tensor each (``[4, H, W]`` with a mask),
+    shorter side = resolution."""
 
     tensors: list[torch.Tensor]
     paths: list[Path]
@@ -197,6 +198,11 @@ The folder is also a Hugging Face PEFT BOFT adapter: `PeftModel.from_pretrained(
 """
 
 
+def dotted_suffix(text: str) -> str:
+    """``txt`` or ``.txt`` -> ``.txt``."""
+    return text if text.startswith(".") else f".{text}"
+
+
 def build_parser(description: str | None = None) -> argparse.ArgumentParser:
     """The flags of train_dreambooth.py (diffusers' names), shared with the demo."""
     parser = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -205,7 +211,7 @@ def build_parser(description: str | None = None) -> argparse.ArgumentParser:
     group.add_argument("--instance_data_dir", default=None,
                        help="Images of the subject (default: the bundled striped star, examples/sks_star).")
     group.add_argument("--instance_prompt", default="a photo of sks star")
-    group.add_argument("--caption_extension", default=None,
+    group.add_argument("--caption_extension", default=None, type=dotted_suffix,
                        help="e.g. .txt: an instance image's sidecar file (photo.png -> photo.txt) is its prompt; "
                             "images without one use --instance_prompt. Describe what is not the subject "
                             "(\"a photo of sks star on a red background\") so the identifier does not absorb it.")
@@ -271,6 +277,10 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     """Train a DreamBooth BOFT adapter as described by parsed ``train_dreambooth.py`` flags."""
     check_output_dir(args, ["adapter_model.safetensors"])
     args.guidance_scale = default_guidance(args.pretrained_model_name_or_path, args.guidance_scale)
+    if not 0 <= args.caption_dropout_rate <= 1:
+        raise TrainingError(f"--caption_dropout_rate {args.caption_dropout_rate} is not a probability.")
+    if args.background_loss_weight < 0:
+        raise TrainingError(f"--background_loss_weight {args.background_loss_weight} is negative.")
     if args.with_prior_preservation and (not args.class_data_dir or not args.class_prompt):
         raise TrainingError("--with_prior_preservation needs --class_data_dir and --class_prompt.")
     accelerator = make_accelerator(args)

@@ -295,8 +295,11 @@ def test_sidecar_captions_are_the_prompts_of_their_images(tmp_path, capsys, capl
                                        "a photo of sks star", "a photo of sks star"])
 
     seen.clear()
-    assert run_main("--output_dir", tmp_path / "b", *common, "--caption_dropout_rate", "1") == 0
+    assert run_main("--output_dir", tmp_path / "b", *common, "--caption_dropout_rate", "1",
+                    "--caption_extension", "txt") == 0
     assert seen[-5:] == ["a photo of sks star"] * 5
+    assert run_main("--output_dir", tmp_path / "d", *common, "--caption_dropout_rate", "1.5") == 2
+    assert "not a probability" in capsys.readouterr().err
 
     (instances / "sks_star_03.txt").write_text("   \n")
     assert run_main("--output_dir", tmp_path / "c", *common) == 2
