@@ -21,7 +21,7 @@ from pathlib import Path
 
 import torch
 
-from boft_diffusion.dreambooth import load_dreambooth_adapter
+from boft_diffusion.dreambooth import build_parser, load_dreambooth_adapter, run
 from boft_diffusion.loading import EMBEDDED_MODEL_DIR, load_pipeline
 
 SD15 = {
@@ -84,8 +84,6 @@ def build_pipeline_folder(folder: Path, sizes: dict, device: str) -> None:
 
 
 def train(model: Path, output: Path, recipe: list[str], args: argparse.Namespace, resolution: int) -> dict:
-    from boft_diffusion.dreambooth import build_parser, run
-
     flags = [
         "--pretrained_model_name_or_path", str(model), "--output_dir", str(output),
         "--instance_prompt", "a photo of sks star", "--class_prompt", "a photo of star",

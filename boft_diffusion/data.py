@@ -51,8 +51,14 @@ def list_images(folder: str | os.PathLike, caption_extension: str | None = None)
         raise DataError(f"image folder {folder} does not exist.")
     return sorted(
         p for p in folder.iterdir()
-        if p.is_file() and not p.name.startswith(".") and not (caption_extension and p.suffix == caption_extension)
+        if p.is_file() and not p.name.startswith(".")
+        and not (caption_extension and p.name.lower().endswith(caption_extension.lower()))
     )
+
+
+def caption_path(image: Path, extension: str) -> Path:
+    """The sidecar caption of ``image``: ``photo.png`` -> ``photo.txt``."""
+    return image.with_name(image.stem + extension)
 
 
 def load_images(
@@ -98,7 +104,7 @@ def read_captions(images: Sequence[Path], extension: str, default: str) -> list[
     """
     captions = []
     for image in images:
-        sidecar = image.with_suffix(extension)
+        sidecar = caption_path(image, extension)
         if not sidecar.is_file():
             captions.append(default)
             continue
@@ -114,21 +120,43 @@ def read_captions(images: Sequence[Path], extension: str, default: str) -> list[
 
 def load_masks(images: Sequence[tuple[Path, Image.Image]], mask_dir: str | os.PathLike) -> list[torch.Tensor]:
     """For each loaded image, the mask in ``mask_dir`` with the same file stem, as ``[1, H, W]``
-    in [0, 1] at the image's size (white: the subject). A missing or unreadable mask is an error."""
+    in [0, 1] at the image's size. White is the subject; a mask with transparency (a cut-out)
+    uses its alpha channel instead. Missing, duplicate, unreadable or differently shaped masks
+    are errors naming the file."""
     mask_dir = Path(mask_dir)
-    by_stem = {p.stem: p for p in list_images(mask_dir)}
+    by_stem: dict[str, Path] = {}
+    for path in list_images(mask_dir):
+        if path.suffix.lower() not in IMAGE_SUFFIXES:
+            continue
+        if path.stem in by_stem:
+            raise DataError(f"two masks for {path.stem!r} in {mask_dir}: {by_stem[path.stem].name}, {path.name}.")
+        by_stem[path.stem] = path
     missing = [path.name for path, _ in images if path.stem not in by_stem]
     if missing:
         raise DataError(f"no mask in {mask_dir} for {len(missing)} image(s): {', '.join(missing)}.")
     masks = []
     for path, image in images:
+        mask_path = by_stem[path.stem]
         try:
-            with Image.open(by_stem[path.stem]) as mask:
-                gray = to_rgb(mask).convert("L").resize(image.size, Image.BILINEAR)
+            with Image.open(mask_path) as mask:
+                mask.load()
+                gray = mask_channel(mask)
         except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as error:
-            raise DataError(f"mask {by_stem[path.stem]} is not a readable image ({error}).") from error
+            raise DataError(f"mask {mask_path} is not a readable image ({error}).") from error
+        (mask_w, mask_h), (image_w, image_h) = gray.size, image.size
+        if abs(mask_w * image_h - image_w * mask_h) > 0.01 * mask_h * image_h:
+            raise DataError(f"mask {mask_path} is {mask_w}x{mask_h}, its image {path.name} is {image_w}x{image_h}: "
+                            "the shapes differ.")
+        gray = gray.resize(image.size, Image.BILINEAR)
         masks.append(torch.from_numpy(np.asarray(gray, dtype=np.float32) / 255.0).unsqueeze(0))
     return masks
+
+
+def mask_channel(mask: Image.Image) -> Image.Image:
+    """The subject as an 8-bit gray image: the alpha channel of a cut-out, else the brightness."""
+    if mask.mode in ("RGBA", "LA", "PA") or (mask.mode == "P" and "transparency" in mask.info):
+        return mask.convert("RGBA").getchannel("A")
+    return to_rgb(mask).convert("L")
 
 
 def resize_shorter_side(image: Image.Image, size: int) -> Image.Image:
@@ -144,6 +172,13 @@ def center_crop(image: Image.Image, size: int) -> Image.Image:
     width, height = image.size
     left, top = (width - size) // 2, (height - size) // 2
     return image.crop((left, top, left + size, top + size))
+
+
+def center_crop_tensor(tensor: torch.Tensor, size: int) -> torch.Tensor:
+    """The centred ``size`` x ``size`` window of a ``[C, H, W]`` tensor (all channels alike)."""
+    _, height, width = tensor.shape
+    top, left = (height - size) // 2, (width - size) // 2
+    return tensor[:, top : top + size, left : left + size]
 
 
 def image_to_tensor(image: Image.Image) -> torch.Tensor:

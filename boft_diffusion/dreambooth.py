@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import re
 from collections.abc import Callable
 from dataclasses import dataclass
 from functools import partial
@@ -18,7 +19,8 @@ from . import apply_boft, save_adapter
 from .baselines import apply_lora, save_lora
 from .data import (
     augment_batch,
-    center_crop,
+    caption_path,
+    center_crop_tensor,
     image_to_tensor,
     list_images,
     load_images,
@@ -55,6 +57,7 @@ logger = logging.getLogger("boft_diffusion")
 UNET_TARGETS = ("to_q", "to_k", "to_v", "to_out.0")
 TEXT_ENCODER_TARGETS = ("q_proj", "k_proj", "v_proj", "out_proj")
 EXAMPLE_SUBJECT = Path(__file__).resolve().parent.parent / "examples" / "sks_star"
+DEFAULT_BACKGROUND_LOSS_WEIGHT = 0.1
 
 
 @dataclass
@@ -71,11 +74,12 @@ class ImageSet:
         """With ``mask_dir``, each tensor carries its subject mask as a fourth channel, so crops
         and flips move image and mask together."""
         loaded = load_images(folder, resolution, workers, what, caption_extension)
-        images = [center_crop(image, resolution) if crop else image for _, image in loaded]
-        tensors = [image_to_tensor(image) for image in images]
+        tensors = [image_to_tensor(image) for _, image in loaded]
         if mask_dir is not None:
-            masks = load_masks(list(zip([p for p, _ in loaded], images, strict=True)), mask_dir)
+            masks = load_masks(loaded, mask_dir)
             tensors = [torch.cat([image, mask]) for image, mask in zip(tensors, masks, strict=True)]
+        if crop:
+            tensors = [center_crop_tensor(tensor, resolution) for tensor in tensors]
         return cls(tensors, [p for p, _ in loaded])
 
 
@@ -222,8 +226,9 @@ def build_parser(description: str | None = None) -> argparse.ArgumentParser:
                        help="Subject masks (white: the subject), one per instance image with the same file stem. "
                             "The instance loss outside the mask is weighted by --background_loss_weight, so "
                             "the identifier learns the subject rather than the photos' backgrounds.")
-    group.add_argument("--background_loss_weight", type=float, default=0.1,
-                       help="Weight of the instance loss outside the subject mask (with --instance_mask_dir).")
+    group.add_argument("--background_loss_weight", type=float, default=None,
+                       help=f"Weight of the instance loss outside the subject mask (with --instance_mask_dir; "
+                            f"default {DEFAULT_BACKGROUND_LOSS_WEIGHT}).")
     group.add_argument("--class_data_dir", default=None, help="Class images; generated with the base model if short.")
     group.add_argument("--class_prompt", default=None, help='e.g. "a photo of star".')
     group.add_argument("--with_prior_preservation", action="store_true")
@@ -249,6 +254,31 @@ def build_parser(description: str | None = None) -> argparse.ArgumentParser:
     add_training_args(parser, default_output_dir="outputs/dreambooth", default_steps=300)
     add_boft_args(parser, UNET_TARGETS)
     return parser
+
+
+def warn_captions_without_identifier(args: argparse.Namespace, paths: list[Path], prompts: list[str]) -> None:
+    """A caption that never names the subject teaches its image as the class, not the subject."""
+    if not args.identifier_token and not args.class_prompt:
+        return  # no way to tell which words name the subject
+    identifier = {w.lower() for w in args.identifier_token or identifier_words(args.instance_prompt, args.class_prompt)}
+    unnamed = [path.name for path, prompt in zip(paths, prompts, strict=True)
+               if not identifier & set(re.findall(r"[\w']+", prompt.lower()))]
+    if unnamed:
+        logger.warning("captions without the identifier %s: %s", " ".join(sorted(identifier)), ", ".join(unnamed))
+
+
+def check_instance_flags(args: argparse.Namespace) -> None:
+    """Refuse caption and mask settings that would be ignored or are out of range."""
+    if not 0 <= args.caption_dropout_rate <= 1:
+        raise TrainingError(f"--caption_dropout_rate {args.caption_dropout_rate} is not a probability.")
+    if args.caption_dropout_rate and not args.caption_extension:
+        raise TrainingError("--caption_dropout_rate needs --caption_extension (there are no captions to drop).")
+    if args.background_loss_weight is not None and not args.instance_mask_dir:
+        raise TrainingError("--background_loss_weight needs --instance_mask_dir.")
+    if args.instance_mask_dir and args.background_loss_weight is None:
+        args.background_loss_weight = DEFAULT_BACKGROUND_LOSS_WEIGHT
+    if args.background_loss_weight is not None and args.background_loss_weight < 0:
+        raise TrainingError(f"--background_loss_weight {args.background_loss_weight} is negative.")
 
 
 def add_adapters(model: torch.nn.Module, args: argparse.Namespace, targets: list[str]) -> None:
@@ -277,10 +307,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     """Train a DreamBooth BOFT adapter as described by parsed ``train_dreambooth.py`` flags."""
     check_output_dir(args, ["adapter_model.safetensors"])
     args.guidance_scale = default_guidance(args.pretrained_model_name_or_path, args.guidance_scale)
-    if not 0 <= args.caption_dropout_rate <= 1:
-        raise TrainingError(f"--caption_dropout_rate {args.caption_dropout_rate} is not a probability.")
-    if args.background_loss_weight < 0:
-        raise TrainingError(f"--background_loss_weight {args.background_loss_weight} is negative.")
+    check_instance_flags(args)
     if args.with_prior_preservation and (not args.class_data_dir or not args.class_prompt):
         raise TrainingError("--with_prior_preservation needs --class_data_dir and --class_prompt.")
     accelerator = make_accelerator(args)
@@ -298,13 +325,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     instance_prompts = [args.instance_prompt] * len(instances.paths)
     if args.caption_extension:
         instance_prompts = read_captions(instances.paths, args.caption_extension, args.instance_prompt)
-        captioned = sum(prompt != args.instance_prompt for prompt in instance_prompts)
+        captioned = sum(caption_path(p, args.caption_extension).is_file() for p in instances.paths)
         logger.info("%d of %d instance images have their own caption", captioned, len(instance_prompts))
-        identifier = args.identifier_token or identifier_words(args.instance_prompt, args.class_prompt)
-        unnamed = [p.name for p, prompt in zip(instances.paths, instance_prompts, strict=True)
-                   if identifier and not set(identifier) & set(prompt.split())]
-        if unnamed:
-            logger.warning("captions without the identifier %s: %s", " ".join(identifier), ", ".join(unnamed))
+        warn_captions_without_identifier(args, instances.paths, instance_prompts)
 
     # Build the adapters first: invalid block sizes must fail before minutes of class generation.
     unet, text_encoder, vae, tokenizer = pipe.unet, pipe.text_encoder, pipe.vae, pipe.tokenizer
@@ -354,6 +377,13 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     dataset_len = max(len(instances.tensors), len(classes.tensors) if classes else 0)
     scaling = vae.config.scaling_factor
 
+    def subject_weight(masks: torch.Tensor, size: torch.Size) -> torch.Tensor | None:
+        """Per-latent-pixel loss weight: 1 on the subject, --background_loss_weight elsewhere."""
+        if masks.shape[1] == 0:
+            return None
+        coverage = torch.nn.functional.interpolate(masks.float(), size=tuple(size), mode="area").to(device)
+        return args.background_loss_weight + (1 - args.background_loss_weight) * coverage
+
     def compute_loss(indices: list[int], generator: torch.Generator):
         prompt_rows = [instance_rows[i % len(instance_rows)] for i in indices]
         if args.caption_dropout_rate > 0:
@@ -391,13 +421,6 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         loss = instance_loss + args.prior_loss_weight * prior_loss
         return loss, {"instance_loss": instance_loss.item(), "prior_loss": prior_loss.item()}
 
-    def subject_weight(masks: torch.Tensor, size: torch.Size) -> torch.Tensor | None:
-        """Per-latent-pixel loss weight: 1 on the subject, --background_loss_weight elsewhere."""
-        if masks.shape[1] == 0:
-            return None
-        coverage = torch.nn.functional.interpolate(masks.float(), size=tuple(size), mode="area").to(device)
-        return args.background_loss_weight + (1 - args.background_loss_weight) * coverage
-
     validation_prompts = args.validation_prompt or [args.instance_prompt]
 
     def validate(step: int) -> list[list[Image.Image]]:
@@ -422,7 +445,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
     recipe = Recipe(modules=modules, dataset_len=dataset_len, compute_loss=compute_loss,
                     save_outputs=save_outputs, validate=validate, run_name="boft-dreambooth",
-                    learning_rates={"identifier.vectors": args.identifier_learning_rate})
+                    learning_rates={"identifier.vectors": args.identifier_learning_rate},
+                    schedule={"caption_dropout_rate": args.caption_dropout_rate})
     trainer = Trainer(args, accelerator, recipe)
     result = trainer.train()
     if accelerator.is_main_process:

@@ -306,6 +306,8 @@ class Recipe:
     ``save_outputs(folder)``: write the trained artefacts (adapter folders, encoders).
     ``validate(step) -> rows of images``: optional, run on the main process.
     ``learning_rates``: parameter-name suffix -> learning rate, for parameters that need their own.
+    ``schedule``: the recipe's own settings that change which random draws a step makes; a
+    resumed run must match them.
     """
 
     modules: dict[str, nn.Module]
@@ -316,6 +318,7 @@ class Recipe:
     run_name: str = "boft"
     metadata: dict[str, Any] = field(default_factory=dict)
     learning_rates: dict[str, float] = field(default_factory=dict)
+    schedule: dict[str, Any] = field(default_factory=dict)
 
 
 def trainable_tensors(modules: dict[str, nn.Module]) -> dict[str, nn.Parameter]:
@@ -328,7 +331,8 @@ def trainable_tensors(modules: dict[str, nn.Module]) -> dict[str, nn.Parameter]:
 
 
 class Throughput:
-    """Optimiser steps per second after the first (which pays for warm-up), and peak GPU memory."""
+    """Optimiser steps per second after the first (which pays for warm-up), wall clock, so any
+    checkpointing or validation in between counts; and peak GPU memory."""
 
     def __init__(self, device: torch.device) -> None:
         self.device = device
@@ -389,7 +393,8 @@ class Trainer:
         args = self.args
         return {"seed": args.seed, "train_batch_size": args.train_batch_size,
                 "gradient_accumulation_steps": args.gradient_accumulation_steps,
-                "num_processes": self.accelerator.num_processes, "dataset_len": self.recipe.dataset_len}
+                "num_processes": self.accelerator.num_processes, "dataset_len": self.recipe.dataset_len,
+                **self.recipe.schedule}
 
     def save_checkpoint(self) -> Path | None:
         path = None

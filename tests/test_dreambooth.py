@@ -18,6 +18,7 @@ from safetensors.torch import load_file
 import train_dreambooth
 from boft_diffusion import dreambooth
 from boft_diffusion.checkpoint import list_checkpoints
+from boft_diffusion.data import image_to_tensor
 
 ROOT = Path(__file__).resolve().parent.parent
 FAST = ["--max_train_steps", "4", "--num_inference_steps", "2", "--num_validation_images", "1",
@@ -271,48 +272,62 @@ def subject_copy(folder: Path) -> Path:
 
 def test_sidecar_captions_are_the_prompts_of_their_images(tmp_path, capsys, caplog, monkeypatch):
     instances = subject_copy(tmp_path / "captioned")
-    (instances / "sks_star_00.txt").write_text("a photo of sks star on a black background\n")
-    (instances / "sks_star_01.txt").write_text("  a photo of sks star\n  on a blue background ")
-    (instances / "sks_star_02.txt").write_text("a photo of a star")
-    seen: list[str] = []
-    real_encode = dreambooth.encode_prompts
+    captions = {"sks_star_00": "a photo of sks star on a black background",
+                "sks_star_01": "a photo of SKS star, on a blue background", "sks_star_02": "a photo of a star"}
+    for stem, caption in captions.items():
+        (instances / f"{stem}.txt").write_text(f"  {caption}\n")
+    mean_to_stem = {round(float(image_to_tensor(Image.open(path).convert("RGB")).mean()), 4): path.stem
+                    for path in sorted(instances.glob("*.png"))}
+    assert len(mean_to_stem) == 5, "the test tells images apart by their mean"
+    pairs: list[tuple[str, str]] = []
+    batches: list[list[str]] = []
+    real_augment, real_encode = dreambooth.augment_batch, dreambooth.encode_prompts
 
-    def recording(tokenizer, text_encoder, prompts, device):
-        seen.extend(prompts)
+    def recording_augment(images, **kwargs):
+        batches.append([mean_to_stem[round(float(image[:3].mean()), 4)] for image in images])
+        return real_augment(images, **kwargs)
+
+    def recording_encode(tokenizer, text_encoder, prompts, device):
+        pairs.extend(zip(batches.pop(0), prompts, strict=True))
         return real_encode(tokenizer, text_encoder, prompts, device)
 
-    monkeypatch.setattr(dreambooth, "encode_prompts", recording)
+    monkeypatch.setattr(dreambooth, "augment_batch", recording_augment)
+    monkeypatch.setattr(dreambooth, "encode_prompts", recording_encode)
     common = ["--instance_data_dir", instances, "--caption_extension", ".txt", "--train_batch_size", "5",
               "--train_identifier_embedding", "--class_prompt", "a photo of star", "--max_train_steps", "1"]
     with caplog.at_level("WARNING", logger="boft_diffusion"):
         assert run_main("--output_dir", tmp_path / "a", *common) == 0
     messages = "\n".join(r.getMessage() for r in caplog.records)
     assert "non-image" not in messages, "caption files are not images to skip"
-    assert "captions without the identifier sks: sks_star_02.png" in messages
-    training = seen[-5:]  # one batch of all five images; validation uses the pipeline
-    assert sorted(training) == sorted(["a photo of sks star on a black background",
-                                       "a photo of sks star on a blue background", "a photo of a star",
-                                       "a photo of sks star", "a photo of sks star"])
+    assert "captions without the identifier sks: sks_star_02.png" in messages  # "SKS," still names it
+    expected = {stem: captions.get(stem, "a photo of sks star") for stem in mean_to_stem.values()}
+    assert dict(pairs) == expected and len(pairs) == 5
 
-    seen.clear()
+    pairs.clear()
     assert run_main("--output_dir", tmp_path / "b", *common, "--caption_dropout_rate", "1",
                     "--caption_extension", "txt") == 0
-    assert seen[-5:] == ["a photo of sks star"] * 5
+    assert [prompt for _, prompt in pairs] == ["a photo of sks star"] * 5
     assert run_main("--output_dir", tmp_path / "d", *common, "--caption_dropout_rate", "1.5") == 2
     assert "not a probability" in capsys.readouterr().err
+    assert run_main("--output_dir", tmp_path / "e", "--caption_dropout_rate", "0.5") == 2
+    assert "needs --caption_extension" in capsys.readouterr().err
 
     (instances / "sks_star_03.txt").write_text("   \n")
     assert run_main("--output_dir", tmp_path / "c", *common) == 2
     assert "sks_star_03.txt is empty" in capsys.readouterr().err
 
 
-def test_subject_masks_weight_the_instance_loss(tmp_path, capsys):
-    masks = tmp_path / "masks"
-    masks.mkdir()
+def square_masks(folder: Path) -> Path:
+    folder.mkdir()
     for image in sorted((ROOT / "examples" / "sks_star").glob("*.png")):
         mask = np.zeros((64, 64), dtype=np.uint8)
         mask[16:48, 16:48] = 255
-        Image.fromarray(mask).save(masks / image.name)
+        Image.fromarray(mask).save(folder / image.name)
+    return folder
+
+
+def test_subject_masks_weight_the_instance_loss(tmp_path, capsys):
+    masks = square_masks(tmp_path / "masks")
     common = ["--max_train_steps", "3", "--seed", "3"]
 
     def adapter(name: str, *flags) -> dict:
@@ -321,14 +336,43 @@ def test_subject_masks_weight_the_instance_loss(tmp_path, capsys):
 
     plain = adapter("plain")
     unit = adapter("unit", "--instance_mask_dir", masks, "--background_loss_weight", "1")
-    masked = adapter("masked", "--instance_mask_dir", masks, "--background_loss_weight", "0.1")
+    masked = adapter("masked", "--instance_mask_dir", masks)
     assert all(torch.allclose(plain[k], unit[k], atol=1e-6) for k in plain), "weight 1 everywhere is the plain loss"
     assert any(not torch.allclose(plain[k], masked[k], atol=1e-4) for k in plain)
 
+    assert run_main("--output_dir", tmp_path / "unmasked", *common, "--background_loss_weight", "0.5") == 2
+    assert "needs --instance_mask_dir" in capsys.readouterr().err
     (masks / "sks_star_04.png").unlink()
     assert run_main("--output_dir", tmp_path / "missing", *common, "--instance_mask_dir", masks) == 2
     err = capsys.readouterr().err
     assert "no mask in" in err and "sks_star_04.png" in err
+
+
+def test_masks_follow_their_images_through_centre_crops(tmp_path):
+    """A wide image and its mask are cropped alike; cut-out masks use their alpha; bad masks are named."""
+    from boft_diffusion.data import DataError
+
+    images, masks = tmp_path / "images", tmp_path / "masks"
+    images.mkdir(), masks.mkdir()
+    wide = np.zeros((64, 96, 3), dtype=np.uint8)
+    wide[:, :40] = 255  # a white band on the left
+    Image.fromarray(wide).save(images / "wide.png")
+    band = np.zeros((64, 96, 4), dtype=np.uint8)
+    band[:, :40, 3] = 255  # a cut-out: opaque where the band is, transparent elsewhere
+    Image.fromarray(band, "RGBA").save(masks / "wide.png")
+    loaded = dreambooth.ImageSet.from_folder(images, 64, crop=True, workers=0, what="images", mask_dir=masks)
+    tensor = loaded.tensors[0]
+    assert tensor.shape == (4, 64, 64)
+    assert torch.equal(tensor[3] > 0.5, tensor[0] > 0), "the mask must cover exactly the image's white band"
+    assert int((tensor[3] > 0.5).any(0).sum()) == 40 - 16
+
+    Image.fromarray(np.zeros((64, 64), dtype=np.uint8)).save(masks / "wide.png")
+    with pytest.raises(DataError, match="wide.png is 64x64.*96x64"):
+        dreambooth.ImageSet.from_folder(images, 64, crop=True, workers=0, what="images", mask_dir=masks)
+    Image.fromarray(np.zeros((64, 96), dtype=np.uint8)).save(masks / "wide.png")
+    Image.fromarray(np.zeros((64, 96), dtype=np.uint8)).save(masks / "wide.jpg")
+    with pytest.raises(DataError, match="two masks for 'wide'"):
+        dreambooth.ImageSet.from_folder(images, 64, crop=True, workers=0, what="images", mask_dir=masks)
 
 
 def test_real_size_check_script_runs_its_tiny_variant(tmp_path):

@@ -66,7 +66,9 @@ def test_pixel_weight_gives_a_weighted_mean_per_example():
     changed[..., 4:] += 100.0  # errors where the weight is zero do not count
     expected = ((prediction - target) ** 2)[..., :4].mean()
     assert torch.allclose(denoising_loss(changed, target, timesteps, eps, None, left), expected)
-    background = 0.1 + 0.9 * left
-    error = (prediction - target) ** 2
-    per_example = (error * background).sum(dim=(1, 2, 3)) / background.expand_as(error).sum(dim=(1, 2, 3))
-    assert torch.allclose(denoising_loss(prediction, target, timesteps, eps, None, background), per_example.mean())
+    # squared error 1 on the left half (weight 1), 4 on the right half (weight 0.1): (1 + 0.4) / 1.1
+    halves = target.clone()
+    halves[..., :4] += 1.0
+    halves[..., 4:] += 2.0
+    assert torch.allclose(denoising_loss(halves, target, timesteps, eps, None, 0.1 + 0.9 * left),
+                          torch.tensor(1.4 / 1.1))
