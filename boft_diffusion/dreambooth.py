@@ -370,6 +370,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     noise_scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
     prompts = list(dict.fromkeys([args.instance_prompt] + instance_prompts + ([args.class_prompt] if classes else [])))
     instance_rows = [prompts.index(prompt) for prompt in instance_prompts]
+    plain_row = prompts.index(args.instance_prompt)
+    class_row = prompts.index(args.class_prompt) if classes else None
     cached_embeddings = None
     if "text_encoder" not in modules:
         with torch.no_grad():
@@ -388,14 +390,14 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         prompt_rows = [instance_rows[i % len(instance_rows)] for i in indices]
         if args.caption_dropout_rate > 0:
             dropped = (torch.rand(len(indices), generator=generator) < args.caption_dropout_rate).tolist()
-            prompt_rows = [0 if drop else row for row, drop in zip(prompt_rows, dropped, strict=True)]
+            prompt_rows = [plain_row if drop else row for row, drop in zip(prompt_rows, dropped, strict=True)]
         augment = partial(augment_batch, size=resolution, generator=generator, random_crop=not args.center_crop,
                           random_flip=args.random_flip)
         batch = augment([instances.tensors[i % len(instances.tensors)] for i in indices])
         batch, masks = batch[:, :3], batch[:, 3:]
         if classes:
             batch = torch.cat([batch, augment([classes.tensors[i % len(classes.tensors)] for i in indices])])
-            prompt_rows += [prompts.index(args.class_prompt)] * len(indices)
+            prompt_rows += [class_row] * len(indices)
         with torch.no_grad():
             latent_dist = vae.encode(batch.to(device, dtype)).latent_dist
             eps = torch.randn(latent_dist.mean.shape, generator=generator).to(device, latent_dist.mean.dtype)

@@ -79,11 +79,14 @@ def save_identifier_embeddings(text_encoder: nn.Module, folder: str | os.PathLik
     return Path(folder) / EMBEDDINGS_NAME
 
 
-def read_identifier_embeddings(folder: str | os.PathLike, width: int) -> dict[str, torch.Tensor] | None:
-    """The vectors of ``folder/learned_embeds.safetensors`` by word, or None without that file.
+def read_identifier_embeddings(
+    folder: str | os.PathLike, text_encoder: nn.Module, tokenizer
+) -> dict[str, torch.Tensor] | None:
+    """The vectors of ``folder/learned_embeds.safetensors`` by word, checked against this text
+    encoder and tokenizer, or None without that file.
 
-    A file for another text encoder (vectors not ``width`` long) or an unreadable one raises
-    ValueError naming it.
+    A file for another model (vectors of another width, words this tokenizer does not hold as
+    one token) or an unreadable one raises ValueError naming it.
     """
     path = Path(folder) / EMBEDDINGS_NAME
     if not path.is_file():
@@ -92,10 +95,12 @@ def read_identifier_embeddings(folder: str | os.PathLike, width: int) -> dict[st
         tensors = load_file(str(path))
     except (SafetensorError, OSError, ValueError) as error:
         raise ValueError(f"{path} is not a readable safetensors file: {error}") from error
+    width = text_encoder.get_input_embeddings().weight.shape[1]
     for word, vector in tensors.items():
         if vector.shape != (width,):
             raise ValueError(f"{path}: the vector for {word!r} has shape {list(vector.shape)}, but this text "
                              f"encoder embeds tokens in {width} dimensions; it was made for another model.")
+    token_ids(tokenizer, list(tensors))
     return tensors
 
 
@@ -115,7 +120,7 @@ def load_identifier_embeddings(text_encoder: nn.Module, tokenizer, folder: str |
     Returns whether it did. A file for another text encoder (other width, or words this
     tokenizer does not hold as one token) raises ValueError and changes nothing.
     """
-    vectors = read_identifier_embeddings(folder, text_encoder.get_input_embeddings().weight.shape[1])
+    vectors = read_identifier_embeddings(folder, text_encoder, tokenizer)
     if vectors is None:
         return False
     install_identifier_embeddings(text_encoder, tokenizer, vectors)

@@ -27,7 +27,6 @@ from .identifier import (
     install_identifier_embeddings,
     read_identifier_embeddings,
     remove_identifier_embeddings,
-    token_ids,
 )
 from .model import (
     CONFIG_NAME,
@@ -246,10 +245,7 @@ class Studio:
                 kind, handle = "adapter", None
             if (folder / "text_encoder" / CONFIG_NAME).is_file():
                 load_adapter(self.pipe.text_encoder, folder / "text_encoder", adapter_name=key)
-            width = self.pipe.text_encoder.get_input_embeddings().weight.shape[1]
-            identifier = read_identifier_embeddings(folder, width)
-            if identifier:
-                token_ids(self.pipe.tokenizer, list(identifier))
+            identifier = read_identifier_embeddings(folder, self.pipe.text_encoder, self.pipe.tokenizer)
             return kind, handle, identifier
         except Exception as error:
             for model in self._models():

@@ -336,19 +336,23 @@ class Throughput:
 
     def __init__(self, device: torch.device) -> None:
         self.device = device
-        self.times: list[float] = []
+        self.ticks = 0
+        self.first = self.last = 0.0
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)
 
     def tick(self) -> None:
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
-        self.times.append(time.perf_counter())
+        self.last = time.perf_counter()
+        if self.ticks == 0:
+            self.first = self.last
+        self.ticks += 1
 
     def summary(self) -> dict[str, float]:
         speed: dict[str, float] = {}
-        if len(self.times) > 1:
-            speed["steps_per_second"] = (len(self.times) - 1) / (self.times[-1] - self.times[0])
+        if self.ticks > 1:
+            speed["steps_per_second"] = (self.ticks - 1) / (self.last - self.first)
         if self.device.type == "cuda":
             speed["peak_memory_gib"] = torch.cuda.max_memory_allocated(self.device) / 2**30
         return speed
