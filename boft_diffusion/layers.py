@@ -62,6 +62,9 @@ class BOFTLayer(nn.Module):
         self.adapters_disabled = False
         self.merged: tuple[str, float] | None = None
         self._folded_cache: tuple[tuple, torch.Tensor] | None = None
+        # A new module starts in training mode; take the wrapped layer's mode instead, so that an
+        # adapter loaded into an eval-mode pipeline does not apply its training-time block dropout.
+        self.train(base_layer.training)
 
     # Geometry of the wrapped layer -----------------------------------------------------------
     @property

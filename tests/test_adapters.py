@@ -37,6 +37,22 @@ def test_fresh_adapter_keeps_unet_outputs(tiny_unet, inputs):
     assert torch.equal(run_unet(tiny_unet, inputs), expected)
 
 
+def test_adapters_take_the_mode_of_the_model_they_join(tiny_unet, inputs, tmp_path):
+    """An adapter loaded into an eval-mode pipeline must not apply its training-time block dropout."""
+    bd.apply_boft(tiny_unet, bd.BOFTConfig(block_size=4, target_modules=ATTENTION, dropout=0.5))
+    randomize_adapter(tiny_unet)
+    bd.save_adapter(tiny_unet, tmp_path / "adapter")
+    tiny_unet.train()
+    torch.manual_seed(0)
+    assert not torch.equal(run_unet(tiny_unet, inputs, grad=True), run_unet(tiny_unet, inputs, grad=True))
+
+    loaded = make_tiny_unet().eval()
+    bd.load_adapter(loaded, tmp_path / "adapter")
+    assert not any(layer.training for _, layer in boft_layers(loaded))
+    tiny_unet.eval()
+    assert torch.equal(run_unet(loaded, inputs, grad=True), run_unet(tiny_unet, inputs, grad=True))
+
+
 def test_invalid_sizes_fail_before_touching_model(tiny_unet):
     config = bd.BOFTConfig(block_size=8, n_butterfly_factor=4, target_modules=ATTENTION)
     with pytest.raises(ValueError, match=r"to_\w.*dimension 32.*valid block sizes"):
