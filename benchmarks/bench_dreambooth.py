@@ -1,9 +1,10 @@
 """DreamBooth on the embedded tiny model: BOFT against PEFT LoRA with a similar parameter budget.
 
-Trains both with the demo's recipe (same steps, data, prior preservation, seed), then scores the
-base model and each adapter with the tiny-world measures. Prints a markdown table.
+Trains both with the demo's recipe (same steps, data, prior preservation), once per training seed,
+then scores the base model and each adapter with the tiny-world measures on the same sampling
+seeds. Prints a markdown table, with the mean over training seeds when there are several.
 
-    python benchmarks/bench_dreambooth.py --max_train_steps 300 --num_images 16
+    python benchmarks/bench_dreambooth.py --seeds 0 1 2 --num_images 48
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ import torch
 from boft_diffusion import count_trainable_parameters, load_adapter, load_pipeline
 from boft_diffusion.baselines import load_lora
 from boft_diffusion.data import load_images
-from boft_diffusion.demo import CLASS_PROMPT, INSTANCE_PROMPT, training_flags
+from boft_diffusion.demo import CLASS_PROMPT, GUIDANCE, INSTANCE_PROMPT, training_flags
 from boft_diffusion.dreambooth import build_parser, default_instance_dir, load_dreambooth_adapter, run
 from boft_diffusion.eval import instance_self_score, tiny_world_scores
 from boft_diffusion.identifier import identifier_embedding
@@ -38,7 +39,9 @@ def scores_for(adapter_dir: Path | None, kind: str, instances, num_images: int, 
                      sum(p.numel() for n, p in m.named_parameters() if "lora_" in n) for m in models)
         identifier = identifier_embedding(pipe.text_encoder)
         params += identifier.identifier_vectors.numel() if identifier is not None else 0
-    return tiny_world_scores(pipe, instances, INSTANCE_PROMPT, CLASS_PROMPT, num_images=num_images, seed=seed), params
+    scores = tiny_world_scores(pipe, instances, INSTANCE_PROMPT, CLASS_PROMPT, num_images=num_images, seed=seed,
+                              guidance=GUIDANCE)  # the demo's guidance, so that the numbers compare with it
+    return scores, params
 
 
 def main() -> None:
@@ -46,21 +49,30 @@ def main() -> None:
     parser.add_argument("--output_dir", default="outputs/bench_dreambooth")
     parser.add_argument("--max_train_steps", type=int, default=300)
     parser.add_argument("--lora_rank", type=int, default=6, help="6 matches the demo recipe's BOFT budget.")
-    parser.add_argument("--num_images", type=int, default=32)
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--num_images", type=int, default=48)
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0], help="Training seeds, one run of each adapter per seed.")
+    parser.add_argument("--eval_seed", type=int, default=100, help="First sampling seed of every score.")
     args = parser.parse_args()
     out = Path(args.output_dir)
     instances = [image for _, image in load_images(default_instance_dir(), 64)]
-    rows = {"base model": scores_for(None, "base", instances, args.num_images, args.seed + 100) + (0.0,)}
-    for kind in ("boft", "lora"):
-        flags = training_flags(out / kind, args.max_train_steps, args.seed, class_dir=out / "class_images")
-        flags += ["--adapter_type", kind, "--lora_rank", str(args.lora_rank), "--report_to", "none"]
-        start = time.time()
-        run(build_parser().parse_args(flags))
-        seconds = time.time() - start
-        label = "BOFT m=2, b=8" if kind == "boft" else f"PEFT LoRA r={args.lora_rank}"
-        rows[label] = scores_for(out / kind, kind, instances, args.num_images, args.seed + 100) + (seconds,)
-    print(f"\nTiny-world DreamBooth, {args.max_train_steps} steps, {args.num_images} samples per measure; "
+    rows = {"base model": scores_for(None, "base", instances, args.num_images, args.eval_seed) + (0.0,)}
+    labels = {"boft": "BOFT m=2, b=8", "lora": f"PEFT LoRA r={args.lora_rank}"}
+    for seed in args.seeds:
+        for kind, label in labels.items():
+            flags = training_flags(out / f"{kind}-seed{seed}", args.max_train_steps, seed, class_dir=out / "class_images")
+            flags += ["--adapter_type", kind, "--lora_rank", str(args.lora_rank), "--report_to", "none"]
+            start = time.time()
+            run(build_parser().parse_args(flags))
+            seconds = time.time() - start
+            rows[f"{label}, seed {seed}"] = scores_for(out / f"{kind}-seed{seed}", kind, instances, args.num_images,
+                                                       args.eval_seed) + (seconds,)
+    if len(args.seeds) > 1:
+        for label in labels.values():
+            runs = [row for name, row in rows.items() if name.startswith(f"{label}, seed")]
+            mean = {key: sum(r[0][key] for r in runs) / len(runs) for key in runs[0][0]}
+            rows[f"{label}, mean of {len(runs)} seeds"] = (mean, runs[0][1], sum(r[2] for r in runs) / len(runs))
+    print(f"\nTiny-world DreamBooth, {args.max_train_steps} steps, {args.num_images} samples per measure "
+          f"from sampling seed {args.eval_seed}; "
           f"instance images' own subject fidelity {instance_self_score(instances):.2f}.\n")
     print("| adapter | trainable params | train time (s) | subject fidelity | background right (re-context) "
           "| prompt fidelity (class captions) | class prompt subject fidelity |")

@@ -78,8 +78,12 @@ def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--output_dir", default="outputs/demo")
     parser.add_argument("--max_train_steps", type=int, default=300)
-    parser.add_argument("--num_images", type=int, default=16, help="Samples per measure.")
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--num_images", type=int, default=48,
+                        help="Samples per measure (48: eight per re-context colour).")
+    parser.add_argument("--seed", type=int, default=0, help="Training seed.")
+    parser.add_argument("--eval_seed", type=int, default=100,
+                        help="First sampling seed of the scores (kept apart from --seed, so that training runs "
+                             "with different seeds are scored on the same noise).")
     args = parser.parse_args(argv)
     output_dir = Path(args.output_dir)
     start = time.time()
@@ -96,7 +100,7 @@ def main(argv: list[str] | None = None) -> dict:
     comparison_grid(pipe, models, prompts, 6, grid_path)
     instances = [image for _, image in load_images(default_instance_dir(), 64)]
     scores = compare_tiny_world(pipe, models, instances, INSTANCE_PROMPT, CLASS_PROMPT,
-                                num_images=args.num_images, seed=args.seed + 100, guidance=GUIDANCE)
+                                num_images=args.num_images, seed=args.eval_seed, guidance=GUIDANCE)
     scores["train_seconds"] = round(trained - start, 1)
     scores["total_seconds"] = round(time.time() - start, 1)
     (output_dir / "scores.json").write_text(json.dumps(scores, indent=2) + "\n")
