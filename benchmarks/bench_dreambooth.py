@@ -57,6 +57,7 @@ def main() -> None:
     instances = [image for _, image in load_images(default_instance_dir(), 64)]
     rows = {"base model": scores_for(None, "base", instances, args.num_images, args.eval_seed) + (0.0,)}
     labels = {"boft": "BOFT m=2, b=8", "lora": f"PEFT LoRA r={args.lora_rank}"}
+    runs: dict[str, list[tuple[dict, int, float]]] = {label: [] for label in labels.values()}
     for seed in args.seeds:
         for kind, label in labels.items():
             flags = training_flags(out / f"{kind}-seed{seed}", args.max_train_steps, seed, class_dir=out / "class_images")
@@ -64,13 +65,13 @@ def main() -> None:
             start = time.time()
             run(build_parser().parse_args(flags))
             seconds = time.time() - start
-            rows[f"{label}, seed {seed}"] = scores_for(out / f"{kind}-seed{seed}", kind, instances, args.num_images,
-                                                       args.eval_seed) + (seconds,)
+            row = scores_for(out / f"{kind}-seed{seed}", kind, instances, args.num_images, args.eval_seed) + (seconds,)
+            rows[f"{label}, seed {seed}"] = row
+            runs[label].append(row)
     if len(args.seeds) > 1:
-        for label in labels.values():
-            runs = [row for name, row in rows.items() if name.startswith(f"{label}, seed")]
-            mean = {key: sum(r[0][key] for r in runs) / len(runs) for key in runs[0][0]}
-            rows[f"{label}, mean of {len(runs)} seeds"] = (mean, runs[0][1], sum(r[2] for r in runs) / len(runs))
+        for label, done in runs.items():
+            mean = {key: sum(r[0][key] for r in done) / len(done) for key in done[0][0]}
+            rows[f"{label}, mean of {len(done)} seeds"] = (mean, done[0][1], sum(r[2] for r in done) / len(done))
     print(f"\nTiny-world DreamBooth, {args.max_train_steps} steps, {args.num_images} samples per measure "
           f"from sampling seed {args.eval_seed}; "
           f"instance images' own subject fidelity {instance_self_score(instances):.2f}.\n")

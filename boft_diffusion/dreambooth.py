@@ -35,6 +35,7 @@ from .identifier import (
     load_identifier_embeddings,
     save_identifier_embeddings,
 )
+from .layers import IdentifierEmbedding
 from .loading import default_guidance, load_pipeline
 from .model import count_trainable_parameters, disable_adapters, enable_adapters, load_adapter
 from .training import (
@@ -447,7 +448,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
     recipe = Recipe(modules=modules, dataset_len=dataset_len, compute_loss=compute_loss,
                     save_outputs=save_outputs, validate=validate, run_name="boft-dreambooth",
-                    learning_rates={"identifier.vectors": args.identifier_learning_rate},
+                    learning_rates={IdentifierEmbedding.PARAMETER_SUFFIX: args.identifier_learning_rate},
                     schedule={"caption_dropout_rate": args.caption_dropout_rate})
     trainer = Trainer(args, accelerator, recipe)
     result = trainer.train()

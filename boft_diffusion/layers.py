@@ -331,6 +331,9 @@ class IdentifierEmbedding(nn.Module):
     every prompt without the identifier encodes exactly as before.
     """
 
+    #: Name of the learned vectors below this module, the suffix of their full parameter name.
+    PARAMETER_SUFFIX = "identifier.vectors"
+
     def __init__(
         self, base_layer: nn.Embedding, words: list[str], token_ids: list[int], vectors: torch.Tensor | None = None
     ) -> None:

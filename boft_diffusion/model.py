@@ -323,7 +323,7 @@ def merged_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
 
 
 def _is_adapter_key(key: str) -> bool:
-    return ".boft_skew." in key or ".boft_s." in key or key.endswith(".identifier.vectors")
+    return ".boft_skew." in key or ".boft_s." in key or key.endswith("." + IdentifierEmbedding.PARAMETER_SUFFIX)
 
 
 def base_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
