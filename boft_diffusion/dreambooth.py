@@ -57,7 +57,7 @@ logger = logging.getLogger("boft_diffusion")
 
 UNET_TARGETS = ("to_q", "to_k", "to_v", "to_out.0")
 TEXT_ENCODER_TARGETS = ("q_proj", "k_proj", "v_proj", "out_proj")
-EXAMPLE_SUBJECT = Path(__file__).resolve().parent.parent / "examples" / "sks_star"
+EXAMPLE_SUBJECT = Path(__file__).resolve().parent / "tiny" / "subjects" / "sks_star"
 DEFAULT_BACKGROUND_LOSS_WEIGHT = 0.1
 
 
@@ -214,7 +214,7 @@ def build_parser(description: str | None = None) -> argparse.ArgumentParser:
     add_model_args(parser)
     group = parser.add_argument_group("subject and prior")
     group.add_argument("--instance_data_dir", default=None,
-                       help="Images of the subject (default: the bundled striped star, examples/sks_star).")
+                       help="Images of the subject (default: the bundled striped star, boft_diffusion/tiny/subjects/sks_star).")
     group.add_argument("--instance_prompt", default="a photo of sks star")
     group.add_argument("--caption_extension", default=None, type=dotted_suffix,
                        help="e.g. .txt: an instance image's sidecar file (photo.png -> photo.txt) is its prompt; "

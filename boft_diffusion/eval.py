@@ -35,7 +35,7 @@ def recontext_prompts(instance_prompt: str) -> list[tuple[str, str]]:
     """("<instance prompt> on a <colour> background", colour) for colours unlike the subject."""
     from .tiny import world
 
-    colours = [c for c in world.COLORS if c not in world.SUBJECT_STRIPE_COLORS]
+    colours = list(world.SUBJECTS[world.DEFAULT_SUBJECT].backgrounds)
     return [(f"{instance_prompt} on {'an' if c[0] in 'aeiou' else 'a'} {c} background", c) for c in colours]
 
 

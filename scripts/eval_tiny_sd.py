@@ -1,9 +1,15 @@
 #!/usr/bin/env python
 """Acceptance numbers for a tiny shapes-world pipeline (default: the embedded one).
 
-Reports: sampling time of one 64x64 image (25 steps), prompt fidelity on held-out
-(colour, shape, background) combinations for each --guidance value, and subject
-fidelity of instance images vs. base-model samples for "a photo of sks star".
+Reports, on --n samples per row with fixed seeds:
+* sampling time of one 64x64 image (25 steps);
+* prompt fidelity on held-out (colour, shape, background) combinations, per --guidance;
+* the DreamBooth prompt forms: "a photo of sks <shape> on a <colour> background", the same
+  with descriptor words the model never saw (``world.UNSEEN_DESCRIPTORS``) in the
+  identifier slot, and the bare class prompts "a photo of <shape>", "a <shape>",
+  "a photo of <shape> on a <colour> background" (is that shape drawn; stars apart);
+* subject fidelity of each bundled subject's instance images, of their VAE round trip,
+  and of base-model samples for the subject's instance prompt.
 """
 
 from __future__ import annotations
@@ -24,26 +30,77 @@ from boft_diffusion.loading import load_pipeline  # noqa: E402
 from boft_diffusion.tiny import metrics as M  # noqa: E402
 from boft_diffusion.tiny import world as W  # noqa: E402
 from boft_diffusion.tiny.evaluate import evaluate_prompt_fidelity, generate  # noqa: E402
-from boft_diffusion.training import image_grid  # noqa: E402
 
 
-def rows_of(images, columns: int = 8):
-    return [images[i : i + columns] for i in range(0, len(images), columns)]
+def _background(colour: str) -> str:
+    return f"on {'an' if colour[0] in 'aeiou' else 'a'} {colour} background"
+
+
+def dreambooth_prompts(n: int, descriptors: tuple[str, ...]) -> list[str]:
+    """``n`` prompts "a photo of <descriptor> <shape> on a <colour> background", cycling
+    through every (shape, colour) pair and the descriptors."""
+    pairs = [(s, c) for c in W.COLORS for s in W.SHAPES]
+    return [f"a photo of {descriptors[i % len(descriptors)]} {pairs[i % len(pairs)][0]} "
+            f"{_background(pairs[i % len(pairs)][1])}" for i in range(n)]
+
+
+def class_prompts(n: int) -> dict[str, list[str]]:
+    """The bare class prompt forms, ``n`` each, cycling through the shapes (and colours)."""
+    shapes = [W.SHAPES[i % len(W.SHAPES)] for i in range(n)]
+    colours = [W.COLORS[(i // len(W.SHAPES)) % len(W.COLORS)] for i in range(n)]
+    return {
+        "a photo of <shape>": [f"a photo of {s}" for s in shapes],
+        "a <shape>": [f"{'an' if s[0] in 'aeiou' else 'a'} {s}" for s in shapes],
+        "a photo of <shape> on a <colour> background": [f"a photo of {s} {_background(c)}"
+                                                        for s, c in zip(shapes, colours, strict=True)],
+    }
+
+
+def score_prompts(pipe, prompts: list[str], steps: int, guidance: float) -> dict[str, float]:
+    """Mean per-attribute prompt fidelity of one sample per prompt (seeds 0..n-1); for the
+    shape class also the stars alone."""
+    images = generate(pipe, prompts, list(range(len(prompts))), steps, guidance)
+    scores = [M.prompt_fidelity(im, p) for im, p in zip(images, prompts, strict=True)]
+    out = {k: float(np.mean([s[k] for s in scores])) for k in ("background", "shape_class") if k in scores[0]}
+    stars = [s["shape_class"] for s, p in zip(scores, prompts, strict=True) if " star" in p]
+    if stars:
+        out["star_drawn"] = float(np.mean(stars))
+    out["n"] = len(prompts)
+    return out
+
+
+def subject_scores(pipe, steps: int, guidance: float, n: int) -> dict[str, dict[str, float]]:
+    vae = pipe.vae
+    out = {}
+    for name, subject in W.SUBJECTS.items():
+        inst = W.render_batch(W.subject_instance_scenes(5, subject=name))
+        profile = M.SubjectProfile(list(inst))
+        x = torch.from_numpy(inst).permute(0, 3, 1, 2).to(vae.device, vae.dtype) / 127.5 - 1
+        with torch.no_grad():
+            back = vae.decode(vae.encode(x).latent_dist.mean).sample.float().clamp(-1, 1)
+        back = ((back + 1) * 127.5).round().byte().permute(0, 2, 3, 1).cpu().numpy()
+        samples = generate(pipe, [subject.instance_prompt] * n, list(range(n)), steps, guidance)
+        out[name] = {
+            "instances": float(np.mean([M.subject_fidelity(im, profile) for im in inst])),
+            "vae_round_trip": float(np.mean([M.subject_fidelity(im, profile) for im in back])),
+            "base_instance_prompt": float(np.mean([M.subject_fidelity(im, profile) for im in samples])),
+        }
+    return out
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__)
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default="tiny")
+    p.add_argument("--device", default="cpu")
     p.add_argument("--n", type=int, default=64)
     p.add_argument("--steps", type=int, default=25)
     p.add_argument("--guidance", type=float, nargs="+", default=[4.0])
     p.add_argument("--threads", type=int, default=2)
-    p.add_argument("--grid", default=None, help="save a grid of the held-out samples here (PNG)")
-    p.add_argument("--train-check", action="store_true", help="also score captions from the training distribution")
+    p.add_argument("--output", default=None, help="write the report here (JSON)")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
 
-    pipe = load_pipeline(args.model, device="cpu")
+    pipe = load_pipeline(args.model, device=args.device)
     pipe.set_progress_bar_config(disable=True)
     report = {}
     pipe("a red circle on a blue background", num_inference_steps=3, generator=torch.Generator().manual_seed(0))
@@ -58,31 +115,26 @@ def main(argv=None):
 
     scenes = W.held_out_scenes(args.n, seed=0)
     for g in args.guidance:
-        r = evaluate_prompt_fidelity(pipe, scenes, seeds=range(args.n), steps=args.steps, guidance=g,
-                                     return_images=bool(args.grid))
-        if args.grid:
-            image_grid(rows_of(r.pop("images"))).save(args.grid.replace(".png", f"_g{g}.png"))
+        r = evaluate_prompt_fidelity(pipe, scenes, seeds=range(args.n), steps=args.steps, guidance=g)
         report[f"held_out_g{g}"] = r
         print(f"held-out guidance {g}:", {k: round(v, 3) for k, v in r.items()}, flush=True)
-        if args.train_check:
-            tr = W.training_scenes(args.n, seed=777)
-            tr = [s for s in tr if len(s.shapes) == 1]
-            r2 = evaluate_prompt_fidelity(pipe, tr, steps=args.steps, guidance=g)
-            report[f"train_g{g}"] = r2
-            print(f"train-dist guidance {g}:", {k: round(v, 3) for k, v in r2.items()}, flush=True)
 
-    inst = [W.render(s) for s in W.subject_instance_scenes(5)]
-    prof = M.SubjectProfile(inst)
-    inst_scores = [M.subject_fidelity(im, prof) for im in inst]
-    imgs = generate(pipe, ["a photo of sks star"] * 16, list(range(16)), args.steps, args.guidance[0])
-    base_scores = [M.subject_fidelity(im, prof) for im in imgs]
-    report["subject_instances"] = float(np.mean(inst_scores))
-    report["subject_base_sks_star"] = float(np.mean(base_scores))
-    print("subject fidelity: instances", round(np.mean(inst_scores), 3), "base 'a photo of sks star'",
-          round(np.mean(base_scores), 3), flush=True)
-    if args.grid:
-        image_grid(rows_of(imgs)).save(args.grid.replace(".png", "_sks.png"))
-    print(json.dumps(report, default=float))
+    g = args.guidance[0]
+    rows = {
+        "a photo of sks <shape> on a <colour> background": dreambooth_prompts(args.n, ("sks",)),
+        "a photo of <unseen word> <shape> on a <colour> background": dreambooth_prompts(args.n, W.UNSEEN_DESCRIPTORS),
+        **class_prompts(args.n),
+    }
+    for name, prompts in rows.items():
+        report[name] = score_prompts(pipe, prompts, args.steps, g)
+        print(f"{name}:", {k: round(v, 3) for k, v in report[name].items()}, flush=True)
+    report["subjects"] = subject_scores(pipe, args.steps, g, min(args.n, 16))
+    for name, r in report["subjects"].items():
+        print(f"subject {name}:", {k: round(v, 3) for k, v in r.items()}, flush=True)
+    text = json.dumps(report, indent=1, default=float)
+    if args.output:
+        Path(args.output).write_text(text)
+    print(text)
 
 
 if __name__ == "__main__":

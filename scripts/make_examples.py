@@ -1,9 +1,11 @@
 #!/usr/bin/env python
 """Regenerate the example data sets from the shapes world (deterministic).
 
-* ``examples/sks_star/``: 5 instance images (64x64 PNG) of the demo subject, a
-  an orange star with purple stripes, on varied backgrounds/positions, and their subject
-  masks in ``examples/sks_star_masks/`` (for ``--instance_mask_dir``).
+* ``boft_diffusion/tiny/subjects/<name>/``: for every bundled DreamBooth subject
+  (``world.SUBJECTS``: a striped star, triangle and diamond), 5 instance images (64x64
+  PNG) on varied backgrounds, their subject masks in ``<name>_masks/`` (for
+  ``--instance_mask_dir``) and ``<name>.json`` (prompts and description). Package
+  data, so an installed package finds them.
 * ``examples/tiny_control/``: a small ControlNet-style data set of shapes placed
   anywhere (captions do not say where, the maps do): ``images/``,
   ``conditioning/`` (binary shape masks), ``edges/`` (edge maps) and
@@ -25,25 +27,30 @@ sys.path.insert(0, str(ROOT))
 from boft_diffusion.tiny import world as W  # noqa: E402
 
 
-def make_subject(out: Path, n: int = 5, seed: int = 7) -> list[Path]:
-    masks = out.with_name(out.name + "_masks")
-    for folder in (out, masks):
+def make_subject(subjects_dir: Path, subject: W.Subject, n: int = 5, seed: int = 7) -> list[Path]:
+    """``<name>/`` (instance images), ``<name>_masks/`` and ``<name>.json`` (prompts and
+    description) for one bundled subject; the JSON sits beside the image folder so the
+    folder holds images only."""
+    images, masks = subjects_dir / subject.name, subjects_dir / f"{subject.name}_masks"
+    for folder in (images, masks):
         folder.mkdir(parents=True, exist_ok=True)
         for old in folder.glob("*.png"):
             old.unlink()
     paths = []
-    for i, scene in enumerate(W.subject_instance_scenes(n, seed)):
-        p = out / f"sks_star_{i:02d}.png"
+    for i, scene in enumerate(W.subject_instance_scenes(n, seed, subject)):
+        p = images / f"{subject.name}_{i:02d}.png"
         W.render(scene).save(p, optimize=True)
         W.render_mask(scene).save(masks / p.name, optimize=True)
         paths.append(p)
-    # beside the image folder, so the folder holds images only
-    out.with_suffix(".json").write_text(json.dumps({
-        "instance_prompt": "a photo of sks star",
-        "class_prompt": "a photo of star",
-        "identifier": "sks",
-        "class_noun": "star",
-        "description": "an orange star with purple stripes (the world has striped shapes and solid stars, never a striped star)",
+    recontext = [f"{subject.instance_prompt} on {'an' if c[0] in 'aeiou' else 'a'} {c} background"
+                 for c in subject.backgrounds]
+    (subjects_dir / f"{subject.name}.json").write_text(json.dumps({
+        "instance_prompt": subject.instance_prompt,
+        "class_prompt": subject.class_prompt,
+        "identifier": subject.identifier,
+        "class_noun": subject.kind,
+        "recontext_prompts": recontext,
+        "description": f"{subject.description} (the world stripes some shapes, never a {subject.kind})",
     }, indent=1) + "\n")
     return paths
 
@@ -72,14 +79,16 @@ def make_control(out: Path, n: int = 512, seed: int = 2024) -> Path:
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--out", default=str(ROOT / "examples"))
+    p.add_argument("--out", default=str(ROOT / "examples"), help="where tiny_control/ goes")
+    p.add_argument("--subjects", default=str(ROOT / "boft_diffusion" / "tiny" / "subjects"))
     p.add_argument("--n-control", type=int, default=512)
     args = p.parse_args(argv)
     out = Path(args.out)
-    make_subject(out / "sks_star")
+    for subject in W.SUBJECTS.values():
+        make_subject(Path(args.subjects), subject)
     make_control(out / "tiny_control", args.n_control)
     size = sum(f.stat().st_size for f in out.rglob("*") if f.is_file())
-    print(f"wrote examples to {out} ({size / 1e3:.0f} kB)")
+    print(f"wrote examples to {out} ({size / 1e3:.0f} kB) and subjects to {args.subjects}")
 
 
 if __name__ == "__main__":

@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""Pretrain the embedded tiny Stable Diffusion from scratch on the shapes world (CPU).
+"""Pretrain the embedded tiny Stable Diffusion from scratch on the shapes world (CPU or CUDA).
 
 Stages (all reproducible from --seed):
   1. render N training scenes (held-out combinations excluded) once;
@@ -11,7 +11,9 @@ Stages (all reproducible from --seed):
      CLIPTextModel: v-prediction on a cosine schedule (zero-ish terminal SNR, so the
      global colour is decided by the text, not leaked through the initial noise),
      min-SNR weighting, LR warm-up + cosine decay, EMA, 10% caption dropout for
-     classifier-free guidance, caption variants ("a photo of ...", short captions);
+     classifier-free guidance, world-v3 caption variants (openings, dropped
+     attributes, descriptor words: ``world.caption_variant``), drawn from a bank of
+     --caption-variants tokenized captions per scene;
   6. save a standard diffusers StableDiffusionPipeline folder (fp16 weights, EMA
      weights, DPM-Solver++ sampler) to --out.
 
@@ -20,6 +22,8 @@ Examples::
     python scripts/pretrain_tiny_sd.py --quick             # < 1 min smoke test into a tmp dir
     nohup python scripts/pretrain_tiny_sd.py --out boft_diffusion/tiny/model \
         --work /tmp/tiny_sd_work > /tmp/tiny_sd_pretrain.log 2>&1 &
+    python scripts/pretrain_tiny_sd.py --device cuda --batch 256 --max-minutes 5 \
+        --init-vae boft_diffusion/tiny/model/vae --decoder-minutes 1.5   # a GPU run
 
 The run checkpoints to --work every --ckpt-every steps; rerun with --resume to go on.
 """
@@ -45,12 +49,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from boft_diffusion.tiny import world as W  # noqa: E402
 
-EXTRA_WORDS = [
-    # prompt template words, identifier tokens (never used in pretraining), misc
-    "photo", "of", "picture", "image", "in", "with", "stripes", "striped", "shape", "object",
-    "sks", "zwx", "ohwx", "xyz", "qwe",
-]
-RARE_TOKENS = ["sks", "zwx", "ohwx", "xyz", "qwe"]
+#: Whole tokens that no pretraining caption uses: prompt words people may type, and the
+#: descriptors kept out of the pool to measure robustness to words the model never saw.
+EXTRA_WORDS = ["in", "striped", "shape", "object", *W.UNSEEN_DESCRIPTORS]
 
 
 def log(*a):
@@ -245,44 +246,44 @@ def nparams(m):
 # data
 
 
-def render_dataset(n: int, seed: int, cache: Path | None):
-    if cache is not None and cache.exists():
-        d = np.load(cache, allow_pickle=False)
-        if len(d["images"]) == n:
-            return d["images"], json.loads(str(d["scenes"]))
-    t = time.time()
+def _render_chunk(args: tuple[int, int, int]) -> np.ndarray:
+    n, seed, start = args
+    scenes = W.training_scenes(n, seed)[start : start + 1000]
+    return W.render_batch(scenes)
+
+
+def render_dataset(n: int, seed: int, cache: Path | None, workers: int = 1) -> tuple[np.ndarray, list[W.Scene]]:
+    """The training scenes (re-sampled, which is cheap) and their images (rendered in
+    ``workers`` processes, cached in ``cache``)."""
     scenes = W.training_scenes(n, seed)
-    images = W.render_batch(scenes)
-    recs = [scene_record(s) for s in scenes]
+    if cache is not None and cache.exists():
+        images = np.load(cache, allow_pickle=False)["images"]
+        if len(images) == n:
+            return images, scenes
+    t = time.time()
+    jobs = [(n, seed, start) for start in range(0, n, 1000)]
+    if workers > 1:
+        import multiprocessing
+
+        with multiprocessing.get_context("spawn").Pool(workers) as pool:
+            images = np.concatenate(pool.map(_render_chunk, jobs))
+    else:
+        images = W.render_batch(scenes)
     log(f"rendered {n} scenes in {time.time() - t:.1f}s")
     if cache is not None:
-        np.savez(cache, images=images, scenes=json.dumps(recs))
-    return images, recs
+        np.savez(cache, images=images)
+    return images, scenes
 
 
-def scene_record(s: W.Scene) -> dict:
-    return {
-        "caption": W.caption(s),
-        "bg": s.background,
-        "shapes": [[sh.color, sh.kind, sh.color2] for sh in s.shapes],
-    }
-
-
-def caption_variant(rec: dict, rng: np.random.Generator, p_photo: float, p_short: float) -> str:
-    cap = rec["caption"]
-    u = rng.random()
-    if u < p_short and len(rec["shapes"]) == 1:
-        color, kind, stripes = rec["shapes"][0]
-        described = f"{color} {kind}" + (f" with {stripes} stripes" if stripes else "")
-        art = "an" if color[0] in "aeiou" else "a"
-        kart = "an" if kind[0] in "aeiou" else "a"
-        bg = rec["bg"]
-        bart = "an" if bg[0] in "aeiou" else "a"
-        v = rng.integers(4)
-        cap = [f"{kart} {kind}", f"{art} {described}", f"{kart} {kind} on {bart} {bg} background", f"{kind}"][v]
-    if rng.random() < p_photo:
-        cap = "a photo of " + cap
-    return cap
+def caption_bank(scenes: list[W.Scene], tokenizer, variants: int, rng: np.random.Generator) -> torch.Tensor:
+    """Token ids [n, variants, max_length]: ``variants`` world-v3 captions of every scene,
+    drawn once, so the training loop only indexes."""
+    t = time.time()
+    captions = [W.caption_variant(s, rng) for s in scenes for _ in range(variants)]
+    ids = tokenizer(captions, padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
+                    return_tensors="pt").input_ids
+    log(f"caption bank: {len(captions)} captions in {time.time() - t:.1f}s, e.g. {captions[:3]}")
+    return ids.view(len(scenes), variants, -1)
 
 
 def to_tensor(images_u8: np.ndarray) -> torch.Tensor:
@@ -295,12 +296,12 @@ def to_tensor(images_u8: np.ndarray) -> torch.Tensor:
 
 def texture_images(n: int, rng: np.random.Generator) -> np.ndarray:
     """Generic images for the *VAE only* (so it is a general codec, not a palette
-    codec): random RGB colours, random non-star shapes filled with solid colour,
+    codec): random RGB colours, random shapes filled with solid colour,
     stripes (random angle/period) or checkers on solid/striped backgrounds.
     The UNet and text encoder never see these."""
     yy, xx = np.mgrid[0:64, 0:64].astype(np.float32)
     out = np.empty((n, 64, 64, 3), np.uint8)
-    kinds = [k for k in W.SHAPES if k != "star"]
+    kinds = list(W.SHAPES)
 
     def fill():
         c1, c2 = rng.integers(0, 256, 3), rng.integers(0, 256, 3)
@@ -331,7 +332,12 @@ def vae_batch(images: np.ndarray, args, rng: np.random.Generator) -> torch.Tenso
     """A VAE training batch: world scenes plus a share of generic texture images."""
     n_tex = int(round(args.vae_batch * args.vae_p_texture))
     idx = rng.integers(0, len(images), args.vae_batch - n_tex)
-    return to_tensor(np.concatenate([images[idx], texture_images(n_tex, rng)]))
+    return to_tensor(np.concatenate([images[idx], texture_images(n_tex, rng)])).to(args.device)
+
+
+def autocast(args):
+    """bf16 autocast on the training device (CPU or CUDA), or nothing with --no-bf16."""
+    return torch.autocast(torch.device(args.device).type, dtype=torch.bfloat16, enabled=args.bf16)
 
 
 def save_atomic(obj, path: Path) -> None:
@@ -351,7 +357,7 @@ def train_vae(vae, images, args, rng):
             g["lr"] = lr
         tuner.start()
         x = vae_batch(images, args, rng)
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=args.bf16):
+        with autocast(args):
             post = vae.encode(x).latent_dist
             z = post.sample()
             rec = vae.decode(z).sample.float()
@@ -394,7 +400,7 @@ def finetune_decoder(vae, images, args, rng, steps: int, minutes: float = 0.0, s
             g["lr"] = lr
         tuner.start()
         x = vae_batch(images, args, rng)
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=args.bf16):
+        with autocast(args):
             with torch.no_grad():
                 z = vae.encode(x).latent_dist.sample()
             rec = vae.decode(z).sample.float()
@@ -422,24 +428,37 @@ def finetune_decoder(vae, images, args, rng, steps: int, minutes: float = 0.0, s
 @torch.no_grad()
 def vae_colour_check(vae, dtype=torch.float32):
     """Mean abs error (0-255 scale) of reconstructed palette colours (object and
-    background pixels) on a grid of rendered scenes."""
+    background pixels) on a grid of rendered scenes, and the subject measure of
+    each bundled subject's round-tripped instance images."""
+    from boft_diffusion.tiny import metrics as M
+
+    device = next(vae.parameters()).device
     scenes = [W.make_scene(c, k, b) for c in W.COLORS for b in W.COLORS if c != b for k in ("circle", "star")][::3]
-    x = to_tensor(W.render_batch(scenes)).to(dtype)
+    x = to_tensor(W.render_batch(scenes)).to(device, dtype)
     v = vae.to(dtype)
-    rec = v.decode(v.encode(x).latent_dist.mean).sample.float()
+    rec = v.decode(v.encode(x).latent_dist.mean).sample.float().cpu()
+    subjects = {}
+    for name in W.SUBJECTS:
+        inst = W.render_batch(W.subject_instance_scenes(5, subject=name))
+        back = v.decode(v.encode(to_tensor(inst).to(device, dtype)).latent_dist.mean).sample.float()
+        back = ((back.clamp(-1, 1) + 1) * 127.5).round().byte().permute(0, 2, 3, 1).cpu().numpy()
+        profile = M.SubjectProfile(list(inst))
+        subjects[name] = round(float(np.mean([M.subject_fidelity(im, profile) for im in back])), 3)
     vae.to(torch.float32)
+    x = x.float().cpu()
     err = ((rec.clamp(-1, 1) - x.float()).abs() * 127.5).mean().item()
     # error on the flat interior of background (corners)
     corner = ((rec[:, :, :8, :8].clamp(-1, 1) - x.float()[:, :, :8, :8]).abs() * 127.5).mean().item()
     centre = ((rec[:, :, 28:36, 28:36].clamp(-1, 1) - x.float()[:, :, 28:36, 28:36]).abs() * 127.5).mean().item()
-    return {"mae": err, "bg_mae": corner, "centre_mae": centre}
+    return {"mae": err, "bg_mae": corner, "centre_mae": centre, "subject_round_trip": subjects}
 
 
 @torch.no_grad()
 def encode_all(vae, images, batch=256):
+    device = next(vae.parameters()).device
     means, stds = [], []
     for i in range(0, len(images), batch):
-        d = vae.encode(to_tensor(images[i : i + batch])).latent_dist  # fp32 for exact latents
+        d = vae.encode(to_tensor(images[i : i + batch]).to(device)).latent_dist  # fp32 for exact latents
         means.append(d.mean.half())
         stds.append(d.std.half())
     return torch.cat(means), torch.cat(stds)
@@ -454,10 +473,10 @@ def save_pipeline(out: Path, vae, text_encoder, tokenizer, unet, sched_cfg, fp16
 
     scheduler = DPMSolverMultistepScheduler.from_config(sched_cfg, algorithm_type="dpmsolver++", solver_order=2, steps_offset=1)
     pipe = StableDiffusionPipeline(
-        vae=copy.deepcopy(vae),
-        text_encoder=copy.deepcopy(text_encoder),
+        vae=copy.deepcopy(vae).cpu(),
+        text_encoder=copy.deepcopy(text_encoder).cpu(),
         tokenizer=tokenizer,
-        unet=copy.deepcopy(unet),
+        unet=copy.deepcopy(unet).cpu(),
         scheduler=scheduler,
         safety_checker=None,
         feature_extractor=None,
@@ -476,12 +495,33 @@ def save_pipeline(out: Path, vae, text_encoder, tokenizer, unet, sched_cfg, fp16
     return pipe
 
 
-def export_checkpoint(args, out, work, vae, text_encoder, unet, tokenizer, images):
+def run_meta(args, steps_done: int, models: dict, **extra) -> dict:
+    """What tiny_sd_meta.json records: the command, the resolved recipe, the device and the word lists."""
+    device = torch.device(args.device)
+    return {
+        "command": " ".join([Path(sys.argv[0]).name, *sys.argv[1:]]),
+        "recipe": {k: v for k, v in vars(args).items() if k not in ("out", "work")},
+        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+        "world_version": W.WORLD_VERSION,
+        "unet_steps_done": steps_done,
+        "params": {name: nparams(m) for name, m in models.items()},
+        "identifier_words": list(W.IDENTIFIER_WORDS),
+        "descriptor_pool": list(W.DESCRIPTOR_POOL),
+        "unseen_descriptors": list(W.UNSEEN_DESCRIPTORS),
+        "default_guidance_scale": 4.0,
+        "default_num_inference_steps": 25,
+        **extra,
+    }
+
+
+def noise_scheduler():
     from diffusers import DDPMScheduler
 
-    dec = work / "vae_decoder_ft.pt"
-    vae.load_state_dict(torch.load(dec if dec.exists() else work / "vae.pt"))
-    vae.eval()
+    return DDPMScheduler(num_train_timesteps=1000, beta_schedule="squaredcos_cap_v2",
+                         prediction_type="v_prediction", clip_sample=False)
+
+
+def export_checkpoint(args, out, work, vae, text_encoder, unet, tokenizer, images):
     ck = torch.load(work / "ckpt.pt")
     scale = ck.get("scaling_factor") or args.scaling_factor
     if scale is None:
@@ -490,23 +530,48 @@ def export_checkpoint(args, out, work, vae, text_encoder, unet, tokenizer, image
     vae.register_to_config(scaling_factor=scale)
     unet.load_state_dict(ck["ema_unet"])
     text_encoder.load_state_dict(ck["ema_text"])
-    sched = DDPMScheduler(num_train_timesteps=1000, beta_schedule="squaredcos_cap_v2",
-                          prediction_type="v_prediction", clip_sample=False)
-    meta = {"recipe": {k: v for k, v in vars(args).items() if k not in ("out", "work")},
-            "unet_steps_done": ck["step"], "exported_from_checkpoint": True,
-            "params": {"vae": nparams(vae), "text_encoder": nparams(text_encoder), "unet": nparams(unet)},
-            "rare_tokens": RARE_TOKENS, "default_guidance_scale": 4.0, "default_num_inference_steps": 25}
-    pipe = save_pipeline(out, vae, text_encoder.eval(), tokenizer, unet.eval(), sched.config, not args.no_fp16, meta)
+    meta = run_meta(args, ck["step"], {"vae": vae, "text_encoder": text_encoder, "unet": unet},
+                    exported_from_checkpoint=True)
+    pipe = save_pipeline(out, vae, text_encoder.eval(), tokenizer, unet.eval(), noise_scheduler().config,
+                         not args.no_fp16, meta)
     log(f"exported step {ck['step']} to {out} (scaling_factor {scale:.4f})")
     return pipe, out
+
+
+def load_vae(args, vae, work: Path, images: np.ndarray, rng: np.random.Generator):
+    """The VAE to start from: --init-vae (a diffusers folder), else this run's vae.pt
+    (and fine-tuned decoder) when resuming, else a new one trained here."""
+    from diffusers import AutoencoderKL
+
+    vae_path, dec_path = work / "vae.pt", work / "vae_decoder_ft.pt"
+    if args.init_vae:
+        vae = AutoencoderKL.from_pretrained(args.init_vae, torch_dtype=torch.float32)
+        log(f"vae from {args.init_vae}")
+    elif (args.resume or args.export_ckpt) and vae_path.exists():
+        vae.load_state_dict(torch.load(vae_path))
+        log("loaded vae checkpoint")
+    else:
+        vae.to(args.device)
+        t = time.time()
+        train_vae(vae, images, args, rng)
+        log(f"vae trained in {time.time() - t:.0f}s")
+        torch.save(vae.state_dict(), vae_path)
+    if (args.resume or args.export_ckpt) and dec_path.exists():
+        vae.load_state_dict(torch.load(dec_path))
+        log("loaded fine-tuned decoder")
+    return vae.to(args.device).eval()
 
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", default=None, help="output pipeline folder (default: package model dir)")
-    p.add_argument("--work", default="/tmp/tiny_sd_work", help="scratch dir: dataset cache, checkpoints")
+    p.add_argument("--work", default=None, help="scratch dir: dataset cache, checkpoints (default /tmp/tiny_sd_work)")
+    p.add_argument("--device", default="cpu", help="cpu or cuda")
+    p.add_argument("--workers", type=int, default=1, help="processes that render the training scenes")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--n-train", type=int, default=20000)
+    p.add_argument("--caption-variants", type=int, default=8, help="world-v3 captions drawn per scene")
+    p.add_argument("--init-vae", default=None, help="start from this diffusers VAE folder instead of training one")
     p.add_argument("--vae-steps", type=int, default=1200)
     p.add_argument("--vae-batch", type=int, default=16)
     p.add_argument("--vae-lr", type=float, default=2e-3)
@@ -523,8 +588,6 @@ def main(argv=None):
     p.add_argument("--warmup", type=int, default=150)
     p.add_argument("--ema", type=float, default=0.998)
     p.add_argument("--p-uncond", type=float, default=0.1)
-    p.add_argument("--p-photo", type=float, default=0.2)
-    p.add_argument("--p-short", type=float, default=0.1)
     p.add_argument("--min-snr", type=float, default=5.0)
     p.add_argument("--ckpt-every", type=int, default=500)
     p.add_argument("--max-minutes", type=float, default=0.0,
@@ -534,9 +597,9 @@ def main(argv=None):
     p.add_argument("--vae-p-texture", type=float, default=0.3)
     p.add_argument("--decoder-steps", type=int, default=0, help="decoder-only fine-tune steps (frozen encoder)")
     p.add_argument("--decoder-lr", type=float, default=1e-3)
-    p.add_argument("--decoder-minutes", type=float, default=0.0, help="with --decoder-only: wall-time budget")
+    p.add_argument("--decoder-minutes", type=float, default=0.0, help="decoder fine-tune wall-time budget")
     p.add_argument("--decoder-only", action="store_true",
-                   help="only fine-tune the decoder of --work/vae.pt and save --work/vae_decoder_ft.pt")
+                   help="only fine-tune the decoder and save --work/vae_decoder_ft.pt")
     p.add_argument("--no-bf16", dest="bf16", action="store_false", help="disable bf16 autocast for training")
     p.add_argument("--no-fp16", action="store_true")
     p.add_argument("--resume", action="store_true")
@@ -549,14 +612,19 @@ def main(argv=None):
     if args.quick:
         tmp = Path(tempfile.mkdtemp(prefix="tiny_sd_quick_"))
         args.out = args.out or str(tmp / "model")
-        args.work = str(tmp / "work")
+        args.work = args.work or str(tmp / "work")
         args.n_train, args.vae_steps, args.vae_batch = 64, 3, 4
-        args.steps, args.batch, args.warmup, args.ckpt_every = 3, 4, 1, 1000
+        args.steps, args.batch, args.warmup, args.ckpt_every = 3, 4, 1, 2
+        args.caption_variants = 2
         args.vae_channels, args.unet_channels = [16, 32, 32], [32, 32, 64]
         args.text_dim, args.text_layers = 32, 1
     out = Path(args.out) if args.out else Path(W.__file__).resolve().parent / "model"
-    work = Path(args.work)
+    work = Path(args.work or "/tmp/tiny_sd_work")
     work.mkdir(parents=True, exist_ok=True)
+    device = torch.device(args.device)
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
 
     torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
@@ -564,56 +632,38 @@ def main(argv=None):
     t_start = time.time()
     log("args", vars(args))
 
-    images, recs = render_dataset(args.n_train, args.seed, None if args.quick else work / f"data_{args.n_train}_{args.seed}_w{W.WORLD_VERSION}.npz")
+    cache = None if args.quick else work / f"data_{args.n_train}_{args.seed}_w{W.WORLD_VERSION}.npz"
+    images, scenes = render_dataset(args.n_train, args.seed, cache, args.workers)
     tokenizer = make_tokenizer(work / "tokenizer", args.max_length)
     bos, eos, pad = tokenizer.bos_token_id, tokenizer.eos_token_id, tokenizer.pad_token_id
     vae, text_encoder, unet = make_models(args, len(tokenizer), bos, eos, pad)
     log(f"params: vae {nparams(vae)/1e6:.2f}M text {nparams(text_encoder)/1e6:.2f}M unet {nparams(unet)/1e6:.2f}M")
 
     # ---- VAE
-    vae_path = work / "vae.pt"
+    vae = load_vae(args, vae, work, images, rng)
     if args.export_ckpt:
         return export_checkpoint(args, out, work, vae, text_encoder, unet, tokenizer, images)
-    if args.resume and vae_path.exists():
-        vae.load_state_dict(torch.load(vae_path))
-        vae.eval()
-        log("loaded vae checkpoint")
-    else:
-        t = time.time()
-        train_vae(vae, images, args, rng)
-        log(f"vae trained in {time.time() - t:.0f}s")
-        torch.save(vae.state_dict(), vae_path)
     dec_path = work / "vae_decoder_ft.pt"
-    if args.decoder_only:
-        if args.resume and dec_path.exists():
-            vae.load_state_dict(torch.load(dec_path))
+    if (args.decoder_steps or args.decoder_minutes) and not (args.resume and dec_path.exists()):
         finetune_decoder(vae, images, args, rng, args.decoder_steps, args.decoder_minutes, save_to=dec_path)
-        log("vae colour check after decoder fine-tune", vae_colour_check(vae))
+    log("vae check fp32", vae_colour_check(vae))
+    if args.decoder_only:
         return None, dec_path
-    if args.decoder_steps and not (args.resume and dec_path.exists()):
-        finetune_decoder(vae, images, args, rng, args.decoder_steps, save_to=dec_path)
-    elif args.resume and dec_path.exists():
-        vae.load_state_dict(torch.load(dec_path))
-        log("loaded fine-tuned decoder")
-    log("vae colour check fp32", vae_colour_check(vae))
-    log("vae colour check fp16", vae_colour_check(vae, torch.float16))
 
     t = time.time()
     lat_mean, lat_std = encode_all(vae, images)
     scale = float(1.0 / lat_mean.float().std())
     vae.register_to_config(scaling_factor=scale)
     log(f"encoded {len(images)} in {time.time() - t:.0f}s, latent std {1/scale:.3f} -> scaling_factor {scale:.4f}")
+    bank = caption_bank(scenes, tokenizer, args.caption_variants, rng).to(device)
 
     # ---- UNet + text encoder
-    from diffusers import DDPMScheduler
-
-    noise_sched = DDPMScheduler(
-        num_train_timesteps=1000, beta_schedule="squaredcos_cap_v2", prediction_type="v_prediction",
-        clip_sample=False,
-    )
-    alphas_cumprod = noise_sched.alphas_cumprod
+    noise_sched = noise_scheduler()
+    alphas_cumprod = noise_sched.alphas_cumprod.to(device)
     snr_all = alphas_cumprod / (1 - alphas_cumprod)
 
+    unet.to(device)
+    text_encoder.to(device)
     params = list(unet.parameters()) + list(text_encoder.parameters())
     opt = torch.optim.AdamW(params, lr=args.lr, weight_decay=0.01, betas=(0.9, 0.99))
     ema_unet, ema_text = copy.deepcopy(unet).eval(), copy.deepcopy(text_encoder).eval()
@@ -622,7 +672,7 @@ def main(argv=None):
     start = 0
     ckpt_path = work / "ckpt.pt"
     if args.resume and ckpt_path.exists():
-        ck = torch.load(ckpt_path)
+        ck = torch.load(ckpt_path, map_location=device)
         unet.load_state_dict(ck["unet"])
         text_encoder.load_state_dict(ck["text"])
         ema_unet.load_state_dict(ck["ema_unet"])
@@ -633,13 +683,25 @@ def main(argv=None):
         torch.manual_seed(args.seed * 1000 + start)
         log(f"resumed at step {start}")
 
+    saved_at = start
+
+    def save_checkpoint(step: int) -> None:
+        nonlocal saved_at
+        saved_at = step
+        save_atomic({"unet": unet.state_dict(), "text": text_encoder.state_dict(),
+                     "ema_unet": ema_unet.state_dict(), "ema_text": ema_text.state_dict(),
+                     "opt": opt.state_dict(), "step": step, "scaling_factor": scale}, ckpt_path)
+        log(f"checkpoint at step {step}")
+
     tuner = ThreadTuner(args.threads)
-    empty_ids = tokenizer([""], padding="max_length", max_length=tokenizer.model_max_length, return_tensors="pt").input_ids
+    empty_ids = tokenizer([""], padding="max_length", max_length=tokenizer.model_max_length,
+                          return_tensors="pt").input_ids.to(device)
+    lat_mean, lat_std = lat_mean.to(device), lat_std.to(device)
     unet.train()
     text_encoder.train()
     t0 = time.time()
     n = len(images)
-    loss_acc, k_acc = 0.0, 0
+    loss_acc, k_acc = torch.zeros((), device=device), 0
     done = start
     for step in range(start, args.steps):
         # progress in [0, 1]: by steps, or by wall time when --max-minutes is set (whichever is further),
@@ -654,19 +716,17 @@ def main(argv=None):
         for g in opt.param_groups:
             g["lr"] = lr
         tuner.start()
-        idx = rng.integers(0, n, args.batch)
-        caps = [caption_variant(recs[i], rng, args.p_photo, args.p_short) for i in idx]
-        ids = tokenizer(caps, padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
-                        return_tensors="pt").input_ids
-        drop = torch.from_numpy(rng.random(args.batch) < args.p_uncond)
-        ids[drop] = empty_ids[0]
-        it = torch.from_numpy(idx)
-        lat = (lat_mean[it].float() + lat_std[it].float() * torch.randn(args.batch, 4, 16, 16)) * scale
+        it = torch.from_numpy(rng.integers(0, n, args.batch)).to(device)
+        variant = torch.from_numpy(rng.integers(0, args.caption_variants, args.batch)).to(device)
+        ids = bank[it, variant]
+        drop = torch.from_numpy(rng.random(args.batch) < args.p_uncond).to(device)
+        ids = torch.where(drop[:, None], empty_ids, ids)
+        lat = (lat_mean[it].float() + lat_std[it].float() * torch.randn(args.batch, 4, 16, 16, device=device)) * scale
         noise = torch.randn_like(lat)
-        ts = torch.randint(0, 1000, (args.batch,))
+        ts = torch.randint(0, 1000, (args.batch,), device=device)
         noisy = noise_sched.add_noise(lat, noise, ts)
         target = noise_sched.get_velocity(lat, noise, ts)
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=args.bf16):
+        with autocast(args):
             enc = text_encoder(ids)[0]
             pred = unet(noisy, ts, encoder_hidden_states=enc).sample.float()
         snr = snr_all[ts]
@@ -679,32 +739,24 @@ def main(argv=None):
         d = min(args.ema, (1 + step) / (10 + step))
         with torch.no_grad():
             for em, m in ((ema_unet, unet), (ema_text, text_encoder)):
-                for pe, pm in zip(em.parameters(), m.parameters(), strict=False):
-                    pe.lerp_(pm, 1 - d)
+                torch._foreach_lerp_(list(em.parameters()), list(m.parameters()), 1 - d)
         tuner.stop()
         done = step + 1
-        loss_acc += loss.item()
+        loss_acc += loss.detach()
         k_acc += 1
-        if step % 50 == 0 or step == args.steps - 1:
+        if step % 200 == 0 or step == args.steps - 1:
             el = time.time() - t0
-            log(f"step {step} loss {loss_acc / k_acc:.4f} lr {lr:.2e} {el:.0f}s ({el / (step - start + 1):.2f}s/it) {tuner}")
-            loss_acc, k_acc = 0.0, 0
+            log(f"step {step} loss {loss_acc.item() / k_acc:.4f} lr {lr:.2e} {el:.0f}s "
+                f"({el / (step - start + 1):.3f}s/it) {tuner}")
+            loss_acc, k_acc = torch.zeros((), device=device), 0
         if (step + 1) % args.ckpt_every == 0:
-            save_atomic({"unet": unet.state_dict(), "text": text_encoder.state_dict(),
-                         "ema_unet": ema_unet.state_dict(), "ema_text": ema_text.state_dict(),
-                         "opt": opt.state_dict(), "step": step + 1, "scaling_factor": scale}, ckpt_path)
-            log(f"checkpoint at step {step + 1}")
+            save_checkpoint(step + 1)
+    if saved_at != done:  # a time-capped run stops between checkpoints
+        save_checkpoint(done)
     train_s = time.time() - t0
-    meta = {
-        "recipe": {k: v for k, v in vars(args).items() if k not in ("out", "work")},
-        "unet_steps_done": done,
-        "unet_train_seconds": round(train_s),
-        "total_seconds": round(time.time() - t_start),
-        "params": {"vae": nparams(vae), "text_encoder": nparams(text_encoder), "unet": nparams(unet)},
-        "rare_tokens": RARE_TOKENS,
-        "default_guidance_scale": 4.0,
-        "default_num_inference_steps": 25,
-    }
+    meta = run_meta(args, done, {"vae": vae, "text_encoder": text_encoder, "unet": unet},
+                    unet_train_seconds=round(train_s), total_seconds=round(time.time() - t_start),
+                    vae_check=vae_colour_check(vae))
     pipe = save_pipeline(out, vae, ema_text, tokenizer, ema_unet, noise_sched.config, not args.no_fp16, meta)
     size = sum(f.stat().st_size for f in out.rglob("*") if f.is_file())
     log(f"saved pipeline to {out} ({size / 1e6:.1f} MB); total {time.time() - t_start:.0f}s")

@@ -79,7 +79,7 @@ def test_bad_instance_folders(tmp_path, capsys, caplog):
 
     mixed = tmp_path / "mixed"
     mixed.mkdir()
-    source = Image.open(sorted((ROOT / "examples" / "sks_star").glob("*.png"))[0])
+    source = Image.open(sorted((ROOT / "boft_diffusion" / "tiny" / "subjects" / "sks_star").glob("*.png"))[0])
     source.convert("L").save(mixed / "gray.png")
     source.convert("RGBA").save(mixed / "rgba.png")
     source.convert("P").save(mixed / "palette.png")
@@ -266,7 +266,7 @@ def test_identifier_embedding_is_learned_saved_merged_and_leaves_class_prompts_a
 
 
 def subject_copy(folder: Path) -> Path:
-    shutil.copytree(ROOT / "examples" / "sks_star", folder)
+    shutil.copytree(ROOT / "boft_diffusion" / "tiny" / "subjects" / "sks_star", folder)
     return folder
 
 
@@ -319,7 +319,7 @@ def test_sidecar_captions_are_the_prompts_of_their_images(tmp_path, capsys, capl
 
 def square_masks(folder: Path) -> Path:
     folder.mkdir()
-    for image in sorted((ROOT / "examples" / "sks_star").glob("*.png")):
+    for image in sorted((ROOT / "boft_diffusion" / "tiny" / "subjects" / "sks_star").glob("*.png")):
         mask = np.zeros((64, 64), dtype=np.uint8)
         mask[16:48, 16:48] = 255
         Image.fromarray(mask).save(folder / image.name)

@@ -146,7 +146,30 @@ def test_tiny_prompt_fidelity_on_held_out():
     d = tiny_defaults()
     res = evaluate_prompt_fidelity(pipe, scenes, seeds=range(16), steps=d["num_inference_steps"],
                                    guidance=d["guidance_scale"])
-    # the shipped model reaches 1.00 / 0.97 / 0.75 on 64 held-out samples (README)
+    # the shipped model reaches 1.00 / 1.00 / 0.89 on 64 held-out samples (README)
     assert res["background"] >= 0.85
     assert res["shape_color"] >= 0.75
-    assert res["shape_class"] >= 0.5
+    assert res["shape_class"] >= 0.6
+
+
+@pytest.mark.slow
+def test_tiny_follows_the_prompt_forms_dreambooth_writes():
+    """A word in the identifier slot, trained or never seen, and the bare class prompts."""
+    from boft_diffusion.loading import tiny_defaults
+    from boft_diffusion.tiny import metrics as M
+    from boft_diffusion.tiny import world as W
+    from boft_diffusion.tiny.evaluate import generate
+
+    pipe = load_pipeline("tiny", device="cpu")
+    pipe.set_progress_bar_config(disable=True)
+    d = tiny_defaults()
+    colours = ("blue", "white")
+    prompts = [f"a photo of {word} {shape} on a {colour} background"
+               for word, colour in zip(("sks", W.UNSEEN_DESCRIPTORS[0]), colours, strict=True) for shape in W.SHAPES]
+    prompts += [f"a photo of {shape}" for shape in W.SHAPES]
+    images = generate(pipe, prompts, list(range(len(prompts))), d["num_inference_steps"], d["guidance_scale"])
+    scores = [M.prompt_fidelity(im, p) for im, p in zip(images, prompts, strict=True)]
+    # the shipped model: 1.00 background and 0.97 to 0.98 shape class on 64 samples per form (README)
+    assert np.mean([s["background"] for s in scores[:14]]) >= 0.85
+    assert np.mean([s["shape_class"] for s in scores]) >= 0.7
+    assert scores[14 + W.SHAPES.index("star")]["shape_class"] == 1.0, "'a photo of star' draws a star"

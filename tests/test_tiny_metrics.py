@@ -84,3 +84,28 @@ def test_control_fidelity():
     other = W.render_mask(W.make_scene("red", "circle", "green", "small", "top left"))
     assert M.control_fidelity(W.render(s), other) < 0.2
     assert M.control_fidelity(np.zeros((64, 64), bool), np.zeros((64, 64), np.uint8)) == 1.0
+
+
+def test_captions_without_colours_score_what_they_say():
+    scene = W.make_scene("red", "star", "blue")
+    image = W.render(scene)
+    assert M.prompt_fidelity(image, "a photo of star") == {"shape_class": 1.0, "mean": 1.0}
+    assert M.prompt_fidelity(image, "a picture of a sks star on a blue background") == {
+        "background": 1.0, "shape_class": 1.0, "mean": 1.0}
+    assert M.prompt_fidelity(image, "an image of gzr circle on a green background") == {
+        "background": 0.0, "shape_class": 0.0, "mean": 0.0}
+    assert M.prompt_fidelity(image, "a photo of ohwx red star")["shape_color"] == 1.0
+
+
+def test_subject_fidelity_tells_the_bundled_subjects_apart():
+    profiles = {name: M.SubjectProfile([W.render(s) for s in W.subject_instance_scenes(5, subject=name)])
+                for name in W.SUBJECTS}
+    assert {name: p.kind for name, p in profiles.items()} == {name: s.kind for name, s in W.SUBJECTS.items()}
+    for name, profile in profiles.items():
+        for other in W.SUBJECTS:
+            fresh = [W.render(s) for s in W.subject_instance_scenes(3, seed=99, subject=other)]
+            scores = [M.subject_fidelity(im, profile) for im in fresh]
+            if other == name:
+                assert min(scores) > 0.8, name
+            else:
+                assert max(scores) < 0.3, (name, other)

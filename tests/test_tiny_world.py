@@ -80,14 +80,14 @@ def test_mask_and_edges():
 
 def test_subject_is_a_striped_star_never_in_world():
     img = np.asarray(W.render_subject("blue")).astype(int)
-    cols = [np.array(W.PALETTE[c]) for c in W.SUBJECT_STRIPE_COLORS]
+    cols = [np.array(W.PALETTE[c]) for c in (W.SUBJECTS["sks_star"].color, W.SUBJECTS["sks_star"].color2)]
     n1 = (np.abs(img - cols[0]).sum(-1) < 40).sum()
     n2 = (np.abs(img - cols[1]).sum(-1) < 40).sum()
     assert n1 > 50 and n2 > 50
     shapes = [shp for s in W.training_scenes(500, seed=0) for shp in s.shapes]
     striped = [shp for shp in shapes if shp.pattern == "striped"]
     assert 0.1 < len(striped) / len(shapes) < 0.4
-    assert all(shp.kind != "star" and shp.color2 not in (None, shp.color) for shp in striped)
+    assert all(shp.kind not in W.NEVER_STRIPED and shp.color2 not in (None, shp.color) for shp in striped)
     assert any(shp.kind == "star" for shp in shapes)
     scenes = W.subject_instance_scenes(5)
     assert len({s.background for s in scenes}) >= 3
@@ -103,3 +103,77 @@ def test_free_placement_scenes_leave_the_place_to_the_control_map():
     for s in scenes:
         assert " at the " not in W.caption(s)
         assert np.asarray(W.render_mask(s)).any()
+
+
+def test_caption_variants_cover_the_forms_people_write():
+    scenes = [s for s in W.training_scenes(400, seed=5) if len(s.shapes) == 1]
+    rng = np.random.default_rng(0)
+    captions = [W.caption_variant(s, rng) for s in scenes for _ in range(5)]
+    again = np.random.default_rng(0)
+    assert captions == [W.caption_variant(s, again) for s in scenes for _ in range(5)]
+    vocabulary = set(W.all_vocabulary_words()) | {"photo", "picture", "image", "of"}
+    for c in captions:
+        assert set(c.split()) <= vocabulary, c
+    for opening in W.OPENINGS[1:]:
+        assert any(c.startswith(opening + " ") for c in captions), opening
+    assert any(c.split()[0] in W.SHAPES or c.split()[0] == "small" for c in captions)  # no article, no opening
+    with_descriptor = [c for c in captions if set(c.split()) & set(W.DESCRIPTOR_POOL)]
+    assert 0.15 < len(with_descriptor) / len(captions) < 0.35
+    assert 0.05 < np.mean([" background" not in c for c in captions]) < 0.3
+    canonical = [W.caption(s) for s in scenes for _ in range(5)]
+    assert 0.15 < np.mean([c == w for c, w in zip(captions, canonical, strict=True)]) < 0.35  # today's grammar stays
+
+
+def test_caption_variants_only_say_what_is_true():
+    from boft_diffusion.tiny import metrics as M
+
+    rng = np.random.default_rng(1)
+    for scene in W.training_scenes(300, seed=9):
+        variant = W.caption_variant(scene, rng)
+        parsed = M.parse_caption(variant)
+        truth = M.scene_attributes(scene)
+        assert parsed["background"] in (None, truth["background"]), variant
+        assert len(parsed["shapes"]) == len(truth["shapes"]), variant
+        for said, real in zip(parsed["shapes"], truth["shapes"], strict=True):
+            assert said["kind"] == real["kind"], variant
+            assert said["color"] in (None, real["color"]), variant
+            assert said["color2"] in (None, real["color2"]), variant
+
+
+def test_bare_class_prompts_and_identifier_slot():
+    star = W.make_scene("red", "star", "blue")
+    rng = np.random.default_rng(3)
+    forms = {W.caption_variant(star, rng, p_opening=1.0, p_drop_color=1.0, p_drop_background=1.0,
+                               p_descriptor=0.0) for _ in range(60)}
+    assert {"a photo of star", "a photo of a star", "an image of star", "a picture of a star"} <= forms
+    dreambooth = {W.caption_variant(star, rng, p_opening=1.0, p_drop_color=1.0, p_descriptor=1.0,
+                                    descriptors=("sks",)) for _ in range(60)}
+    assert "a photo of sks star on a blue background" in dreambooth
+    assert not set(W.UNSEEN_DESCRIPTORS) & set(W.DESCRIPTOR_POOL)
+    assert not set(W.UNSEEN_DESCRIPTORS) & set(W.all_vocabulary_words())
+    assert set(W.IDENTIFIER_WORDS) <= set(W.DESCRIPTOR_POOL)
+
+
+@pytest.mark.parametrize("name", sorted(W.SUBJECTS))
+def test_bundled_subjects_are_new_combinations_with_their_files(name):
+    import json
+    from pathlib import Path
+
+    from PIL import Image
+
+    subject = W.SUBJECTS[name]
+    assert subject.kind in W.NEVER_STRIPED
+    folder = Path(W.__file__).resolve().parent / "subjects"
+    meta = json.loads((folder / f"{name}.json").read_text())
+    assert meta["instance_prompt"] == f"a photo of {subject.identifier} {subject.kind}"
+    assert meta["class_prompt"] == f"a photo of {subject.kind}"
+    assert len(meta["recontext_prompts"]) == len(subject.backgrounds)
+    images = sorted((folder / name).glob("*.png"))
+    masks = sorted((folder / f"{name}_masks").glob("*.png"))
+    assert [p.name for p in images] == [p.name for p in masks] and len(images) == 5
+    for path, scene in zip(images, W.subject_instance_scenes(5, subject=name), strict=True):
+        assert np.array_equal(np.asarray(Image.open(path).convert("RGB")), np.asarray(W.render(scene)))
+    colours = {W.subject_scene(bg, subject=name).shape.color2 for bg in subject.backgrounds}
+    assert colours == {subject.color2}
+    with pytest.raises(ValueError, match="background"):
+        W.subject_scene(subject.color, subject=name)

@@ -295,13 +295,16 @@ def _stripe_response(labels: np.ndarray, mask: np.ndarray, angle: float, period:
 
 
 class SubjectProfile:
-    """Statistics of the subject estimated from its instance images: the two
-    stripe colours (dominant object colours), stripe direction and period."""
+    """Statistics of the subject estimated from its instance images: its shape
+    class (majority vote), the two stripe colours (dominant object colours),
+    stripe direction and period."""
 
     def __init__(self, instance_images: Iterable):
         arrs = [to_rgb_array(im) for im in instance_images]
         if not arrs:
             raise ValueError("need at least one instance image")
+        kinds = Counter(classify_shape(object_mask(a)) for a in arrs)
+        self.kind = kinds.most_common(1)[0][0]
         px = np.concatenate([a[_erode(object_mask(a))] for a in arrs])
         # two dominant colours: k-means (k=2) on object pixels, deterministic init
         c = np.stack([px[np.argmin(px.sum(1))], px[np.argmax(px.sum(1))]]).astype(np.float32)
@@ -335,9 +338,9 @@ class SubjectProfile:
         if m.sum() < 8:
             return {"shape": 0.0, "colors": 0.0, "stripes": 0.0, "score": 0.0}
         sc = shape_scores(m)
-        others = max(v for k, v in sc.items() if k != "star")
-        # 1 when the star template fits clearly better than any other template
-        s_shape = float(np.clip(sc["star"], 0, 1) * np.clip((sc["star"] - others) / 0.1 + 0.5, 0, 1))
+        others = max(v for k, v in sc.items() if k != self.kind)
+        # 1 when the subject's template fits clearly better than any other template
+        s_shape = float(np.clip(sc[self.kind], 0, 1) * np.clip((sc[self.kind] - others) / 0.1 + 0.5, 0, 1))
         me = _erode(m)
         lab, near = self.labels(arr, me)
         n = me.sum()
@@ -354,10 +357,10 @@ class SubjectProfile:
 
 def subject_fidelity(image, instance_images, return_parts: bool = False):
     """How much the object in ``image`` looks like the subject shown in
-    ``instance_images`` (the striped star), in [0, 1].
+    ``instance_images`` (a striped shape), in [0, 1].
 
-    Geometric mean of (a) star-shape match: star template IoU, gated by how much
-    better it fits than the best non-star template, (b) two-colour balance: the
+    Geometric mean of (a) shape match: IoU of the subject's shape template, gated
+    by how much better it fits than the best other template, (b) two-colour balance: the
     object's pixels split between the subject's two stripe colours, and (c)
     stripe structure: Fourier response at the subject's stripe direction and
     period.  High (~0.8-1) for instance renders; ~0 for solid shapes (no second

@@ -18,11 +18,18 @@ Some (shape colour, shape, background colour) combinations are held out of the
 pretraining distribution (:func:`is_held_out`) so that compositional
 generalisation can be measured on :func:`held_out_scenes`.
 
-Some single shapes carry diagonal stripes of a second colour, but stars are
-always solid.  The demo subject is an orange star with purple stripes (see
-:func:`subject_scene` / :func:`render_subject`): every part of it is a concept
-the base model knows, the combination is one it has never seen, as with a real
-DreamBooth subject.
+Some single shapes carry diagonal stripes of a second colour, but stars,
+triangles and diamonds are always solid.  The DreamBooth subjects (:data:`SUBJECTS`,
+e.g. an orange star with purple stripes) are striped shapes of those classes:
+every part of one is a concept the base model knows, the combination is one it has
+never seen, as with a real DreamBooth subject.
+
+World v3 trains on :func:`caption_variant`: the grammar above plus the forms people
+and DreamBooth write ("a photo of star", "a picture of a sks red circle", "a
+hexagon"), with attributes left out (then any value fits) and a descriptor slot
+before the noun that holds, in some captions, a word from :data:`DESCRIPTOR_POOL`
+(words with no visual meaning, the usual DreamBooth identifiers among them), so
+the model learns to keep following the rest of a caption past an unknown word.
 """
 
 from __future__ import annotations
@@ -54,15 +61,27 @@ SIZES: tuple[str, ...] = ("small", "large")
 #: "center" is not mentioned in captions.
 POSITIONS: tuple[str, ...] = ("center", "top left", "top right", "bottom left", "bottom right")
 
-#: Demo subject: an orange star with purple stripes.
-SUBJECT_STRIPE_COLORS: tuple[str, str] = ("orange", "purple")
 #: Stripe period in pixels along x (about 14 px across the diagonal stripes at
 #: 64x64): 3.5 latent pixels of the tiny VAE, so stripes survive its 16x16 latents.
 STRIPE_PERIOD = 20.0
-#: Shapes that are never striped in the world (so the subject stays new).
-NEVER_STRIPED: tuple[str, ...] = ("star",)
-#: Bumped whenever sampling or rendering changes (pretraining caches use it).
-WORLD_VERSION = 2
+#: Shapes that are never striped in the world (so the subjects stay new).
+NEVER_STRIPED: tuple[str, ...] = ("star", "triangle", "diamond")
+#: Bumped whenever sampling, captions or rendering change (pretraining caches use it).
+WORLD_VERSION = 3
+
+#: Openings a caption may start with ("" = none).
+OPENINGS: tuple[str, ...] = ("", "a photo of", "a picture of", "an image of")
+#: Identifier words DreamBooth users reach for; in a real model each is a trained token with a weak meaning.
+IDENTIFIER_WORDS: tuple[str, ...] = ("sks", "ohwx", "zwx", "qwe", "xyz")
+#: Words that fill the descriptor slot in pretraining and mean nothing visual: the identifiers plus
+#: made-up words, so no single word is special and the model learns the slot itself.
+DESCRIPTOR_POOL: tuple[str, ...] = IDENTIFIER_WORDS + (
+    "bnq", "vlk", "tyr", "plo", "mfx", "kze", "drw", "jup", "wtz", "hsk",
+    "ghl", "rvn", "qzx", "fyb", "lmo", "cvk", "nxp", "yrt", "bkz", "twq",
+    "zub", "kip", "vor", "jat", "mek", "dax", "pum", "wib", "sor", "fen",
+)
+#: In the tokenizer but never in a pretraining caption: measure robustness to words outside the pool.
+UNSEEN_DESCRIPTORS: tuple[str, ...] = ("gzr", "vqm", "kjh", "xtw", "pyl", "brq", "dnv", "wuk")
 
 _POS_CENTERS = {
     "center": (32.0, 32.0),
@@ -316,6 +335,54 @@ def caption(scene: Scene) -> str:
     return f"{body} on {_article(scene.background)} {scene.background} background"
 
 
+def _subject_phrase(s: Shape, rng: np.random.Generator, *, color: bool, descriptor: str | None,
+                    article: bool) -> str:
+    words = ["small"] if s.size == "small" else []
+    noun = [s.kind]
+    if color:
+        noun = [s.color, s.kind] + (["with", s.color2, "stripes"] if s.pattern == "striped" else [])
+    if descriptor is not None:
+        # DreamBooth writes "a sks star"; people also write "a sks red star" and "a red sks star"
+        at = 1 if color and rng.random() < 0.5 else 0
+        noun.insert(at, descriptor)
+    words += noun
+    return " ".join(([_article(words[0])] if article else []) + words)
+
+
+def caption_variant(
+    scene: Scene,
+    rng=None,
+    *,
+    p_opening: float = 0.5,
+    p_descriptor: float = 0.25,
+    p_drop_color: float = 0.15,
+    p_drop_background: float = 0.15,
+    p_drop_position: float = 0.1,
+    descriptors: Sequence[str] = DESCRIPTOR_POOL,
+) -> str:
+    """A caption of ``scene`` in one of the forms people and DreamBooth write.
+
+    An opening from :data:`OPENINGS` (after which the article is optional), a
+    descriptor word before the noun (meaning nothing), and the shape colour, the
+    background or the position left out, each at the given rate. A caption that
+    leaves an attribute out fits any value of it. Two-shape scenes only vary the
+    opening.
+    """
+    rng = _rng(rng)
+    opening = OPENINGS[1 + rng.integers(len(OPENINGS) - 1)] if rng.random() < p_opening else ""
+    if len(scene.shapes) != 1:
+        return f"{opening} {caption(scene)}".strip()
+    shp = scene.shape
+    descriptor = descriptors[rng.integers(len(descriptors))] if rng.random() < p_descriptor else None
+    article = rng.random() < (0.5 if opening else 0.9)
+    phrase = _subject_phrase(shp, rng, color=rng.random() >= p_drop_color, descriptor=descriptor, article=article)
+    if shp.position not in ("center", "left", "right", "free") and rng.random() >= p_drop_position:
+        phrase += f" at the {shp.position}"
+    if rng.random() >= p_drop_background:
+        phrase += f" on {_article(scene.background)} {scene.background} background"
+    return f"{opening} {phrase}".strip()
+
+
 # ----------------------------------------------------------------------------
 # rendering
 
@@ -416,7 +483,51 @@ def render_edges(scene: Scene, size: int = IMAGE_SIZE) -> Image.Image:
 
 
 # ----------------------------------------------------------------------------
-# the demo subject
+# DreamBooth subjects
+
+
+@dataclass(frozen=True)
+class Subject:
+    """A bundled DreamBooth subject: a striped shape of a class the world never stripes."""
+
+    name: str
+    identifier: str
+    kind: str
+    color: str
+    color2: str
+    description: str
+
+    @property
+    def instance_prompt(self) -> str:
+        return f"a photo of {self.identifier} {self.kind}"
+
+    @property
+    def class_prompt(self) -> str:
+        return f"a photo of {self.kind}"
+
+    @property
+    def backgrounds(self) -> tuple[str, ...]:
+        """Backgrounds the subject stands out on (neither of its colours)."""
+        return tuple(c for c in COLORS if c not in (self.color, self.color2))
+
+
+SUBJECTS: dict[str, Subject] = {
+    s.name: s
+    for s in (
+        Subject("sks_star", "sks", "star", "orange", "purple", "an orange star with purple stripes"),
+        Subject("sks_triangle", "sks", "triangle", "yellow", "blue", "a yellow triangle with blue stripes"),
+        Subject("sks_diamond", "sks", "diamond", "white", "red", "a white diamond with red stripes"),
+    )
+}
+DEFAULT_SUBJECT = "sks_star"
+
+
+def _subject(subject: str | Subject) -> Subject:
+    if isinstance(subject, Subject):
+        return subject
+    if subject not in SUBJECTS:
+        raise ValueError(f"unknown subject {subject!r}; bundled: {', '.join(SUBJECTS)}")
+    return SUBJECTS[subject]
 
 
 def subject_scene(
@@ -424,36 +535,41 @@ def subject_scene(
     size: str = "large",
     position: str = "center",
     rng=None,
+    subject: str | Subject = DEFAULT_SUBJECT,
 ) -> Scene:
-    """A scene containing the demo subject: an orange star with purple stripes
-    (pretraining shows striped shapes and solid stars, never a striped star)."""
-    if background in SUBJECT_STRIPE_COLORS:
-        raise ValueError("background must differ from the stripe colours")
-    base = make_scene("yellow" if background != "yellow" else "white", "star", background, size, position, rng)
-    c1, c2 = SUBJECT_STRIPE_COLORS
-    shp = replace(base.shape, color=c1, color2=c2, pattern="striped")
+    """A scene containing ``subject`` (pretraining never stripes its shape class)."""
+    sub = _subject(subject)
+    if background not in sub.backgrounds:
+        raise ValueError(f"background must differ from the subject's colours {sub.color}/{sub.color2}")
+    base = make_scene("yellow" if background != "yellow" else "white", sub.kind, background, size, position, rng)
+    shp = replace(base.shape, color=sub.color, color2=sub.color2, pattern="striped")
     return Scene(background, (shp,))
 
 
 def render_subject(
-    background: str = "blue", size: str = "large", position: str = "center", rng=None
+    background: str = "blue", size: str = "large", position: str = "center", rng=None,
+    subject: str | Subject = DEFAULT_SUBJECT,
 ) -> Image.Image:
-    return render(subject_scene(background, size, position, rng))
+    return render(subject_scene(background, size, position, rng, subject))
 
 
-def subject_instance_scenes(n: int = 5, seed: int = 7) -> list[Scene]:
+def subject_instance_scenes(n: int = 5, seed: int = 7, subject: str | Subject = DEFAULT_SUBJECT) -> list[Scene]:
     """``n`` instances of the subject on varied backgrounds, jittered in position
-    and size.  All large: a small star shows barely one stripe of each colour,
+    and size.  All large: a small shape shows barely one stripe of each colour,
     and the tiny VAE's 16x16 latents blur it into a blob."""
+    sub = _subject(subject)
     rng = np.random.default_rng(seed)
-    bgs = [c for c in COLORS if c not in SUBJECT_STRIPE_COLORS]
+    bgs = list(sub.backgrounds)
     order = [bgs[j] for j in rng.permutation(len(bgs))]
-    return [subject_scene(order[i % len(order)], "large", "center", rng) for i in range(n)]
+    return [subject_scene(order[i % len(order)], "large", "center", rng, sub) for i in range(n)]
 
 
 def all_vocabulary_words() -> list[str]:
     """Every word that can occur in a world caption."""
     words = {"a", "an", "small", "at", "the", "on", "background", "and", "with", "stripes"}
+    for opening in OPENINGS:
+        words.update(opening.split())
+    words.update(DESCRIPTOR_POOL)
     words.update(COLORS)
     words.update(SHAPES)
     for p in POSITIONS:
@@ -475,5 +591,6 @@ __all__ = [
     "sample_scene", "make_scene", "training_scenes", "held_out_scenes", "held_out_combos",
     "is_held_out", "is_held_out_combo", "caption", "render", "render_mask", "render_edges",
     "subject_scene", "render_subject", "subject_instance_scenes", "all_vocabulary_words",
-    "render_batch", "shape_polygon", "free_placement_scenes", "SUBJECT_STRIPE_COLORS", "STRIPE_PERIOD", "WORLD_VERSION",
+    "render_batch", "shape_polygon", "free_placement_scenes", "STRIPE_PERIOD", "WORLD_VERSION", "caption_variant",
+    "OPENINGS", "IDENTIFIER_WORDS", "DESCRIPTOR_POOL", "UNSEEN_DESCRIPTORS", "Subject", "SUBJECTS", "DEFAULT_SUBJECT",
 ]
