@@ -5,16 +5,14 @@ import torch
 from safetensors.torch import load_file, save_file
 
 import boft_diffusion as bd
-from boft_diffusion.identifier import (
-    EMBEDDINGS_NAME,
+from boft_diffusion.core.adapters import disable_adapters, enable_adapters, merged_state_dict
+from boft_diffusion.core.files import EMBEDDINGS_NAME, load_identifier_embeddings, save_identifier_embeddings
+from boft_diffusion.core.identifier import (
+    IdentifierEmbedding,
     add_identifier_embeddings,
     identifier_words,
-    load_identifier_embeddings,
     remove_identifier_embeddings,
-    save_identifier_embeddings,
 )
-from boft_diffusion.layers import IdentifierEmbedding
-from boft_diffusion.model import disable_adapters, enable_adapters, merged_state_dict
 
 
 @pytest.fixture(scope="module")
