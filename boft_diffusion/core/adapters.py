@@ -1,5 +1,9 @@
 """Injecting adapters into a model and their lifecycle: several named adapters, strength,
-enable/disable, merge, delete."""
+enable/disable, merge, delete.
+
+The lifecycle covers every adapter module of a model: BOFT layers and learned identifier
+embeddings alike, so switching or scaling an adapter switches or scales all of it.
+"""
 
 from __future__ import annotations
 
@@ -144,7 +148,8 @@ def require_adapter(model: nn.Module, name: str) -> BOFTConfig:
 
 
 def _is_merged(model: nn.Module) -> bool:
-    return any(layer.merged is not None for _, layer in boft_layers(model))
+    return any(layer.merged is not None for _, layer in boft_layers(model)) or any(
+        embedding.merged_rows is not None for embedding in identifier_embeddings(model))
 
 
 def set_adapter(model: nn.Module, name: str) -> None:
@@ -162,7 +167,8 @@ def set_adapter(model: nn.Module, name: str) -> None:
 
 
 def set_adapter_strength(model: nn.Module, alpha: float, adapter_name: str | None = None) -> None:
-    """Scale an adapter: blocks ``Cayley(alpha * S)`` and magnitude ``s**alpha``.
+    """Scale an adapter: blocks ``Cayley(alpha * S)``, magnitude ``s**alpha`` and identifier rows
+    ``e + alpha * (learned - e)``.
 
     ``alpha = 0`` gives the base model, ``1`` the trained adapter, values above 1 extrapolate.
     A merged model is re-merged at the new strength.
@@ -170,21 +176,28 @@ def set_adapter_strength(model: nn.Module, alpha: float, adapter_name: str | Non
     if not (alpha >= 0.0 and alpha < float("inf")):
         raise ValueError(f"adapter strength must be a finite number >= 0, got {alpha}.")
     name = adapter_name or active_adapter(model)
-    if name is None:
+    if name is None and next(identifier_embeddings(model), None) is None:
         raise ValueError("the model has no active adapter.")
-    require_adapter(model, name)
-    remerge = any(layer.merged is not None and layer.merged[0] == name for _, layer in boft_layers(model))
+    if name is not None:
+        require_adapter(model, name)
+    remerge = _is_merged(model)
     if remerge:
         unmerge_adapter(model)
     for _, layer in boft_layers(model):
         if name in layer.specs:
             layer.specs[name].strength = float(alpha)
+    for embedding in identifier_embeddings(model):
+        embedding.strength = float(alpha)
     if remerge:
         merge_adapter(model)
 
 
+def identifier_embeddings(model: nn.Module) -> Iterator[IdentifierEmbedding]:
+    return (m for m in model.modules() if isinstance(m, IdentifierEmbedding))
+
+
 def _switchable(model: nn.Module) -> Iterator[nn.Module]:
-    """Adapted layers and learned identifier embeddings: what disabling an adapter turns off."""
+    """Adapted layers and learned identifier embeddings: the adapter modules of the lifecycle."""
     return (m for m in model.modules() if isinstance(m, (BOFTLayer, IdentifierEmbedding)))
 
 
@@ -222,11 +235,14 @@ def merge_adapter(model: nn.Module, safe_merge: bool = False) -> None:
                     )
     for layer in layers:
         layer.merge()
+    for embedding in identifier_embeddings(model):
+        if not embedding.adapters_disabled:
+            embedding.merge()
 
 
 def unmerge_adapter(model: nn.Module) -> None:
-    for _, layer in boft_layers(model):
-        layer.unmerge()
+    for module in _switchable(model):
+        module.unmerge()
 
 
 def delete_adapter(model: nn.Module, name: str) -> None:

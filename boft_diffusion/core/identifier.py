@@ -2,7 +2,8 @@
 
 DreamBooth names the subject with a rare token ("sks"). Unlike textual inversion the words
 already exist in the vocabulary; their rows are replaced by learned vectors. The layer takes
-can be switched off with the adapters (``adapters.py``).
+part in the adapter lifecycle of ``adapters.py`` like a BOFT layer: strength, enable/disable
+and merge treat both alike.
 """
 
 from __future__ import annotations
@@ -53,6 +54,7 @@ class IdentifierEmbedding(nn.Module):
         self.identifier = IdentifierVectors(vectors.detach().float().clone().to(base_layer.weight.device))
         self.adapters_disabled = False
         self.strength = 1.0  # 0: the original rows, 1: the learned ones
+        self.merged_rows: torch.Tensor | None = None  # the original rows while the learned ones are merged
 
     @property
     def identifier_vectors(self) -> nn.Parameter:
@@ -62,17 +64,38 @@ class IdentifierEmbedding(nn.Module):
     def weight(self) -> torch.Tensor:
         return self.base_layer.weight
 
-    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
-        embeddings = self.base_layer(input_ids)
-        if self.adapters_disabled:
-            return embeddings
+    def rows(self) -> torch.Tensor:
+        """The identifier rows at the current strength (float32)."""
         vectors = self.identifier_vectors
         if self.strength != 1.0:
             original = self.weight[self.token_ids].float()
             vectors = original + self.strength * (vectors - original)
+        return vectors
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        embeddings = self.base_layer(input_ids)
+        if self.adapters_disabled or self.merged_rows is not None:
+            return embeddings
+        vectors = self.rows()
         matches = input_ids.unsqueeze(-1) == self.token_ids
         learned = matches.to(embeddings.dtype) @ vectors.to(embeddings.dtype)
         return torch.where(matches.any(-1, keepdim=True), learned, embeddings)
+
+    def merge(self) -> None:
+        """Write the rows into the base embedding, so that the forward costs the plain lookup."""
+        if self.merged_rows is not None:
+            return
+        with torch.no_grad():
+            rows = self.rows().to(self.weight.dtype)
+            self.merged_rows = self.weight[self.token_ids].clone()
+            self.weight[self.token_ids] = rows
+
+    def unmerge(self) -> None:
+        if self.merged_rows is None:
+            return
+        with torch.no_grad():
+            self.weight[self.token_ids] = self.merged_rows
+        self.merged_rows = None
 
     def folded_weight(self) -> torch.Tensor:
         """The embedding matrix with the learned rows written in (for merged exports)."""
@@ -108,6 +131,7 @@ def remove_identifier_embeddings(text_encoder: nn.Module) -> None:
     """Put the plain token embedding back (no-op without learned identifiers)."""
     installed = identifier_embedding(text_encoder)
     if installed is not None:
+        installed.unmerge()
         text_encoder.set_input_embeddings(installed.base_layer)
 
 
