@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import importlib.util
 import json
 import logging
 import math
@@ -61,6 +62,9 @@ def make_accelerator(config: TrainerConfig):
     from accelerate.state import AcceleratorState
     from accelerate.utils import ProjectConfiguration, set_seed
 
+    if config.report_to == "tensorboard" and importlib.util.find_spec("tensorboard") is None:
+        raise TrainingError("--report_to tensorboard needs tensorboard: pip install 'boft-diffusion[tensorboard]', "
+                            "or pass --report_to none.")
     logging_dir = Path(config.output_dir) / config.logging_dir
     # Without a GPU, several processes (torchrun / accelerate launch) run data parallel on CPU (gloo).
     distributed = int(os.environ.get("WORLD_SIZE", "1")) > 1
