@@ -4,14 +4,12 @@ before anything is written; only JSON and safetensors are read, safetensors head
 from __future__ import annotations
 
 import json
-import shutil
-import tempfile
 import zipfile
 from pathlib import Path
 
 from safetensors import safe_open
 
-from ..core.files import CONFIG_NAME, WEIGHTS_NAME, adapter_name_from
+from ..core.files import CONFIG_NAME, WEIGHTS_NAME, adapter_name_from, atomic_folder
 from ..outputs.write import CONTROL_INFO
 from .errors import StudioError
 
@@ -44,8 +42,12 @@ def install_upload(paths: list[str | Path], adapters_dir: Path, max_bytes: int) 
             files[CONFIG_NAME if p.suffix == ".json" else WEIGHTS_NAME] = p.read_bytes()
     if CONFIG_NAME not in files and CONTROL_INFO not in files:
         raise StudioError("the upload holds no adapter_config.json.")
-    staging = Path(tempfile.mkdtemp(prefix=".upload-", dir=_ensure_dir(target_root)))
-    try:
+    final = _ensure_dir(target_root) / name
+    suffix = 1
+    while final.exists():
+        suffix += 1
+        final = target_root / f"{name}-{suffix}"
+    with atomic_folder(final) as staging:
         for relative, data in files.items():
             destination = (staging / relative).resolve()
             if staging.resolve() not in destination.parents:
@@ -59,15 +61,6 @@ def install_upload(paths: list[str | Path], adapters_dir: Path, max_bytes: int) 
                     json.loads(data)
                 except ValueError as error:
                     raise StudioError(f"{relative} is not valid JSON.") from error
-        final = target_root / name
-        suffix = 1
-        while final.exists():
-            suffix += 1
-            final = target_root / f"{name}-{suffix}"
-        staging.rename(final)
-    finally:
-        if staging.exists():
-            shutil.rmtree(staging)
     return str(final.relative_to(adapters_dir))
 
 

@@ -1,17 +1,20 @@
 """Adapter files: PEFT's BOFT layout (``adapter_config.json``, ``adapter_model.safetensors``), the
-learned identifier file, and the atomic write every file of this library goes through.
+learned identifier file, and the atomic writes (of a file, of a folder) every output of this library
+goes through.
 
 Only JSON and safetensors are ever read.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
+import shutil
 import tempfile
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -78,6 +81,31 @@ def atomic_write(folder: str | os.PathLike, files: dict[str, Callable[[str], obj
             if os.path.exists(tmp):
                 os.unlink(tmp)
     return folder
+
+
+@contextlib.contextmanager
+def atomic_folder(final: str | os.PathLike, fsync: bool = False) -> Iterator[Path]:
+    """Yield an empty temporary sibling of ``final`` to fill; a block that ends without error
+    renames it to ``final`` (replacing any folder there), one that fails removes it. Readers see
+    the whole folder or none of it; ``fsync`` flushes its files to disk before the rename."""
+    final = Path(final)
+    tmp = final.with_name(f".{final.name}.tmp-{os.getpid()}")
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir(parents=True)
+    try:
+        yield tmp
+        if fsync:
+            for path in tmp.rglob("*"):
+                if path.is_file():
+                    with open(path, "rb") as handle:
+                        os.fsync(handle.fileno())
+        if final.exists():
+            shutil.rmtree(final)
+        os.rename(tmp, final)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp)
 
 
 def save_adapter(
