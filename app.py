@@ -14,8 +14,7 @@ from pathlib import Path
 
 import gradio as gr
 
-from boft_diffusion.loading import default_guidance
-from boft_diffusion.studio import (
+from boft_diffusion.app.studio import (
     MODEL_SCHEDULER,
     NO_ADAPTER,
     SCHEDULERS,
@@ -25,6 +24,7 @@ from boft_diffusion.studio import (
     StudioError,
     png_with_parameters,
 )
+from boft_diffusion.models.pipelines import default_guidance
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

@@ -20,8 +20,8 @@ from __future__ import annotations
 
 import sys
 
-from boft_diffusion.control_training import build_parser, run
-from boft_diffusion.training import run_cli
+from boft_diffusion.recipes.control import build_parser, run
+from boft_diffusion.training.cli import run_cli
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -17,20 +17,17 @@ from pathlib import Path
 import torch
 
 from boft_diffusion import load_pipeline
-from boft_diffusion.control_training import build_parser, run
-from boft_diffusion.eval import control_sampler, tiny_control_scores
-from boft_diffusion.model import count_file_parameters
+from boft_diffusion.core.files import count_file_parameters
+from boft_diffusion.evaluation.sampling import base_sampler, control_sampler
+from boft_diffusion.evaluation.tiny_world import tiny_control_scores
+from boft_diffusion.outputs.read import load_outputs
+from boft_diffusion.recipes.control import build_parser, run
 
 
-def base_sampler(steps: int):
+def tiny_pipeline():
     pipe = load_pipeline("tiny", dtype=torch.float32)
     pipe.set_progress_bar_config(disable=True)
-
-    def sample(condition, prompt, seed):
-        with torch.no_grad():
-            return pipe(prompt, num_inference_steps=steps, generator=torch.Generator().manual_seed(seed)).images[0]
-
-    return sample
+    return pipe
 
 
 def main() -> None:
@@ -45,7 +42,8 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=25, help="Sampler steps for the evaluation.")
     args = parser.parse_args()
     out = Path(args.output_dir)
-    rows = {"base model, no control": (tiny_control_scores(base_sampler(args.steps), args.num_images), 0, 0.0, 0.0)}
+    rows = {"base model, no control": (tiny_control_scores(base_sampler(tiny_pipeline(), args.steps), args.num_images),
+                                       0, 0.0, 0.0)}
     for mode in args.modes:
         flags = ["--control", mode, "--output_dir", str(out / mode), "--overwrite_output_dir",
                  "--max_train_steps", str(args.max_train_steps), "--learning_rate", str(args.learning_rate),
@@ -56,9 +54,7 @@ def main() -> None:
         start = time.time()
         run(parsed)
         seconds = time.time() - start
-        pipe = load_pipeline("tiny", dtype=torch.float32)
-        pipe.set_progress_bar_config(disable=True)
-        sampler = control_sampler(pipe, out / mode, steps=args.steps)
+        sampler = control_sampler(load_outputs(tiny_pipeline(), out / mode), steps=args.steps)
         params = sum(count_file_parameters(p) for p in (out / mode).rglob("*.safetensors") if "checkpoint-" not in str(p))
         rows[f"--control {mode}"] = (tiny_control_scores(sampler, args.num_images), params, seconds,
                                      seconds / args.max_train_steps)

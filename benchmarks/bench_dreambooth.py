@@ -17,12 +17,14 @@ from pathlib import Path
 import torch
 
 from boft_diffusion import count_trainable_parameters, load_adapter, load_pipeline
-from boft_diffusion.baselines import load_lora
-from boft_diffusion.data import load_images
+from boft_diffusion.core.identifier import identifier_embedding
 from boft_diffusion.demo import CLASS_PROMPT, GUIDANCE, INSTANCE_PROMPT, training_flags
-from boft_diffusion.dreambooth import build_parser, default_instance_dir, load_dreambooth_adapter, run
-from boft_diffusion.eval import instance_self_score, tiny_world_scores
-from boft_diffusion.identifier import identifier_embedding
+from boft_diffusion.evaluation.tiny_world import instance_self_score, tiny_world_scores
+from boft_diffusion.models.bundled import example_subject_dir
+from boft_diffusion.models.lora import load_lora
+from boft_diffusion.outputs.read import load_outputs
+from boft_diffusion.recipes.dreambooth import build_parser, run
+from boft_diffusion.training.data import load_images
 
 
 def scores_for(adapter_dir: Path | None, kind: str, instances, num_images: int, seed: int) -> tuple[dict, int]:
@@ -34,7 +36,7 @@ def scores_for(adapter_dir: Path | None, kind: str, instances, num_images: int, 
     for model in (pipe.unet, pipe.text_encoder):
         model.requires_grad_(False)  # count only what the adapter adds
     if adapter_dir is not None:
-        models = load_dreambooth_adapter(pipe, adapter_dir, load_adapter if kind == "boft" else load_lora)
+        models = load_outputs(pipe, adapter_dir, load=load_adapter if kind == "boft" else load_lora).models
         params = sum(count_trainable_parameters(m) if kind == "boft" else
                      sum(p.numel() for n, p in m.named_parameters() if "lora_" in n) for m in models)
         identifier = identifier_embedding(pipe.text_encoder)
@@ -54,7 +56,7 @@ def main() -> None:
     parser.add_argument("--eval_seed", type=int, default=100, help="First sampling seed of every score.")
     args = parser.parse_args()
     out = Path(args.output_dir)
-    instances = [image for _, image in load_images(default_instance_dir(), 64)]
+    instances = [image for _, image in load_images(example_subject_dir(), 64)]
     rows = {"base model": scores_for(None, "base", instances, args.num_images, args.eval_seed) + (0.0,)}
     labels = {"boft": "BOFT m=2, b=8", "lora": f"PEFT LoRA r={args.lora_rank}"}
     runs: dict[str, list[tuple[dict, int, float]]] = {label: [] for label in labels.values()}

@@ -134,7 +134,7 @@ def run_method(args) -> dict:
 def run_inference(args) -> dict:
     """Forward time of the base model, our unmerged (folded) adapter and our merged adapter."""
     import boft_diffusion as bd
-    from boft_diffusion.model import boft_layers
+    from boft_diffusion.core.adapters import boft_layers
 
     torch.set_num_threads(args.threads)
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[args.dtype]

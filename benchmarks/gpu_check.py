@@ -21,8 +21,10 @@ from pathlib import Path
 
 import torch
 
-from boft_diffusion.dreambooth import build_parser, load_dreambooth_adapter, run
-from boft_diffusion.loading import EMBEDDED_MODEL_DIR, load_pipeline
+from boft_diffusion.models.bundled import EMBEDDED_MODEL_DIR
+from boft_diffusion.models.pipelines import load_pipeline
+from boft_diffusion.outputs.read import load_outputs
+from boft_diffusion.recipes.dreambooth import build_parser, run
 
 SD15 = {
     "unet": dict(
@@ -112,7 +114,7 @@ def reload_and_sample(model: Path, adapter: Path, device: str) -> dict:
         return out.images.float()
 
     base = sample()
-    load_dreambooth_adapter(pipe, adapter)
+    load_outputs(pipe, adapter)
     adapted = sample()
     return {"reloaded_adapter_changes_output": float((adapted - base).abs().mean()),
             "finite": bool(torch.isfinite(adapted).all())}

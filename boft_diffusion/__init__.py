@@ -1,10 +1,7 @@
 """Orthogonal Butterfly (BOFT) finetuning for diffusers models, with PEFT-compatible files."""
 
-__version__ = "0.1.0"
-
-from .config import BOFTConfig
-from .loading import load_pipeline
-from .model import (
+from .core import __version__ as __version__
+from .core.adapters import (
     active_adapter,
     adapter_configs,
     apply_boft,
@@ -12,13 +9,14 @@ from .model import (
     delete_adapter,
     disable_adapters,
     enable_adapters,
-    load_adapter,
     merge_adapter,
-    save_adapter,
     set_adapter,
     set_adapter_strength,
     unmerge_adapter,
 )
+from .core.config import BOFTConfig
+from .core.files import load_adapter, save_adapter
+from .models.pipelines import load_pipeline
 
 __all__ = [
     "BOFTConfig",

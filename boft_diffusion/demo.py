@@ -14,11 +14,14 @@ from pathlib import Path
 
 import torch
 
-from .data import load_images
-from .dreambooth import build_parser, default_instance_dir, load_dreambooth_adapter, run
-from .eval import compare_tiny_world, recontext_prompts, sample, switch_adapters
-from .loading import load_pipeline, tiny_defaults
-from .training import image_grid
+from .evaluation.sampling import sample
+from .evaluation.tiny_world import compare_tiny_world, recontext_prompts
+from .models.bundled import example_subject_dir
+from .models.images import image_grid
+from .models.pipelines import load_pipeline, tiny_defaults
+from .outputs.read import TrainedAdapter, load_outputs
+from .recipes.dreambooth import build_parser, run
+from .training.data import load_images
 
 INSTANCE_PROMPT = "a photo of sks star"
 CLASS_PROMPT = "a photo of star"
@@ -48,13 +51,13 @@ def training_flags(adapter_dir: Path, steps: int, seed: int, class_dir: Path) ->
     ]
 
 
-def comparison_grid(pipe, models, prompts: list[str], seeds: int, path: Path) -> None:
+def comparison_grid(adapter: TrainedAdapter, prompts: list[str], seeds: int, path: Path) -> None:
     """Rows: each prompt with the base model, then with the adapter; same seeds in each column."""
     rows = []
     for prompt in prompts:
         for enabled in (False, True):
-            switch_adapters(models, enabled)
-            rows.append(sample(pipe, [prompt] * seeds, 0, 25, GUIDANCE))
+            adapter.switch(enabled)
+            rows.append(sample(adapter.pipe, [prompt] * seeds, 0, 25, GUIDANCE))
     image_grid(rows).resize((64 * seeds * 2, 64 * len(rows) * 2)).save(path)
 
 
@@ -94,12 +97,12 @@ def main(argv: list[str] | None = None) -> dict:
 
     pipe = load_pipeline("tiny", dtype=torch.float32)
     pipe.set_progress_bar_config(disable=True)
-    models = load_dreambooth_adapter(pipe, adapter_dir)
+    adapter = load_outputs(pipe, adapter_dir)
     prompts = [INSTANCE_PROMPT, recontext_prompts(INSTANCE_PROMPT)[1][0], CLASS_PROMPT]
     grid_path = output_dir / "base_vs_adapter.png"
-    comparison_grid(pipe, models, prompts, 6, grid_path)
-    instances = [image for _, image in load_images(default_instance_dir(), 64)]
-    scores = compare_tiny_world(pipe, models, instances, INSTANCE_PROMPT, CLASS_PROMPT,
+    comparison_grid(adapter, prompts, 6, grid_path)
+    instances = [image for _, image in load_images(example_subject_dir(), 64)]
+    scores = compare_tiny_world(adapter, instances, INSTANCE_PROMPT, CLASS_PROMPT,
                                 num_images=args.num_images, seed=args.eval_seed, guidance=GUIDANCE)
     scores["train_seconds"] = round(trained - start, 1)
     scores["total_seconds"] = round(time.time() - start, 1)

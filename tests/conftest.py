@@ -48,7 +48,7 @@ def run_unet(unet, inputs, grad: bool = False) -> torch.Tensor:
 
 def randomize_adapter(model, adapter_name: str = "default", scale: float = 0.3, seed: int = 0) -> None:
     """Give an adapter non-trivial values, as after training."""
-    from boft_diffusion.model import boft_layers
+    from boft_diffusion.core.adapters import boft_layers
 
     gen = torch.Generator().manual_seed(seed)
     with torch.no_grad():

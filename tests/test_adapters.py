@@ -6,7 +6,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 import boft_diffusion as bd
-from boft_diffusion.model import boft_layers
+from boft_diffusion.core.adapters import boft_layers
 from conftest import make_tiny_unet, randomize_adapter, run_unet
 from dense_reference import dense_boft_weight
 
@@ -179,7 +179,7 @@ def test_save_is_atomic_when_interrupted(tiny_unet, tmp_path, monkeypatch):
     def crash(*args, **kwargs):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr("boft_diffusion.model.save_file", crash)
+    monkeypatch.setattr("boft_diffusion.core.files.save_file", crash)
     with pytest.raises(KeyboardInterrupt):
         bd.save_adapter(tiny_unet, tmp_path / "a")
     assert (tmp_path / "a" / "adapter_model.safetensors").read_bytes() == before

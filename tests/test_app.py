@@ -18,7 +18,7 @@ from PIL import Image
 from safetensors.torch import load_file, save_file
 
 import boft_diffusion as bd
-from boft_diffusion.studio import NO_ADAPTER, GenerationRequest, Limits, Studio, StudioError, png_with_parameters
+from boft_diffusion.app.studio import NO_ADAPTER, GenerationRequest, Limits, Studio, StudioError, png_with_parameters
 from conftest import randomize_adapter
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -3,7 +3,7 @@ import math
 import pytest
 import torch
 
-from boft_diffusion.butterfly import (
+from boft_diffusion.core.butterfly import (
     butterfly_matmul,
     butterfly_permutation,
     cayley,

@@ -16,9 +16,10 @@ from safetensors.torch import load_file
 
 import boft_diffusion as bd
 import train_controlnet
-from boft_diffusion.checkpoint import list_checkpoints
-from boft_diffusion.control import encoder_for_unet, light_control, load_control
-from boft_diffusion.data import image_to_tensor
+from boft_diffusion.models.control import encoder_for_unet, light_control
+from boft_diffusion.models.images import image_to_tensor
+from boft_diffusion.outputs.read import load_outputs
+from boft_diffusion.training.checkpoints import list_checkpoints
 
 ROOT = Path(__file__).resolve().parent.parent
 DATA = ROOT / "examples" / "tiny_control"
@@ -51,12 +52,13 @@ def test_train_and_load_back(tmp_path, mode):
 
     pipe = bd.load_pipeline("tiny", dtype=torch.float32)
     pipe.set_progress_bar_config(disable=True)
-    kind, handle = load_control(pipe, out)
-    assert kind == mode
+    control = load_outputs(pipe, out).control
+    assert control.mode == mode
     mask = Image.open(DATA / "conditioning" / "0000.png").convert("RGB")
     generator = torch.Generator().manual_seed(0)
     if mode == "light":
         condition = image_to_tensor(mask)[None]
+        handle = control.encoder
         features = handle(condition)
         assert features.abs().sum() > 0, "the zero-initialised output layer did not train"
         with light_control(pipe.unet, handle, condition):
@@ -65,7 +67,7 @@ def test_train_and_load_back(tmp_path, mode):
         trainable = load_file(out / "controlnet_trainable.safetensors")
         assert any(k.startswith("controlnet_down_blocks") for k in trainable)
         assert any(v.abs().sum() > 0 for k, v in trainable.items() if k.startswith("controlnet_down_blocks"))
-        image = handle("a red circle on a blue background", image=mask, num_inference_steps=2, generator=generator).images[0]
+        image = control.controlnet_pipe("a red circle on a blue background", image=mask, num_inference_steps=2, generator=generator).images[0]
     assert image.size == (64, 64)
 
 

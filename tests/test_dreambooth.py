@@ -16,9 +16,10 @@ from PIL import Image
 from safetensors.torch import load_file
 
 import train_dreambooth
-from boft_diffusion import dreambooth
-from boft_diffusion.checkpoint import list_checkpoints
-from boft_diffusion.data import image_to_tensor
+from boft_diffusion.models.images import image_to_tensor
+from boft_diffusion.outputs.read import load_outputs
+from boft_diffusion.recipes import dreambooth
+from boft_diffusion.training.checkpoints import list_checkpoints
 
 ROOT = Path(__file__).resolve().parent.parent
 FAST = ["--max_train_steps", "4", "--num_inference_steps", "2", "--num_validation_images", "1",
@@ -252,7 +253,7 @@ def test_identifier_embedding_is_learned_saved_merged_and_leaves_class_prompts_a
     assert list(learned) == ["sks"] and (learned["sks"] - base_row).abs().max() > 1e-3
     base_class, base_instance = encode(pipe, "a photo of star"), encode(pipe, "a photo of sks star")
 
-    assert dreambooth.load_dreambooth_adapter(pipe, out) == [pipe.unet, pipe.text_encoder]
+    assert load_outputs(pipe, out).models == [pipe.unet, pipe.text_encoder]
     assert torch.equal(encode(pipe, "a photo of star"), base_class)
     assert not torch.allclose(encode(pipe, "a photo of sks star"), base_instance, atol=1e-4)
     merged = StableDiffusionPipeline.from_pretrained(out / "merged", safety_checker=None)
@@ -350,7 +351,7 @@ def test_subject_masks_weight_the_instance_loss(tmp_path, capsys):
 
 def test_masks_follow_their_images_through_centre_crops(tmp_path):
     """A wide image and its mask are cropped alike; cut-out masks use their alpha; bad masks are named."""
-    from boft_diffusion.data import DataError
+    from boft_diffusion.training.data import DataError
 
     images, masks = tmp_path / "images", tmp_path / "masks"
     images.mkdir(), masks.mkdir()

@@ -7,7 +7,8 @@ import torch
 from PIL import Image
 
 import train_dreambooth
-from boft_diffusion import eval as evaluation
+from boft_diffusion.evaluation import cli as evaluation
+from boft_diffusion.evaluation.image_metrics import clip_scores, dino_score, edge_agreement
 from boft_diffusion.tiny import world
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -16,8 +17,8 @@ ROOT = Path(__file__).resolve().parent.parent
 def test_edge_agreement_separates_matching_and_other_scenes():
     scene = world.held_out_scenes(2, seed=5)
     image = world.render(scene[0])
-    assert evaluation.edge_agreement(image, world.render_edges(scene[0])) > 0.6
-    assert evaluation.edge_agreement(image, world.render_edges(scene[1])) < 0.4
+    assert edge_agreement(image, world.render_edges(scene[0])) > 0.6
+    assert edge_agreement(image, world.render_edges(scene[1])) < 0.4
 
 
 @pytest.fixture(scope="module")
@@ -25,6 +26,7 @@ def trained_adapter(tmp_path_factory):
     out = tmp_path_factory.mktemp("db") / "adapter"
     assert train_dreambooth.main(["--output_dir", str(out), "--max_train_steps", "2", "--report_to", "none",
                                   "--num_validation_images", "1", "--num_inference_steps", "2"]) == 0
+    assert "block size 8, block number -," in (out / "README.md").read_text()  # the default, not the raw flag
     return out
 
 
@@ -75,10 +77,10 @@ def tiny_dino(folder: Path) -> str:
 def test_clip_and_dino_scores_with_local_models(tmp_path, trained_adapter):
     clip, dino = tiny_clip(tmp_path / "clip"), tiny_dino(tmp_path / "dino")
     instances = [world.render_subject("blue"), world.render_subject("green")]
-    same = evaluation.clip_scores(clip, instances, "a photo of sks star", instances)
-    other = evaluation.clip_scores(clip, [Image.new("RGB", (64, 64), "black")] * 2, "a photo of sks star", instances)
+    same = clip_scores(clip, instances, "a photo of sks star", instances)
+    other = clip_scores(clip, [Image.new("RGB", (64, 64), "black")] * 2, "a photo of sks star", instances)
     assert -1 <= same["clip_t"] <= 1 and same["clip_i"] > other["clip_i"]
-    assert evaluation.dino_score(dino, instances, instances) > evaluation.dino_score(
+    assert dino_score(dino, instances, instances) > dino_score(
         dino, [Image.new("RGB", (64, 64), "black")] * 2, instances)
     report = evaluation.main(["--adapter", str(trained_adapter), "--num_images", "2", "--num_inference_steps", "2",
                               "--clip_model", clip, "--dino_model", dino])

@@ -5,16 +5,21 @@ import torch
 from safetensors.torch import load_file, save_file
 
 import boft_diffusion as bd
-from boft_diffusion.identifier import (
-    EMBEDDINGS_NAME,
+from boft_diffusion.core.adapters import (
+    disable_adapters,
+    enable_adapters,
+    merge_adapter,
+    merged_state_dict,
+    set_adapter_strength,
+    unmerge_adapter,
+)
+from boft_diffusion.core.files import EMBEDDINGS_NAME, load_identifier_embeddings, save_identifier_embeddings
+from boft_diffusion.core.identifier import (
+    IdentifierEmbedding,
     add_identifier_embeddings,
     identifier_words,
-    load_identifier_embeddings,
     remove_identifier_embeddings,
-    save_identifier_embeddings,
 )
-from boft_diffusion.layers import IdentifierEmbedding
-from boft_diffusion.model import disable_adapters, enable_adapters, merged_state_dict
 
 
 @pytest.fixture(scope="module")
@@ -55,6 +60,35 @@ def test_only_prompts_with_the_identifier_change(pipe):
         assert torch.equal(encode(pipe, "a photo of sks star"), base_instance)
         enable_adapters(pipe.text_encoder)
         assert not torch.allclose(encode(pipe, "a photo of sks star"), base_instance, atol=1e-3)
+    finally:
+        remove_identifier_embeddings(pipe.text_encoder)
+    assert torch.equal(encode(pipe, "a photo of sks star"), base_instance)
+
+
+def test_strength_and_merge_treat_the_identifier_like_an_adapter(pipe):
+    base_instance = encode(pipe, "a photo of sks star")
+    layer = add_identifier_embeddings(pipe.text_encoder, pipe.tokenizer, ["sks"], random_vector(pipe, 4))
+    sks = pipe.tokenizer("sks", add_special_tokens=False).input_ids[0]
+    original_row = layer.weight[sks].detach().clone()
+    try:
+        learned = encode(pipe, "a photo of sks star")
+        set_adapter_strength(pipe.text_encoder, 0.0)
+        assert torch.allclose(encode(pipe, "a photo of sks star"), base_instance, atol=1e-6)
+        set_adapter_strength(pipe.text_encoder, 1.0)
+        merge_adapter(pipe.text_encoder)
+        assert torch.equal(layer.weight[sks], layer.identifier_vectors[0].detach())
+        assert torch.allclose(encode(pipe, "a photo of sks star"), learned, atol=1e-6)
+        set_adapter_strength(pipe.text_encoder, 0.5)  # re-merges at the new strength
+        assert torch.allclose(layer.weight[sks], (original_row + layer.identifier_vectors[0].detach()) / 2, atol=1e-6)
+        disable_adapters(pipe.text_encoder)  # unmerges
+        assert torch.equal(layer.weight[sks], original_row)
+        assert torch.allclose(encode(pipe, "a photo of sks star"), base_instance, atol=1e-6)
+        enable_adapters(pipe.text_encoder)
+        set_adapter_strength(pipe.text_encoder, 1.0)
+        merge_adapter(pipe.text_encoder)
+        unmerge_adapter(pipe.text_encoder)
+        assert torch.equal(layer.weight[sks], original_row)
+        assert torch.allclose(encode(pipe, "a photo of sks star"), learned, atol=1e-6)
     finally:
         remove_identifier_embeddings(pipe.text_encoder)
     assert torch.equal(encode(pipe, "a photo of sks star"), base_instance)

@@ -2,8 +2,8 @@ import pytest
 import torch
 from torch import nn
 
-from boft_diffusion.butterfly import resolve_geometry
-from boft_diffusion.layers import BOFTConv2d, BOFTLinear
+from boft_diffusion.core.butterfly import resolve_geometry
+from boft_diffusion.core.layers import BOFTConv2d, BOFTLinear
 from dense_reference import dense_boft_weight
 
 

@@ -1,12 +1,12 @@
-import argparse
-
 import pytest
 import torch
 import torch.nn.functional as F
 from diffusers import DDPMScheduler
 from torch import nn
 
-from boft_diffusion.training import TrainingError, denoising_loss, denoising_target, make_optimizer
+from boft_diffusion.training.config import OptimizerConfig, TrainerConfig
+from boft_diffusion.training.diffusion import denoising_loss, denoising_target
+from boft_diffusion.training.trainer import TrainingError, make_optimizer
 
 
 def scheduler(kind: str) -> DDPMScheduler:
@@ -42,12 +42,11 @@ def test_min_snr_weights_caps_clean_and_noisy_ends(kind):
 
 
 def test_make_optimizer_gives_named_parameters_their_own_rate():
-    args = argparse.Namespace(learning_rate=1e-3, scale_lr=True, gradient_accumulation_steps=2, train_batch_size=3,
-                              use_8bit_adam=False, adam_beta1=0.9, adam_beta2=0.999, adam_weight_decay=0.0,
-                              adam_epsilon=1e-8)
+    config = TrainerConfig(output_dir="unused", gradient_accumulation_steps=2, train_batch_size=3,
+                           optimizer=OptimizerConfig(learning_rate=1e-3, scale_lr=True))
     params = {"unet.up.to_q.boft_skew.default": nn.Parameter(torch.zeros(2)),
               "text_encoder.token_embedding.identifier.vectors": nn.Parameter(torch.zeros(3))}
-    optimizer = make_optimizer(args, params, 1, {"identifier.vectors": 5e-3})
+    optimizer = make_optimizer(config, params, 1, {"identifier.vectors": 5e-3})
     groups = sorted((g["lr"], [p.numel() for p in g["params"]]) for g in optimizer.param_groups)
     assert [sizes for _, sizes in groups] == [[2], [3]]
     assert [lr for lr, _ in groups] == pytest.approx([6e-3, 3e-2])

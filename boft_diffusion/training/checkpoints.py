@@ -17,6 +17,8 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 
+from ..core.files import atomic_folder
+
 CHECKPOINT_PATTERN = re.compile(r"^checkpoint-(\d+)$")
 TRAINABLE_FILE = "trainable.safetensors"
 OPTIMIZER_TENSORS = "optimizer.safetensors"
@@ -87,11 +89,7 @@ def save_checkpoint(
     """
     output_dir = Path(output_dir)
     final = output_dir / f"checkpoint-{step}"
-    tmp = output_dir / f".checkpoint-{step}.tmp-{os.getpid()}"
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    tmp.mkdir(parents=True)
-    try:
+    with atomic_folder(final, fsync=True) as tmp:
         save_file({k: v.detach().cpu().contiguous() for k, v in trainable.items()}, str(tmp / TRAINABLE_FILE))
         optimizer_tensors, optimizer_json = _optimizer_to_files(optimizer)
         save_file(optimizer_tensors, str(tmp / OPTIMIZER_TENSORS))
@@ -100,13 +98,6 @@ def save_checkpoint(
         for name, writer in (extra_files or {}).items():
             writer(tmp / name)
         (tmp / STATE_JSON).write_text(json.dumps({**trainer_state, "step": step}, indent=2))
-        _fsync_tree(tmp)
-        if final.exists():
-            shutil.rmtree(final)
-        os.rename(tmp, final)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp)
     if total_limit is not None and total_limit > 0:
         for old in list_checkpoints(output_dir)[:-total_limit]:
             shutil.rmtree(old)
@@ -115,13 +106,6 @@ def save_checkpoint(
 
 def _not_serialisable(value: Any) -> Any:
     raise TypeError(f"scheduler state holds {type(value).__name__}, which cannot be checkpointed as JSON.")
-
-
-def _fsync_tree(folder: Path) -> None:
-    for path in folder.rglob("*"):
-        if path.is_file():
-            with open(path, "rb") as handle:
-                os.fsync(handle.fileno())
 
 
 def load_checkpoint(

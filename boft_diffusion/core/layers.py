@@ -31,6 +31,16 @@ from .butterfly import (
 ADAPTER_NAME_PATTERN = re.compile(r"^[A-Za-z_][A-Za-z0-9_\-]*$")
 
 
+def check_adapter_name(name: str) -> None:
+    if not ADAPTER_NAME_PATTERN.match(name):
+        raise ValueError(f"invalid adapter name {name!r}: start with a letter or '_', then letters, digits, '_' or '-'.")
+
+
+def rotated_dim(layer: nn.Module) -> int:
+    """Length of the axis R acts on: in_features, or in_channels/groups * kh * kw."""
+    return layer.weight[0].numel()
+
+
 def _memory_format(weight: torch.Tensor) -> torch.memory_format:
     """Keep a folded weight in its base weight's layout, so both take the same kernels (and sums)."""
     if weight.dim() == 4 and weight.is_contiguous(memory_format=torch.channels_last) and not weight.is_contiguous():
@@ -77,8 +87,7 @@ class BOFTLayer(nn.Module):
 
     @property
     def rotated_dim(self) -> int:
-        """Length of the axis R acts on: in_features, or in_channels/groups * kh * kw."""
-        return self.weight[0].numel()
+        return rotated_dim(self.base_layer)
 
     @property
     def out_features(self) -> int:
@@ -93,8 +102,7 @@ class BOFTLayer(nn.Module):
         neumann_terms: int = 0,
         scale: bool = True,
     ) -> None:
-        if not ADAPTER_NAME_PATTERN.match(name):
-            raise ValueError(f"invalid adapter name {name!r}: use letters, digits, '_' or '-'.")
+        check_adapter_name(name)
         if name in self.specs:
             raise ValueError(f"{self.module_name}: adapter {name!r} already exists.")
         if geometry.block_size * geometry.block_num != self.rotated_dim:
@@ -312,71 +320,3 @@ class BOFTConv2d(BOFTLayer):
             y = conv._conv_forward(rotated, self.weight, self.bias)
             return _apply_magnitude(y, self.magnitude(name), self.bias, channel_dim=1)
         return conv._conv_forward(x, self.folded_weight(name, apply_dropout=self.training), self.bias)
-
-
-class IdentifierVectors(nn.Module):
-    """The learned rows of an IdentifierEmbedding, one per identifier token (float32)."""
-
-    def __init__(self, vectors: torch.Tensor) -> None:
-        super().__init__()
-        self.vectors = nn.Parameter(vectors)
-
-
-class IdentifierEmbedding(nn.Module):
-    """A frozen token embedding whose rows for a few identifier tokens are learned vectors.
-
-    DreamBooth names the subject with a rare token ("sks"). When the text encoder has barely
-    trained that token, the instance prompt encodes almost like the class prompt and no adapter
-    can tell them apart; learning the identifier's embedding (pivotal tuning) fixes that while
-    every prompt without the identifier encodes exactly as before.
-    """
-
-    #: Name of the learned vectors below this module, the suffix of their full parameter name.
-    PARAMETER_SUFFIX = "identifier.vectors"
-
-    def __init__(
-        self, base_layer: nn.Embedding, words: list[str], token_ids: list[int], vectors: torch.Tensor | None = None
-    ) -> None:
-        super().__init__()
-        if len(words) != len(token_ids):
-            raise ValueError(f"{len(words)} identifier words but {len(token_ids)} token ids.")
-        self.base_layer = base_layer
-        self.words = list(words)
-        self.register_buffer("token_ids", torch.tensor(token_ids, dtype=torch.long, device=base_layer.weight.device),
-                             persistent=False)
-        if vectors is None:
-            vectors = base_layer.weight.detach()[self.token_ids]
-        if vectors.shape != (len(token_ids), base_layer.embedding_dim):
-            raise ValueError(f"identifier vectors have shape {list(vectors.shape)}, expected "
-                             f"[{len(token_ids)}, {base_layer.embedding_dim}] for this text encoder.")
-        # In a child module, so that the frozen (maybe half-precision) embedding weight stays the text
-        # encoder's first parameter: transformers and diffusers read a model's dtype from it.
-        self.identifier = IdentifierVectors(vectors.detach().float().clone().to(base_layer.weight.device))
-        self.adapters_disabled = False
-        self.strength = 1.0  # 0: the original rows, 1: the learned ones
-
-    @property
-    def identifier_vectors(self) -> nn.Parameter:
-        return self.identifier.vectors
-
-    @property
-    def weight(self) -> torch.Tensor:
-        return self.base_layer.weight
-
-    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
-        embeddings = self.base_layer(input_ids)
-        if self.adapters_disabled:
-            return embeddings
-        vectors = self.identifier_vectors
-        if self.strength != 1.0:
-            original = self.weight[self.token_ids].float()
-            vectors = original + self.strength * (vectors - original)
-        matches = input_ids.unsqueeze(-1) == self.token_ids
-        learned = matches.to(embeddings.dtype) @ vectors.to(embeddings.dtype)
-        return torch.where(matches.any(-1, keepdim=True), learned, embeddings)
-
-    def folded_weight(self) -> torch.Tensor:
-        """The embedding matrix with the learned rows written in (for merged exports)."""
-        weight = self.weight.detach().clone()
-        weight[self.token_ids] = self.identifier_vectors.detach().to(weight.dtype)
-        return weight

@@ -10,10 +10,7 @@ from __future__ import annotations
 import hashlib
 import io
 import json
-import shutil
-import tempfile
 import threading
-import zipfile
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -21,27 +18,15 @@ from typing import Any
 
 import torch
 from PIL import Image, PngImagePlugin
-from safetensors import safe_open
 
-from .identifier import (
-    install_identifier_embeddings,
-    read_identifier_embeddings,
-    remove_identifier_embeddings,
-)
-from .model import (
-    CONFIG_NAME,
-    WEIGHTS_NAME,
-    adapter_configs,
-    adapter_name_from,
-    count_file_parameters,
-    delete_adapter,
-    disable_adapters,
-    enable_adapters,
-    load_adapter,
-    read_adapter_config,
-    set_adapter,
-    set_adapter_strength,
-)
+from ..core.adapters import adapter_configs, delete_adapter, disable_adapters, enable_adapters
+from ..core.files import CONFIG_NAME, WEIGHTS_NAME, adapter_name_from, count_file_parameters, read_adapter_config
+from ..core.identifier import remove_identifier_embeddings
+from ..models.pipelines import load_pipeline
+from ..outputs.read import TrainedAdapter, load_outputs, read_control_info
+from ..outputs.write import CONTROL_INFO, CONTROLNET_FOLDER, TEXT_ENCODER_FOLDER
+from .errors import StudioError
+from .uploads import install_upload
 
 NO_ADAPTER = "(none: base model)"
 MODEL_SCHEDULER = "Model default"
@@ -53,13 +38,6 @@ SCHEDULERS = {
     "DPM++ 2M": "DPMSolverMultistepScheduler",
     "UniPC": "UniPCMultistepScheduler",
 }
-ALLOWED_UPLOAD_SUFFIXES = {".json", ".safetensors", ".md", ".png"}
-
-
-class StudioError(ValueError):
-    """A problem to show in the page; the app keeps running."""
-
-
 @dataclass
 class Limits:
     max_size: int = 768
@@ -86,15 +64,6 @@ class GenerationRequest:
     control_strength: float = 1.0
 
 
-def _check_safetensors(path: Path) -> None:
-    """Open the header only: proves the file is safetensors without reading (or unpickling) data."""
-    try:
-        with safe_open(str(path), framework="pt") as handle:
-            list(handle.keys())
-    except Exception as error:  # noqa: BLE001 - any parse failure means "not a safetensors file"
-        raise StudioError(f"{path.name} is not a valid safetensors file ({error}).") from error
-
-
 class Studio:
     """State of the app: the base pipeline, adapters by name, and generation."""
 
@@ -103,8 +72,7 @@ class Studio:
         self.limits = limits or Limits()
         self.model_name = model
         self._pipe = None
-        # adapter key -> (kind, control handle, learned identifier vectors or None)
-        self._loaded: dict[str, tuple[str, Any, dict[str, torch.Tensor] | None]] = {}
+        self._loaded: dict[str, TrainedAdapter] = {}  # by adapter key
         self.lock = threading.Lock()
 
     # model -----------------------------------------------------------------------------------------
@@ -113,8 +81,6 @@ class Studio:
         return self._pipe if self._pipe is not None else self._load()
 
     def _load(self):
-        from .loading import load_pipeline
-
         self._pipe = load_pipeline(self.model_name, dtype=torch.float32)
         self._pipe.set_progress_bar_config(disable=True)
         self._model_scheduler = self._pipe.scheduler
@@ -143,14 +109,14 @@ class Studio:
         if not self.adapters_dir.is_dir():
             return [NO_ADAPTER]
         found = set()
-        for marker in ("adapter_config.json", "control.json"):
+        for marker in (CONFIG_NAME, CONTROL_INFO):
             for path in self.adapters_dir.rglob(marker):
                 folder = path.parent
                 if any(part.startswith((".", "checkpoint-")) for part in folder.relative_to(self.adapters_dir).parts):
                     continue
-                if folder.name in ("controlnet", "text_encoder") and (folder.parent / "control.json").exists():
+                if folder.name in (CONTROLNET_FOLDER, TEXT_ENCODER_FOLDER) and (folder.parent / CONTROL_INFO).exists():
                     continue
-                if folder.name == "text_encoder" and (folder.parent / CONFIG_NAME).exists():
+                if folder.name == TEXT_ENCODER_FOLDER and (folder.parent / CONFIG_NAME).exists():
                     continue
                 found.add(str(folder.relative_to(self.adapters_dir)) if folder != self.adapters_dir else ".")
         return [NO_ADAPTER, *sorted(found)]
@@ -174,10 +140,8 @@ class Studio:
         if not name or name == NO_ADAPTER:
             return {"adapter": None, "base_model": self.model_name}
         folder = self.resolve(name)
-        from .control import read_control_info
-
         control = read_control_info(folder)
-        config_folder = folder if (folder / CONFIG_NAME).is_file() else folder / "controlnet"
+        config_folder = folder if (folder / CONFIG_NAME).is_file() else folder / CONTROLNET_FOLDER
         info: dict[str, Any] = {"adapter": name, "control": control["mode"] if control else None}
         if (config_folder / CONFIG_NAME).is_file():
             config = read_adapter_config(config_folder)
@@ -200,53 +164,30 @@ class Studio:
         digest = hashlib.sha1(name.encode()).hexdigest()[:8]
         return f"a_{adapter_name_from(name)}_{digest}"
 
-    def _activate(self, name: str, strength: float) -> tuple[str, Any]:
-        """Load (once) and activate adapter ``name`` at ``strength``; return its control kind and handle."""
+    def _activate(self, name: str, strength: float) -> TrainedAdapter | None:
+        """Load (once) and activate adapter ``name`` at ``strength``; None is the base model."""
         if name == NO_ADAPTER:
             for model in self._models():
                 disable_adapters(model)
             remove_identifier_embeddings(self.pipe.text_encoder)
-            return "none", None
+            return None
         key = self._key(name)
         if key not in self._loaded:
             self._loaded[key] = self._load_adapter(name, key)
-        kind, handle, identifier = self._loaded[key]
-        for model in self._models():
-            if key in adapter_configs(model):
-                enable_adapters(model)
-                set_adapter(model, key)
-                set_adapter_strength(model, strength)
-            else:
-                disable_adapters(model)
-        if identifier:
-            install_identifier_embeddings(self.pipe.text_encoder, self.pipe.tokenizer, identifier).strength = strength
-        else:
-            remove_identifier_embeddings(self.pipe.text_encoder)
-        if kind == "controlnet":
-            for adapter in adapter_configs(handle.controlnet):
-                set_adapter_strength(handle.controlnet, strength, adapter)
-        return kind, handle
+        adapter = self._loaded[key]
+        adapter.activate(strength)
+        return adapter
 
-    def _load_adapter(self, name: str, key: str) -> tuple[str, Any, dict[str, torch.Tensor] | None]:
+    def _load_adapter(self, name: str, key: str) -> TrainedAdapter:
         """Load a folder (UNet adapter, text-encoder adapter, learned identifier, control parts);
         undo everything on failure."""
         folder = self.resolve(name)
-        from .control import load_control, read_control_info
-
         try:
-            for config_folder in (folder, folder / "controlnet", folder / "text_encoder"):
+            for config_folder in (folder, folder / CONTROLNET_FOLDER, folder / TEXT_ENCODER_FOLDER):
                 if (config_folder / CONFIG_NAME).is_file() and read_adapter_config(config_folder).bias != "none":
                     raise StudioError(f"adapter {name!r} trained biases, which would change the shared base "
                                       "model for every adapter; the app serves bias='none' adapters only.")
-            if read_control_info(folder):
-                kind, handle = load_control(self.pipe, folder, adapter_name=key)
-            else:
-                load_adapter(self.pipe.unet, folder, adapter_name=key)
-                kind, handle = "adapter", None
-            if (folder / "text_encoder" / CONFIG_NAME).is_file():
-                load_adapter(self.pipe.text_encoder, folder / "text_encoder", adapter_name=key)
-            identifier = read_identifier_embeddings(folder, self.pipe.text_encoder, self.pipe.tokenizer)
-            return kind, handle, identifier
+            return load_outputs(self.pipe, folder, adapter_name=key)
         except Exception as error:
             for model in self._models():
                 if key in adapter_configs(model):
@@ -255,90 +196,10 @@ class Studio:
                 raise
             raise StudioError(f"could not load adapter {name!r}: {error}") from error
 
-    # uploads --------------------------------------------------------------------------------------------
+    # uploads ----------------------------------------------------------------------------------------------
     def import_upload(self, paths: list[str | Path]) -> str:
-        """Install an uploaded adapter (a zip of its folder, or its json + safetensors pair).
-
-        Zips are checked for path traversal, total size and file types before anything is
-        written; only JSON and safetensors are read, and the safetensors header is verified.
-        """
-        paths = [Path(p) for p in paths or []]
-        if not paths:
-            raise StudioError("nothing was uploaded.")
-        total = sum(p.stat().st_size for p in paths)
-        if total > self.limits.max_upload_bytes:
-            raise StudioError(f"upload of {total} bytes exceeds the {self.limits.max_upload_bytes}-byte limit.")
-        target_root = self.adapters_dir / "uploads"
-        if len(paths) == 1 and paths[0].suffix == ".zip":
-            name = adapter_name_from(paths[0].stem)
-            files = self._read_zip(paths[0])
-        else:
-            name = adapter_name_from(next((p.parent.name for p in paths if p.suffix == ".json"), "adapter"))
-            files = {}
-            for p in paths:
-                if p.suffix not in (".json", ".safetensors"):
-                    raise StudioError(f"{p.name}: only adapter_config.json and .safetensors files are accepted.")
-                files[CONFIG_NAME if p.suffix == ".json" else WEIGHTS_NAME] = p.read_bytes()
-        if CONFIG_NAME not in files and "control.json" not in files:
-            raise StudioError("the upload holds no adapter_config.json.")
-        staging = Path(tempfile.mkdtemp(prefix=".upload-", dir=self._ensure_dir(target_root)))
-        try:
-            for relative, data in files.items():
-                destination = (staging / relative).resolve()
-                if staging.resolve() not in destination.parents:
-                    raise StudioError(f"unsafe path in upload: {relative!r}.")
-                destination.parent.mkdir(parents=True, exist_ok=True)
-                destination.write_bytes(data)
-                if destination.suffix == ".safetensors":
-                    _check_safetensors(destination)
-                elif destination.suffix == ".json":
-                    try:
-                        json.loads(data)
-                    except ValueError as error:
-                        raise StudioError(f"{relative} is not valid JSON.") from error
-            final = target_root / name
-            suffix = 1
-            while final.exists():
-                suffix += 1
-                final = target_root / f"{name}-{suffix}"
-            staging.rename(final)
-        finally:
-            if staging.exists():
-                shutil.rmtree(staging)
-        return str(final.relative_to(self.adapters_dir))
-
-    def _ensure_dir(self, path: Path) -> Path:
-        path.mkdir(parents=True, exist_ok=True)
-        return path
-
-    def _read_zip(self, path: Path) -> dict[str, bytes]:
-        try:
-            archive = zipfile.ZipFile(path)
-        except zipfile.BadZipFile as error:
-            raise StudioError(f"{path.name} is not a zip file.") from error
-        try:
-            return self._read_members(archive)
-        except (zipfile.BadZipFile, RuntimeError, NotImplementedError, OSError) as error:
-            raise StudioError(f"{path.name} could not be read: {error}") from error
-        finally:
-            archive.close()
-
-    def _read_members(self, archive: zipfile.ZipFile) -> dict[str, bytes]:
-        infos = [i for i in archive.infolist() if not i.is_dir()]
-        if sum(i.file_size for i in infos) > self.limits.max_upload_bytes:
-            raise StudioError("the zip expands beyond the upload size limit.")
-        names = [i.filename for i in infos]
-        prefix = _common_folder(names)
-        files = {}
-        for info in infos:
-            parts = info.filename.replace("\\", "/").split("/")
-            if ":" in info.filename or any(part in ("", ".", "..") for part in parts):
-                raise StudioError(f"unsafe path in zip: {info.filename!r}.")
-            relative = info.filename[len(prefix):]
-            if Path(relative).suffix not in ALLOWED_UPLOAD_SUFFIXES:
-                raise StudioError(f"{info.filename}: only JSON, safetensors (and README/PNG) files are accepted.")
-            files[relative] = archive.read(info)
-        return files
+        """Install an uploaded adapter (see ``uploads.install_upload``); returns its name."""
+        return install_upload(paths, self.adapters_dir, self.limits.max_upload_bytes)
 
     # generation --------------------------------------------------------------------------------------------
     def clamp(self, request: GenerationRequest) -> GenerationRequest:
@@ -372,19 +233,18 @@ class Studio:
             results = []
             total = len(runs) * request.num_images
             for adapted in runs:
-                kind, handle = self._activate(request.adapter if adapted else NO_ADAPTER, request.strength)
+                adapter = self._activate(request.adapter if adapted else NO_ADAPTER, request.strength)
                 for i in range(request.num_images):
                     seed = request.seed + i
-                    image = self._sample(kind, handle, request, seed, total, len(results), progress)
+                    image = self._sample(adapter, request, seed, total, len(results), progress)
                     label = "adapter" if adapted else "base"
                     results.append((image, self._parameters(request, seed, label)))
             for model in self._models():
                 enable_adapters(model)
         return results
 
-    def _sample(self, kind: str, handle: Any, request: GenerationRequest, seed: int, total: int, done: int,
+    def _sample(self, adapter: TrainedAdapter | None, request: GenerationRequest, seed: int, total: int, done: int,
                 progress: Callable[[float, str], None] | None) -> Image.Image:
-        pipe = self.pipe
         kwargs = dict(prompt=request.prompt, negative_prompt=request.negative_prompt or None,
                       num_inference_steps=request.steps, guidance_scale=request.guidance_scale,
                       width=request.width, height=request.height,
@@ -395,20 +255,13 @@ class Studio:
                 return callback_kwargs
 
             kwargs["callback_on_step_end"] = step_callback
-        with torch.no_grad():
-            if kind in ("light", "controlnet") and request.control_image is None:
-                raise StudioError("this adapter carries control: upload a control image.")
-            if kind == "light":
-                from .control import condition_tensor, light_control
-
-                condition = condition_tensor(request.control_image, (request.width, request.height))
-                with light_control(pipe.unet, handle, condition, request.control_strength):
-                    return pipe(**kwargs).images[0]
-            if kind == "controlnet":
-                handle.scheduler = pipe.scheduler
-                image = request.control_image.convert("RGB").resize((request.width, request.height))
-                return handle(image=image, controlnet_conditioning_scale=request.control_strength, **kwargs).images[0]
-            return pipe(**kwargs).images[0]
+        if adapter is None:
+            with torch.no_grad():
+                return self.pipe(**kwargs).images[0]
+        if adapter.control is not None and request.control_image is None:
+            raise StudioError("this adapter carries control: upload a control image.")
+        return adapter.sample(request.control_image, (request.width, request.height), request.control_strength,
+                              **kwargs)
 
     def _parameters(self, request: GenerationRequest, seed: int, label: str) -> str:
         values = {k: v for k, v in asdict(request).items() if k not in ("control_image",)}
@@ -416,14 +269,6 @@ class Studio:
         if label == "base":
             values["adapter"] = NO_ADAPTER
         return json.dumps(values)
-
-
-def _common_folder(names: list[str]) -> str:
-    """The single top folder every zip member shares (zips of a folder), or ''."""
-    tops = {n.split("/", 1)[0] for n in names}
-    if len(tops) == 1 and all("/" in n for n in names):
-        return next(iter(tops)) + "/"
-    return ""
 
 
 def png_with_parameters(image: Image.Image, parameters: str) -> bytes:

@@ -8,6 +8,9 @@ diffusers pipeline can sample with it inside ``with light_control(unet, encoder,
 
 ControlNet: a ``ControlNetModel`` copied from the UNet (or loaded) whose copied blocks stay
 frozen and receive BOFT adapters, while its zero convolutions and conditioning embedding train.
+
+``Control`` samples a pipeline with either kind, so that validation, evaluation and the app share
+one dispatch.
 """
 
 from __future__ import annotations
@@ -17,20 +20,22 @@ import json
 import math
 import os
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
+from PIL import Image
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from .model import _atomic_write, adapter_configs, base_state_dict, load_adapter, save_adapter
+from ..core.adapters import adapter_configs, base_state_dict
+from ..core.files import atomic_write
+from .images import image_to_tensor, to_rgb
 
 ENCODER_CONFIG = "control_encoder_config.json"
 ENCODER_WEIGHTS = "control_encoder.safetensors"
-CONTROLNET_CONFIG = "controlnet_config.json"
-CONTROLNET_TRAINABLE = "controlnet_trainable.safetensors"
-CONTROL_INFO = "control.json"
+LIGHT, CONTROLNET = "light", "controlnet"
 
 
 class ControlEncoder(nn.Module):
@@ -59,7 +64,7 @@ class ControlEncoder(nn.Module):
 
     def save(self, folder: str | os.PathLike) -> None:
         tensors = {k: v.detach().float().cpu().contiguous() for k, v in self.state_dict().items()}
-        _atomic_write(Path(folder), {
+        atomic_write(folder, {
             ENCODER_WEIGHTS: lambda tmp: save_file(tensors, tmp),
             ENCODER_CONFIG: lambda tmp: Path(tmp).write_text(json.dumps(self.config, indent=2)),
         })
@@ -106,12 +111,8 @@ def light_control(unet, encoder: ControlEncoder, condition: torch.Tensor, scale:
         handle.remove()
 
 
-def condition_tensor(image, size: tuple[int, int]) -> torch.Tensor:
+def condition_tensor(image: Image.Image, size: tuple[int, int]) -> torch.Tensor:
     """A PIL conditioning image as a ``[1, 3, height, width]`` tensor in [-1, 1]; ``size`` is (width, height)."""
-    from PIL import Image
-
-    from .data import image_to_tensor, to_rgb
-
     image = to_rgb(image).resize(size, Image.BILINEAR)
     return image_to_tensor(image)[None]
 
@@ -154,68 +155,35 @@ def controlnet_trainable_parameters(controlnet) -> dict[str, nn.Parameter]:
     return {n: p for n, p in controlnet.named_parameters() if n.startswith(CONTROLNET_FULL_TRAIN)}
 
 
-def save_control(folder: str | os.PathLike, mode: str, unet_adapter: Any, controlnet: Any = None,
-                 encoder: ControlEncoder | None = None, metadata: dict[str, Any] | None = None) -> None:
-    """Write a control adapter folder: BOFT adapter(s) plus the fully trained control parts."""
-    folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
-    info = {"mode": mode, **(metadata or {})}
-    if unet_adapter is not None:
-        save_adapter(unet_adapter, folder, metadata=metadata)
-        info["unet_adapter"] = "."
-    if encoder is not None:
-        encoder.save(folder)
-    if controlnet is not None:
-        save_adapter(controlnet, folder / "controlnet", metadata=metadata)
-        tensors = {k: v.detach().float().cpu().contiguous() for k, v in controlnet_trainable_parameters(controlnet).items()}
-        config = {k: v for k, v in dict(controlnet.config).items() if not k.startswith("_")}
-        _atomic_write(folder, {
-            CONTROLNET_TRAINABLE: lambda tmp: save_file(tensors, tmp),
-            CONTROLNET_CONFIG: lambda tmp: Path(tmp).write_text(json.dumps(config, indent=2, default=list)),
-        })
-    _atomic_write(folder, {CONTROL_INFO: lambda tmp: Path(tmp).write_text(json.dumps(info, indent=2))})
+@dataclass
+class Control:
+    """Trained control for a pipeline: the light encoder, or a ControlNet pipeline sharing the
+    pipeline's components."""
 
+    mode: str
+    encoder: ControlEncoder | None = None
+    controlnet_pipe: Any = None
 
-def read_control_info(folder: str | os.PathLike) -> dict[str, Any] | None:
-    path = Path(folder) / CONTROL_INFO
-    return json.loads(path.read_text()) if path.is_file() else None
+    @classmethod
+    def for_controlnet(cls, pipe, controlnet) -> Control:
+        from diffusers import StableDiffusionControlNetPipeline
 
+        components = {k: v for k, v in pipe.components.items() if k != "image_encoder"}
+        control_pipe = StableDiffusionControlNetPipeline(**components, controlnet=controlnet)
+        control_pipe.set_progress_bar_config(disable=True)
+        return cls(CONTROLNET, controlnet_pipe=control_pipe)
 
-def load_control(pipe, folder: str | os.PathLike, adapter_name: str | None = None):
-    """Load a folder written by train_controlnet.py onto ``pipe``; return what sampling needs.
+    @property
+    def controlnet(self):
+        return None if self.controlnet_pipe is None else self.controlnet_pipe.controlnet
 
-    Light mode returns ``("light", encoder)`` (use with :func:`light_control`); ControlNet mode
-    returns ``("controlnet", StableDiffusionControlNetPipeline)`` sharing ``pipe``'s components.
-    """
-    folder = Path(folder)
-    info = read_control_info(folder)
-    if info is None:
-        raise FileNotFoundError(f"{folder / CONTROL_INFO} not found: not a control adapter folder.")
-    if info["mode"] == "light":
-        if (folder / "adapter_config.json").is_file():
-            load_adapter(pipe.unet, folder, adapter_name)
-        encoder = ControlEncoder.load(folder, pipe.unet.conv_in.out_channels, pipe.vae_scale_factor).to(pipe.unet.device)
-        return "light", encoder
-    from diffusers import StableDiffusionControlNetPipeline
-
-    if info.get("controlnet_source"):
-        from diffusers import ControlNetModel
-
-        controlnet = ControlNetModel.from_pretrained(info["controlnet_source"])
-    else:
-        controlnet = controlnet_from_unet(pipe.unet, pipe.vae_scale_factor)
-    config = json.loads((folder / CONTROLNET_CONFIG).read_text())
-    if config.get("block_out_channels") and list(config["block_out_channels"]) != list(controlnet.config.block_out_channels):
-        raise ValueError(f"{folder} was trained for another UNet (block_out_channels {config['block_out_channels']}).")
-    tensors = load_file(str(folder / CONTROLNET_TRAINABLE))
-    missing, unexpected = controlnet.load_state_dict(tensors, strict=False)
-    if unexpected:
-        raise ValueError(f"{folder / CONTROLNET_TRAINABLE} holds tensors this ControlNet lacks: {unexpected[:3]}")
-    load_adapter(controlnet, folder / "controlnet")
-    if (folder / "adapter_config.json").is_file():
-        load_adapter(pipe.unet, folder, adapter_name)
-    controlnet.to(pipe.unet.device, pipe.unet.dtype)
-    control_pipe = StableDiffusionControlNetPipeline(**{k: v for k, v in pipe.components.items()
-                                                        if k not in ("image_encoder",)}, controlnet=controlnet)
-    control_pipe.set_progress_bar_config(disable=True)
-    return "controlnet", control_pipe
+    def sample(self, pipe, condition: Image.Image, size: tuple[int, int], scale: float = 1.0,
+               **pipe_kwargs: Any) -> Image.Image:
+        """One image from ``pipe`` conditioned on ``condition`` (resized to ``size``, width first)."""
+        with torch.no_grad():
+            if self.mode == LIGHT:
+                with light_control(pipe.unet, self.encoder, condition_tensor(condition, size), scale):
+                    return pipe(**pipe_kwargs).images[0]
+            self.controlnet_pipe.scheduler = pipe.scheduler
+            return self.controlnet_pipe(image=condition.convert("RGB").resize(size),
+                                        controlnet_conditioning_scale=scale, **pipe_kwargs).images[0]

@@ -6,7 +6,6 @@ import argparse
 import logging
 import os
 import re
-from collections.abc import Callable
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
@@ -15,49 +14,33 @@ from typing import Any
 import torch
 from PIL import Image
 
-from . import apply_boft, save_adapter
-from .baselines import apply_lora, save_lora
-from .data import (
+from ..core.adapters import apply_boft, count_trainable_parameters, disable_adapters, enable_adapters
+from ..core.config import DEFAULT_TARGET_MODULES, BOFTConfig
+from ..core.files import EMBEDDINGS_NAME, atomic_write, save_adapter
+from ..core.identifier import IdentifierEmbedding, add_identifier_embeddings, identifier_words
+from ..models.bundled import example_subject_dir
+from ..models.export import export_merged_pipeline
+from ..models.images import image_to_tensor
+from ..models.lora import apply_lora, save_lora
+from ..models.pipelines import default_guidance, guidance_kwargs, load_pipeline
+from ..outputs.write import save_dreambooth
+from ..training.cli import add_boft_args, add_model_args, add_training_args, boft_config_from_args
+from ..training.config import TrainerConfig
+from ..training.data import (
     augment_batch,
     caption_path,
     center_crop_tensor,
-    image_to_tensor,
     list_images,
     load_images,
     load_masks,
     read_captions,
 )
-from .export import export_merged_pipeline
-from .identifier import (
-    EMBEDDINGS_NAME,
-    add_identifier_embeddings,
-    identifier_words,
-    load_identifier_embeddings,
-    save_identifier_embeddings,
-)
-from .layers import IdentifierEmbedding
-from .loading import default_guidance, load_pipeline
-from .model import count_trainable_parameters, disable_adapters, enable_adapters, load_adapter
-from .training import (
-    Recipe,
-    Trainer,
-    TrainingError,
-    add_boft_args,
-    add_model_args,
-    add_training_args,
-    boft_config_from_args,
-    check_output_dir,
-    denoising_loss,
-    denoising_target,
-    make_accelerator,
-    weight_dtype,
-)
+from ..training.diffusion import denoising_loss, denoising_target, encode_prompts, noised_latents
+from ..training.trainer import Recipe, Trainer, TrainingError, check_output_dir, make_accelerator, place, weight_dtype
 
 logger = logging.getLogger("boft_diffusion")
 
-UNET_TARGETS = ("to_q", "to_k", "to_v", "to_out.0")
 TEXT_ENCODER_TARGETS = ("q_proj", "k_proj", "v_proj", "out_proj")
-EXAMPLE_SUBJECT = Path(__file__).resolve().parent / "tiny" / "subjects" / "sks_star"
 DEFAULT_BACKGROUND_LOSS_WEIGHT = 0.1
 
 
@@ -84,18 +67,6 @@ class ImageSet:
         return cls(tensors, [p for p, _ in loaded])
 
 
-def place(module: torch.nn.Module, device: torch.device | None = None, dtype: torch.dtype = torch.float32) -> None:
-    """Move a frozen module; cast only when a half dtype is asked for (float32 is the loaded dtype)."""
-    if device is not None:
-        module.to(device)
-    if dtype != torch.float32:
-        module.to(dtype=dtype)
-
-
-def default_instance_dir() -> Path:
-    return EXAMPLE_SUBJECT
-
-
 def ensure_class_images(pipe, args: argparse.Namespace, accelerator) -> None:
     """Generate class images with the base model until the folder holds ``num_class_images``.
 
@@ -119,58 +90,22 @@ def ensure_class_images(pipe, args: argparse.Namespace, accelerator) -> None:
                         [args.class_prompt] * count,
                         num_inference_steps=args.num_inference_steps,
                         generator=generators,
-                        **_guidance(args),
+                        **guidance_kwargs(args.guidance_scale),
                     ).images
                 for image in images:
-                    _save_atomic(image, folder / f"class_{index:05d}.png")
+                    atomic_write(folder, {f"class_{index:05d}.png": partial(image.save, format="PNG")})
                     index += 1
     accelerator.wait_for_everyone()
 
 
-#: Inside an output folder: the text encoder's adapter (when --train_text_encoder was given).
-TEXT_ENCODER_FOLDER = "text_encoder"
-
-
-def load_dreambooth_adapter(
-    pipe, folder: str | os.PathLike, load: Callable[[torch.nn.Module, Path], object] = load_adapter
-) -> list[torch.nn.Module]:
-    """Load a train_dreambooth.py output into ``pipe`` with ``load`` (BOFT by default): the UNet's
-    adapter, the text encoder's when it was trained, and the learned identifier embedding when
-    there is one. Returns the adapted models."""
-    folder = Path(folder)
-    load(pipe.unet, folder)
-    models = [pipe.unet]
-    if (folder / TEXT_ENCODER_FOLDER).is_dir():
-        load(pipe.text_encoder, folder / TEXT_ENCODER_FOLDER)
-        models.append(pipe.text_encoder)
-    if load_identifier_embeddings(pipe.text_encoder, pipe.tokenizer, folder) and pipe.text_encoder not in models:
-        models.append(pipe.text_encoder)
-    return models
-
-
-def _save_atomic(image: Image.Image, path: Path) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    image.save(tmp, format="PNG")
-    os.replace(tmp, path)
-
-
-def _guidance(args: argparse.Namespace) -> dict[str, Any]:
-    return {} if args.guidance_scale is None else {"guidance_scale": args.guidance_scale}
-
-
-def encode_prompts(tokenizer, text_encoder, prompts: list[str], device) -> torch.Tensor:
-    ids = tokenizer(
-        prompts, padding="max_length", max_length=tokenizer.model_max_length, truncation=True, return_tensors="pt"
-    ).input_ids.to(device)
-    return text_encoder(ids)[0]
-
-
-def model_card(args: argparse.Namespace, trainable: int, steps: int) -> str:
-    load_line = (f'load_dreambooth_adapter(pipe, "{args.output_dir}")' if args.adapter_type == "boft" else
-                 'from boft_diffusion.baselines import load_lora\n'
-                 f'load_dreambooth_adapter(pipe, "{args.output_dir}", load=load_lora)')
+def model_card(args: argparse.Namespace, boft: BOFTConfig, trainable: int, steps: int) -> str:
+    """The output folder's README; the BOFT line comes from the adapter's own config, so it shows
+    the block size the adapter was built with (the default included)."""
+    load_line = (f'load_outputs(pipe, "{args.output_dir}")' if args.adapter_type == "boft" else
+                 'from boft_diffusion.models.lora import load_lora\n'
+                 f'load_outputs(pipe, "{args.output_dir}", load=load_lora)')
     identifier = (f"\nThe identifier's learned token embedding is in `{EMBEDDINGS_NAME}` (`{{word: vector}}`); "
-                  "`load_dreambooth_adapter` installs it.\n" if args.train_identifier_embedding else "")
+                  "`load_outputs` installs it.\n" if args.train_identifier_embedding else "")
     return f"""---
 library_name: boft-diffusion
 base_model: {args.pretrained_model_name_or_path}
@@ -182,9 +117,9 @@ instance_prompt: {args.instance_prompt}
 Trained with `train_dreambooth.py` from boft-diffusion on **{args.pretrained_model_name_or_path}**
 for {steps} steps. Trigger prompt: `{args.instance_prompt}`.
 
-BOFT: block size {args.boft_block_size or '-'}, block number {args.boft_block_num or '-'},
-butterfly factors m = {args.boft_n_butterfly_factor}, dropout {args.boft_dropout},
-targets {', '.join(args.boft_target_modules)}; {trainable:,} trainable parameters.
+BOFT: block size {boft.block_size or '-'}, block number {boft.block_num or '-'},
+butterfly factors m = {boft.n_butterfly_factor}, dropout {boft.dropout},
+targets {', '.join(boft.target_modules)}; {trainable:,} trainable parameters.
 Prior preservation: {'yes, weight ' + str(args.prior_loss_weight) if args.with_prior_preservation else 'no'}.
 {identifier}
 ![validation samples](validation/latest.png)
@@ -193,7 +128,7 @@ Prior preservation: {'yes, weight ' + str(args.prior_loss_weight) if args.with_p
 
 ```python
 import boft_diffusion as bd
-from boft_diffusion.dreambooth import load_dreambooth_adapter
+from boft_diffusion.outputs.read import load_outputs
 pipe = bd.load_pipeline("{args.pretrained_model_name_or_path}")
 {load_line}
 image = pipe("{args.instance_prompt}").images[0]
@@ -253,7 +188,7 @@ def build_parser(description: str | None = None) -> argparse.ArgumentParser:
     group.add_argument("--save_merged", action="store_true",
                        help="Also export a full diffusers pipeline with the adapter merged, in output_dir/merged.")
     add_training_args(parser, default_output_dir="outputs/dreambooth", default_steps=300)
-    add_boft_args(parser, UNET_TARGETS)
+    add_boft_args(parser, DEFAULT_TARGET_MODULES)
     return parser
 
 
@@ -306,12 +241,13 @@ def add_identifier(text_encoder: torch.nn.Module, tokenizer, args: argparse.Name
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
     """Train a DreamBooth BOFT adapter as described by parsed ``train_dreambooth.py`` flags."""
-    check_output_dir(args, ["adapter_model.safetensors"])
     args.guidance_scale = default_guidance(args.pretrained_model_name_or_path, args.guidance_scale)
     check_instance_flags(args)
+    config = TrainerConfig.from_args(args)
+    check_output_dir(config, ["adapter_model.safetensors"])
     if args.with_prior_preservation and (not args.class_data_dir or not args.class_prompt):
         raise TrainingError("--with_prior_preservation needs --class_data_dir and --class_prompt.")
-    accelerator = make_accelerator(args)
+    accelerator = make_accelerator(config)
     dtype = weight_dtype(accelerator)
     if args.adapter_type == "lora" and args.save_merged:
         raise TrainingError("--save_merged is for BOFT adapters.")
@@ -319,7 +255,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                          revision=args.revision, variant=args.variant)
     pipe.set_progress_bar_config(disable=True)
     resolution = args.resolution or pipe.unet.config.sample_size * pipe.vae_scale_factor
-    instance_dir = args.instance_data_dir or default_instance_dir()
+    instance_dir = args.instance_data_dir or example_subject_dir()
     instances = ImageSet.from_folder(instance_dir, resolution, args.center_crop, args.dataloader_num_workers,
                                      "instance images", args.caption_extension, args.instance_mask_dir)
     logger.info("%d instance images from %s", len(instances.tensors), instance_dir)
@@ -378,7 +314,6 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         with torch.no_grad():
             cached_embeddings = encode_prompts(tokenizer, text_encoder, prompts, device)
     dataset_len = max(len(instances.tensors), len(classes.tensors) if classes else 0)
-    scaling = vae.config.scaling_factor
 
     def subject_weight(masks: torch.Tensor, size: torch.Size) -> torch.Tensor | None:
         """Per-latent-pixel loss weight: 1 on the subject, --background_loss_weight elsewhere."""
@@ -387,7 +322,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         coverage = torch.nn.functional.interpolate(masks.float(), size=tuple(size), mode="area").to(device)
         return args.background_loss_weight + (1 - args.background_loss_weight) * coverage
 
-    def compute_loss(indices: list[int], generator: torch.Generator):
+    def compute_loss(models: dict[str, torch.nn.Module], indices: list[int], generator: torch.Generator):
         prompt_rows = [instance_rows[i % len(instance_rows)] for i in indices]
         if args.caption_dropout_rate > 0:
             dropped = (torch.rand(len(indices), generator=generator) < args.caption_dropout_rate).tolist()
@@ -399,24 +334,17 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         if classes:
             batch = torch.cat([batch, augment([classes.tensors[i % len(classes.tensors)] for i in indices])])
             prompt_rows += [class_row] * len(indices)
-        with torch.no_grad():
-            latent_dist = vae.encode(batch.to(device, dtype)).latent_dist
-            eps = torch.randn(latent_dist.mean.shape, generator=generator).to(device, latent_dist.mean.dtype)
-            latents = (latent_dist.mean + latent_dist.std * eps) * scaling
-        latents = latents.float()
-        noise = torch.randn(latents.shape, generator=generator).to(device)
-        timesteps = torch.randint(0, noise_scheduler.config.num_train_timesteps, (len(latents),), generator=generator)
-        timesteps = timesteps.to(device)
-        noisy = noise_scheduler.add_noise(latents, noise, timesteps)
+        noised = noised_latents(vae, noise_scheduler, batch.to(device, dtype), generator, device)
+        timesteps = noised.timesteps
         if cached_embeddings is not None:
             embeddings = cached_embeddings[prompt_rows]
         else:
-            embeddings = encode_prompts(tokenizer, trainer.wrapped["text_encoder"], [prompts[r] for r in prompt_rows], device)
-        prediction = trainer.wrapped["unet"](noisy.to(dtype), timesteps, embeddings.to(dtype)).sample.float()
-        target = denoising_target(noise_scheduler, latents, noise, timesteps)
+            embeddings = encode_prompts(tokenizer, models["text_encoder"], [prompts[r] for r in prompt_rows], device)
+        prediction = models["unet"](noised.noisy.to(dtype), timesteps, embeddings.to(dtype)).sample.float()
+        target = denoising_target(noise_scheduler, noised.latents, noised.noise, timesteps)
         half = len(indices)
         instance_loss = denoising_loss(prediction[:half], target[:half], timesteps[:half], noise_scheduler,
-                                       args.snr_gamma, subject_weight(masks, latents.shape[-2:]))
+                                       args.snr_gamma, subject_weight(masks, noised.latents.shape[-2:]))
         if not classes:
             return instance_loss, {}
         prior_loss = denoising_loss(prediction[half:], target[half:], timesteps[half:], noise_scheduler,
@@ -432,31 +360,29 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             generators = [torch.Generator().manual_seed(args.seed + i) for i in range(args.num_validation_images)]
             with torch.no_grad():
                 rows.append(pipe([prompt] * args.num_validation_images, num_inference_steps=args.num_inference_steps,
-                                 generator=generators, **_guidance(args)).images)
+                                 generator=generators, **guidance_kwargs(args.guidance_scale)).images)
         return rows
 
-    def save_outputs(folder: Path) -> None:
+    def save_outputs(folder: Path, step: int) -> None:
         metadata = {"instance_prompt": args.instance_prompt, "class_prompt": args.class_prompt,
-                    "train_steps": trainer.step, "resolution": resolution,
+                    "train_steps": step, "resolution": resolution,
                     "prior_preservation": bool(args.with_prior_preservation)}
-        save = save_adapter if args.adapter_type == "boft" else save_lora
-        save(accelerator.unwrap_model(trainer.wrapped["unet"]), folder, metadata=metadata)
-        if args.train_text_encoder:
-            save(accelerator.unwrap_model(trainer.wrapped["text_encoder"]), folder / TEXT_ENCODER_FOLDER, metadata=metadata)
-        if args.train_identifier_embedding:
-            save_identifier_embeddings(accelerator.unwrap_model(trainer.wrapped["text_encoder"]), folder)
+        save_dreambooth(folder, unet, metadata, text_encoder, text_encoder_adapter=args.train_text_encoder,
+                        identifier=args.train_identifier_embedding,
+                        save=save_adapter if args.adapter_type == "boft" else save_lora)
 
     recipe = Recipe(modules=modules, dataset_len=dataset_len, compute_loss=compute_loss,
                     save_outputs=save_outputs, validate=validate, run_name="boft-dreambooth",
                     learning_rates={IdentifierEmbedding.PARAMETER_SUFFIX: args.identifier_learning_rate},
                     schedule={"caption_dropout_rate": args.caption_dropout_rate})
-    trainer = Trainer(args, accelerator, recipe)
+    trainer = Trainer(config, accelerator, recipe)
     result = trainer.train()
     if accelerator.is_main_process:
         output_dir = Path(args.output_dir)
         _link_latest_validation(output_dir)
         trainable = sum(count_trainable_parameters(m) for m in modules.values())
-        (output_dir / "README.md").write_text(model_card(args, trainable, trainer.step))
+        boft = boft_config_from_args(args, args.boft_target_modules)
+        (output_dir / "README.md").write_text(model_card(args, boft, trainable, trainer.step))
         if args.save_merged:
             export_merged_pipeline(pipe, output_dir / "merged")
     trainer.close()

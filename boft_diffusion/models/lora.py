@@ -10,7 +10,7 @@ from typing import Any
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from .model import CONFIG_NAME, WEIGHTS_NAME, _atomic_write
+from ..core.files import CONFIG_NAME, WEIGHTS_NAME, atomic_write
 
 
 def _peft():
@@ -37,7 +37,7 @@ def save_lora(model: nn.Module, folder: str | os.PathLike, metadata: dict[str, A
     config["target_modules"] = sorted(config["target_modules"])
     config["peft_type"] = "LORA"
     config["boft_diffusion"] = metadata or {}
-    _atomic_write(Path(folder), {
+    atomic_write(folder, {
         WEIGHTS_NAME: lambda tmp: save_file(state, tmp),
         CONFIG_NAME: lambda tmp: Path(tmp).write_text(json.dumps(config, indent=2, default=str)),
     })

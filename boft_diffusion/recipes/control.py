@@ -13,34 +13,27 @@ from typing import Any
 import torch
 from PIL import Image, UnidentifiedImageError
 
-from .control import (
+from ..core.adapters import apply_boft, disable_adapters, enable_adapters
+from ..core.config import DEFAULT_TARGET_MODULES
+from ..models.bundled import EXAMPLE_CONTROL_DATA
+from ..models.control import (
+    LIGHT,
+    Control,
     controlnet_from_unet,
     controlnet_trainable_parameters,
     encoder_for_unet,
     light_control,
-    save_control,
 )
-from .data import DataError, center_crop, image_to_tensor, open_image, resize_shorter_side, tensor_to_image, to_rgb
-from .dreambooth import UNET_TARGETS, encode_prompts, place
-from .loading import default_guidance, load_pipeline
-from .model import apply_boft, disable_adapters, enable_adapters
-from .training import (
-    Recipe,
-    Trainer,
-    TrainingError,
-    add_boft_args,
-    add_model_args,
-    add_training_args,
-    boft_config_from_args,
-    check_output_dir,
-    denoising_loss,
-    denoising_target,
-    make_accelerator,
-    weight_dtype,
-)
+from ..models.images import image_to_tensor, open_image, to_rgb
+from ..models.pipelines import default_guidance, guidance_kwargs, load_pipeline
+from ..outputs.write import save_control
+from ..training.cli import add_boft_args, add_model_args, add_training_args, boft_config_from_args
+from ..training.config import TrainerConfig
+from ..training.data import DataError, center_crop, resize_shorter_side
+from ..training.diffusion import denoising_loss, denoising_target, encode_prompts, noised_latents
+from ..training.trainer import Recipe, Trainer, TrainingError, check_output_dir, make_accelerator, place, weight_dtype
 
 logger = logging.getLogger("boft_diffusion")
-EXAMPLE_CONTROL_DATA = Path(__file__).resolve().parent.parent / "examples" / "tiny_control"
 
 
 @dataclass
@@ -175,24 +168,25 @@ def build_parser(description: str | None = None) -> argparse.ArgumentParser:
     group.add_argument("--max_train_samples", type=int, default=None)
     group.add_argument("--validation_image", nargs="+", default=None, help="Paired with --validation_prompt.")
     add_training_args(parser, default_output_dir="outputs/controlnet", default_steps=400)
-    add_boft_args(parser, UNET_TARGETS)
+    add_boft_args(parser, DEFAULT_TARGET_MODULES)
     return parser
 
 
 def default_validation_pairs(count: int = 4) -> list[tuple[Image.Image, str]]:
     """Held-out tiny-world scenes: (shape mask, caption)."""
-    from .tiny import world
+    from ..tiny import world
 
     return [(world.render_mask(s).convert("RGB"), world.caption(s)) for s in world.free_placement_scenes(count, seed=99, held_out=True)]
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
     """Train control as described by parsed ``train_controlnet.py`` flags."""
-    check_output_dir(args, ["adapter_model.safetensors", "control.json"])
     args.guidance_scale = default_guidance(args.pretrained_model_name_or_path, args.guidance_scale)
+    config = TrainerConfig.from_args(args)
+    check_output_dir(config, ["adapter_model.safetensors", "control.json"])
     if args.validation_image and args.validation_prompt and len(args.validation_image) != len(args.validation_prompt):
         raise TrainingError("--validation_image and --validation_prompt must come in pairs (same count).")
-    accelerator = make_accelerator(args)
+    accelerator = make_accelerator(config)
     dtype = weight_dtype(accelerator)
     pipe = load_pipeline(args.pretrained_model_name_or_path, dtype=torch.float32,
                          device=accelerator.device, revision=args.revision, variant=args.variant)
@@ -210,7 +204,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     boft = boft_config_from_args(args)
     modules: dict[str, torch.nn.Module] = {}
     controlnet = encoder = None
-    if args.control == "light":
+    if args.control == LIGHT:
         place(unet, dtype=dtype)
         apply_boft(unet, boft)
         encoder = encoder_for_unet(unet, pipe.vae_scale_factor).to(accelerator.device)
@@ -246,32 +240,26 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     captions = sorted({e.caption for e in examples} | {""})
     with torch.no_grad():
         embeddings = dict(zip(captions, encode_prompts(tokenizer, text_encoder, captions, accelerator.device), strict=True))
-    scaling = vae.config.scaling_factor
     device = accelerator.device
 
-    def compute_loss(indices: list[int], generator: torch.Generator):
+    def compute_loss(models: dict[str, torch.nn.Module], indices: list[int], generator: torch.Generator):
         batch = [examples[i] for i in indices]
         pixels = torch.stack([e.image for e in batch]).to(device, dtype)
         conditions = torch.stack([(e.condition + 1) / 2 for e in batch]).to(device)
         drop = torch.rand(len(batch), generator=generator) < args.proportion_empty_prompts
         context = torch.stack([embeddings["" if d else e.caption] for e, d in zip(batch, drop.tolist(), strict=True)])
-        with torch.no_grad():
-            dist = vae.encode(pixels).latent_dist
-            eps = torch.randn(dist.mean.shape, generator=generator).to(device, dist.mean.dtype)
-            latents = ((dist.mean + dist.std * eps) * scaling).float()
-        noise = torch.randn(latents.shape, generator=generator).to(device)
-        timesteps = torch.randint(0, noise_scheduler.config.num_train_timesteps, (len(batch),), generator=generator).to(device)
-        noisy = noise_scheduler.add_noise(latents, noise, timesteps).to(dtype)
-        model_unet = trainer.wrapped.get("unet", unet)
-        if args.control == "light":
-            with light_control(unet, trainer.wrapped["control_encoder"], conditions * 2 - 1, args.conditioning_scale):
+        noised = noised_latents(vae, noise_scheduler, pixels, generator, device)
+        noisy, timesteps = noised.noisy.to(dtype), noised.timesteps
+        model_unet = models.get("unet", unet)
+        if args.control == LIGHT:
+            with light_control(unet, models["control_encoder"], conditions * 2 - 1, args.conditioning_scale):
                 prediction = model_unet(noisy, timesteps, context).sample
         else:
-            down, mid = trainer.wrapped["controlnet"](noisy, timesteps, encoder_hidden_states=context,
-                                                      controlnet_cond=conditions.to(dtype), return_dict=False)
+            down, mid = models["controlnet"](noisy, timesteps, encoder_hidden_states=context,
+                                             controlnet_cond=conditions.to(dtype), return_dict=False)
             prediction = model_unet(noisy, timesteps, context, down_block_additional_residuals=down,
                                     mid_block_additional_residual=mid).sample
-        target = denoising_target(noise_scheduler, latents, noise, timesteps)
+        target = denoising_target(noise_scheduler, noised.latents, noised.noise, timesteps)
         return denoising_loss(prediction, target, timesteps, noise_scheduler, args.snr_gamma), {}
 
     if args.validation_image:
@@ -279,48 +267,35 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         pairs = [(open_image(path), prompt) for path, prompt in zip(args.validation_image, prompts, strict=True)]
     else:
         pairs = default_validation_pairs()
+    control = Control(LIGHT, encoder=encoder) if args.control == LIGHT else Control.for_controlnet(pipe, controlnet)
+    size = (resolution, resolution)
 
     def validate(step: int) -> list[list[Image.Image]]:
+        """Per pair: the control image, the base model without control, the trained control (same seed)."""
         rows = []
         for condition_image, prompt in pairs:
-            condition = (image_to_tensor(condition_image.resize((resolution, resolution))) + 1) / 2
-            images = [condition_image.resize((resolution, resolution))]
-            for adapted in (False, True):
-                images.append(sample_with_control(pipe, args.control, controlnet, encoder, condition[None], prompt,
-                                                  args, adapted=adapted, modules=modules))
-            rows.append(images)
+            condition_image = condition_image.resize(size)
+            sample = {"prompt": prompt, "num_inference_steps": args.num_inference_steps,
+                      **guidance_kwargs(args.guidance_scale)}
+            for module in modules.values():
+                disable_adapters(module)
+            with torch.no_grad():
+                base = pipe(generator=torch.Generator().manual_seed(args.seed), **sample).images[0]
+            for module in modules.values():
+                enable_adapters(module)
+            adapted = control.sample(pipe, condition_image, size, args.conditioning_scale,
+                                     generator=torch.Generator().manual_seed(args.seed), **sample)
+            rows.append([condition_image, base, adapted])
         return rows
 
-    def save_outputs(folder: Path) -> None:
-        metadata = {"control": args.control, "train_steps": trainer.step, "resolution": resolution,
+    def save_outputs(folder: Path, step: int) -> None:
+        metadata = {"control": args.control, "train_steps": step, "resolution": resolution,
                     "controlnet_source": args.controlnet_model_name_or_path}
         save_control(folder, args.control, unet if "unet" in modules else None, controlnet, encoder, metadata)
 
     recipe = Recipe(modules=modules, dataset_len=len(examples), compute_loss=compute_loss,
                     save_outputs=save_outputs, validate=validate, run_name=f"boft-control-{args.control}")
-    trainer = Trainer(args, accelerator, recipe)
+    trainer = Trainer(config, accelerator, recipe)
     result = trainer.train()
     trainer.close()
     return result
-
-
-def sample_with_control(pipe, mode: str, controlnet, encoder, condition: torch.Tensor, prompt: str,
-                        args: argparse.Namespace, adapted: bool, modules: dict[str, torch.nn.Module]) -> Image.Image:
-    """One validation image; ``adapted=False`` is the base model without control."""
-    generator = torch.Generator().manual_seed(args.seed)
-    extra = {} if args.guidance_scale is None else {"guidance_scale": args.guidance_scale}
-    for module in modules.values():
-        if hasattr(module, "_boft_configs"):
-            (enable_adapters if adapted else disable_adapters)(module)
-    with torch.no_grad():
-        if not adapted:
-            return pipe(prompt, num_inference_steps=args.num_inference_steps, generator=generator, **extra).images[0]
-        if mode == "light":
-            with light_control(pipe.unet, encoder, condition * 2 - 1, args.conditioning_scale):
-                return pipe(prompt, num_inference_steps=args.num_inference_steps, generator=generator, **extra).images[0]
-        from diffusers import StableDiffusionControlNetPipeline
-
-        control_pipe = StableDiffusionControlNetPipeline(**pipe.components, controlnet=controlnet)
-        control_pipe.set_progress_bar_config(disable=True)
-        return control_pipe(prompt, image=tensor_to_image(condition[0] * 2 - 1), num_inference_steps=args.num_inference_steps,
-                            generator=generator, controlnet_conditioning_scale=args.conditioning_scale, **extra).images[0]

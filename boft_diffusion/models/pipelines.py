@@ -6,10 +6,9 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
+from typing import Any
 
-#: Folder of the tiny Stable Diffusion pretrained on the shapes world
-#: (``scripts/pretrain_tiny_sd.py``), shipped inside the package.
-EMBEDDED_MODEL_DIR = Path(__file__).resolve().parent / "tiny" / "model"
+from .bundled import EMBEDDED_MODEL_DIR
 
 #: Names accepted for the embedded model.
 TINY_ALIASES = ("tiny", "embedded", "tiny-sd")
@@ -180,4 +179,9 @@ def default_guidance(name_or_path, guidance_scale: float | None) -> float | None
     return tiny_defaults()["guidance_scale"] if str(name_or_path) in TINY_ALIASES else None
 
 
-__all__ = ["EMBEDDED_MODEL_DIR", "default_guidance", "ModelLoadError", "load_pipeline", "check_pipeline_folder", "tiny_defaults"]
+def guidance_kwargs(guidance_scale: float | None) -> dict[str, Any]:
+    """Pipeline keyword arguments for a guidance scale; None keeps the pipeline's default."""
+    return {} if guidance_scale is None else {"guidance_scale": guidance_scale}
+
+
+__all__ = ["default_guidance", "guidance_kwargs", "ModelLoadError", "load_pipeline", "check_pipeline_folder", "tiny_defaults"]

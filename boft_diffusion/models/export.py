@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from .model import has_adapters, merged_state_dict
+from ..core.adapters import has_adapters, merged_state_dict
 
 
 def export_merged_pipeline(pipe, folder: str | os.PathLike) -> Path:

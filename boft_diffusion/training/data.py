@@ -12,6 +12,8 @@ import numpy as np
 import torch
 from PIL import Image, UnidentifiedImageError
 
+from ..models.images import open_image, to_rgb
+
 logger = logging.getLogger("boft_diffusion")
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff"}
@@ -19,29 +21,6 @@ IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".ti
 
 class DataError(ValueError):
     """Unusable training data; the message names the folder or file."""
-
-
-def to_rgb(image: Image.Image) -> Image.Image:
-    """RGB from any mode: grayscale, palette, RGBA (on white), 16-bit and float images."""
-    if image.mode == "RGB":
-        return image
-    if image.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
-        array = np.asarray(image, dtype=np.float64)
-        low, high = float(array.min()), float(array.max())
-        scaled = (array - low) / (high - low) * 255 if high > low else np.zeros_like(array)
-        return Image.fromarray(scaled.astype(np.uint8), "L").convert("RGB")
-    if image.mode in ("RGBA", "LA", "PA") or (image.mode == "P" and "transparency" in image.info):
-        rgba = image.convert("RGBA")
-        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
-        return Image.alpha_composite(background, rgba).convert("RGB")
-    return image.convert("RGB")
-
-
-def open_image(path: str | os.PathLike) -> Image.Image:
-    """Decode an image fully (so truncated files fail here, not mid-training) and make it RGB."""
-    with Image.open(path) as image:
-        image.load()
-        return to_rgb(image)
 
 
 def list_images(folder: str | os.PathLike, caption_extension: str | None = None) -> list[Path]:
@@ -179,17 +158,6 @@ def center_crop_tensor(tensor: torch.Tensor, size: int) -> torch.Tensor:
     _, height, width = tensor.shape
     top, left = (height - size) // 2, (width - size) // 2
     return tensor[:, top : top + size, left : left + size]
-
-
-def image_to_tensor(image: Image.Image) -> torch.Tensor:
-    """PIL RGB -> float tensor [3, H, W] in [-1, 1]."""
-    array = np.asarray(image.convert("RGB"), dtype=np.float32) / 127.5 - 1.0
-    return torch.from_numpy(array).permute(2, 0, 1).contiguous()
-
-
-def tensor_to_image(tensor: torch.Tensor) -> Image.Image:
-    array = ((tensor.detach().float().clamp(-1, 1) + 1) * 127.5).round().byte().permute(1, 2, 0).cpu().numpy()
-    return Image.fromarray(array)
 
 
 def augment_batch(

@@ -6,6 +6,8 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Any
 
+from . import __version__
+
 BIAS_MODES = ("none", "boft_only", "all")
 DEFAULT_TARGET_MODULES = ("to_q", "to_k", "to_v", "to_out.0")
 METADATA_KEY = "boft_diffusion"
@@ -59,8 +61,6 @@ class BOFTConfig:
 
     def to_peft_dict(self) -> dict[str, Any]:
         """The JSON PEFT's BOFTConfig reads, plus our own fields under ``boft_diffusion``."""
-        from . import __version__
-
         ours = {
             **self.metadata,
             "library_version": __version__,

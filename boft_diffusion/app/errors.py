@@ -1,0 +1,5 @@
+"""The app's one error type."""
+
+
+class StudioError(ValueError):
+    """A problem to show in the page; the app keeps running."""

@@ -1,0 +1,292 @@
+"""Injecting adapters into a model and their lifecycle: several named adapters, strength,
+enable/disable, merge, delete.
+
+The lifecycle covers every adapter module of a model: BOFT layers and learned identifier
+embeddings alike, so switching or scaling an adapter switches or scales all of it.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterator
+
+import torch
+from torch import nn
+
+from .butterfly import BlockGeometry, resolve_geometry
+from .config import BOFTConfig
+from .identifier import IdentifierEmbedding
+from .layers import BOFTConv2d, BOFTLayer, BOFTLinear, check_adapter_name, rotated_dim
+
+_CONFIGS_ATTR = "_boft_configs"
+_ACTIVE_ATTR = "_boft_active_adapter"
+
+
+# Finding and wrapping modules ------------------------------------------------------------------
+def boft_layers(model: nn.Module) -> Iterator[tuple[str, BOFTLayer]]:
+    """Every adapted layer with its module path."""
+    for name, module in model.named_modules():
+        if isinstance(module, BOFTLayer):
+            yield name, module
+
+
+def adapter_configs(model: nn.Module) -> dict[str, BOFTConfig]:
+    """The adapters on ``model`` by name (empty for a model without any)."""
+    configs = getattr(model, _CONFIGS_ATTR, None)
+    if configs is None:
+        configs = {}
+        setattr(model, _CONFIGS_ATTR, configs)
+    return configs
+
+
+def active_adapter(model: nn.Module) -> str | None:
+    return getattr(model, _ACTIVE_ATTR, None)
+
+
+def _matches(name: str, targets: list[str] | str) -> bool:
+    if isinstance(targets, str):
+        return re.fullmatch(targets, name) is not None
+    return any(name == t or name.endswith("." + t) for t in targets)
+
+
+def wrapper_class(module: nn.Module) -> type[BOFTLayer] | None:
+    if isinstance(module, BOFTLayer):
+        return type(module)
+    if isinstance(module, nn.Linear):
+        return BOFTLinear
+    if isinstance(module, nn.Conv2d):
+        return BOFTConv2d
+    return None
+
+
+def set_submodule(model: nn.Module, name: str, new: nn.Module) -> None:
+    parent_name, _, child = name.rpartition(".")
+    parent = model.get_submodule(parent_name) if parent_name else model
+    setattr(parent, child, new)
+
+
+def _wrap(model: nn.Module, name: str) -> BOFTLayer:
+    module = model.get_submodule(name)
+    if isinstance(module, BOFTLayer):
+        return module
+    layer = wrapper_class(module)(module, name)
+    set_submodule(model, name, layer)
+    return layer
+
+
+def _find_targets(model: nn.Module, config: BOFTConfig) -> list[tuple[str, nn.Module]]:
+    found = []
+    for name, module in model.named_modules():
+        if not name or ".base_layer" in name or name.endswith("base_layer"):
+            continue
+        if not _matches(name, config.target_modules):
+            continue
+        if wrapper_class(module) is None:
+            raise ValueError(
+                f"{name}: target module is a {type(module).__name__}; BOFT adapts nn.Linear and nn.Conv2d only."
+            )
+        found.append((name, module))
+    if not found:
+        sample = [n for n, m in model.named_modules() if isinstance(m, (nn.Linear, nn.Conv2d))][:8]
+        raise ValueError(
+            f"target_modules {config.target_modules!r} matched no Linear or Conv2d module; "
+            f"module names look like: {sample}"
+        )
+    return found
+
+
+# Adapter lifecycle ------------------------------------------------------------------------------
+def apply_boft(model: nn.Module, config: BOFTConfig, adapter_name: str = "default") -> nn.Module:
+    """Add adapter ``adapter_name`` to every target module, make it active and the only trainable part.
+
+    All module geometries are checked before the model is touched, so an invalid configuration
+    raises ValueError and leaves the model unchanged.
+    """
+    configs = adapter_configs(model)
+    check_adapter_name(adapter_name)
+    if adapter_name in configs:
+        raise ValueError(f"adapter {adapter_name!r} already exists; delete_adapter it or choose another name.")
+    targets = _find_targets(model, config)
+    geometries = {
+        name: resolve_geometry(
+            rotated_dim(module), config.block_size, config.block_num, config.n_butterfly_factor, name
+        )
+        for name, module in targets
+    }
+    add_adapter_layers(model, adapter_name, config, geometries)
+    configs[adapter_name] = config
+    set_adapter(model, adapter_name)
+    return model
+
+
+def add_adapter_layers(
+    model: nn.Module, adapter_name: str, config: BOFTConfig, geometries: dict[str, BlockGeometry]
+) -> None:
+    for name, geometry in geometries.items():
+        layer = _wrap(model, name)
+        layer.add_adapter(adapter_name, geometry, config.dropout, config.cayley_neumann_terms, config.scale)
+
+
+def _mark_trainable(model: nn.Module, adapter_name: str, bias: str) -> None:
+    model.requires_grad_(False)
+    for _, layer in boft_layers(model):
+        for name, param in list(layer.boft_skew.items()) + list(layer.boft_s.items()):
+            param.requires_grad_(name == adapter_name)
+        if bias == "boft_only" and adapter_name in layer.specs and layer.bias is not None:
+            layer.bias.requires_grad_(True)
+    if bias == "all":
+        for name, param in model.named_parameters():
+            if name.endswith(".bias"):
+                param.requires_grad_(True)
+
+
+def require_adapter(model: nn.Module, name: str) -> BOFTConfig:
+    configs = adapter_configs(model)
+    if name not in configs:
+        raise ValueError(f"no adapter named {name!r}; the model has {sorted(configs)}.")
+    return configs[name]
+
+
+def _is_merged(model: nn.Module) -> bool:
+    return any(layer.merged is not None for _, layer in boft_layers(model)) or any(
+        embedding.merged_rows is not None for embedding in identifier_embeddings(model))
+
+
+def set_adapter(model: nn.Module, name: str) -> None:
+    """Make ``name`` the active adapter (re-merging if the model was merged) and the trainable one."""
+    config = require_adapter(model, name)
+    was_merged = _is_merged(model)
+    if was_merged:
+        unmerge_adapter(model)
+    for _, layer in boft_layers(model):
+        layer.active_adapter = name if name in layer.specs else None
+    setattr(model, _ACTIVE_ATTR, name)
+    _mark_trainable(model, name, config.bias)
+    if was_merged:
+        merge_adapter(model)
+
+
+def set_adapter_strength(model: nn.Module, alpha: float, adapter_name: str | None = None) -> None:
+    """Scale an adapter: blocks ``Cayley(alpha * S)``, magnitude ``s**alpha`` and identifier rows
+    ``e + alpha * (learned - e)``.
+
+    ``alpha = 0`` gives the base model, ``1`` the trained adapter, values above 1 extrapolate.
+    A merged model is re-merged at the new strength.
+    """
+    if not (alpha >= 0.0 and alpha < float("inf")):
+        raise ValueError(f"adapter strength must be a finite number >= 0, got {alpha}.")
+    name = adapter_name or active_adapter(model)
+    if name is None and next(identifier_embeddings(model), None) is None:
+        raise ValueError("the model has no active adapter.")
+    if name is not None:
+        require_adapter(model, name)
+    remerge = _is_merged(model)
+    if remerge:
+        unmerge_adapter(model)
+    for _, layer in boft_layers(model):
+        if name in layer.specs:
+            layer.specs[name].strength = float(alpha)
+    for embedding in identifier_embeddings(model):
+        embedding.strength = float(alpha)
+    if remerge:
+        merge_adapter(model)
+
+
+def identifier_embeddings(model: nn.Module) -> Iterator[IdentifierEmbedding]:
+    return (m for m in model.modules() if isinstance(m, IdentifierEmbedding))
+
+
+def _switchable(model: nn.Module) -> Iterator[nn.Module]:
+    """Adapted layers and learned identifier embeddings: the adapter modules of the lifecycle."""
+    return (m for m in model.modules() if isinstance(m, (BOFTLayer, IdentifierEmbedding)))
+
+
+def has_adapters(model: nn.Module) -> bool:
+    """Whether ``model`` holds adapted layers or learned identifier embeddings."""
+    return next(_switchable(model), None) is not None
+
+
+def disable_adapters(model: nn.Module) -> None:
+    """Run the base model (unmerging first if needed) until ``enable_adapters``."""
+    unmerge_adapter(model)
+    for module in _switchable(model):
+        module.adapters_disabled = True
+
+
+def enable_adapters(model: nn.Module) -> None:
+    for module in _switchable(model):
+        module.adapters_disabled = False
+
+
+def merge_adapter(model: nn.Module, safe_merge: bool = False) -> None:
+    """Fold the active adapter into the base weights so inference costs exactly the base model.
+
+    With ``safe_merge`` every merged weight is computed and checked for non-finite values before
+    any base weight is written.
+    """
+    layers = [layer for _, layer in boft_layers(model) if layer.live_adapter() is not None]
+    if safe_merge:
+        with torch.no_grad():
+            for layer in layers:
+                if not torch.isfinite(layer.folded_weight(layer.active_adapter)).all():
+                    raise ValueError(
+                        f"{layer.module_name}: merging adapter {layer.active_adapter!r} gives non-finite "
+                        "weights; nothing was merged."
+                    )
+    for layer in layers:
+        layer.merge()
+    for embedding in identifier_embeddings(model):
+        if not embedding.adapters_disabled:
+            embedding.merge()
+
+
+def unmerge_adapter(model: nn.Module) -> None:
+    for module in _switchable(model):
+        module.unmerge()
+
+
+def delete_adapter(model: nn.Module, name: str) -> None:
+    """Remove adapter ``name``; layers left without adapters go back to their plain base module."""
+    require_adapter(model, name)
+    for module_name, layer in list(boft_layers(model)):
+        if name not in layer.specs:
+            continue
+        layer.delete_adapter(name)
+        if not layer.specs:
+            set_submodule(model, module_name, layer.base_layer)
+    del adapter_configs(model)[name]
+    if active_adapter(model) == name:
+        setattr(model, _ACTIVE_ATTR, None)
+        model.requires_grad_(False)
+
+
+def count_trainable_parameters(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters() if p.requires_grad)
+
+
+def merged_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The model's plain state dict (original key names, no adapter tensors) with the active
+    adapter folded into the weights: loadable by the unadapted model class."""
+    folded = {}
+    with torch.no_grad():
+        for name, layer in boft_layers(model):
+            if layer.live_adapter() is not None:
+                folded[f"{name}.base_layer.weight"] = layer.folded_weight(layer.active_adapter)
+        for name, module in model.named_modules():
+            if isinstance(module, IdentifierEmbedding) and not module.adapters_disabled:
+                folded[f"{name}.base_layer.weight"] = module.folded_weight()
+    return {key.replace(".base_layer.", "."): folded.get(key, value)
+            for key, value in model.state_dict().items() if not is_adapter_key(key)}
+
+
+def is_adapter_key(key: str) -> bool:
+    return ".boft_skew." in key or ".boft_s." in key or key.endswith("." + IdentifierEmbedding.PARAMETER_SUFFIX)
+
+
+def base_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The model's plain state dict without any adapter (it must not be merged)."""
+    if _is_merged(model):
+        raise ValueError("the model has a merged adapter; unmerge_adapter it first.")
+    return {k.replace(".base_layer.", "."): v for k, v in model.state_dict().items() if not is_adapter_key(k)}
+
+

@@ -1,0 +1,27 @@
+"""Paths of what ships with the package: the embedded tiny model, the bundled subjects (package data)
+and the example control set (source checkout only)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+PACKAGE_DIR = Path(__file__).resolve().parent.parent
+CHECKOUT_DIR = PACKAGE_DIR.parent
+
+#: Folder of the tiny Stable Diffusion pretrained on the shapes world
+#: (``scripts/pretrain_tiny_sd.py``), shipped inside the package.
+EMBEDDED_MODEL_DIR = PACKAGE_DIR / "tiny" / "model"
+
+#: The bundled tiny-world control set (shape mask -> image), in a source checkout.
+EXAMPLE_CONTROL_DATA = CHECKOUT_DIR / "examples" / "tiny_control"
+
+EXAMPLE_SUBJECT = "sks_star"
+
+
+def example_subject_dir(name: str = EXAMPLE_SUBJECT) -> Path:
+    """The instance images of a bundled subject (package data, so an installed wheel has them)."""
+    folder = PACKAGE_DIR / "tiny" / "subjects" / name
+    if not folder.is_dir():
+        raise FileNotFoundError(f"the bundled subject {name!r} is missing: {folder} does not exist; "
+                                "pass --instance_data_dir.")
+    return folder

@@ -1,0 +1,110 @@
+"""Command-line flag groups shared by the training scripts, and turning them into typed configs."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Callable, Sequence
+from typing import Any
+
+from ..core.config import BOFTConfig
+from .trainer import TrainingError
+
+
+def add_model_args(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("model")
+    group.add_argument("--pretrained_model_name_or_path", default="tiny",
+                       help='"tiny" (the embedded model), a diffusers folder, a hub id or a single .safetensors file.')
+    group.add_argument("--revision", default=None, help="Hub revision of the base model.")
+    group.add_argument("--variant", default=None, help='Weight variant of the base model, e.g. "fp16".')
+
+
+def add_training_args(parser: argparse.ArgumentParser, default_output_dir: str, default_steps: int) -> None:
+    group = parser.add_argument_group("training")
+    group.add_argument("--output_dir", default=default_output_dir)
+    group.add_argument("--overwrite_output_dir", action="store_true",
+                       help="Train into an output_dir that already holds another run.")
+    group.add_argument("--seed", type=int, default=0)
+    group.add_argument("--resolution", type=int, default=None,
+                       help="Training image size (default: the base model's native size).")
+    group.add_argument("--train_batch_size", type=int, default=1, help="Per process.")
+    group.add_argument("--max_train_steps", type=int, default=None,
+                       help=f"Optimiser steps; overrides --num_train_epochs (default {default_steps}).")
+    group.add_argument("--num_train_epochs", type=int, default=None)
+    parser.set_defaults(default_train_steps=default_steps)
+    group.add_argument("--gradient_accumulation_steps", type=int, default=1)
+    group.add_argument("--gradient_checkpointing", action="store_true")
+    group.add_argument("--learning_rate", type=float, default=1e-3)
+    group.add_argument("--scale_lr", action="store_true",
+                       help="Multiply the learning rate by batch size, accumulation steps and processes.")
+    group.add_argument("--lr_scheduler", default="constant",
+                       choices=["linear", "cosine", "cosine_with_restarts", "polynomial", "constant",
+                                "constant_with_warmup"])
+    group.add_argument("--lr_warmup_steps", type=int, default=0)
+    group.add_argument("--adam_beta1", type=float, default=0.9)
+    group.add_argument("--adam_beta2", type=float, default=0.999)
+    group.add_argument("--adam_weight_decay", type=float, default=0.0)
+    group.add_argument("--adam_epsilon", type=float, default=1e-8)
+    group.add_argument("--max_grad_norm", type=float, default=1.0)
+    group.add_argument("--snr_gamma", type=float, default=None,
+                       help="Min-SNR loss weighting with this gamma (5.0 is the usual choice); default: plain MSE.")
+    group.add_argument("--use_8bit_adam", action="store_true", help="bitsandbytes AdamW8bit (CUDA).")
+    group.add_argument("--mixed_precision", default="no", choices=["no", "fp16", "bf16"],
+                       help="Frozen weights in half precision; adapter weights stay float32.")
+    group.add_argument("--allow_tf32", action="store_true")
+    group.add_argument("--dataloader_num_workers", type=int, default=0,
+                       help="Threads that decode images while the data set is loaded into memory.")
+    group = parser.add_argument_group("checkpoints and logging")
+    group.add_argument("--checkpointing_steps", type=int, default=0, help="0: no intermediate checkpoints.")
+    group.add_argument("--checkpoints_total_limit", type=int, default=None)
+    group.add_argument("--resume_from_checkpoint", default=None, help='A checkpoint folder or "latest".')
+    group.add_argument("--validation_prompt", nargs="+", default=None)
+    group.add_argument("--num_validation_images", type=int, default=2)
+    group.add_argument("--validation_steps", type=int, default=0, help="0: validate at the end only.")
+    group.add_argument("--num_inference_steps", type=int, default=25, help="Sampler steps for validation.")
+    group.add_argument("--guidance_scale", type=float, default=None)
+    group.add_argument("--report_to", default="tensorboard", choices=["tensorboard", "none"])
+    group.add_argument("--logging_dir", default="logs", help="Relative to output_dir.")
+
+
+def add_boft_args(parser: argparse.ArgumentParser, default_targets: Sequence[str]) -> None:
+    group = parser.add_argument_group("BOFT")
+    group.add_argument("--boft_block_size", type=int, default=None,
+                       help="Features per orthogonal block (default 8 unless --boft_block_num is set).")
+    group.add_argument("--boft_block_num", type=int, default=0)
+    group.add_argument("--boft_n_butterfly_factor", type=int, default=2, help="Butterfly depth m.")
+    group.add_argument("--boft_dropout", type=float, default=0.1, help="Probability of dropping each block.")
+    group.add_argument("--boft_bias", default="none", choices=["none", "boft_only", "all"])
+    group.add_argument("--boft_target_modules", nargs="+", default=list(default_targets))
+    group.add_argument("--boft_scale", dest="boft_scale", action="store_true", default=True,
+                       help="Learn a per-output magnitude (default).")
+    group.add_argument("--no_boft_scale", dest="boft_scale", action="store_false")
+    group.add_argument("--boft_cayley_neumann_terms", type=int, default=0,
+                       help="0: exact Cayley; k > 0: k-term Neumann series (faster, approximate).")
+
+
+def run_cli(build_parser: Callable[[str | None], argparse.ArgumentParser], run: Callable[[argparse.Namespace], Any],
+            description: str | None, argv: list[str] | None) -> int:
+    """Entry point of a training script: parse, run, and turn expected failures into exit code 2."""
+    args = build_parser(description).parse_args(argv)
+    try:
+        run(args)
+    except (TrainingError, ValueError, OSError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    return 0
+
+
+def boft_config_from_args(args: argparse.Namespace, target_modules: Sequence[str] | None = None) -> BOFTConfig:
+    return BOFTConfig(
+        block_size=args.boft_block_size,
+        block_num=args.boft_block_num,
+        n_butterfly_factor=args.boft_n_butterfly_factor,
+        target_modules=list(target_modules or args.boft_target_modules),
+        dropout=args.boft_dropout,
+        scale=args.boft_scale,
+        bias=args.boft_bias,
+        cayley_neumann_terms=args.boft_cayley_neumann_terms,
+        base_model_name_or_path=args.pretrained_model_name_or_path,
+    )
+
