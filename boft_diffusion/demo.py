@@ -21,32 +21,37 @@ from .models.images import image_grid
 from .models.pipelines import load_pipeline, tiny_defaults
 from .outputs.read import TrainedAdapter, load_outputs
 from .recipes.dreambooth import build_parser, run
+from .tiny import world
 from .training.data import load_images
 
-INSTANCE_PROMPT = "a photo of sks star"
-CLASS_PROMPT = "a photo of star"
+INSTANCE_PROMPT = world.SUBJECTS[world.DEFAULT_SUBJECT].instance_prompt
+CLASS_PROMPT = world.SUBJECTS[world.DEFAULT_SUBJECT].class_prompt
 GUIDANCE = tiny_defaults()["guidance_scale"]  # the embedded model's sampling default
 
 
-def training_flags(adapter_dir: Path, steps: int, seed: int, class_dir: Path) -> list[str]:
-    """The demo's DreamBooth recipe for the tiny model, as train_dreambooth.py flags.
+def training_flags(adapter_dir: Path, steps: int, seed: int, class_dir: Path,
+                   subject: str = world.DEFAULT_SUBJECT) -> list[str]:
+    """The demo's DreamBooth recipe for the tiny model, as train_dreambooth.py flags, for one of
+    the bundled subjects.
 
-    BOFT on the UNet's attention and ResNet convolutions, plus the identifier's embedding: the
-    tiny text encoder never saw "sks", so without it "a photo of sks star" encodes almost like
-    "a photo of star". Prior loss weight 2 holds the class prompt in place against the convolution
-    adapters. No random flips: they would mirror the subject's diagonal stripes.
+    BOFT on the UNet's attention and ResNet convolutions, plus the identifier's embedding. Prior
+    loss weight 2 holds the class prompt in place against the convolution adapters. No random
+    flips: they would mirror the subject's diagonal stripes. Validation shows the subject, the
+    subject in a new context and the class.
     """
+    bundled = world.SUBJECTS[subject]
+    instance, recontext = bundled.instance_prompt, recontext_prompts(bundled.instance_prompt, bundled.backgrounds)
     return [
         "--output_dir", str(adapter_dir), "--overwrite_output_dir",
-        "--instance_prompt", INSTANCE_PROMPT,
-        "--with_prior_preservation", "--class_prompt", CLASS_PROMPT,
+        "--instance_data_dir", str(example_subject_dir(subject)), "--instance_prompt", instance,
+        "--with_prior_preservation", "--class_prompt", bundled.class_prompt,
         "--class_data_dir", str(class_dir), "--num_class_images", "40",
         "--max_train_steps", str(steps), "--train_batch_size", "2",
         "--boft_target_modules", "to_q", "to_k", "to_v", "to_out.0", "conv1", "conv2",
         "--train_identifier_embedding", "--identifier_learning_rate", "5e-3", "--prior_loss_weight", "2",
         "--learning_rate", "2e-3", "--snr_gamma", "5",
         "--seed", str(seed), "--guidance_scale", str(GUIDANCE),
-        "--validation_prompt", INSTANCE_PROMPT, f"{INSTANCE_PROMPT} on a green background", CLASS_PROMPT,
+        "--validation_prompt", instance, recontext[1][0], bundled.class_prompt,
         "--num_validation_images", "4",
     ]
 

@@ -14,43 +14,61 @@ from ..tiny import metrics, world
 from .sampling import Sampler, sample
 
 
-def recontext_prompts(instance_prompt: str) -> list[tuple[str, str]]:
-    """("<instance prompt> on a <colour> background", colour) for colours unlike the subject."""
-    colours = list(world.SUBJECTS[world.DEFAULT_SUBJECT].backgrounds)
+def recontext_prompts(instance_prompt: str, backgrounds: Sequence[str] | None = None) -> list[tuple[str, str]]:
+    """("<instance prompt> on a <colour> background", colour) for ``backgrounds`` (default: the
+    colours unlike the demo subject's)."""
+    colours = backgrounds or world.SUBJECTS[world.DEFAULT_SUBJECT].backgrounds
     return [(f"{instance_prompt} on {'an' if c[0] in 'aeiou' else 'a'} {c} background", c) for c in colours]
 
 
+def subject_backgrounds(profile: metrics.SubjectProfile) -> list[str]:
+    """Palette colours the subject stands out on: neither of its two colours."""
+    own = {metrics.nearest_palette(colour) for colour in profile.colors}
+    return [c for c in world.COLORS if c not in own]
+
+
 def class_captions(n: int, seed: int) -> list[str]:
-    """World captions of solid shapes (stars and others), to check for language drift."""
-    return [world.caption(scene) for scene in world.training_scenes(n, seed, p_striped=0.0)]
+    """Captions of held-out (colour, shape, background) scenes: ordinary prompts that do not
+    mention the subject, to measure language drift."""
+    return [world.caption(scene) for scene in world.held_out_scenes(n, seed)]
 
 
-def tiny_world_scores(
+def tiny_world_samples(
     pipe, instance_images: Sequence[Image.Image], instance_prompt: str, class_prompt: str,
     num_images: int = 16, seed: int = 0, steps: int = 25, guidance: float | None = None,
-) -> dict[str, float]:
-    """Measures of the pipeline as it is (adapter on or off), all in [0, 1].
+) -> dict[str, list[float]]:
+    """Per-sample measures of the pipeline as it is (adapter on or off), all in [0, 1].
 
-    subject: subject fidelity of instance-prompt samples; recontext_background: how often
-    "<instance prompt> on a <colour> background" gets that background; class_prompt_fidelity:
-    prompt fidelity on ordinary captions; class_subject: subject fidelity of class-prompt
-    samples (should stay low: the class must not turn into the subject).
+    subject: subject fidelity of instance-prompt samples; recontext_background: whether
+    "<instance prompt> on a <colour> background" got that background; recontext_subject: subject
+    fidelity of those same samples (the subject kept in context); class_prompt_fidelity: prompt
+    fidelity on held-out ordinary captions (language drift); class_subject: subject fidelity of
+    class-prompt samples (must stay low); class_shape: whether class-prompt samples still draw
+    the class's shape.
     """
     profile = metrics.SubjectProfile(instance_images)
     subject = [metrics.subject_fidelity(im, profile) for im in sample(pipe, [instance_prompt] * num_images, seed, steps, guidance)]
-    recontext = recontext_prompts(instance_prompt)
-    prompts = [recontext[i % len(recontext)] for i in range(num_images)]
-    backgrounds = sample(pipe, [p for p, _ in prompts], seed + 1000, steps, guidance)
-    recontext_hits = [metrics.prompt_fidelity(im, p)["background"] for im, (p, _) in zip(backgrounds, prompts, strict=True)]
+    recontext = recontext_prompts(instance_prompt, subject_backgrounds(profile))
+    prompts = [recontext[i % len(recontext)][0] for i in range(num_images)]
+    in_context = sample(pipe, prompts, seed + 1000, steps, guidance)
     captions = class_captions(num_images, seed + 2000)
-    fidelity = [metrics.prompt_fidelity(im, c)["mean"] for im, c in zip(sample(pipe, captions, seed + 2000, steps, guidance), captions, strict=True)]
-    class_subject = [metrics.subject_fidelity(im, profile) for im in sample(pipe, [class_prompt] * num_images, seed + 3000, steps, guidance)]
+    drift = sample(pipe, captions, seed + 2000, steps, guidance)
+    class_samples = sample(pipe, [class_prompt] * num_images, seed + 3000, steps, guidance)
     return {
-        "subject": float(np.mean(subject)),
-        "recontext_background": float(np.mean(recontext_hits)),
-        "class_prompt_fidelity": float(np.mean(fidelity)),
-        "class_subject": float(np.mean(class_subject)),
+        "subject": subject,
+        "recontext_background": [metrics.prompt_fidelity(im, p)["background"] for im, p in zip(in_context, prompts, strict=True)],
+        "recontext_subject": [metrics.subject_fidelity(im, profile) for im in in_context],
+        "class_prompt_fidelity": [metrics.prompt_fidelity(im, c)["mean"] for im, c in zip(drift, captions, strict=True)],
+        "class_subject": [metrics.subject_fidelity(im, profile) for im in class_samples],
+        "class_shape": [metrics.prompt_fidelity(im, class_prompt).get("shape_class", 0.0) for im in class_samples],
     }
+
+
+def tiny_world_scores(pipe, instance_images: Sequence[Image.Image], instance_prompt: str, class_prompt: str,
+                      **kwargs: Any) -> dict[str, float]:
+    """The means of :func:`tiny_world_samples`."""
+    samples = tiny_world_samples(pipe, instance_images, instance_prompt, class_prompt, **kwargs)
+    return {key: float(np.mean(values)) for key, values in samples.items()}
 
 
 def instance_self_score(instance_images: Sequence[Image.Image]) -> float:

@@ -21,7 +21,7 @@ from ..core.identifier import IdentifierEmbedding, add_identifier_embeddings, id
 from ..models.bundled import example_subject_dir
 from ..models.export import export_merged_pipeline
 from ..models.images import image_to_tensor
-from ..models.lora import apply_lora, save_lora
+from ..models.peft_baselines import apply_lora, apply_oft, save_peft_adapter
 from ..models.pipelines import default_guidance, guidance_kwargs, load_pipeline
 from ..outputs.write import save_dreambooth
 from ..training.cli import add_boft_args, add_model_args, add_training_args, boft_config_from_args
@@ -102,8 +102,8 @@ def model_card(args: argparse.Namespace, boft: BOFTConfig, trainable: int, steps
     """The output folder's README; the BOFT line comes from the adapter's own config, so it shows
     the block size the adapter was built with (the default included)."""
     load_line = (f'load_outputs(pipe, "{args.output_dir}")' if args.adapter_type == "boft" else
-                 'from boft_diffusion.models.lora import load_lora\n'
-                 f'load_outputs(pipe, "{args.output_dir}", load=load_lora)')
+                 'from boft_diffusion.models.peft_baselines import load_peft_adapter\n'
+                 f'load_outputs(pipe, "{args.output_dir}", load=load_peft_adapter)')
     identifier = (f"\nThe identifier's learned token embedding is in `{EMBEDDINGS_NAME}` (`{{word: vector}}`); "
                   "`load_outputs` installs it.\n" if args.train_identifier_embedding else "")
     return f"""---
@@ -182,9 +182,10 @@ def build_parser(description: str | None = None) -> argparse.ArgumentParser:
                        help="The identifier word(s) (default: the instance prompt's words the class prompt lacks).")
     group.add_argument("--identifier_learning_rate", type=float, default=5e-3,
                        help="Learning rate of the identifier embedding.")
-    group.add_argument("--adapter_type", default="boft", choices=["boft", "lora"],
-                       help="lora: PEFT LoRA instead of BOFT, as a same-budget baseline (needs peft).")
+    group.add_argument("--adapter_type", default="boft", choices=["boft", "lora", "oft"],
+                       help="lora / oft: PEFT LoRA or PEFT OFT instead of BOFT, as same-budget baselines (need peft).")
     group.add_argument("--lora_rank", type=int, default=4)
+    group.add_argument("--oft_block_size", type=int, default=16, help="Block size of --adapter_type oft.")
     group.add_argument("--save_merged", action="store_true",
                        help="Also export a full diffusers pipeline with the adapter merged, in output_dir/merged.")
     add_training_args(parser, default_output_dir="outputs/dreambooth", default_steps=300)
@@ -220,6 +221,8 @@ def check_instance_flags(args: argparse.Namespace) -> None:
 def add_adapters(model: torch.nn.Module, args: argparse.Namespace, targets: list[str]) -> None:
     if args.adapter_type == "lora":
         apply_lora(model, args.lora_rank, targets)
+    elif args.adapter_type == "oft":
+        apply_oft(model, args.oft_block_size, targets)
     else:
         apply_boft(model, boft_config_from_args(args, targets))
 
@@ -249,7 +252,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         raise TrainingError("--with_prior_preservation needs --class_data_dir and --class_prompt.")
     accelerator = make_accelerator(config)
     dtype = weight_dtype(accelerator)
-    if args.adapter_type == "lora" and args.save_merged:
+    if args.adapter_type != "boft" and args.save_merged:
         raise TrainingError("--save_merged is for BOFT adapters.")
     pipe = load_pipeline(args.pretrained_model_name_or_path, dtype=torch.float32, device=accelerator.device,
                          revision=args.revision, variant=args.variant)
@@ -283,7 +286,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
     classes = None
     if args.with_prior_preservation:
-        boft = args.adapter_type == "boft"  # fresh LoRA is the identity already
+        boft = args.adapter_type == "boft"  # a fresh LoRA or OFT is the identity already
         for module in modules.values():
             if boft:
                 disable_adapters(module)
@@ -369,7 +372,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                     "prior_preservation": bool(args.with_prior_preservation)}
         save_dreambooth(folder, unet, metadata, text_encoder, text_encoder_adapter=args.train_text_encoder,
                         identifier=args.train_identifier_embedding,
-                        save=save_adapter if args.adapter_type == "boft" else save_lora)
+                        save=save_adapter if args.adapter_type == "boft" else save_peft_adapter)
 
     recipe = Recipe(modules=modules, dataset_len=dataset_len, compute_loss=compute_loss,
                     save_outputs=save_outputs, validate=validate, run_name="boft-dreambooth",
