@@ -1,11 +1,67 @@
-"""Exporting a pipeline with its adapters folded in, as a plain diffusers folder."""
+"""Exporting an adapter for tools that do not read BOFT: ComfyUI, A1111/Forge, kohya, diffusers.
+
+``python -m boft_diffusion.export ADAPTER_DIR --format {diff,lora,peft-lora,merged}
+[--rank R | --energy 0.99] --output PATH``
+
+- ``diff``: the exact weight difference ``diag(s) W R^T - W`` per adapted module (LyCORIS "full").
+- ``lora``: that difference by truncated SVD, as a kohya LoRA; prints how much of it is lost.
+- ``peft-lora``: the same LoRA in diffusers/PEFT naming, for ``pipe.load_lora_weights(folder)``.
+- ``merged``: a diffusers folder with the adapter folded in.
+
+A learned identifier embedding is written beside the output as ``<word>.safetensors``, a
+textual-inversion file whose token is ``<word>`` (diffusers refuses a token already in the
+vocabulary); A1111 and ComfyUI name it after the file, so there the prompt keeps ``word``.
+"""
 
 from __future__ import annotations
 
+import argparse
+import json
 import os
+import shutil
+import sys
+import tempfile
+from dataclasses import dataclass, field
 from pathlib import Path
 
-from .model import has_adapters, merged_state_dict
+import torch
+from safetensors.torch import save_file
+from torch import nn
+
+import boft_diffusion as bd
+
+from .export_formats import (
+    KOHYA_PREFIXES,
+    Delta,
+    LowRank,
+    checkpoint_prefix,
+    diff_state_dict,
+    kohya_lora_state_dict,
+    kohya_names,
+    low_rank,
+    peft_lora_state_dict,
+    textual_inversion_state_dict,
+)
+from .identifier import identifier_embedding
+from .loading import load_pipeline
+from .model import base_state_dict, boft_layers, has_adapters, merged_state_dict
+
+FORMATS = ("diff", "lora", "peft-lora", "merged")
+PEFT_LORA_WEIGHTS = "pytorch_lora_weights.safetensors"
+
+
+# Writing files atomically ------------------------------------------------------------------------
+def _write_safetensors(tensors: dict[str, torch.Tensor], path: Path, metadata: dict[str, str]) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        save_file(tensors, tmp, metadata={"format": "pt", **metadata})
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return path
 
 
 def export_merged_pipeline(pipe, folder: str | os.PathLike) -> Path:
@@ -13,7 +69,8 @@ def export_merged_pipeline(pipe, folder: str | os.PathLike) -> Path:
     embeddings) merged into plain modules.
 
     The result loads with ``StableDiffusionPipeline.from_pretrained`` and no boft-diffusion code;
-    the adapters in ``pipe`` itself are left untouched.
+    the adapters in ``pipe`` itself are left untouched. The folder is written under a temporary
+    name and renamed into place, so an interrupted export leaves no half-written model.
     """
     components = dict(pipe.components)
     for key, module in pipe.components.items():
@@ -24,5 +81,331 @@ def export_merged_pipeline(pipe, folder: str | os.PathLike) -> Path:
         plain.load_state_dict(merged_state_dict(module))
         components[key] = plain.to(device=module.device, dtype=module.dtype)
     folder = Path(folder)
-    type(pipe)(**components).save_pretrained(folder, safe_serialization=True)
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
+    try:
+        type(pipe)(**components).save_pretrained(staging, safe_serialization=True)
+        _replace_folder(staging, folder)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
     return folder
+
+
+def _replace_folder(new: Path, folder: Path) -> None:
+    if not folder.exists():
+        os.replace(new, folder)
+        return
+    old = Path(tempfile.mkdtemp(prefix=f".{folder.name}.old.", dir=folder.parent))
+    os.replace(folder, old / folder.name)
+    os.replace(new, folder)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+# The adapter to export ---------------------------------------------------------------------------
+@dataclass
+class AdaptedPipeline:
+    """A base pipeline with an adapter folder loaded, plus the base biases the adapter replaced."""
+
+    pipe: object
+    components: dict[str, nn.Module]
+    base_biases: dict[str, dict[str, torch.Tensor]] = field(default_factory=dict)
+
+
+def _base_model_of(folder: Path) -> str:
+    data = json.loads((folder / "adapter_config.json").read_text())
+    return data.get("base_model_name_or_path") or "tiny"
+
+
+def load_for_export(adapter_dir: str | os.PathLike, base_model: str | None = None) -> AdaptedPipeline:
+    """Load the adapter's base model (its ``base_model_name_or_path`` unless given) on the CPU in
+    float32, and the adapter folder (UNet, text encoder, identifier embedding) into it."""
+    folder = Path(adapter_dir)
+    if not (folder / "adapter_config.json").is_file():
+        raise FileNotFoundError(f"{folder} is not an adapter folder: adapter_config.json not found.")
+    from .dreambooth import load_dreambooth_adapter  # dreambooth imports this module for --save_merged
+
+    pipe = load_pipeline(base_model or _base_model_of(folder), dtype=torch.float32, device="cpu")
+    base_biases = {name: {key: value.clone() for key, value in getattr(pipe, name).state_dict().items()
+                          if key.endswith(".bias")} for name in KOHYA_PREFIXES}
+    try:
+        models = load_dreambooth_adapter(pipe, folder)
+    except ValueError as error:
+        raise ValueError(f"{folder}: {error}") from error
+    components = {name: getattr(pipe, name) for name in KOHYA_PREFIXES if getattr(pipe, name) in models}
+    return AdaptedPipeline(pipe, components, base_biases)
+
+
+def module_deltas(adapted: AdaptedPipeline, component: str) -> dict[str, Delta]:
+    """Per module of ``component``: the adapted weight's change, and the bias's when it trained."""
+    model = adapted.components[component]
+    merged = merged_state_dict(model)
+    base = {**base_state_dict(model), **adapted.base_biases.get(component, {})}
+    adapted_modules = {name for name, layer in boft_layers(model) if layer.live_adapter() is not None}
+    deltas: dict[str, Delta] = {}
+    for key, value in merged.items():
+        module, _, kind = key.rpartition(".")
+        if kind == "weight" and module in adapted_modules:
+            deltas.setdefault(module, Delta()).weight = value - base[key]
+        elif kind == "bias" and not torch.equal(value, base[key]):
+            deltas.setdefault(module, Delta()).bias = value - base[key]
+    return deltas
+
+
+def _kohya_keys(adapted: AdaptedPipeline, component: str, modules) -> dict[str, str]:
+    """Module name -> kohya key, named after the original checkpoint's module path."""
+    model = adapted.components[component]
+    path = checkpoint_prefix(model)
+    all_modules = (path + key.rpartition(".")[0] for key in merged_state_dict(model))
+    keys = kohya_names(KOHYA_PREFIXES[component], [path + name for name in modules], all_modules)
+    return {name: keys[path + name] for name in modules}
+
+
+def identifier_vectors(adapted: AdaptedPipeline) -> dict[str, torch.Tensor]:
+    """The learned identifier vectors by word (empty without any)."""
+    layer = identifier_embedding(adapted.pipe.text_encoder)
+    if layer is None or layer.adapters_disabled:
+        return {}
+    return {word: layer.identifier_vectors[i].detach() for i, word in enumerate(layer.words)}
+
+
+# Formats -----------------------------------------------------------------------------------------
+def export_diff(adapted: AdaptedPipeline, output: str | os.PathLike) -> Path:
+    """One safetensors of exact weight (and trained bias) differences under kohya keys."""
+    tensors = {}
+    for component in adapted.components:
+        deltas = module_deltas(adapted, component)
+        keys = _kohya_keys(adapted, component, deltas)
+        tensors.update(diff_state_dict({keys[name]: delta for name, delta in deltas.items()}))
+    metadata = {"ss_network_module": "lycoris.kohya", "ss_network_args": json.dumps({"algo": "full"})}
+    return _write_safetensors(tensors, Path(output), metadata)
+
+
+def check_rank_choice(rank: int | None, energy: float | None) -> None:
+    if rank is not None and energy is not None:
+        raise ValueError("give either a rank or an energy fraction, not both.")
+    if rank is not None and rank <= 0:
+        raise ValueError(f"rank must be a positive integer, got {rank}.")
+    if energy is not None and not 0.0 < energy <= 1.0:
+        raise ValueError(f"energy must be in (0, 1], got {energy}.")
+
+
+def lora_factors(adapted: AdaptedPipeline, rank: int | None = None, energy: float | None = None
+                 ) -> dict[str, dict[str, LowRank]]:
+    """Per component and module: the truncated SVD of the weight difference (``energy`` 0.99 when
+    neither is given). Bias changes have no LoRA form and are left out."""
+    check_rank_choice(rank, energy)
+    if rank is None and energy is None:
+        energy = 0.99
+    factors = {}
+    for component in adapted.components:
+        deltas = module_deltas(adapted, component)
+        factors[component] = {name: low_rank(delta.weight, rank, energy)
+                              for name, delta in deltas.items() if delta.weight is not None and delta.weight.any()}
+    return factors
+
+
+def dropped_biases(adapted: AdaptedPipeline) -> list[str]:
+    """Modules whose trained bias a LoRA file cannot carry."""
+    return [f"{component}.{name}" for component in adapted.components
+            for name, delta in module_deltas(adapted, component).items() if delta.bias is not None]
+
+
+def export_lora(adapted: AdaptedPipeline, output: str | os.PathLike, factors: dict[str, dict[str, LowRank]],
+                naming: str = "kohya") -> Path:
+    """Write ``factors`` as one kohya LoRA file (``naming="kohya"``) or, for ``"peft"``, as
+    diffusers' ``pytorch_lora_weights.safetensors`` in the folder ``output``. Text-encoder modules
+    keep the ``text_model.`` path of the checkpoints, which diffusers reads with either transformers."""
+    output = Path(output)
+    if naming == "peft":
+        named = {f"{component}.{checkpoint_prefix(adapted.components[component])}{name}": factor
+                 for component, by_module in factors.items() for name, factor in by_module.items()}
+        return _write_safetensors(peft_lora_state_dict(named), output / PEFT_LORA_WEIGHTS, {})
+    named = {}
+    for component, by_module in factors.items():
+        keys = _kohya_keys(adapted, component, by_module)
+        named.update({keys[name]: factor for name, factor in by_module.items()})
+    ranks = [factor.rank for factor in named.values()] or [0]
+    metadata = {"ss_network_module": "networks.lora", "ss_network_dim": str(max(ranks)),
+                "ss_network_alpha": str(max(ranks))}
+    return _write_safetensors(kohya_lora_state_dict(named), output, metadata)
+
+
+def export_identifiers(adapted: AdaptedPipeline, folder: str | os.PathLike) -> list[Path]:
+    """``<folder>/<word>.safetensors`` per learned identifier, holding token ``<word>``."""
+    return [_write_safetensors(textual_inversion_state_dict(f"<{word}>", vector), Path(folder) / f"{word}.safetensors", {})
+            for word, vector in identifier_vectors(adapted).items()]
+
+
+# How much a LoRA loses -----------------------------------------------------------------------------
+@dataclass
+class LoraReport:
+    """Relative Frobenius error ||dW - dW_r|| / ||dW|| per block and overall, ranks per block, and
+    the error of a UNet forward on a fixed input, relative to the BOFT output and to the adapter's
+    own effect on it (BOFT output minus base output)."""
+
+    block_errors: dict[str, float]
+    block_ranks: dict[str, tuple[int, int, int]]
+    overall_error: float
+    output_error: float | None = None
+    output_error_of_effect: float | None = None
+
+
+def block_of(module_name: str) -> str:
+    """The module's path up to its first index ("down_blocks.1", "text_model.encoder.layers.0")."""
+    parts = module_name.split(".")
+    for i, part in enumerate(parts):
+        if part.isdigit():
+            return ".".join(parts[: i + 1])
+    return parts[0]
+
+
+def approximation_report(factors: dict[str, dict[str, LowRank]]) -> LoraReport:
+    squares: dict[str, list[float]] = {}
+    ranks: dict[str, list[int]] = {}
+    for component, by_module in factors.items():
+        for name, factor in by_module.items():
+            block = f"{component} {block_of(name)}"
+            total = squares.setdefault(block, [0.0, 0.0])
+            total[0] += factor.residual_norm ** 2
+            total[1] += factor.delta_norm ** 2
+            ranks.setdefault(block, []).append(factor.rank)
+    residual = sum(r for r, _ in squares.values())
+    norm = sum(n for _, n in squares.values())
+    return LoraReport(
+        block_errors={block: (r / n) ** 0.5 if n else 0.0 for block, (r, n) in squares.items()},
+        block_ranks={block: (len(rs), min(rs), max(rs)) for block, rs in ranks.items()},
+        overall_error=(residual / norm) ** 0.5 if norm else 0.0,
+    )
+
+
+def _fixed_unet_input(adapted: AdaptedPipeline) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Seeded noise at t = 500 and the adapter's instance prompt encoded by the adapted text encoder."""
+    pipe, unet = adapted.pipe, adapted.pipe.unet
+    size = min(unet.config.sample_size, 32)
+    sample = torch.randn(1, unet.config.in_channels, size, size, generator=torch.Generator().manual_seed(0))
+    prompt = bd.adapter_configs(unet)[bd.active_adapter(unet)].metadata.get("instance_prompt") or "a photo"
+    ids = pipe.tokenizer(prompt, padding="max_length", max_length=pipe.tokenizer.model_max_length,
+                         truncation=True, return_tensors="pt").input_ids
+    return sample, torch.tensor([500]), pipe.text_encoder(ids)[0]
+
+
+def unet_output_errors(adapted: AdaptedPipeline, unet_factors: dict[str, LowRank]) -> tuple[float, float]:
+    """||y_lora - y_boft|| over ||y_boft|| and over ||y_boft - y_base||, on a fixed input."""
+    unet = adapted.pipe.unet
+    plain = type(unet).from_config(unet.config).eval()
+    base = {**base_state_dict(unet), **adapted.base_biases["unet"]}
+    lora = dict(base)
+    for name, factor in unet_factors.items():
+        lora[f"{name}.weight"] = base[f"{name}.weight"] + factor.product()
+    with torch.no_grad():
+        sample, timestep, context = _fixed_unet_input(adapted)
+        y_boft = unet(sample, timestep, encoder_hidden_states=context).sample
+        plain.load_state_dict(base)
+        y_base = plain(sample, timestep, encoder_hidden_states=context).sample
+        plain.load_state_dict(lora)
+        y_lora = plain(sample, timestep, encoder_hidden_states=context).sample
+    error = float((y_lora - y_boft).norm())
+    return error / float(y_boft.norm()), error / max(float((y_boft - y_base).norm()), 1e-12)
+
+
+def lora_report(adapted: AdaptedPipeline, factors: dict[str, dict[str, LowRank]]) -> LoraReport:
+    report = approximation_report(factors)
+    if "unet" in factors:
+        report.output_error, report.output_error_of_effect = unet_output_errors(adapted, factors["unet"])
+    return report
+
+
+def format_report(report: LoraReport) -> str:
+    lines = [f"{'block':<44} {'modules':>7} {'rank':>9} {'rel. error':>10}"]
+    for block, error in report.block_errors.items():
+        count, low, high = report.block_ranks[block]
+        ranks = str(low) if low == high else f"{low}-{high}"
+        lines.append(f"{block:<44} {count:>7} {ranks:>9} {error:>10.4f}")
+    lines.append(f"overall ||dW - dW_r|| / ||dW||: {report.overall_error:.4f}")
+    if report.output_error is not None:
+        lines.append(f"UNet output on a fixed input: ||y_lora - y_boft|| / ||y_boft|| = {report.output_error:.2e}, "
+                     f"/ ||y_boft - y_base|| = {report.output_error_of_effect:.4f}")
+    return "\n".join(lines)
+
+
+# One call for everything -------------------------------------------------------------------------
+@dataclass
+class ExportResult:
+    paths: list[Path]
+    report: LoraReport | None = None
+    dropped_biases: list[str] = field(default_factory=list)
+
+
+def _check_request(adapter_dir: Path, fmt: str, output: Path, rank: int | None, energy: float | None) -> None:
+    if fmt not in FORMATS:
+        raise ValueError(f"unknown format {fmt!r}; choose one of {', '.join(FORMATS)}.")
+    if not adapter_dir.is_dir():
+        raise FileNotFoundError(f"adapter folder {adapter_dir} does not exist.")
+    check_rank_choice(rank, energy)
+    if fmt in ("diff", "merged") and (rank is not None or energy is not None):
+        raise ValueError(f"--rank and --energy apply to the LoRA formats only, not to {fmt!r}.")
+    if fmt == "merged" and output.suffix in (".safetensors", ".ckpt"):
+        raise ValueError(f"{output}: diffusers cannot write a single-file Stable Diffusion checkpoint; give a "
+                         "folder, or export --format diff / lora and apply it to the base checkpoint in your UI.")
+    if fmt in ("diff", "lora") and output.suffix != ".safetensors":
+        raise ValueError(f"{output}: a {fmt} export is one file; name it *.safetensors.")
+
+
+def export_adapter(adapter_dir: str | os.PathLike, fmt: str, output: str | os.PathLike, rank: int | None = None,
+                   energy: float | None = None, base_model: str | None = None) -> ExportResult:
+    """Export an adapter folder (UNet, text encoder, identifier) as ``fmt`` to ``output``.
+
+    ``output`` is a file for ``diff`` and ``lora``, a folder for ``peft-lora`` and ``merged``;
+    identifier embeddings go beside the file or into the folder (folded in for ``merged``).
+    """
+    adapter_dir, output = Path(adapter_dir), Path(output)
+    _check_request(adapter_dir, fmt, output, rank, energy)
+    adapted = load_for_export(adapter_dir, base_model)
+    if fmt == "merged":
+        return ExportResult([export_merged_pipeline(adapted.pipe, output)])
+    result = ExportResult([])
+    if fmt == "diff":
+        result.paths.append(export_diff(adapted, output))
+    else:
+        factors = lora_factors(adapted, rank, energy)
+        result.paths.append(export_lora(adapted, output, factors, "kohya" if fmt == "lora" else "peft"))
+        result.report = lora_report(adapted, factors)
+        result.dropped_biases = dropped_biases(adapted)
+    result.paths += export_identifiers(adapted, output if fmt == "peft-lora" else output.parent)
+    return result
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m boft_diffusion.export", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("adapter_dir", help="A train_dreambooth.py output folder (or any adapter folder).")
+    parser.add_argument("--format", required=True, choices=FORMATS)
+    parser.add_argument("--output", required=True,
+                        help="A .safetensors file for diff and lora, a folder for peft-lora and merged.")
+    choice = parser.add_mutually_exclusive_group()
+    choice.add_argument("--rank", type=int, help="LoRA rank of every module (capped at its full rank).")
+    choice.add_argument("--energy", type=float,
+                        help="Per module, the smallest rank keeping this fraction of ||dW||^2 (default 0.99).")
+    parser.add_argument("--base_model", help="Base model (default: the adapter's base_model_name_or_path).")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        result = export_adapter(args.adapter_dir, args.format, args.output, args.rank, args.energy, args.base_model)
+    except (ValueError, OSError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    if result.report is not None:
+        print(format_report(result.report))
+    if result.dropped_biases:
+        print(f"warning: LoRA cannot carry trained biases; left out for {len(result.dropped_biases)} modules "
+              f"(use --format diff or merged to keep them): {', '.join(result.dropped_biases[:5])}", file=sys.stderr)
+    for path in result.paths:
+        print(f"wrote {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
