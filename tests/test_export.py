@@ -154,6 +154,32 @@ def test_diff_applied_by_key_equals_merged_state_dict(tmp_path, component):
         torch.testing.assert_close(applied[key], merged[key], rtol=1e-5, atol=1e-6, msg=key)
 
 
+def test_lycoris_reads_the_diff_file_for_a_diffusers_unet(tmp_path):
+    """LyCORIS's kohya loader names keys from the modules it is given: the UNet as is; the text
+    encoder under ``text_model`` (transformers >= 5 flattened it, so it is wrapped here)."""
+    kohya = pytest.importorskip("lycoris.kohya")
+    save_trained_adapter(tmp_path / "adapter", bias="boft_only")
+    export_adapter(tmp_path / "adapter", "diff", tmp_path / "diff.safetensors")
+    pipe = bd.load_pipeline("tiny", dtype=torch.float32)
+    text_encoder = torch.nn.ModuleDict({"text_model": pipe.text_encoder})
+    target_names = kohya.LycorisNetworkKohya.UNET_TARGET_REPLACE_NAME
+    # its default targets match diffusers' time_embedding twice (by class and by name)
+    kohya.LycorisNetworkKohya.apply_preset({"unet_target_name": []})
+    try:
+        network, weights = kohya.create_network_from_weights(1.0, str(tmp_path / "diff.safetensors"), None,
+                                                             text_encoder, pipe.unet)
+    finally:
+        kohya.LycorisNetworkKohya.apply_preset({"unet_target_name": target_names})
+    assert len(network.unet_loras) + len(network.text_encoder_loras) == len({key.split(".")[0] for key in weights})
+    network.merge_to(text_encoder, pipe.unet, weights, torch.float32, "cpu")
+    adapted = load_for_export(tmp_path / "adapter").pipe
+    for component in ("unet", "text_encoder"):
+        merged, got = merged_state_dict(getattr(adapted, component)), getattr(pipe, component).state_dict()
+        for key in merged:
+            if not key.endswith("token_embedding.weight"):
+                torch.testing.assert_close(got[key], merged[key], rtol=1e-5, atol=1e-6, msg=key)
+
+
 def test_identifier_exports_as_textual_inversion_with_the_same_encoding(adapted, peft_full_rank):
     embedding = peft_full_rank / "sks.safetensors"
     assert list(load_file(str(embedding))) == ["<sks>"]
