@@ -33,9 +33,12 @@ import boft_diffusion as bd
 from .export_formats import (
     KOHYA_PREFIXES,
     Delta,
+    LoraReport,
     LowRank,
+    approximation_report,
     checkpoint_prefix,
     diff_state_dict,
+    format_report,
     kohya_lora_state_dict,
     kohya_names,
     low_rank,
@@ -237,47 +240,6 @@ def export_identifiers(adapted: AdaptedPipeline, folder: str | os.PathLike) -> l
 
 
 # How much a LoRA loses -----------------------------------------------------------------------------
-@dataclass
-class LoraReport:
-    """Relative Frobenius error ||dW - dW_r|| / ||dW|| per block and overall, ranks per block, and
-    the error of a UNet forward on a fixed input, relative to the BOFT output and to the adapter's
-    own effect on it (BOFT output minus base output)."""
-
-    block_errors: dict[str, float]
-    block_ranks: dict[str, tuple[int, int, int]]
-    overall_error: float
-    output_error: float | None = None
-    output_error_of_effect: float | None = None
-
-
-def block_of(module_name: str) -> str:
-    """The module's path up to its first index ("down_blocks.1", "text_model.encoder.layers.0")."""
-    parts = module_name.split(".")
-    for i, part in enumerate(parts):
-        if part.isdigit():
-            return ".".join(parts[: i + 1])
-    return parts[0]
-
-
-def approximation_report(factors: dict[str, dict[str, LowRank]]) -> LoraReport:
-    squares: dict[str, list[float]] = {}
-    ranks: dict[str, list[int]] = {}
-    for component, by_module in factors.items():
-        for name, factor in by_module.items():
-            block = f"{component} {block_of(name)}"
-            total = squares.setdefault(block, [0.0, 0.0])
-            total[0] += factor.residual_norm ** 2
-            total[1] += factor.delta_norm ** 2
-            ranks.setdefault(block, []).append(factor.rank)
-    residual = sum(r for r, _ in squares.values())
-    norm = sum(n for _, n in squares.values())
-    return LoraReport(
-        block_errors={block: (r / n) ** 0.5 if n else 0.0 for block, (r, n) in squares.items()},
-        block_ranks={block: (len(rs), min(rs), max(rs)) for block, rs in ranks.items()},
-        overall_error=(residual / norm) ** 0.5 if norm else 0.0,
-    )
-
-
 def _fixed_unet_input(adapted: AdaptedPipeline) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Seeded noise at t = 500 and the adapter's instance prompt encoded by the adapted text encoder."""
     pipe, unet = adapted.pipe, adapted.pipe.unet
@@ -313,19 +275,6 @@ def lora_report(adapted: AdaptedPipeline, factors: dict[str, dict[str, LowRank]]
     if "unet" in factors:
         report.output_error, report.output_error_of_effect = unet_output_errors(adapted, factors["unet"])
     return report
-
-
-def format_report(report: LoraReport) -> str:
-    lines = [f"{'block':<44} {'modules':>7} {'rank':>9} {'rel. error':>10}"]
-    for block, error in report.block_errors.items():
-        count, low, high = report.block_ranks[block]
-        ranks = str(low) if low == high else f"{low}-{high}"
-        lines.append(f"{block:<44} {count:>7} {ranks:>9} {error:>10.4f}")
-    lines.append(f"overall ||dW - dW_r|| / ||dW||: {report.overall_error:.4f}")
-    if report.output_error is not None:
-        lines.append(f"UNet output on a fixed input: ||y_lora - y_boft|| / ||y_boft|| = {report.output_error:.2e}, "
-                     f"/ ||y_boft - y_base|| = {report.output_error_of_effect:.4f}")
-    return "\n".join(lines)
 
 
 # One call for everything -------------------------------------------------------------------------

@@ -1,8 +1,8 @@
 """The layouts an exported adapter is written in, as plain tensor dictionaries.
 
 kohya key names computed from the model, LyCORIS "full" weight differences, LoRA by truncated
-SVD (kohya and diffusers/PEFT naming) and textual-inversion embeddings. Nothing here loads or
-writes files: ``export.py`` does.
+SVD (kohya and diffusers/PEFT naming), textual-inversion embeddings, and how much a truncated
+LoRA loses. Nothing here loads models or writes files: ``export.py`` does.
 """
 
 from __future__ import annotations
@@ -148,3 +148,59 @@ def peft_lora_state_dict(factors: dict[str, LowRank]) -> dict[str, torch.Tensor]
 def textual_inversion_state_dict(token: str, vector: torch.Tensor) -> dict[str, torch.Tensor]:
     """One token, one vector, shaped [1, width]: the layout diffusers, A1111 and ComfyUI all read."""
     return {token: vector.detach().float().reshape(1, -1).contiguous()}
+
+
+# How much a LoRA loses ---------------------------------------------------------------------------
+@dataclass
+class LoraReport:
+    """Relative Frobenius error ||dW - dW_r|| / ||dW|| per block and overall, ranks per block, and
+    the error of a UNet forward on a fixed input, relative to the BOFT output and to the adapter's
+    own effect on it (BOFT output minus base output)."""
+
+    block_errors: dict[str, float]
+    block_ranks: dict[str, tuple[int, int, int]]
+    overall_error: float
+    output_error: float | None = None
+    output_error_of_effect: float | None = None
+
+
+def block_of(module_name: str) -> str:
+    """The module's path up to its first index ("down_blocks.1", "encoder.layers.0")."""
+    parts = module_name.split(".")
+    for i, part in enumerate(parts):
+        if part.isdigit():
+            return ".".join(parts[: i + 1])
+    return parts[0]
+
+
+def approximation_report(factors: dict[str, dict[str, LowRank]]) -> LoraReport:
+    """Errors pooled as norms (not averaged), so a block's error weighs its modules by their change."""
+    squares: dict[str, list[float]] = {}
+    ranks: dict[str, list[int]] = {}
+    for component, by_module in factors.items():
+        for name, factor in by_module.items():
+            block = f"{component} {block_of(name)}"
+            total = squares.setdefault(block, [0.0, 0.0])
+            total[0] += factor.residual_norm ** 2
+            total[1] += factor.delta_norm ** 2
+            ranks.setdefault(block, []).append(factor.rank)
+    residual = sum(r for r, _ in squares.values())
+    norm = sum(n for _, n in squares.values())
+    return LoraReport(
+        block_errors={block: (r / n) ** 0.5 if n else 0.0 for block, (r, n) in squares.items()},
+        block_ranks={block: (len(rs), min(rs), max(rs)) for block, rs in ranks.items()},
+        overall_error=(residual / norm) ** 0.5 if norm else 0.0,
+    )
+
+
+def format_report(report: LoraReport) -> str:
+    lines = [f"{'block':<44} {'modules':>7} {'rank':>9} {'rel. error':>10}"]
+    for block, error in report.block_errors.items():
+        count, low, high = report.block_ranks[block]
+        ranks = str(low) if low == high else f"{low}-{high}"
+        lines.append(f"{block:<44} {count:>7} {ranks:>9} {error:>10.4f}")
+    lines.append(f"overall ||dW - dW_r|| / ||dW||: {report.overall_error:.4f}")
+    if report.output_error is not None:
+        lines.append(f"UNet output on a fixed input: ||y_lora - y_boft|| / ||y_boft|| = {report.output_error:.2e}, "
+                     f"/ ||y_boft - y_base|| = {report.output_error_of_effect:.4f}")
+    return "\n".join(lines)
