@@ -158,7 +158,7 @@ def _kohya_keys(adapted: AdaptedPipeline, component: str, modules) -> dict[str, 
     """Module name -> kohya key, named after the original checkpoint's module path."""
     model = adapted.components[component]
     path = checkpoint_prefix(model)
-    all_modules = (path + key.rpartition(".")[0] for key in merged_state_dict(model))
+    all_modules = (path + key.rpartition(".")[0] for key in base_state_dict(model))
     keys = kohya_names(KOHYA_PREFIXES[component], [path + name for name in modules], all_modules)
     return {name: keys[path + name] for name in modules}
 
@@ -192,25 +192,22 @@ def check_rank_choice(rank: int | None, energy: float | None) -> None:
         raise ValueError(f"energy must be in (0, 1], got {energy}.")
 
 
-def lora_factors(adapted: AdaptedPipeline, rank: int | None = None, energy: float | None = None
+def lora_factors(deltas: dict[str, dict[str, Delta]], rank: int | None = None, energy: float | None = None
                  ) -> dict[str, dict[str, LowRank]]:
-    """Per component and module: the truncated SVD of the weight difference (``energy`` 0.99 when
-    neither is given). Bias changes have no LoRA form and are left out."""
+    """Per component and module (as ``module_deltas`` gives them): the truncated SVD of the weight
+    difference (``energy`` 0.99 when neither is given). Bias changes have no LoRA form."""
     check_rank_choice(rank, energy)
     if rank is None and energy is None:
         energy = 0.99
-    factors = {}
-    for component in adapted.components:
-        deltas = module_deltas(adapted, component)
-        factors[component] = {name: low_rank(delta.weight, rank, energy)
-                              for name, delta in deltas.items() if delta.weight is not None and delta.weight.any()}
-    return factors
+    return {component: {name: low_rank(delta.weight, rank, energy) for name, delta in by_module.items()
+                        if delta.weight is not None and delta.weight.any()}
+            for component, by_module in deltas.items()}
 
 
-def dropped_biases(adapted: AdaptedPipeline) -> list[str]:
+def dropped_biases(deltas: dict[str, dict[str, Delta]]) -> list[str]:
     """Modules whose trained bias a LoRA file cannot carry."""
-    return [f"{component}.{name}" for component in adapted.components
-            for name, delta in module_deltas(adapted, component).items() if delta.bias is not None]
+    return [f"{component}.{name}" for component, by_module in deltas.items()
+            for name, delta in by_module.items() if delta.bias is not None]
 
 
 def export_lora(adapted: AdaptedPipeline, output: str | os.PathLike, factors: dict[str, dict[str, LowRank]],
@@ -293,6 +290,8 @@ def _check_request(adapter_dir: Path, fmt: str, output: Path, rank: int | None, 
     check_rank_choice(rank, energy)
     if fmt in ("diff", "merged") and (rank is not None or energy is not None):
         raise ValueError(f"--rank and --energy apply to the LoRA formats only, not to {fmt!r}.")
+    if fmt == "peft-lora" and output.suffix == ".safetensors":
+        raise ValueError(f"{output}: a peft-lora export is a folder (diffusers loads it with load_lora_weights(folder)).")
     if fmt == "merged" and output.suffix in (".safetensors", ".ckpt"):
         raise ValueError(f"{output}: diffusers cannot write a single-file Stable Diffusion checkpoint; give a "
                          "folder, or export --format diff / lora and apply it to the base checkpoint in your UI.")
@@ -312,15 +311,20 @@ def export_adapter(adapter_dir: str | os.PathLike, fmt: str, output: str | os.Pa
     adapted = load_for_export(adapter_dir, base_model)
     if fmt == "merged":
         return ExportResult([export_merged_pipeline(adapted.pipe, output)])
+    embeddings_dir = output if fmt == "peft-lora" else output.parent
+    clash = [word for word in identifier_vectors(adapted) if embeddings_dir / f"{word}.safetensors" == output]
+    if clash:
+        raise ValueError(f"{output}: the identifier embedding {clash[0]!r} is written to that name; choose another output.")
     result = ExportResult([])
     if fmt == "diff":
         result.paths.append(export_diff(adapted, output))
     else:
-        factors = lora_factors(adapted, rank, energy)
+        deltas = {component: module_deltas(adapted, component) for component in adapted.components}
+        factors = lora_factors(deltas, rank, energy)
         result.paths.append(export_lora(adapted, output, factors, "kohya" if fmt == "lora" else "peft"))
         result.report = lora_report(adapted, factors)
-        result.dropped_biases = dropped_biases(adapted)
-    result.paths += export_identifiers(adapted, output if fmt == "peft-lora" else output.parent)
+        result.dropped_biases = dropped_biases(deltas)
+    result.paths += export_identifiers(adapted, embeddings_dir)
     return result
 
 

@@ -234,10 +234,17 @@ def test_lora_command_prints_block_and_output_errors(adapter_dir, tmp_path, caps
     (["--format", "lora", "--energy", "1.5"], "energy must be in (0, 1], got 1.5"),
     (["--format", "lora", "--energy", "0"], "energy must be in (0, 1], got 0.0"),
     (["--format", "diff", "--rank", "4"], "apply to the LoRA formats only"),
+    (["--format", "peft-lora"], "a peft-lora export is a folder"),
 ])
 def test_bad_requests_name_the_culprit(adapter_dir, tmp_path, capsys, argv, culprit):
     assert main([str(adapter_dir), *argv, "--output", str(tmp_path / "out.safetensors")]) == 2
     assert culprit in capsys.readouterr().err
+
+
+def test_output_named_like_the_identifier_file_is_refused(adapter_dir, tmp_path, capsys):
+    assert main([str(adapter_dir), "--format", "diff", "--output", str(tmp_path / "sks.safetensors")]) == 2
+    assert "identifier embedding 'sks'" in capsys.readouterr().err
+    assert not (tmp_path / "sks.safetensors").exists()
 
 
 def test_missing_folder_and_adapter_for_another_model(tmp_path, capsys):
