@@ -1,0 +1,58 @@
+"""A BOFT adapter against its LoRA export at one rank, same seeds: the grid in docs/export_rank4.png.
+
+    python scripts/export_grid.py outputs/demo/adapter --rank 4 --output docs/export_rank4.png
+
+The LoRA side uses no boft-diffusion code: diffusers' ``load_lora_weights`` on the kohya file and
+``load_textual_inversion`` on the identifier file, with "<sks>" in place of "sks" in the prompts.
+Rows: for each prompt, the BOFT adapter, then the exported LoRA.
+"""
+
+from __future__ import annotations
+
+import argparse
+import tempfile
+from pathlib import Path
+
+import torch
+
+from boft_diffusion.evaluation.sampling import sample
+from boft_diffusion.export import export_adapter
+from boft_diffusion.models.export_formats import format_report
+from boft_diffusion.models.images import image_grid
+from boft_diffusion.models.pipelines import load_pipeline, tiny_defaults
+from boft_diffusion.outputs.read import load_outputs
+
+PROMPTS = ["a photo of sks star", "a photo of sks star on a green background", "a photo of star"]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("adapter_dir")
+    parser.add_argument("--rank", type=int, default=4)
+    parser.add_argument("--seeds", type=int, default=6)
+    parser.add_argument("--output", default="docs/export_rank4.png")
+    args = parser.parse_args()
+    guidance, steps = tiny_defaults()["guidance_scale"], tiny_defaults()["num_inference_steps"]
+    with tempfile.TemporaryDirectory() as tmp:
+        result = export_adapter(args.adapter_dir, "lora", Path(tmp) / "lora.safetensors", rank=args.rank)
+        print(format_report(result.report))
+        boft = load_pipeline("tiny", dtype=torch.float32, device="cpu")
+        load_outputs(boft, args.adapter_dir)
+        lora = load_pipeline("tiny", dtype=torch.float32, device="cpu")
+        lora.load_lora_weights(str(Path(tmp) / "lora.safetensors"))
+        words = [path.stem for path in result.paths[1:]]
+        for path in result.paths[1:]:
+            lora.load_textual_inversion(str(path))
+    rows = []
+    for prompt in PROMPTS:
+        lora_prompt = " ".join(f"<{w}>" if w in words else w for w in prompt.split())
+        for pipe, text in ((boft, prompt), (lora, lora_prompt)):
+            pipe.set_progress_bar_config(disable=True)
+            rows.append(sample(pipe, [text] * args.seeds, 0, steps, guidance))
+    width, height = rows[0][0].size
+    image_grid(rows).resize((width * args.seeds * 2, height * len(rows) * 2)).save(args.output)
+    print(f"grid (rows: BOFT, LoRA rank {args.rank} for each of {PROMPTS}): {args.output}")
+
+
+if __name__ == "__main__":
+    main()
