@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import logging
 import math
 import re
 import threading
@@ -29,6 +30,8 @@ from ..outputs.read import TrainedAdapter, load_outputs, read_control_info
 from ..outputs.write import CONTROL_INFO, CONTROLNET_FOLDER, TEXT_ENCODER_FOLDER
 from .errors import StudioError
 from .uploads import UPLOADS_FOLDER, UploadQuota, install_upload
+
+logger = logging.getLogger("boft_diffusion")
 
 NO_ADAPTER = "(none: base model)"
 MODEL_SCHEDULER = "Model default"
@@ -77,7 +80,7 @@ class GenerationRequest:
 
 
 #: An absolute path inside an error message (POSIX or Windows), hidden from public visitors.
-SERVER_PATH = re.compile(r"(?:[A-Za-z]:)?[\\/][^\s'\"]*")
+SERVER_PATH = re.compile(r"(?<![\w.])(?:[A-Za-z]:)?[\\/][^\s'\"]*")
 
 
 class Studio:
@@ -129,6 +132,7 @@ class Studio:
                 self._load()
             except Exception as error:
                 self.model_name = previous
+                logger.warning("could not load model %r: %s", name_or_path, error)
                 reason = "see the server log" if self.public else str(error)
                 raise StudioError(f"could not load model {name_or_path!r}: {reason}") from error
         return f"model: {self.model_name}"
