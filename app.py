@@ -7,6 +7,7 @@
 from __future__ import annotations
 
 import argparse
+import ipaddress
 import json
 import random
 import tempfile
@@ -37,8 +38,48 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--max_size", type=int, default=768, help="Largest width/height accepted.")
     parser.add_argument("--max_steps", type=int, default=100)
     parser.add_argument("--max_images", type=int, default=4)
-    parser.add_argument("--max_upload_mb", type=int, default=512)
-    return parser.parse_args(argv)
+    parser.add_argument("--max_upload_mb", type=int, default=512, help="Largest upload, uncompressed.")
+    parser.add_argument("--max_upload_files", type=int, default=200, help="Most entries in an uploaded zip.")
+    parser.add_argument("--max_upload_ratio", type=float, default=100.0,
+                        help="Largest uncompressed / compressed size of an uploaded zip.")
+    parser.add_argument("--max_uploads_folder_mb", type=int, default=4096,
+                        help="Cap of adapters_dir/uploads; the oldest uploads not in use are evicted beyond it.")
+    parser.add_argument("--models", nargs="+", default=[],
+                        help="Base models visitors may choose when the app is public (--share or a non-loopback "
+                             "--host); --model is always one of them.")
+    args = parser.parse_args(argv)
+    check_app_flags(parser, args)
+    return args
+
+
+def check_app_flags(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """Limits must be positive (and the uploads folder hold at least one upload)."""
+    for flag in ("max_size", "max_steps", "max_images", "max_upload_mb", "max_upload_files", "max_uploads_folder_mb"):
+        if getattr(args, flag) < 1:
+            parser.error(f"--{flag} must be at least 1, got {getattr(args, flag)}.")
+    if not args.max_upload_ratio >= 1 or args.max_upload_ratio == float("inf"):
+        parser.error(f"--max_upload_ratio must be a finite number >= 1, got {args.max_upload_ratio}.")
+    if args.max_uploads_folder_mb < args.max_upload_mb:
+        parser.error("--max_uploads_folder_mb must be at least --max_upload_mb.")
+
+
+def is_public(host: str, share: bool) -> bool:
+    """Whether visitors other than this machine's user can reach the app."""
+    if share:
+        return True
+    if host == "localhost":
+        return False
+    try:
+        return not ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return True
+
+
+def offered_models(args: argparse.Namespace) -> list[str] | None:
+    """The base models a public app offers (--model and --models); None on loopback (free text)."""
+    if not is_public(args.host, args.share):
+        return None
+    return list(dict.fromkeys([args.model, *args.models]))
 
 
 def build_app(studio: Studio) -> gr.Blocks:
@@ -54,14 +95,14 @@ def build_app(studio: Studio) -> gr.Blocks:
         try:
             info = studio.adapter_info(adapter)
         except StudioError as error:
-            return {"error": str(error)}, gr.update(visible=False)
+            return {"error": studio.public_message(error)}, gr.update(visible=False)
         return info, gr.update(visible=bool(info.get("control")))
 
     def change_model(name):
         try:
             message = studio.set_model(name)
         except StudioError as error:
-            raise gr.Error(str(error)) from error
+            raise gr.Error(studio.public_message(error)) from error
         return message, gr.update(choices=studio.list_adapters(), value=NO_ADAPTER)
 
     def upload(files):
@@ -70,7 +111,7 @@ def build_app(studio: Studio) -> gr.Blocks:
         try:
             name = studio.import_upload([f if isinstance(f, str) else f.name for f in files])
         except StudioError as error:
-            raise gr.Error(str(error)) from error
+            raise gr.Error(studio.public_message(error)) from error
         return gr.update(choices=studio.list_adapters(), value=name), f"installed {name}"
 
     def generate(prompt, negative, adapter, strength, seed, steps, guidance, scheduler, width, height, count,
@@ -83,7 +124,7 @@ def build_app(studio: Studio) -> gr.Blocks:
         try:
             results = studio.generate(request, progress=lambda fraction, text: progress(fraction, desc=text))
         except StudioError as error:
-            raise gr.Error(str(error)) from error
+            raise gr.Error(studio.public_message(error)) from error
         gallery, files = [], []
         for index, (image, parameters) in enumerate(results):
             path = output_dir / f"boft-{random.getrandbits(48):012x}-{index}.png"
@@ -98,7 +139,11 @@ def build_app(studio: Studio) -> gr.Blocks:
         with gr.Row():
             with gr.Column(scale=1):
                 with gr.Row():
-                    model = gr.Textbox(value=studio.model_name, label="Base model", scale=3)
+                    if studio.public:
+                        model = gr.Dropdown(choices=studio.offered_models, value=studio.model_name,
+                                            label="Base model", scale=3)
+                    else:
+                        model = gr.Textbox(value=studio.model_name, label="Base model", scale=3)
                     load_model = gr.Button("Load model", scale=1)
                 model_status = gr.Markdown(f"model: {studio.model_name}")
                 with gr.Row():
@@ -147,8 +192,9 @@ def build_app(studio: Studio) -> gr.Blocks:
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     limits = Limits(max_size=args.max_size, max_steps=args.max_steps, max_images=args.max_images,
-                    max_upload_bytes=args.max_upload_mb * 2**20)
-    studio = Studio(args.model, args.adapters_dir, limits)
+                    max_upload_bytes=args.max_upload_mb * 2**20, max_upload_files=args.max_upload_files,
+                    max_upload_ratio=args.max_upload_ratio, max_uploads_folder_bytes=args.max_uploads_folder_mb * 2**20)
+    studio = Studio(args.model, args.adapters_dir, limits, offered_models(args))
     app = build_app(studio)
     app.queue(default_concurrency_limit=1)
     app.launch(server_name=args.host, server_port=args.port, share=args.share,

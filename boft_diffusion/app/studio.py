@@ -10,6 +10,9 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import logging
+import math
+import re
 import threading
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
@@ -26,7 +29,9 @@ from ..models.pipelines import load_pipeline
 from ..outputs.read import TrainedAdapter, load_outputs, read_control_info
 from ..outputs.write import CONTROL_INFO, CONTROLNET_FOLDER, TEXT_ENCODER_FOLDER
 from .errors import StudioError
-from .uploads import install_upload
+from .uploads import UPLOADS_FOLDER, UploadQuota, install_upload
+
+logger = logging.getLogger("boft_diffusion")
 
 NO_ADAPTER = "(none: base model)"
 MODEL_SCHEDULER = "Model default"
@@ -38,12 +43,22 @@ SCHEDULERS = {
     "DPM++ 2M": "DPMSolverMultistepScheduler",
     "UniPC": "UniPCMultistepScheduler",
 }
+
 @dataclass
 class Limits:
+    """What one request and one upload may ask for (command-line flags of app.py)."""
+
     max_size: int = 768
     max_steps: int = 100
     max_images: int = 4
     max_upload_bytes: int = 512 * 2**20
+    max_upload_files: int = 200
+    max_upload_ratio: float = 100.0
+    max_uploads_folder_bytes: int = 4 * 2**30
+
+    def upload_quota(self) -> UploadQuota:
+        return UploadQuota(self.max_upload_bytes, self.max_upload_files, self.max_upload_ratio,
+                           self.max_uploads_folder_bytes)
 
 
 @dataclass
@@ -64,12 +79,22 @@ class GenerationRequest:
     control_strength: float = 1.0
 
 
-class Studio:
-    """State of the app: the base pipeline, adapters by name, and generation."""
+#: An absolute path inside an error message (POSIX or Windows), hidden from public visitors.
+SERVER_PATH = re.compile(r"(?<![\w.])(?:[A-Za-z]:)?[\\/][^\s'\"]*")
 
-    def __init__(self, model: str = "tiny", adapters_dir: str | Path = "outputs", limits: Limits | None = None) -> None:
+
+class Studio:
+    """State of the app: the base pipeline, adapters by name, and generation.
+
+    ``offered_models`` (a public app) restricts the base model to that list, and error messages
+    then never show server paths; None (loopback) accepts any name or path.
+    """
+
+    def __init__(self, model: str = "tiny", adapters_dir: str | Path = "outputs", limits: Limits | None = None,
+                 offered_models: list[str] | None = None) -> None:
         self.adapters_dir = Path(adapters_dir).resolve()
         self.limits = limits or Limits()
+        self.offered_models = None if offered_models is None else list(dict.fromkeys([model, *offered_models]))
         self.model_name = model
         self._pipe = None
         self._loaded: dict[str, TrainedAdapter] = {}  # by adapter key
@@ -86,9 +111,16 @@ class Studio:
         self._model_scheduler = self._pipe.scheduler
         return self._pipe
 
+    @property
+    def public(self) -> bool:
+        return self.offered_models is not None
+
     def set_model(self, name_or_path: str) -> str:
-        """Switch base model (reloads only when it changes); loaded adapters are dropped."""
+        """Switch base model (reloads only when it changes); loaded adapters are dropped. A public
+        app switches only among the offered models."""
         name_or_path = (name_or_path or "tiny").strip()
+        if self.public and name_or_path not in self.offered_models:
+            raise StudioError(f"choose one of the offered models: {', '.join(self.offered_models)}.")
         with self.lock:
             return self._set_model(name_or_path)
 
@@ -100,8 +132,17 @@ class Studio:
                 self._load()
             except Exception as error:
                 self.model_name = previous
-                raise StudioError(f"could not load model {name_or_path!r}: {error}") from error
+                logger.warning("could not load model %r: %s", name_or_path, error)
+                reason = "see the server log" if self.public else str(error)
+                raise StudioError(f"could not load model {name_or_path!r}: {reason}") from error
         return f"model: {self.model_name}"
+
+    def public_message(self, error: Exception) -> str:
+        """The message a visitor sees: in a public app, server paths are replaced by a placeholder."""
+        text = str(error)
+        if not self.public:
+            return text
+        return SERVER_PATH.sub("<server path>", text.replace(str(self.adapters_dir), "<adapters>"))
 
     # adapters ----------------------------------------------------------------------------------------
     def list_adapters(self) -> list[str]:
@@ -127,7 +168,7 @@ class Studio:
         if path != self.adapters_dir and self.adapters_dir not in path.parents:
             raise StudioError(f"adapter {name!r} is outside the adapters folder.")
         if not path.is_dir():
-            raise StudioError(f"adapter {name!r} not found under {self.adapters_dir}.")
+            raise StudioError(f"adapter {name!r} not found in the adapters folder.")
         return path
 
     def adapter_info(self, name: str) -> dict[str, Any]:
@@ -183,11 +224,7 @@ class Studio:
         undo everything on failure."""
         folder = self.resolve(name)
         try:
-            for config_folder in (folder, folder / CONTROLNET_FOLDER, folder / TEXT_ENCODER_FOLDER):
-                if (config_folder / CONFIG_NAME).is_file() and read_adapter_config(config_folder).bias != "none":
-                    raise StudioError(f"adapter {name!r} trained biases, which would change the shared base "
-                                      "model for every adapter; the app serves bias='none' adapters only.")
-            return load_outputs(self.pipe, folder, adapter_name=key)
+            return load_outputs(self.pipe, folder, adapter_name=key, untrusted=self._is_upload(folder))
         except Exception as error:
             for model in self._models():
                 if key in adapter_configs(model):
@@ -197,22 +234,32 @@ class Studio:
             raise StudioError(f"could not load adapter {name!r}: {error}") from error
 
     # uploads ----------------------------------------------------------------------------------------------
+    def _is_upload(self, folder: Path) -> bool:
+        return (self.adapters_dir / UPLOADS_FOLDER) in folder.resolve().parents
+
     def import_upload(self, paths: list[str | Path]) -> str:
-        """Install an uploaded adapter (see ``uploads.install_upload``); returns its name."""
-        return install_upload(paths, self.adapters_dir, self.limits.max_upload_bytes)
+        """Install an uploaded adapter (see ``uploads.install_upload``); returns its name. Uploads
+        whose adapters are loaded are never evicted."""
+        with self.lock:
+            in_use = [adapter.folder for adapter in self._loaded.values()]
+            return install_upload(paths, self.adapters_dir, self.limits.upload_quota(), in_use)
 
     # generation --------------------------------------------------------------------------------------------
     def clamp(self, request: GenerationRequest) -> GenerationRequest:
+        """Every number of the request checked (finite, of the right kind) and clamped to the limits."""
         limits = self.limits
 
         def size(value: int) -> int:
-            return max(8, min(limits.max_size, int(value) // 8 * 8))
+            return max(8, min(limits.max_size, value // 8 * 8))
 
-        request.width, request.height = size(request.width), size(request.height)
-        request.steps = max(1, min(limits.max_steps, int(request.steps)))
-        request.num_images = max(1, min(limits.max_images, int(request.num_images)))
-        request.strength = max(0.0, min(1.5, float(request.strength)))
-        request.seed = int(request.seed) % 2**32
+        request.width = size(_whole(request.width, "width"))
+        request.height = size(_whole(request.height, "height"))
+        request.steps = max(1, min(limits.max_steps, _whole(request.steps, "steps")))
+        request.num_images = max(1, min(limits.max_images, _whole(request.num_images, "number of images")))
+        request.seed = _whole(request.seed, "seed") % 2**32
+        request.strength = max(0.0, min(1.5, _finite(request.strength, "adapter strength")))
+        request.guidance_scale = max(0.0, min(30.0, _finite(request.guidance_scale, "guidance scale")))
+        request.control_strength = max(0.0, min(2.0, _finite(request.control_strength, "control strength")))
         return request
 
     def generate(self, request: GenerationRequest, progress: Callable[[float, str], None] | None = None) -> list[tuple[Image.Image, str]]:
@@ -269,6 +316,25 @@ class Studio:
         if label == "base":
             values["adapter"] = NO_ADAPTER
         return json.dumps(values)
+
+
+def _finite(value: Any, what: str) -> float:
+    """``value`` as a finite float, or a StudioError naming the field."""
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        number = math.nan
+    if isinstance(value, bool) or not math.isfinite(number):
+        raise StudioError(f"{what} must be a finite number, got {value!r}.")
+    return number
+
+
+def _whole(value: Any, what: str) -> int:
+    """``value`` as an int (whole floats accepted, as a number box sends them), or a StudioError."""
+    number = _finite(value, what)
+    if number != int(number):
+        raise StudioError(f"{what} must be a whole number, got {value!r}.")
+    return int(number)
 
 
 def png_with_parameters(image: Image.Image, parameters: str) -> bytes:

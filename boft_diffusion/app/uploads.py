@@ -1,66 +1,65 @@
-"""Safe installation of uploaded adapters: zips checked for path traversal, size and file types
-before anything is written; only JSON and safetensors are read, safetensors headers verified."""
+"""Safe installation of uploaded adapters: zips checked for path traversal, size, file count,
+compression ratio and file types before anything is written, and extracted under a byte budget;
+only JSON and safetensors are read, safetensors headers verified. The uploads folder is capped:
+the oldest uploads not in use are evicted."""
 
 from __future__ import annotations
 
 import json
+import shutil
 import zipfile
+from collections.abc import Collection
+from dataclasses import dataclass
 from pathlib import Path
 
 from safetensors import safe_open
 
-from ..core.files import CONFIG_NAME, WEIGHTS_NAME, adapter_name_from, atomic_folder
+from ..core.files import CONFIG_NAME, TEMPORARY_NAME, WEIGHTS_NAME, adapter_name_from, atomic_folder
 from ..outputs.write import CONTROL_INFO
 from .errors import StudioError
 
 ALLOWED_UPLOAD_SUFFIXES = {".json", ".safetensors", ".md", ".png"}
+UPLOADS_FOLDER = "uploads"
+CHUNK = 2**20
 
 
-def install_upload(paths: list[str | Path], adapters_dir: Path, max_bytes: int) -> str:
+@dataclass
+class UploadQuota:
+    """Limits of one upload and of the uploads folder (bytes are uncompressed sizes)."""
+
+    max_bytes: int = 512 * 2**20
+    max_files: int = 200
+    max_ratio: float = 100.0
+    max_folder_bytes: int = 4 * 2**30
+
+
+def install_upload(paths: list[str | Path], adapters_dir: Path, quota: UploadQuota,
+                   in_use: Collection[Path] = ()) -> str:
     """Install an uploaded adapter (a zip of its folder, or its json + safetensors pair) under
     ``adapters_dir/uploads``; returns its folder relative to ``adapters_dir``.
 
-    Zips are checked for path traversal, total size and file types before anything is
-    written; only JSON and safetensors are read, and the safetensors header is verified.
+    Nothing is written before the upload passes the quota, and extraction stops at the byte
+    budget whatever the zip's headers claim. Afterwards the oldest uploads not in ``in_use`` are
+    evicted until the folder fits its cap.
     """
     paths = [Path(p) for p in paths or []]
     if not paths:
         raise StudioError("nothing was uploaded.")
     total = sum(p.stat().st_size for p in paths)
-    if total > max_bytes:
-        raise StudioError(f"upload of {total} bytes exceeds the {max_bytes}-byte limit.")
-    target_root = adapters_dir / "uploads"
-    if len(paths) == 1 and paths[0].suffix == ".zip":
-        name = adapter_name_from(paths[0].stem)
-        files = _read_zip(paths[0], max_bytes)
-    else:
-        name = adapter_name_from(next((p.parent.name for p in paths if p.suffix == ".json"), "adapter"))
-        files = {}
-        for p in paths:
-            if p.suffix not in (".json", ".safetensors"):
-                raise StudioError(f"{p.name}: only adapter_config.json and .safetensors files are accepted.")
-            files[CONFIG_NAME if p.suffix == ".json" else WEIGHTS_NAME] = p.read_bytes()
-    if CONFIG_NAME not in files and CONTROL_INFO not in files:
-        raise StudioError("the upload holds no adapter_config.json.")
-    final = _ensure_dir(target_root) / name
-    suffix = 1
-    while final.exists():
-        suffix += 1
-        final = target_root / f"{name}-{suffix}"
+    if total > quota.max_bytes:
+        raise StudioError(f"upload of {total} bytes exceeds the {quota.max_bytes}-byte limit.")
+    target_root = adapters_dir / UPLOADS_FOLDER
+    is_zip = len(paths) == 1 and paths[0].suffix == ".zip"
+    name = adapter_name_from(paths[0].stem if is_zip else next((p.parent.name for p in paths if p.suffix == ".json"),
+                                                               "adapter"))
+    final = _free_name(_ensure_dir(target_root), name)
     with atomic_folder(final) as staging:
-        for relative, data in files.items():
-            destination = (staging / relative).resolve()
-            if staging.resolve() not in destination.parents:
-                raise StudioError(f"unsafe path in upload: {relative!r}.")
-            destination.parent.mkdir(parents=True, exist_ok=True)
-            destination.write_bytes(data)
-            if destination.suffix == ".safetensors":
-                _check_safetensors(destination)
-            elif destination.suffix == ".json":
-                try:
-                    json.loads(data)
-                except ValueError as error:
-                    raise StudioError(f"{relative} is not valid JSON.") from error
+        if is_zip:
+            _extract_zip(paths[0], staging, quota)
+        else:
+            _copy_pair(paths, staging)
+        _check_contents(staging)
+    evict_uploads(target_root, quota.max_folder_bytes, keep={final, *in_use})
     return str(final.relative_to(adapters_dir))
 
 
@@ -69,26 +68,63 @@ def _ensure_dir(path: Path) -> Path:
     return path
 
 
-def _read_zip(path: Path, max_bytes: int) -> dict[str, bytes]:
+def _free_name(root: Path, name: str) -> Path:
+    final, suffix = root / name, 1
+    while final.exists():
+        suffix += 1
+        final = root / f"{name}-{suffix}"
+    return final
+
+
+def _copy_pair(paths: list[Path], staging: Path) -> None:
+    for path in paths:
+        if path.suffix not in (".json", ".safetensors"):
+            raise StudioError(f"{path.name}: only adapter_config.json and .safetensors files are accepted.")
+        shutil.copyfile(path, staging / (CONFIG_NAME if path.suffix == ".json" else WEIGHTS_NAME))
+
+
+def _check_contents(staging: Path) -> None:
+    if not (staging / CONFIG_NAME).is_file() and not (staging / CONTROL_INFO).is_file():
+        raise StudioError("the upload holds no adapter_config.json.")
+    for path in staging.rglob("*"):
+        relative = path.relative_to(staging)
+        if path.suffix == ".safetensors":
+            _check_safetensors(path, relative)
+        elif path.suffix == ".json":
+            try:
+                json.loads(path.read_bytes())
+            except (ValueError, RecursionError) as error:
+                raise StudioError(f"{relative} is not valid JSON.") from error
+
+
+def _extract_zip(path: Path, staging: Path, quota: UploadQuota) -> None:
     try:
         archive = zipfile.ZipFile(path)
     except zipfile.BadZipFile as error:
         raise StudioError(f"{path.name} is not a zip file.") from error
     try:
-        return _read_members(archive, max_bytes)
-    except (zipfile.BadZipFile, RuntimeError, NotImplementedError, OSError) as error:
+        members = _checked_members(archive, path.stat().st_size, quota)
+        _write_members(archive, members, staging, quota.max_bytes)
+    except (zipfile.BadZipFile, RuntimeError, NotImplementedError, OSError, EOFError) as error:
         raise StudioError(f"{path.name} could not be read: {error}") from error
     finally:
         archive.close()
 
 
-def _read_members(archive: zipfile.ZipFile, max_bytes: int) -> dict[str, bytes]:
-    infos = [i for i in archive.infolist() if not i.is_dir()]
-    if sum(i.file_size for i in infos) > max_bytes:
-        raise StudioError("the zip expands beyond the upload size limit.")
-    names = [i.filename for i in infos]
-    prefix = _common_folder(names)
-    files = {}
+def _checked_members(archive: zipfile.ZipFile, zip_size: int, quota: UploadQuota) -> dict[str, zipfile.ZipInfo]:
+    """Members by relative path, after the quota and path checks on the zip's directory alone."""
+    infos = archive.infolist()
+    if len(infos) > quota.max_files:
+        raise StudioError(f"the zip holds {len(infos)} entries; at most {quota.max_files} are accepted.")
+    infos = [i for i in infos if not i.is_dir() and not _is_temporary(i.filename)]
+    expanded = sum(i.file_size for i in infos)
+    if expanded > quota.max_bytes:
+        raise StudioError(f"the zip expands to {expanded} bytes, beyond the {quota.max_bytes}-byte upload limit.")
+    if expanded > quota.max_ratio * max(zip_size, 1):
+        raise StudioError(f"the zip expands {expanded / max(zip_size, 1):.0f} times its size; at most "
+                          f"{quota.max_ratio:g} times is accepted.")
+    prefix = _common_folder([i.filename for i in infos])
+    members = {}
     for info in infos:
         parts = info.filename.replace("\\", "/").split("/")
         if ":" in info.filename or any(part in ("", ".", "..") for part in parts):
@@ -96,8 +132,32 @@ def _read_members(archive: zipfile.ZipFile, max_bytes: int) -> dict[str, bytes]:
         relative = info.filename[len(prefix):]
         if Path(relative).suffix not in ALLOWED_UPLOAD_SUFFIXES:
             raise StudioError(f"{info.filename}: only JSON, safetensors (and README/PNG) files are accepted.")
-        files[relative] = archive.read(info)
-    return files
+        members[relative] = info
+    return members
+
+
+def _write_members(archive: zipfile.ZipFile, members: dict[str, zipfile.ZipInfo], staging: Path, budget: int) -> None:
+    """Copy members out in chunks, stopping at the budget or at a member longer than its header says."""
+    written = 0
+    root = staging.resolve()
+    for relative, info in members.items():
+        destination = (staging / relative).resolve()
+        if root not in destination.parents:
+            raise StudioError(f"unsafe path in upload: {relative!r}.")
+        destination.parent.mkdir(parents=True, exist_ok=True)
+        member_bytes = 0
+        with archive.open(info) as source, open(destination, "wb") as target:
+            while chunk := source.read(CHUNK):
+                member_bytes += len(chunk)
+                written += len(chunk)
+                if member_bytes > info.file_size or written > budget:
+                    raise StudioError(f"{info.filename} expands beyond what the zip declares or the upload limit.")
+                target.write(chunk)
+
+
+def _is_temporary(filename: str) -> bool:
+    """Temporaries a killed training run left in its folder: skipped, not refused."""
+    return any(TEMPORARY_NAME.match(part) for part in filename.replace("\\", "/").split("/"))
 
 
 def _common_folder(names: list[str]) -> str:
@@ -108,10 +168,34 @@ def _common_folder(names: list[str]) -> str:
     return ""
 
 
-def _check_safetensors(path: Path) -> None:
+def _check_safetensors(path: Path, relative: Path) -> None:
     """Open the header only: proves the file is safetensors without reading (or unpickling) data."""
     try:
         with safe_open(str(path), framework="pt") as handle:
             list(handle.keys())
     except Exception as error:  # noqa: BLE001 - any parse failure means "not a safetensors file"
-        raise StudioError(f"{path.name} is not a valid safetensors file ({error}).") from error
+        raise StudioError(f"{relative} is not a valid safetensors file ({error}).") from error
+
+
+def folder_bytes(folder: Path) -> int:
+    return sum(p.stat().st_size for p in folder.rglob("*") if p.is_file() and not p.is_symlink())
+
+
+def evict_uploads(root: Path, max_bytes: int, keep: Collection[Path]) -> list[Path]:
+    """Delete the oldest uploads (by modification time) outside ``keep`` until ``root`` holds at
+    most ``max_bytes``; returns the deleted folders."""
+    folders = sorted((p for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")),
+                     key=lambda p: p.stat().st_mtime)
+    sizes = {folder: folder_bytes(folder) for folder in folders}
+    total = sum(sizes.values())
+    kept = {Path(p).resolve() for p in keep}
+    evicted = []
+    for folder in folders:
+        if total <= max_bytes:
+            break
+        if folder.resolve() in kept:
+            continue
+        shutil.rmtree(folder)
+        total -= sizes[folder]
+        evicted.append(folder)
+    return evicted

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Iterator
+from typing import Any
 
 import torch
 from torch import nn
@@ -16,7 +17,7 @@ from torch import nn
 from .butterfly import BlockGeometry, resolve_geometry
 from .config import BOFTConfig
 from .identifier import IdentifierEmbedding
-from .layers import BOFTConv2d, BOFTLayer, BOFTLinear, check_adapter_name, rotated_dim
+from .layers import BiasShift, BOFTConv2d, BOFTLayer, BOFTLinear, check_adapter_name, rotated_dim
 
 _CONFIGS_ATTR = "_boft_configs"
 _ACTIVE_ATTR = "_boft_active_adapter"
@@ -43,7 +44,16 @@ def active_adapter(model: nn.Module) -> str | None:
     return getattr(model, _ACTIVE_ATTR, None)
 
 
-def _matches(name: str, targets: list[str] | str) -> bool:
+def bias_shifts(model: nn.Module) -> Iterator[tuple[str, nn.Module, BiasShift]]:
+    """Every module carrying adapters' trained biases, with its path and its shift."""
+    for name, module in model.named_modules():
+        shift = BiasShift.of(module)
+        if shift is not None:
+            yield name, module, shift
+
+
+def matches_target(name: str, targets: list[str] | str) -> bool:
+    """PEFT's rule: a list of module-name suffixes, or one regular expression on the full name."""
     if isinstance(targets, str):
         return re.fullmatch(targets, name) is not None
     return any(name == t or name.endswith("." + t) for t in targets)
@@ -71,6 +81,9 @@ def _wrap(model: nn.Module, name: str) -> BOFTLayer:
         return module
     layer = wrapper_class(module)(module, name)
     set_submodule(model, name, layer)
+    shift = BiasShift.of(module)
+    if shift is not None:
+        shift.move(module, layer)
     return layer
 
 
@@ -79,7 +92,7 @@ def _find_targets(model: nn.Module, config: BOFTConfig) -> list[tuple[str, nn.Mo
     for name, module in model.named_modules():
         if not name or ".base_layer" in name or name.endswith("base_layer"):
             continue
-        if not _matches(name, config.target_modules):
+        if not matches_target(name, config.target_modules):
             continue
         if wrapper_class(module) is None:
             raise ValueError(
@@ -160,6 +173,8 @@ def set_adapter(model: nn.Module, name: str) -> None:
         unmerge_adapter(model)
     for _, layer in boft_layers(model):
         layer.active_adapter = name if name in layer.specs else None
+    for _, _, shift in bias_shifts(model):
+        shift.active_adapter = name if name in shift.deltas else None
     setattr(model, _ACTIVE_ATTR, name)
     _mark_trainable(model, name, config.bias)
     if was_merged:
@@ -186,6 +201,9 @@ def set_adapter_strength(model: nn.Module, alpha: float, adapter_name: str | Non
     for _, layer in boft_layers(model):
         if name in layer.specs:
             layer.specs[name].strength = float(alpha)
+    for _, _, shift in bias_shifts(model):
+        if name in shift.strengths:
+            shift.strengths[name] = float(alpha)
     for embedding in identifier_embeddings(model):
         embedding.strength = float(alpha)
     if remerge:
@@ -196,9 +214,14 @@ def identifier_embeddings(model: nn.Module) -> Iterator[IdentifierEmbedding]:
     return (m for m in model.modules() if isinstance(m, IdentifierEmbedding))
 
 
-def _switchable(model: nn.Module) -> Iterator[nn.Module]:
-    """Adapted layers and learned identifier embeddings: the adapter modules of the lifecycle."""
-    return (m for m in model.modules() if isinstance(m, (BOFTLayer, IdentifierEmbedding)))
+def _switchable(model: nn.Module) -> Iterator[Any]:
+    """Adapted layers, learned identifier embeddings and bias shifts: the adapter parts of the lifecycle."""
+    for module in model.modules():
+        if isinstance(module, (BOFTLayer, IdentifierEmbedding)):
+            yield module
+        shift = BiasShift.of(module)
+        if shift is not None:
+            yield shift
 
 
 def has_adapters(model: nn.Module) -> bool:
@@ -248,12 +271,19 @@ def unmerge_adapter(model: nn.Module) -> None:
 def delete_adapter(model: nn.Module, name: str) -> None:
     """Remove adapter ``name``; layers left without adapters go back to their plain base module."""
     require_adapter(model, name)
+    for _, module, shift in list(bias_shifts(model)):
+        shift.remove(name)
+        if not shift.deltas:
+            shift.detach(module)
     for module_name, layer in list(boft_layers(model)):
         if name not in layer.specs:
             continue
         layer.delete_adapter(name)
         if not layer.specs:
             set_submodule(model, module_name, layer.base_layer)
+            shift = BiasShift.of(layer)
+            if shift is not None:
+                shift.move(layer, layer.base_layer)
     del adapter_configs(model)[name]
     if active_adapter(model) == name:
         setattr(model, _ACTIVE_ATTR, None)
@@ -275,6 +305,11 @@ def merged_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
         for name, module in model.named_modules():
             if isinstance(module, IdentifierEmbedding) and not module.adapters_disabled:
                 folded[f"{name}.base_layer.weight"] = module.folded_weight()
+        for name, module, shift in bias_shifts(model):
+            delta = shift.live_delta()
+            if delta is not None:
+                key = f"{name}.base_layer.bias" if isinstance(module, BOFTLayer) else f"{name}.bias"
+                folded[key] = (module.bias.float() + delta.to(module.bias.device)).to(module.bias.dtype)
     return {key.replace(".base_layer.", "."): folded.get(key, value)
             for key, value in model.state_dict().items() if not is_adapter_key(key)}
 

@@ -12,6 +12,11 @@ BIAS_MODES = ("none", "boft_only", "all")
 DEFAULT_TARGET_MODULES = ("to_q", "to_k", "to_v", "to_out.0")
 METADATA_KEY = "boft_diffusion"
 DEFAULT_BLOCK_SIZE = 8
+#: Beyond this the truncated series costs more than the exact solve and gains nothing; an
+#: unbounded count lets one adapter stall every sampler step.
+MAX_NEUMANN_TERMS = 32
+#: Deeper than log2 of any layer width Stable Diffusion has; each factor is one more product per forward.
+MAX_BUTTERFLY_FACTORS = 16
 
 
 @dataclass
@@ -52,8 +57,10 @@ class BOFTConfig:
             raise ValueError(f"dropout must be in [0, 1), got {self.dropout}.")
         if self.bias not in BIAS_MODES:
             raise ValueError(f"bias must be one of {BIAS_MODES}, got {self.bias!r}.")
-        if self.cayley_neumann_terms < 0:
-            raise ValueError(f"cayley_neumann_terms must be >= 0, got {self.cayley_neumann_terms}.")
+        if not 0 <= self.cayley_neumann_terms <= MAX_NEUMANN_TERMS:
+            raise ValueError(f"cayley_neumann_terms must be in [0, {MAX_NEUMANN_TERMS}], got {self.cayley_neumann_terms}.")
+        if self.n_butterfly_factor > MAX_BUTTERFLY_FACTORS:
+            raise ValueError(f"n_butterfly_factor must be <= {MAX_BUTTERFLY_FACTORS}, got {self.n_butterfly_factor}.")
         if not isinstance(self.target_modules, str):
             self.target_modules = list(self.target_modules)
             if not self.target_modules:
@@ -96,18 +103,25 @@ class BOFTConfig:
             raise ValueError(f"not a BOFT adapter config (peft_type={data.get('peft_type')!r}).")
         if data.get("fan_in_fan_out"):
             raise ValueError("fan_in_fan_out=True adapters (Conv1D models) are not supported.")
-        ours = dict(data.get(METADATA_KEY) or {})
+        ours = data.get(METADATA_KEY) or {}
+        if not isinstance(ours, dict):
+            raise ValueError(f"{METADATA_KEY} must be a JSON object, got {type(ours).__name__}.")
+        ours = dict(ours)
         ours.pop("library_version", None)
-        scale = bool(ours.pop("scale", True))
-        neumann = int(ours.pop("cayley_neumann_terms", 0))
+        neumann = _integer(ours, "cayley_neumann_terms", 0)
+        ours.pop("cayley_neumann_terms", None)
+        scale = _boolean(ours.pop("scale", True), "scale")
+        targets = data.get("target_modules") or list(DEFAULT_TARGET_MODULES)
+        if not (isinstance(targets, str) or (isinstance(targets, list) and all(isinstance(t, str) for t in targets))):
+            raise ValueError("target_modules must be a string or a list of strings.")
         return cls(
-            block_size=int(data.get("boft_block_size") or 0),
-            block_num=int(data.get("boft_block_num") or 0),
-            n_butterfly_factor=int(data.get("boft_n_butterfly_factor") or 1),
-            target_modules=data.get("target_modules") or list(DEFAULT_TARGET_MODULES),
-            dropout=float(data.get("boft_dropout") or 0.0),
+            block_size=_integer(data, "boft_block_size", 0),
+            block_num=_integer(data, "boft_block_num", 0),
+            n_butterfly_factor=_integer(data, "boft_n_butterfly_factor", 1),
+            target_modules=targets,
+            dropout=_number(data, "boft_dropout"),
             scale=scale,
-            bias=data.get("bias") or "none",
+            bias=_text(data, "bias", "none"),
             cayley_neumann_terms=neumann,
             base_model_name_or_path=data.get("base_model_name_or_path"),
             metadata=ours,
@@ -115,3 +129,35 @@ class BOFTConfig:
 
     def replace(self, **changes: Any) -> BOFTConfig:
         return dataclasses.replace(self, **changes)
+
+
+def _integer(data: dict[str, Any], key: str, default: int) -> int:
+    """An integer field of a config file (null means the default), refused when of another type."""
+    value = data.get(key)
+    if value is None:
+        return default
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ValueError(f"{key} must be an integer, got {value!r}.")
+    return value
+
+
+def _number(data: dict[str, Any], key: str) -> float:
+    value = data.get(key)
+    if value is None:
+        return 0.0
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise ValueError(f"{key} must be a number, got {value!r}.")
+    return float(value)
+
+
+def _boolean(value: Any, key: str) -> bool:
+    if not isinstance(value, bool):
+        raise ValueError(f"{key} must be true or false, got {value!r}.")
+    return value
+
+
+def _text(data: dict[str, Any], key: str, default: str) -> str:
+    value = data.get(key) or default
+    if not isinstance(value, str):
+        raise ValueError(f"{key} must be a string, got {value!r}.")
+    return value

@@ -15,6 +15,7 @@ import shutil
 import tempfile
 import warnings
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -27,6 +28,7 @@ from .adapters import (
     adapter_configs,
     add_adapter_layers,
     boft_layers,
+    matches_target,
     require_adapter,
     set_adapter,
     wrapper_class,
@@ -34,7 +36,14 @@ from .adapters import (
 from .butterfly import BlockGeometry, resolve_geometry
 from .config import BOFTConfig
 from .identifier import identifier_embedding, install_identifier_embeddings, token_ids
-from .layers import ADAPTER_NAME_PATTERN, BOFTLayer, check_adapter_name, rotated_dim
+from .layers import (
+    ADAPTER_NAME_PATTERN,
+    SHIFTABLE_BIAS_MODULES,
+    BiasShift,
+    BOFTLayer,
+    check_adapter_name,
+    rotated_dim,
+)
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
@@ -56,31 +65,120 @@ def adapter_state_dict(model: nn.Module, adapter_name: str = "default") -> dict[
         tensors[f"{PEFT_PREFIX}{name}.boft_R"] = boft_r.cpu()
         tensors[f"{PEFT_PREFIX}{name}.boft_s"] = boft_s.cpu()
         if config.bias != "none" and layer.bias is not None:
-            tensors[f"{PEFT_PREFIX}{name}.base_layer.bias"] = layer.bias.detach().float().cpu().contiguous()
-            adapted_biases.add(f"{name}.base_layer.bias")
+            tensors[f"{PEFT_PREFIX}{name}.base_layer.bias"] = _trained_bias(layer, adapter_name)
+            adapted_biases.add(name)
     if config.bias == "all":
-        for name, param in model.named_parameters():
-            if name.endswith(".bias") and name not in adapted_biases:
+        for name, _ in model.named_parameters():
+            module_name = name[: -len(".bias")].removesuffix(".base_layer") if name.endswith(".bias") else None
+            if module_name is not None and module_name not in adapted_biases:
                 # a layer wrapped only for another adapter is written under its plain name
-                tensors[f"{PEFT_PREFIX}{name.replace('.base_layer.', '.')}"] = param.detach().float().cpu().contiguous()
+                tensors[f"{PEFT_PREFIX}{module_name}.bias"] = _trained_bias(model.get_submodule(module_name), adapter_name)
     return tensors
+
+
+def _trained_bias(module: nn.Module, adapter_name: str) -> torch.Tensor:
+    """The module's bias as adapter ``adapter_name`` sees it: the base bias plus the adapter's shift."""
+    bias = module.bias.detach().float().cpu()
+    shift = BiasShift.of(module)
+    if shift is not None and adapter_name in shift.deltas:
+        bias = bias + shift.deltas[adapter_name]
+    return bias.contiguous()
+
+
+#: Names of the temporaries atomic writes leave when killed: ``.<name>.<pid>.<random>.tmp`` (a file),
+#: ``.<name>.tmp-<pid>`` (a folder) and ``.<name>.trash-<pid>`` (a folder being deleted).
+TEMPORARY_NAME = re.compile(r"^\..+?\.(?:(?P<file_pid>\d+)\.[^.]+\.tmp|tmp-(?P<folder_pid>\d+)|trash-(?P<trash_pid>\d+))$")
+
+
+class WriteError(OSError):
+    """A file could not be written (disk full, permissions); names the file, replaced nothing."""
+
+    def __init__(self, path: str | os.PathLike, error: BaseException) -> None:
+        reason = error.strerror if isinstance(error, OSError) and error.strerror else str(error)
+        super().__init__(getattr(error, "errno", None), f"could not write {path}: {reason}")
+        self.path = Path(path)
+
+    def __str__(self) -> str:
+        return self.strerror
+
+
+def write_or_explain(path: str | os.PathLike, writer: Callable[[], object]) -> None:
+    """Run ``writer`` (which writes ``path``), turning an OSError or a safetensors I/O error into a WriteError."""
+    try:
+        writer()
+    except WriteError:
+        raise
+    except (OSError, SafetensorError) as error:
+        raise WriteError(path, error) from error
+
+
+def _readable_by_others(path: str) -> None:
+    """mkstemp creates files 0600; give the final file the mode a plain open() would (umask applies)."""
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(path, 0o666 & ~umask)
 
 
 def atomic_write(folder: str | os.PathLike, files: dict[str, Callable[[str], object]]) -> Path:
     """Write each file of ``folder`` through ``writer(temporary_path)`` and rename it into place,
-    so that an interrupted write leaves the previous file intact."""
+    so that an interrupted write leaves the previous file intact. A failed write raises
+    WriteError naming the file."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     for filename, writer in files.items():
-        fd, tmp = tempfile.mkstemp(prefix=f".{filename}.", suffix=".tmp", dir=folder)
+        fd, tmp = tempfile.mkstemp(prefix=f".{filename}.{os.getpid()}.", suffix=".tmp", dir=folder)
         os.close(fd)
         try:
-            writer(tmp)
+            write_or_explain(folder / filename, lambda writer=writer, tmp=tmp: writer(tmp))
+            _readable_by_others(tmp)
             os.replace(tmp, folder / filename)
         finally:
             if os.path.exists(tmp):
                 os.unlink(tmp)
     return folder
+
+
+def remove_folder(folder: str | os.PathLike) -> None:
+    """Delete a folder so that a kill midway never leaves it half deleted under its own name:
+    rename it to a hidden tombstone first (``remove_stale_temporaries`` finishes a killed delete)."""
+    folder = Path(folder)
+    tombstone = folder.with_name(f".{folder.name}.trash-{os.getpid()}")
+    os.rename(folder, tombstone)
+    shutil.rmtree(tombstone)
+
+
+def _process_alive(pid: int) -> bool:
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def remove_stale_temporaries(folder: str | os.PathLike) -> list[Path]:
+    """Remove the temporaries of atomic writes under ``folder`` whose process is gone (killed runs);
+    returns what was removed. Those of live processes (a concurrent writer) are left alone."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        return []
+    removed = []
+    for path in sorted(folder.rglob(".*"), key=lambda p: len(p.parts)):
+        match = TEMPORARY_NAME.match(path.name)
+        if match is None or not path.exists():
+            continue
+        pid = int(next(value for value in match.groupdict().values() if value is not None))
+        if _process_alive(pid):
+            continue
+        if path.is_dir() and not path.is_symlink():
+            shutil.rmtree(path)
+        else:
+            path.unlink()
+        removed.append(path)
+    return removed
 
 
 @contextlib.contextmanager
@@ -101,11 +199,26 @@ def atomic_folder(final: str | os.PathLike, fsync: bool = False) -> Iterator[Pat
                     with open(path, "rb") as handle:
                         os.fsync(handle.fileno())
         if final.exists():
-            shutil.rmtree(final)
+            remove_folder(final)
         os.rename(tmp, final)
     finally:
         if tmp.exists():
             shutil.rmtree(tmp)
+
+
+def read_json_object(path: str | os.PathLike) -> dict[str, Any]:
+    """A JSON file holding an object, with one clear ValueError for anything else (bad JSON,
+    nesting too deep to parse, another type)."""
+    path = Path(path)
+    try:
+        data = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise ValueError(f"{path} is not valid JSON: {error}") from error
+    except RecursionError as error:
+        raise ValueError(f"{path} is nested too deeply to be a configuration file.") from error
+    if not isinstance(data, dict):
+        raise ValueError(f"{path} does not hold a JSON object.")
+    return data
 
 
 def save_adapter(
@@ -141,13 +254,11 @@ def read_adapter_config(path: str | os.PathLike) -> BOFTConfig:
     config_file = Path(path) / CONFIG_NAME
     if not config_file.is_file():
         raise FileNotFoundError(f"{config_file} not found: not an adapter folder.")
+    data = read_json_object(config_file)
     try:
-        data = json.loads(config_file.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as error:
-        raise ValueError(f"{config_file} is not valid JSON: {error}") from error
-    if not isinstance(data, dict):
-        raise ValueError(f"{config_file} does not hold a JSON object.")
-    return BOFTConfig.from_peft_dict(data)
+        return BOFTConfig.from_peft_dict(data)
+    except (TypeError, ValueError) as error:
+        raise ValueError(f"{config_file}: {error}") from error
 
 
 def _read_tensors(path: Path) -> dict[str, torch.Tensor]:
@@ -161,13 +272,103 @@ def _read_tensors(path: Path) -> dict[str, torch.Tensor]:
 
 
 def _split_peft_key(key: str) -> tuple[str, str]:
-    """``base_model.model.a.b.boft_R`` -> (``a.b``, ``boft_R``)."""
+    """``base_model.model.a.b.boft_R`` -> (``a.b``, ``boft_R``); a plain bias -> (``a.b``, ``bias``)."""
     if key.startswith(PEFT_PREFIX):
         key = key[len(PEFT_PREFIX) :]
-    for suffix in (".boft_R", ".boft_s", ".base_layer.bias"):
+    for suffix in (".boft_R", ".boft_s", ".base_layer.bias", ".bias"):
         if key.endswith(suffix):
             return key[: -len(suffix)], suffix[1:]
     return key, ""
+
+
+@dataclass
+class _AdapterFile:
+    """An adapter file sorted by module: BOFT tensors of the modules it adapts, and trained biases."""
+
+    boft: dict[str, dict[str, torch.Tensor]]
+    biases: dict[str, torch.Tensor]
+
+
+def _sort_tensors(tensors: dict[str, torch.Tensor], config: BOFTConfig) -> _AdapterFile:
+    """Apply the loading rule: a file holds only what its config declares for the modules it names.
+
+    ``boft_R`` / ``boft_s`` of modules its ``target_modules`` name; the biases of those modules
+    when ``bias`` is "boft_only" or "all"; any module's bias when ``bias`` is "all". Every
+    tensor must be finite floating point. Anything else is refused before a weight is touched.
+    """
+    sorted_file = _AdapterFile({}, {})
+    layer_biases = []
+    for key, tensor in tensors.items():
+        module_name, kind = _split_peft_key(key)
+        if not kind or not module_name:
+            raise ValueError(f"adapter file holds {key!r}, which is no BOFT tensor or bias.")
+        if kind in ("boft_R", "boft_s") and not matches_target(module_name, config.target_modules):
+            raise ValueError(f"adapter file holds {key!r}, but its config's target_modules "
+                             f"{config.target_modules!r} do not name {module_name!r}.")
+        if kind == "base_layer.bias" and config.bias == "none":
+            raise ValueError(f"adapter file holds the bias {key!r}, but its config says bias='none'.")
+        if kind == "bias" and config.bias != "all":
+            raise ValueError(f"adapter file holds the bias {key!r} of a module it does not adapt, but its "
+                             f"config says bias={config.bias!r} (only 'all' trains those).")
+        if not tensor.is_floating_point():
+            raise ValueError(f"adapter file: {key!r} holds {tensor.dtype} values, not floating point.")
+        if not torch.isfinite(tensor).all():
+            raise ValueError(f"adapter file: {key!r} holds NaN or infinite values.")
+        if kind in ("boft_R", "boft_s"):
+            sorted_file.boft.setdefault(module_name, {})[kind] = tensor
+        else:
+            sorted_file.biases[module_name] = tensor
+            if kind == "base_layer.bias":
+                layer_biases.append(module_name)
+    if not sorted_file.boft:
+        raise ValueError("adapter file holds no boft_R tensors.")
+    for name in layer_biases:
+        if name not in sorted_file.boft:
+            raise ValueError(f"adapter file holds {name}.base_layer.bias but no boft_R for {name!r}.")
+    return sorted_file
+
+
+def _base_module(module: nn.Module) -> nn.Module:
+    return module.base_layer if isinstance(module, BOFTLayer) else module
+
+
+def _check_boft_tensors(module_name: str, module: nn.Module | None, parts: dict[str, torch.Tensor]) -> BlockGeometry:
+    """The geometry the file's tensors give this module, checked against its shapes."""
+    if module is None or wrapper_class(module) is None:
+        raise ValueError(
+            f"adapter module {module_name!r} does not exist in this model as a Linear or Conv2d; "
+            "the adapter was made for another model."
+        )
+    if "boft_R" not in parts:
+        raise ValueError(f"adapter file has no boft_R for module {module_name!r}.")
+    base = _base_module(module)
+    boft_r = parts["boft_R"]
+    dim, out = rotated_dim(base), base.weight.shape[0]
+    if boft_r.dim() != 4 or boft_r.shape[2] != boft_r.shape[3] or boft_r.shape[1] * boft_r.shape[2] != dim:
+        raise ValueError(
+            f"{module_name}: adapter boft_R has shape {list(boft_r.shape)} but the module's rotated "
+            f"dimension is {dim} (expected [m, N, b, b] with N * b = {dim}); the adapter was made for another model."
+        )
+    m, _, b, _ = boft_r.shape
+    try:
+        geometry = resolve_geometry(dim, b, 0, m, module_name)
+    except ValueError as error:
+        raise ValueError(f"adapter file: {error}") from error
+    boft_s = parts.get("boft_s")
+    if boft_s is not None and boft_s.numel() != out:
+        raise ValueError(
+            f"{module_name}: adapter boft_s has shape {list(boft_s.shape)} but the module has {out} outputs."
+        )
+    return geometry
+
+
+def _check_bias(module_name: str, module: nn.Module | None, bias: torch.Tensor) -> None:
+    base = None if module is None else _base_module(module)
+    if base is None or getattr(base, "bias", None) is None or not isinstance(base, SHIFTABLE_BIAS_MODULES):
+        raise ValueError(f"adapter bias {module_name}.bias does not match a bias of this model.")
+    if bias.shape != base.bias.shape:
+        raise ValueError(f"{module_name}: adapter bias has shape {list(bias.shape)}, module bias "
+                         f"{list(base.bias.shape)}.")
 
 
 def load_adapter_state_dict(
@@ -176,61 +377,16 @@ def load_adapter_state_dict(
     """Create adapter ``adapter_name`` from PEFT-layout tensors; the model is unchanged on error.
 
     The butterfly depth of each module is read from its ``boft_R`` shape, never from the config.
+    Trained biases become a shift owned by the adapter: the base weights are never written.
     """
     check_adapter_name(adapter_name)
     if adapter_name in adapter_configs(model):
         raise ValueError(f"adapter {adapter_name!r} already exists; delete_adapter it or choose another name.")
+    adapter_file = _sort_tensors(tensors, config)
     modules = dict(model.named_modules())
-    per_module: dict[str, dict[str, torch.Tensor]] = {}
-    plain_biases: dict[str, torch.Tensor] = {}
-    for key, tensor in tensors.items():
-        module_name, kind = _split_peft_key(key)
-        if kind:
-            per_module.setdefault(module_name, {})[kind] = tensor
-        elif key.endswith(".bias"):
-            plain_biases[module_name[: -len(".bias")]] = tensor
-        else:
-            raise ValueError(f"adapter file holds an unexpected tensor {key!r}.")
-    if not per_module:
-        raise ValueError("adapter file holds no boft_R tensors.")
-
-    geometries: dict[str, BlockGeometry] = {}
-    for module_name, parts in per_module.items():
-        module = modules.get(module_name)
-        if module is None or wrapper_class(module) is None:
-            raise ValueError(
-                f"adapter module {module_name!r} does not exist in this model as a Linear or Conv2d; "
-                "the adapter was made for another model."
-            )
-        if "boft_R" not in parts:
-            raise ValueError(f"adapter file has no boft_R for module {module_name!r}.")
-        base = module.base_layer if isinstance(module, BOFTLayer) else module
-        boft_r = parts["boft_R"]
-        dim, out = rotated_dim(base), base.weight.shape[0]
-        if boft_r.dim() != 4 or boft_r.shape[2] != boft_r.shape[3] or boft_r.shape[1] * boft_r.shape[2] != dim:
-            raise ValueError(
-                f"{module_name}: adapter boft_R has shape {list(boft_r.shape)} but the module's rotated "
-                f"dimension is {dim} (expected [m, N, b, b] with N * b = {dim}); the adapter was made for another model."
-            )
-        m, n, b, _ = boft_r.shape
-        try:
-            geometries[module_name] = resolve_geometry(dim, b, 0, m, module_name)
-        except ValueError as error:
-            raise ValueError(f"adapter file: {error}") from error
-        boft_s = parts.get("boft_s")
-        if boft_s is not None and boft_s.numel() != out:
-            raise ValueError(
-                f"{module_name}: adapter boft_s has shape {list(boft_s.shape)} but the module has {out} outputs."
-            )
-        bias = parts.get("base_layer.bias")
-        if bias is not None and (base.bias is None or bias.shape != base.bias.shape):
-            expected = None if base.bias is None else list(base.bias.shape)
-            raise ValueError(f"{module_name}: adapter bias has shape {list(bias.shape)}, module bias {expected}.")
-    params = {n.replace(".base_layer.", "."): p for n, p in model.named_parameters()}
-    for name, bias in plain_biases.items():
-        target = params.get(f"{name}.bias")
-        if target is None or target.shape != bias.shape:
-            raise ValueError(f"adapter bias {name}.bias does not match a bias of this model.")
+    geometries = {name: _check_boft_tensors(name, modules.get(name), parts) for name, parts in adapter_file.boft.items()}
+    for name, bias in adapter_file.biases.items():
+        _check_bias(name, modules.get(name), bias)
 
     depths = {g.n_factors for g in geometries.values()}
     if depths != {config.n_butterfly_factor}:
@@ -241,15 +397,11 @@ def load_adapter_state_dict(
         )
         config = config.replace(n_butterfly_factor=max(depths))
     add_adapter_layers(model, adapter_name, config, geometries)
-    for module_name, parts in per_module.items():
-        layer = model.get_submodule(module_name)
-        layer.load_peft_tensors(adapter_name, parts["boft_R"], parts.get("boft_s"))
-        if "base_layer.bias" in parts:
-            with torch.no_grad():
-                layer.bias.copy_(parts["base_layer.bias"])
-    with torch.no_grad():
-        for name, bias in plain_biases.items():
-            params[f"{name}.bias"].copy_(bias)
+    for module_name, parts in adapter_file.boft.items():
+        model.get_submodule(module_name).load_peft_tensors(adapter_name, parts["boft_R"], parts.get("boft_s"))
+    for module_name, bias in adapter_file.biases.items():
+        module = model.get_submodule(module_name)
+        BiasShift.ensure(module).add(adapter_name, bias.float() - module.bias.detach().float().cpu())
     adapter_configs(model)[adapter_name] = config
 
 
@@ -326,6 +478,8 @@ def read_identifier_embeddings(
         raise ValueError(f"{path} is not a readable safetensors file: {error}") from error
     width = text_encoder.get_input_embeddings().weight.shape[1]
     for word, vector in tensors.items():
+        if not vector.is_floating_point() or not torch.isfinite(vector).all():
+            raise ValueError(f"{path}: the vector for {word!r} holds NaN, infinite or non-float values.")
         if vector.shape != (width,):
             raise ValueError(f"{path}: the vector for {word!r} has shape {list(vector.shape)}, but this text "
                              f"encoder embeds tokens in {width} dimensions; it was made for another model.")

@@ -320,3 +320,84 @@ class BOFTConv2d(BOFTLayer):
             y = conv._conv_forward(rotated, self.weight, self.bias)
             return _apply_magnitude(y, self.magnitude(name), self.bias, channel_dim=1)
         return conv._conv_forward(x, self.folded_weight(name, apply_dropout=self.training), self.bias)
+
+
+def _channel_first(module: nn.Module) -> bool:
+    """Whether the module's bias acts on dimension 1 of its output (convolutions, group and batch norms)."""
+    base = module.base_layer if isinstance(module, BOFTLayer) else module
+    return isinstance(base, (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.GroupNorm, nn.modules.batchnorm._BatchNorm))
+
+
+#: Modules whose output is ``f(x) + bias``, so a trained bias can be applied as a shift of the output.
+SHIFTABLE_BIAS_MODULES = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.GroupNorm, nn.LayerNorm,
+                          nn.modules.batchnorm._BatchNorm)
+
+
+class BiasShift:
+    """Trained biases of adapters, added to one module's output while their adapter is live.
+
+    Loading an adapter never writes the shared base bias: it stores ``trained - base`` here,
+    owned by the adapter, so disabling or deleting the adapter gives back the base bit for bit.
+    It lives on the module through a forward hook (the module and its state dict are unchanged).
+    """
+
+    ATTRIBUTE = "_boft_bias_shift"
+
+    def __init__(self) -> None:
+        self.deltas: dict[str, torch.Tensor] = {}
+        self.strengths: dict[str, float] = {}
+        self.active_adapter: str | None = None
+        self.adapters_disabled = False
+        self._handle = None
+
+    @classmethod
+    def of(cls, module: nn.Module) -> BiasShift | None:
+        return getattr(module, cls.ATTRIBUTE, None)
+
+    @classmethod
+    def ensure(cls, module: nn.Module) -> BiasShift:
+        shift = cls.of(module)
+        if shift is None:
+            shift = cls()
+            shift.attach(module)
+        return shift
+
+    def attach(self, module: nn.Module) -> None:
+        setattr(module, self.ATTRIBUTE, self)
+        self._handle = module.register_forward_hook(self._shift_output)
+
+    def detach(self, module: nn.Module) -> None:
+        self._handle.remove()
+        delattr(module, self.ATTRIBUTE)
+
+    def move(self, source: nn.Module, target: nn.Module) -> None:
+        """Follow the module when an adapter wraps it or unwraps it."""
+        self.detach(source)
+        self.attach(target)
+
+    def add(self, name: str, delta: torch.Tensor) -> None:
+        self.deltas[name] = delta.detach().float().clone()
+        self.strengths[name] = 1.0
+
+    def remove(self, name: str) -> None:
+        self.deltas.pop(name, None)
+        self.strengths.pop(name, None)
+        if self.active_adapter == name:
+            self.active_adapter = None
+
+    def live_delta(self) -> torch.Tensor | None:
+        if self.adapters_disabled or self.active_adapter not in self.deltas:
+            return None
+        return self.deltas[self.active_adapter] * self.strengths[self.active_adapter]
+
+    def unmerge(self) -> None:
+        """Shifts are never merged into the base bias; nothing to undo."""
+
+    def _shift_output(self, module: nn.Module, inputs: tuple, output: torch.Tensor) -> torch.Tensor:
+        delta = self.live_delta()
+        if delta is None:
+            return output
+        delta = delta.to(output.device, output.dtype)
+        if _channel_first(module):
+            delta = delta.view([1, -1] + [1] * (output.dim() - 2))
+        return output + delta

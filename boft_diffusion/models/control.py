@@ -30,10 +30,21 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from ..core.adapters import adapter_configs, base_state_dict
-from ..core.files import atomic_write
+from ..core.files import atomic_write, read_json_object
 from .images import image_to_tensor, to_rgb
 
 ENCODER_CONFIG = "control_encoder_config.json"
+ENCODER_FIELDS = ("out_channels", "downscale", "hidden", "in_channels")
+MAX_ENCODER_HIDDEN = 1024
+CONDITION_CHANNELS = 3  # conditioning images are RGB
+#: Architecture fields a ControlNet copies from its UNet; an untrusted config must match them.
+CONTROLNET_SHARED_FIELDS = ("in_channels", "block_out_channels", "down_block_types", "layers_per_block",
+                            "cross_attention_dim", "attention_head_dim", "num_attention_heads", "norm_num_groups",
+                            "transformer_layers_per_block", "only_cross_attention", "use_linear_projection",
+                            "addition_embed_type", "projection_class_embeddings_input_dim", "class_embed_type",
+                            "num_class_embeds", "encoder_hid_dim", "encoder_hid_dim_type", "time_embedding_type",
+                            "time_embedding_dim", "mid_block_type", "flip_sin_to_cos", "freq_shift")
+MAX_EMBEDDING_LEVELS = 6
 ENCODER_WEIGHTS = "control_encoder.safetensors"
 LIGHT, CONTROLNET = "light", "controlnet"
 
@@ -70,19 +81,66 @@ class ControlEncoder(nn.Module):
         })
 
     @classmethod
-    def load(cls, folder: str | os.PathLike, out_channels: int | None = None, downscale: int | None = None) -> ControlEncoder:
-        """Rebuild a saved encoder; the config is checked (and sizes capped) before anything is allocated."""
+    def load(cls, folder: str | os.PathLike, out_channels: int, downscale: int) -> ControlEncoder:
+        """Rebuild a saved encoder for a UNet with ``out_channels`` after ``conv_in`` and a VAE that
+        downscales by ``downscale``; the config is checked before anything is allocated, the
+        weights before they are used."""
         folder = Path(folder)
-        config = json.loads((folder / ENCODER_CONFIG).read_text())
-        expected = {"out_channels": out_channels, "downscale": downscale}
-        for key, value in expected.items():
-            if value is not None and config.get(key) != value:
-                raise ValueError(f"{folder / ENCODER_CONFIG}: {key} is {config.get(key)}, this model needs {value}.")
-        if set(config) - {"out_channels", "downscale", "hidden", "in_channels"} or not 0 < int(config.get("hidden", 32)) <= 1024:
-            raise ValueError(f"{folder / ENCODER_CONFIG} is not a control encoder config of this library.")
+        config = read_json_object(folder / ENCODER_CONFIG)
+        check_encoder_config(config, out_channels, downscale, folder / ENCODER_CONFIG)
         encoder = cls(**config)
-        encoder.load_state_dict(load_file(str(folder / ENCODER_WEIGHTS)))
+        weights = folder / ENCODER_WEIGHTS
+        tensors = load_file(str(weights))
+        check_finite(tensors, weights)
+        try:
+            encoder.load_state_dict(tensors)
+        except RuntimeError as error:
+            raise ValueError(f"{weights} does not match its config: {error}") from error
         return encoder
+
+
+def check_encoder_config(config: dict[str, Any], out_channels: int, downscale: int, path: Path) -> None:
+    """Every number of a light control encoder config: what this model needs, and a bounded width."""
+    unknown = set(config) - set(ENCODER_FIELDS)
+    if unknown:
+        raise ValueError(f"{path} is not a control encoder config of this library (unknown {sorted(unknown)}).")
+    for key in ENCODER_FIELDS:
+        value = config.get(key)
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ValueError(f"{path}: {key} must be an integer, got {value!r}.")
+    needed = {"out_channels": out_channels, "downscale": downscale, "in_channels": CONDITION_CHANNELS}
+    for key, value in needed.items():
+        if config[key] != value:
+            raise ValueError(f"{path}: {key} is {config[key]}, this model needs {value}.")
+    if not 0 < config["hidden"] <= MAX_ENCODER_HIDDEN:
+        raise ValueError(f"{path}: hidden is {config['hidden']}, it must be in [1, {MAX_ENCODER_HIDDEN}].")
+
+
+def check_finite(tensors: dict[str, torch.Tensor], path: Path) -> None:
+    """Refuse weights that would sample NaN or black images."""
+    for key, tensor in tensors.items():
+        if not tensor.is_floating_point() or not torch.isfinite(tensor).all():
+            raise ValueError(f"{path}: {key!r} holds NaN, infinite or non-float values.")
+
+
+def check_controlnet_config(config: dict[str, Any], unet_config: Any, path: Path) -> None:
+    """A ControlNet config from an untrusted folder must describe a copy of this UNet, so that
+    building it allocates what the UNet does and no more."""
+    for key in CONTROLNET_SHARED_FIELDS:
+        if key in config and key in unet_config and _as_list(config[key]) != _as_list(unet_config[key]):
+            raise ValueError(f"{path}: {key} is {config[key]!r}, this model's UNet has {unet_config[key]!r}.")
+    widest = max(unet_config["block_out_channels"])
+    channels = config.get("conditioning_embedding_out_channels", [])
+    if not (isinstance(channels, list) and len(channels) <= MAX_EMBEDDING_LEVELS and all(
+            isinstance(c, int) and not isinstance(c, bool) and 0 < c <= widest for c in channels)):
+        raise ValueError(f"{path}: conditioning_embedding_out_channels must be at most {MAX_EMBEDDING_LEVELS} "
+                         f"integers in [1, {widest}], got {channels!r}.")
+    if config.get("conditioning_channels", CONDITION_CHANNELS) != CONDITION_CHANNELS:
+        raise ValueError(f"{path}: conditioning_channels must be {CONDITION_CHANNELS}.")
+
+
+def _as_list(value: Any) -> Any:
+    return list(value) if isinstance(value, (list, tuple)) else value
 
 
 def encoder_for_unet(unet, vae_scale_factor: int) -> ControlEncoder:

@@ -8,7 +8,6 @@ benchmarks use it.
 
 from __future__ import annotations
 
-import json
 import os
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -32,16 +31,30 @@ from ..core.files import (
     install_identifier_embeddings,
     load_adapter,
     read_identifier_embeddings,
+    read_json_object,
 )
 from ..core.identifier import remove_identifier_embeddings
-from ..models.control import LIGHT, Control, ControlEncoder, controlnet_from_unet
+from ..models.control import (
+    CONTROLNET,
+    LIGHT,
+    Control,
+    ControlEncoder,
+    check_controlnet_config,
+    check_finite,
+    controlnet_from_unet,
+)
 from .write import CONTROL_INFO, CONTROLNET_CONFIG, CONTROLNET_FOLDER, CONTROLNET_TRAINABLE, TEXT_ENCODER_FOLDER
 
 
 def read_control_info(folder: str | os.PathLike) -> dict[str, Any] | None:
     """The ``control.json`` of a control folder, or None for any other folder."""
     path = Path(folder) / CONTROL_INFO
-    return json.loads(path.read_text()) if path.is_file() else None
+    if not path.is_file():
+        return None
+    info = read_json_object(path)
+    if info.get("mode") not in (LIGHT, CONTROLNET):
+        raise ValueError(f"{path}: mode must be {LIGHT!r} or {CONTROLNET!r}, got {info.get('mode')!r}.")
+    return info
 
 
 @dataclass
@@ -99,11 +112,13 @@ class TrainedAdapter:
 
 
 def load_outputs(pipe, folder: str | os.PathLike, adapter_name: str | None = None,
-                 load: Callable[..., object] = load_adapter) -> TrainedAdapter:
+                 load: Callable[..., object] = load_adapter, untrusted: bool = False) -> TrainedAdapter:
     """Load a train_dreambooth.py or train_controlnet.py output folder onto ``pipe``.
 
     ``load`` reads one adapter folder into a model (BOFT by default; the LoRA baseline's loader
-    for its folders). A folder for another model raises ValueError naming the part.
+    for its folders). A folder for another model raises ValueError naming the part. An
+    ``untrusted`` folder (an upload) may only name a ControlNet inside itself, whose config must
+    describe a copy of the pipeline's UNet.
     """
     folder = Path(folder)
 
@@ -116,7 +131,7 @@ def load_outputs(pipe, folder: str | os.PathLike, adapter_name: str | None = Non
     control = None
     info = read_control_info(folder)
     if info is not None:
-        control = _load_control(pipe, folder, info)
+        control = _load_control(pipe, folder, info, untrusted)
     if info is None or (folder / CONFIG_NAME).is_file():
         name = load_into(pipe.unet, folder)
         models.append(pipe.unet)
@@ -131,24 +146,42 @@ def load_outputs(pipe, folder: str | os.PathLike, adapter_name: str | None = Non
     return TrainedAdapter(pipe, folder, name, models, identifier, control)
 
 
-def _load_control(pipe, folder: Path, info: dict[str, Any]) -> Control:
+def _load_control(pipe, folder: Path, info: dict[str, Any], untrusted: bool) -> Control:
     """The light encoder, or the ControlNet with its adapter and fully trained parts."""
     if info["mode"] == LIGHT:
         encoder = ControlEncoder.load(folder, pipe.unet.conv_in.out_channels, pipe.vae_scale_factor)
         return Control(LIGHT, encoder=encoder.to(pipe.unet.device))
-    if info.get("controlnet_source"):
+    source = info.get("controlnet_source")
+    if source:
         from diffusers import ControlNetModel
 
-        controlnet = ControlNetModel.from_pretrained(info["controlnet_source"])
+        if untrusted:
+            source = _controlnet_inside(folder, source, pipe.unet.config)
+        controlnet = ControlNetModel.from_pretrained(source, local_files_only=untrusted)
     else:
         controlnet = controlnet_from_unet(pipe.unet, pipe.vae_scale_factor)
-    config = json.loads((folder / CONTROLNET_CONFIG).read_text())
+    config = read_json_object(folder / CONTROLNET_CONFIG)
+    if untrusted:
+        check_controlnet_config(config, pipe.unet.config, folder / CONTROLNET_CONFIG)
     if config.get("block_out_channels") and list(config["block_out_channels"]) != list(controlnet.config.block_out_channels):
         raise ValueError(f"{folder} was trained for another UNet (block_out_channels {config['block_out_channels']}).")
     tensors = load_file(str(folder / CONTROLNET_TRAINABLE))
+    check_finite(tensors, folder / CONTROLNET_TRAINABLE)
     _, unexpected = controlnet.load_state_dict(tensors, strict=False)
     if unexpected:
         raise ValueError(f"{folder / CONTROLNET_TRAINABLE} holds tensors this ControlNet lacks: {unexpected[:3]}")
     load_adapter(controlnet, folder / CONTROLNET_FOLDER)
     controlnet.to(pipe.unet.device, pipe.unet.dtype)
     return Control.for_controlnet(pipe, controlnet)
+
+
+def _controlnet_inside(folder: Path, source: Any, unet_config: Any) -> str:
+    """The ControlNet folder an untrusted control folder names, which must lie inside it (never
+    a server path or a hub id), with a config that copies this UNet."""
+    root = folder.resolve()
+    path = (root / source).resolve() if isinstance(source, str) else None
+    if path is None or root not in path.parents or not (path / "config.json").is_file():
+        raise ValueError(f"{folder / CONTROL_INFO}: controlnet_source must name a ControlNet folder inside the "
+                         "uploaded folder.")
+    check_controlnet_config(read_json_object(path / "config.json"), unet_config, path / "config.json")
+    return str(path)

@@ -17,6 +17,7 @@ from ..core.adapters import apply_boft, disable_adapters, enable_adapters
 from ..core.config import DEFAULT_TARGET_MODULES
 from ..models.bundled import EXAMPLE_CONTROL_DATA
 from ..models.control import (
+    CONTROLNET,
     LIGHT,
     Control,
     controlnet_from_unet,
@@ -179,6 +180,14 @@ def default_validation_pairs(count: int = 4) -> list[tuple[Image.Image, str]]:
     return [(world.render_mask(s).convert("RGB"), world.caption(s)) for s in world.free_placement_scenes(count, seed=99, held_out=True)]
 
 
+def check_half_precision_device(args: argparse.Namespace, device: torch.device) -> None:
+    """Refuse a setting that would crash at the first step: on CPU there is no autocast for the
+    ControlNet's float32 conditioning embedding between its half-precision blocks."""
+    if args.control == CONTROLNET and args.mixed_precision != "no" and device.type == "cpu":
+        raise TrainingError(f"--mixed_precision {args.mixed_precision} with --control controlnet needs a GPU; on CPU "
+                            "pass --mixed_precision no (--control light trains in half precision on CPU too).")
+
+
 def run(args: argparse.Namespace) -> dict[str, Any]:
     """Train control as described by parsed ``train_controlnet.py`` flags."""
     args.guidance_scale = default_guidance(args.pretrained_model_name_or_path, args.guidance_scale)
@@ -188,6 +197,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         raise TrainingError("--validation_image and --validation_prompt must come in pairs (same count).")
     accelerator = make_accelerator(config)
     dtype = weight_dtype(accelerator)
+    check_half_precision_device(args, accelerator.device)
     pipe = load_pipeline(args.pretrained_model_name_or_path, dtype=torch.float32,
                          device=accelerator.device, revision=args.revision, variant=args.variant)
     pipe.set_progress_bar_config(disable=True)

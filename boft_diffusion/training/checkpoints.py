@@ -2,7 +2,9 @@
 
 A checkpoint folder ``checkpoint-<step>`` holds the trainable tensors, the optimiser state,
 the LR scheduler state and the trainer state. It is written under a temporary name and renamed
-into place, so a run killed at any moment leaves every earlier checkpoint intact.
+into place, so a run killed at any moment leaves every earlier checkpoint intact. Its completion
+marker, written last, lists every file with its size: a folder counts as a checkpoint only while
+that list holds. Old checkpoints are renamed to a hidden tombstone before they are deleted.
 """
 
 from __future__ import annotations
@@ -10,14 +12,13 @@ from __future__ import annotations
 import json
 import os
 import re
-import shutil
 from pathlib import Path
 from typing import Any
 
 import torch
 from safetensors.torch import load_file, save_file
 
-from ..core.files import atomic_folder
+from ..core.files import atomic_folder, remove_folder, write_or_explain
 
 CHECKPOINT_PATTERN = re.compile(r"^checkpoint-(\d+)$")
 TRAINABLE_FILE = "trainable.safetensors"
@@ -25,6 +26,19 @@ OPTIMIZER_TENSORS = "optimizer.safetensors"
 OPTIMIZER_JSON = "optimizer.json"
 SCHEDULER_JSON = "scheduler.json"
 STATE_JSON = "trainer_state.json"
+COMPLETE_JSON = "checkpoint_complete.json"
+
+
+def is_complete(folder: Path) -> bool:
+    """Whether ``folder`` holds every file its completion marker lists, at the listed sizes."""
+    marker = folder / COMPLETE_JSON
+    if not marker.is_file():
+        return False
+    try:
+        sizes = json.loads(marker.read_text())["files"]
+        return all((folder / name).is_file() and (folder / name).stat().st_size == size for name, size in sizes.items())
+    except (ValueError, KeyError, TypeError, AttributeError, OSError):
+        return False
 
 
 def list_checkpoints(output_dir: str | os.PathLike) -> list[Path]:
@@ -33,19 +47,19 @@ def list_checkpoints(output_dir: str | os.PathLike) -> list[Path]:
     if not folder.is_dir():
         return []
     found = [(int(m.group(1)), p) for p in folder.iterdir() if p.is_dir() and (m := CHECKPOINT_PATTERN.match(p.name))]
-    return [p for _, p in sorted(found) if (p / STATE_JSON).is_file()]
+    return [p for _, p in sorted(found) if is_complete(p)]
 
 
 def resolve_checkpoint(output_dir: str | os.PathLike, spec: str) -> Path | None:
-    """``"latest"`` -> newest checkpoint in ``output_dir`` (None if there is none), else a path."""
+    """``"latest"`` -> newest complete checkpoint in ``output_dir`` (None if there is none), else a path."""
     if spec == "latest":
         checkpoints = list_checkpoints(output_dir)
         return checkpoints[-1] if checkpoints else None
     path = Path(spec)
     if not path.is_absolute() and not path.exists():
         path = Path(output_dir) / spec
-    if not (path / STATE_JSON).is_file():
-        raise FileNotFoundError(f"{path} is not a complete checkpoint (no {STATE_JSON}).")
+    if not is_complete(path):
+        raise FileNotFoundError(f"{path} is not a complete checkpoint (no {COMPLETE_JSON}, or files missing).")
     return path
 
 
@@ -90,18 +104,29 @@ def save_checkpoint(
     output_dir = Path(output_dir)
     final = output_dir / f"checkpoint-{step}"
     with atomic_folder(final, fsync=True) as tmp:
-        save_file({k: v.detach().cpu().contiguous() for k, v in trainable.items()}, str(tmp / TRAINABLE_FILE))
+        _write(tmp, TRAINABLE_FILE, lambda path: save_file({k: v.detach().cpu().contiguous() for k, v in trainable.items()}, path))
         optimizer_tensors, optimizer_json = _optimizer_to_files(optimizer)
-        save_file(optimizer_tensors, str(tmp / OPTIMIZER_TENSORS))
-        (tmp / OPTIMIZER_JSON).write_text(json.dumps(optimizer_json))
-        (tmp / SCHEDULER_JSON).write_text(json.dumps(lr_scheduler.state_dict(), default=_not_serialisable))
+        _write(tmp, OPTIMIZER_TENSORS, lambda path: save_file(optimizer_tensors, path))
+        _write(tmp, OPTIMIZER_JSON, lambda path: Path(path).write_text(json.dumps(optimizer_json)))
+        scheduler_json = json.dumps(lr_scheduler.state_dict(), default=_not_serialisable)
+        _write(tmp, SCHEDULER_JSON, lambda path: Path(path).write_text(scheduler_json))
         for name, writer in (extra_files or {}).items():
             writer(tmp / name)
-        (tmp / STATE_JSON).write_text(json.dumps({**trainer_state, "step": step}, indent=2))
+        state = json.dumps({**trainer_state, "step": step}, indent=2)
+        _write(tmp, STATE_JSON, lambda path: Path(path).write_text(state))
+        sizes = {str(p.relative_to(tmp)): p.stat().st_size for p in sorted(tmp.rglob("*")) if p.is_file()}
+        _write(tmp, COMPLETE_JSON, lambda path: Path(path).write_text(json.dumps({"step": step, "files": sizes})))
     if total_limit is not None and total_limit > 0:
         for old in list_checkpoints(output_dir)[:-total_limit]:
-            shutil.rmtree(old)
+            remove_folder(old)
     return final
+
+
+def _write(folder: Path, name: str, writer: Any) -> None:
+    """Write ``folder/name``; a full disk raises WriteError naming the checkpoint file."""
+    path = folder / name
+    final_name = folder.name.removeprefix(".").rsplit(".tmp-", 1)[0]
+    write_or_explain(folder.parent / final_name / name, lambda: writer(str(path)))
 
 
 def _not_serialisable(value: Any) -> Any:

@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import argparse
+import math
 import sys
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from ..core.config import BOFTConfig
+from ..core.config import MAX_NEUMANN_TERMS, BOFTConfig
 from .trainer import TrainingError
 
 
@@ -88,11 +89,65 @@ def run_cli(build_parser: Callable[[str | None], argparse.ArgumentParser], run: 
     """Entry point of a training script: parse, run, and turn expected failures into exit code 2."""
     args = build_parser(description).parse_args(argv)
     try:
+        validate_numeric_flags(args)
         run(args)
     except (TrainingError, ValueError, OSError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
     return 0
+
+
+#: flag -> (smallest, largest) allowed value, None for no bound; flags a script lacks are skipped.
+NUMERIC_FLAG_RANGES: dict[str, tuple[float | None, float | None]] = {
+    "seed": (0, 2**32 - 1),
+    "train_batch_size": (1, None),
+    "max_train_steps": (1, None),
+    "num_train_epochs": (1, None),
+    "gradient_accumulation_steps": (1, None),
+    "checkpointing_steps": (0, None),
+    "checkpoints_total_limit": (1, None),
+    "validation_steps": (0, None),
+    "num_validation_images": (1, None),
+    "num_inference_steps": (1, None),
+    "dataloader_num_workers": (0, None),
+    "lr_warmup_steps": (0, None),
+    "learning_rate": (0, None),
+    "adam_beta1": (0, 1),
+    "adam_beta2": (0, 1),
+    "adam_weight_decay": (0, None),
+    "adam_epsilon": (0, None),
+    "max_grad_norm": (0, None),
+    "snr_gamma": (0, None),
+    "guidance_scale": (0, None),
+    "boft_block_size": (0, None),
+    "boft_block_num": (0, None),
+    "boft_n_butterfly_factor": (1, None),
+    "boft_dropout": (0, 1),
+    "boft_cayley_neumann_terms": (0, MAX_NEUMANN_TERMS),
+    "num_class_images": (0, None),
+    "sample_batch_size": (1, None),
+    "prior_loss_weight": (0, None),
+    "identifier_learning_rate": (0, None),
+    "lora_rank": (1, None),
+    "max_train_samples": (1, None),
+    "proportion_empty_prompts": (0, 1),
+    "conditioning_scale": (0, None),
+}
+
+
+def validate_numeric_flags(args: argparse.Namespace) -> None:
+    """Refuse out-of-range or non-finite numeric flags before any model loads, naming the flag:
+    a zero batch or accumulation count, negative step counts and NaN rates otherwise fail
+    minutes later (or silently train nothing)."""
+    for flag, (low, high) in NUMERIC_FLAG_RANGES.items():
+        value = getattr(args, flag, None)
+        if value is None:
+            continue
+        if not math.isfinite(value):
+            raise TrainingError(f"--{flag} {value} is not a finite number.")
+        if (low is not None and value < low) or (high is not None and value > high):
+            allowed = f">= {low}" if high is None else f"in [{low}, {high}]"
+            raise TrainingError(f"--{flag} {value} is out of range: it must be {allowed}.")
 
 
 def boft_config_from_args(args: argparse.Namespace, target_modules: Sequence[str] | None = None) -> BOFTConfig:

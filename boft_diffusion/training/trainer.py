@@ -32,6 +32,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ..core import __version__
+from ..core.files import WriteError, remove_stale_temporaries
 from ..models.images import image_grid
 from .checkpoints import list_checkpoints, load_checkpoint, resolve_checkpoint, save_checkpoint
 from .config import TrainerConfig
@@ -45,11 +46,20 @@ class TrainingError(RuntimeError):
 
 # Set-up ---------------------------------------------------------------------------------------
 def check_output_dir(config: TrainerConfig, adapter_files: Sequence[str]) -> None:
-    """Refuse to mix two runs in one folder unless resuming or explicitly overwriting."""
+    """Refuse to mix two runs in one folder unless resuming one of its checkpoints or explicitly
+    overwriting: a resume that finds no checkpoint would otherwise start from scratch and
+    overwrite the folder's outputs."""
     folder = Path(config.output_dir)
-    if not folder.exists() or config.resume_from_checkpoint or config.overwrite_output_dir:
+    if not folder.exists() or config.overwrite_output_dir:
+        return
+    if config.resume_from_checkpoint and (config.resume_from_checkpoint != "latest" or list_checkpoints(folder)):
         return
     previous = [name for name in adapter_files if (folder / name).exists()] + [p.name for p in list_checkpoints(folder)]
+    if previous and config.resume_from_checkpoint:
+        raise TrainingError(
+            f"{folder} holds the outputs of another run ({', '.join(previous[:3])}) but no checkpoint to resume; "
+            "pass --overwrite_output_dir to replace it, or choose another --output_dir."
+        )
     if previous:
         raise TrainingError(
             f"{folder} already holds another run ({', '.join(previous[:3])}); pass --resume_from_checkpoint latest "
@@ -266,22 +276,34 @@ class Trainer:
                 "num_processes": self.accelerator.num_processes, "dataset_len": self.recipe.dataset_len,
                 **self.recipe.schedule}
 
+    def _explain_write_error(self, error: WriteError) -> TrainingError:
+        checkpoints = list_checkpoints(self.output_dir)
+        kept = f"earlier checkpoints are intact (latest: {checkpoints[-1].name})" if checkpoints else \
+            "no earlier checkpoint was written"
+        return TrainingError(f"{error} at step {self.step}; {kept}.")
+
     def save_checkpoint(self) -> Path | None:
         path = None
         if self.accelerator.is_main_process:
-            path = save_checkpoint(
-                self.output_dir,
-                self.step,
-                self.params,
-                self.optimizer,
-                self.lr_scheduler,
-                self._trainer_state(),
-                extra_files={"adapter": lambda folder: self.recipe.save_outputs(folder, self.step)},
-                total_limit=self.config.checkpoints_total_limit,
-            )
+            try:
+                path = self._write_checkpoint()
+            except WriteError as error:
+                raise self._explain_write_error(error) from error
             logger.info("saved %s", path)
         self.accelerator.wait_for_everyone()
         return path
+
+    def _write_checkpoint(self) -> Path:
+        return save_checkpoint(
+            self.output_dir,
+            self.step,
+            self.params,
+            self.optimizer,
+            self.lr_scheduler,
+            self._trainer_state(),
+            extra_files={"adapter": lambda folder: self.recipe.save_outputs(folder, self.step)},
+            total_limit=self.config.checkpoints_total_limit,
+        )
 
     def maybe_resume(self) -> None:
         spec = self.config.resume_from_checkpoint
@@ -353,36 +375,40 @@ class Trainer:
 
     def train(self) -> dict[str, Any]:
         config, acc = self.config, self.accelerator
+        if acc.is_main_process:
+            for path in remove_stale_temporaries(self.output_dir):
+                logger.info("removed %s, left by a run that was killed", path)
+        acc.wait_for_everyone()
         self.maybe_resume()
         if acc.is_main_process and config.report_to != "none":
             acc.init_trackers(self.recipe.run_name, config=_tracker_config(config.hparams))
         for module in self.wrapped.values():
             module.train()
-        progress = tqdm(total=self.max_steps, initial=self.step, desc="steps", disable=not acc.is_local_main_process)
         accumulated: dict[str, float] = {}
         throughput = Throughput(acc.device)
-        while self.step < self.max_steps:
-            accumulated = {}
-            for j in range(config.gradient_accumulation_steps):
-                micro = self.step * config.gradient_accumulation_steps + j
-                logs = self._micro_step(micro, last=j == config.gradient_accumulation_steps - 1)
-                for key, value in logs.items():
-                    accumulated[key] = accumulated.get(key, 0.0) + value / config.gradient_accumulation_steps
-            self._check_gradients()
-            self.optimizer.step()
-            self.lr_scheduler.step()
-            self.optimizer.zero_grad(set_to_none=True)
-            self.step += 1
-            throughput.tick()
-            accumulated["lr"] = self.lr_scheduler.get_last_lr()[0]
-            progress.update(1)
-            progress.set_postfix(loss=f"{accumulated['loss']:.4f}")
-            acc.log(accumulated, step=self.step)
-            if config.checkpointing_steps and self.step % config.checkpointing_steps == 0 and self.step < self.max_steps:
-                self.save_checkpoint()
-            if config.validation_steps and self.step % config.validation_steps == 0 and self.step < self.max_steps:
-                self.run_validation()
-        progress.close()
+        # closed on the way out of an error too, so the error line starts a line of its own
+        with tqdm(total=self.max_steps, initial=self.step, desc="steps", disable=not acc.is_local_main_process) as progress:
+            while self.step < self.max_steps:
+                accumulated = {}
+                for j in range(config.gradient_accumulation_steps):
+                    micro = self.step * config.gradient_accumulation_steps + j
+                    logs = self._micro_step(micro, last=j == config.gradient_accumulation_steps - 1)
+                    for key, value in logs.items():
+                        accumulated[key] = accumulated.get(key, 0.0) + value / config.gradient_accumulation_steps
+                self._check_gradients()
+                self.optimizer.step()
+                self.lr_scheduler.step()
+                self.optimizer.zero_grad(set_to_none=True)
+                self.step += 1
+                throughput.tick()
+                accumulated["lr"] = self.lr_scheduler.get_last_lr()[0]
+                progress.update(1)
+                progress.set_postfix(loss=f"{accumulated['loss']:.4f}")
+                acc.log(accumulated, step=self.step)
+                if config.checkpointing_steps and self.step % config.checkpointing_steps == 0 and self.step < self.max_steps:
+                    self.save_checkpoint()
+                if config.validation_steps and self.step % config.validation_steps == 0 and self.step < self.max_steps:
+                    self.run_validation()
         speed = throughput.summary()
         if speed:
             logger.info("training speed: %s", speed)
@@ -434,7 +460,10 @@ class Trainer:
         self.check_replicas_agree()
         acc.wait_for_everyone()
         if acc.is_main_process:
-            self.recipe.save_outputs(self.output_dir, self.step)
+            try:
+                self.recipe.save_outputs(self.output_dir, self.step)
+            except WriteError as error:
+                raise self._explain_write_error(error) from error
         self.run_validation()
 
     def close(self) -> None:
