@@ -1,0 +1,154 @@
+"""One reader for every folder the training scripts write: UNet adapter, text encoder adapter,
+learned identifier, light control encoder or ControlNet.
+
+``load_outputs`` puts a folder on a pipeline and returns a ``TrainedAdapter`` that switches,
+scales and samples all of its parts as one; the app, the evaluation, the demo and the
+benchmarks use it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from PIL import Image
+from safetensors.torch import load_file
+from torch import nn
+
+from ..core.adapters import (
+    adapter_configs,
+    disable_adapters,
+    enable_adapters,
+    set_adapter,
+    set_adapter_strength,
+)
+from ..core.files import (
+    CONFIG_NAME,
+    install_identifier_embeddings,
+    load_adapter,
+    read_identifier_embeddings,
+)
+from ..core.identifier import remove_identifier_embeddings
+from ..models.control import LIGHT, Control, ControlEncoder, controlnet_from_unet
+from .write import CONTROL_INFO, CONTROLNET_CONFIG, CONTROLNET_FOLDER, CONTROLNET_TRAINABLE, TEXT_ENCODER_FOLDER
+
+
+def read_control_info(folder: str | os.PathLike) -> dict[str, Any] | None:
+    """The ``control.json`` of a control folder, or None for any other folder."""
+    path = Path(folder) / CONTROL_INFO
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
+@dataclass
+class TrainedAdapter:
+    """The parts of one output folder on a pipeline.
+
+    ``models`` are the pipeline's models that hold them (UNet, text encoder); ``identifier`` the
+    learned identifier vectors by word; ``control`` the light encoder or ControlNet, if any.
+    """
+
+    pipe: Any
+    folder: Path
+    adapter_name: str | None
+    models: list[nn.Module]
+    identifier: dict[str, torch.Tensor] | None = None
+    control: Control | None = None
+
+    def switch(self, enabled: bool) -> None:
+        """Turn every part on (the adapted pipeline) or off (the base model)."""
+        for model in self.models:
+            (enable_adapters if enabled else disable_adapters)(model)
+
+    def activate(self, strength: float = 1.0) -> None:
+        """Make this folder's adapters the pipeline's active ones at ``strength``, switching off
+        adapters of other folders loaded beside it (a text encoder holds one identifier at a time)."""
+        pipe = self.pipe
+        for model in (pipe.unet, pipe.text_encoder):
+            if self.adapter_name in adapter_configs(model):
+                enable_adapters(model)
+                set_adapter(model, self.adapter_name)
+                set_adapter_strength(model, strength)
+            else:
+                disable_adapters(model)
+        if self.identifier:
+            install_identifier_embeddings(pipe.text_encoder, pipe.tokenizer, self.identifier).strength = strength
+        else:
+            remove_identifier_embeddings(pipe.text_encoder)
+        controlnet = self.control.controlnet if self.control is not None else None
+        if controlnet is not None:
+            for name in adapter_configs(controlnet):
+                set_adapter_strength(controlnet, strength, name)
+
+    def sample(self, condition: Image.Image | None = None, size: tuple[int, int] | None = None,
+               control_scale: float = 1.0, **pipe_kwargs: Any) -> Image.Image:
+        """One image; a control folder needs ``condition``, resized to ``size`` (default: the model's)."""
+        if self.control is None:
+            with torch.no_grad():
+                return self.pipe(**pipe_kwargs).images[0]
+        if condition is None:
+            raise ValueError(f"{self.folder} carries control: a control image is needed.")
+        if size is None:
+            resolution = self.pipe.unet.config.sample_size * self.pipe.vae_scale_factor
+            size = (resolution, resolution)
+        return self.control.sample(self.pipe, condition, size, control_scale, **pipe_kwargs)
+
+
+def load_outputs(pipe, folder: str | os.PathLike, adapter_name: str | None = None,
+                 load: Callable[..., object] = load_adapter) -> TrainedAdapter:
+    """Load a train_dreambooth.py or train_controlnet.py output folder onto ``pipe``.
+
+    ``load`` reads one adapter folder into a model (BOFT by default; the LoRA baseline's loader
+    for its folders). A folder for another model raises ValueError naming the part.
+    """
+    folder = Path(folder)
+
+    def load_into(model: nn.Module, path: Path) -> str | None:
+        loaded = load(model, path) if adapter_name is None else load(model, path, adapter_name=adapter_name)
+        return loaded if isinstance(loaded, str) else adapter_name
+
+    name = None
+    models: list[nn.Module] = []
+    control = None
+    info = read_control_info(folder)
+    if info is not None:
+        control = _load_control(pipe, folder, info)
+    if info is None or (folder / CONFIG_NAME).is_file():
+        name = load_into(pipe.unet, folder)
+        models.append(pipe.unet)
+    if (folder / TEXT_ENCODER_FOLDER / CONFIG_NAME).is_file():
+        load_into(pipe.text_encoder, folder / TEXT_ENCODER_FOLDER)
+        models.append(pipe.text_encoder)
+    identifier = read_identifier_embeddings(folder, pipe.text_encoder, pipe.tokenizer)
+    if identifier:
+        install_identifier_embeddings(pipe.text_encoder, pipe.tokenizer, identifier)
+        if pipe.text_encoder not in models:
+            models.append(pipe.text_encoder)
+    return TrainedAdapter(pipe, folder, name, models, identifier, control)
+
+
+def _load_control(pipe, folder: Path, info: dict[str, Any]) -> Control:
+    """The light encoder, or the ControlNet with its adapter and fully trained parts."""
+    if info["mode"] == LIGHT:
+        encoder = ControlEncoder.load(folder, pipe.unet.conv_in.out_channels, pipe.vae_scale_factor)
+        return Control(LIGHT, encoder=encoder.to(pipe.unet.device))
+    if info.get("controlnet_source"):
+        from diffusers import ControlNetModel
+
+        controlnet = ControlNetModel.from_pretrained(info["controlnet_source"])
+    else:
+        controlnet = controlnet_from_unet(pipe.unet, pipe.vae_scale_factor)
+    config = json.loads((folder / CONTROLNET_CONFIG).read_text())
+    if config.get("block_out_channels") and list(config["block_out_channels"]) != list(controlnet.config.block_out_channels):
+        raise ValueError(f"{folder} was trained for another UNet (block_out_channels {config['block_out_channels']}).")
+    tensors = load_file(str(folder / CONTROLNET_TRAINABLE))
+    _, unexpected = controlnet.load_state_dict(tensors, strict=False)
+    if unexpected:
+        raise ValueError(f"{folder / CONTROLNET_TRAINABLE} holds tensors this ControlNet lacks: {unexpected[:3]}")
+    load_adapter(controlnet, folder / CONTROLNET_FOLDER)
+    controlnet.to(pipe.unet.device, pipe.unet.dtype)
+    return Control.for_controlnet(pipe, controlnet)

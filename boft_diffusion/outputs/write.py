@@ -1,0 +1,64 @@
+"""Writing the output folders of the training scripts (``read.py`` reads every kind back).
+
+A DreamBooth folder holds the UNet's adapter (PEFT's layout) at its root, the text encoder's
+adapter in ``text_encoder/`` and the learned identifier in ``learned_embeds.safetensors``. A
+control folder adds ``control.json`` (mode and training metadata), the light control encoder's
+files or the ControlNet's adapter in ``controlnet/`` with its fully trained parts beside it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from safetensors.torch import save_file
+from torch import nn
+
+from ..core.files import atomic_write, save_adapter, save_identifier_embeddings
+from ..models.control import ControlEncoder, controlnet_trainable_parameters
+
+TEXT_ENCODER_FOLDER = "text_encoder"
+CONTROLNET_FOLDER = "controlnet"
+CONTROL_INFO = "control.json"
+CONTROLNET_CONFIG = "controlnet_config.json"
+CONTROLNET_TRAINABLE = "controlnet_trainable.safetensors"
+
+
+def save_dreambooth(
+    folder: str | os.PathLike, unet: nn.Module, metadata: dict[str, Any], text_encoder: nn.Module | None = None,
+    text_encoder_adapter: bool = False, identifier: bool = False,
+    save: Callable[..., object] = save_adapter,
+) -> None:
+    """The UNet's adapter, and the text encoder's adapter and learned identifier when they trained;
+    ``save`` writes one adapter folder (BOFT by default)."""
+    folder = Path(folder)
+    save(unet, folder, metadata=metadata)
+    if text_encoder_adapter:
+        save(text_encoder, folder / TEXT_ENCODER_FOLDER, metadata=metadata)
+    if identifier:
+        save_identifier_embeddings(text_encoder, folder)
+
+
+def save_control(folder: str | os.PathLike, mode: str, unet_adapter: nn.Module | None, controlnet: Any = None,
+                 encoder: ControlEncoder | None = None, metadata: dict[str, Any] | None = None) -> None:
+    """A control folder: BOFT adapter(s) plus the fully trained control parts."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    info = {"mode": mode, **(metadata or {})}
+    if unet_adapter is not None:
+        save_adapter(unet_adapter, folder, metadata=metadata)
+        info["unet_adapter"] = "."
+    if encoder is not None:
+        encoder.save(folder)
+    if controlnet is not None:
+        save_adapter(controlnet, folder / CONTROLNET_FOLDER, metadata=metadata)
+        tensors = {k: v.detach().float().cpu().contiguous() for k, v in controlnet_trainable_parameters(controlnet).items()}
+        config = {k: v for k, v in dict(controlnet.config).items() if not k.startswith("_")}
+        atomic_write(folder, {
+            CONTROLNET_TRAINABLE: lambda tmp: save_file(tensors, tmp),
+            CONTROLNET_CONFIG: lambda tmp: Path(tmp).write_text(json.dumps(config, indent=2, default=list)),
+        })
+    atomic_write(folder, {CONTROL_INFO: lambda tmp: Path(tmp).write_text(json.dumps(info, indent=2))})
