@@ -46,7 +46,9 @@ def test_short_run_writes_peft_adapter_card_and_grid(tmp_path):
     tensors = load_file(out / "adapter_model.safetensors")
     skews = [v for k, v in tensors.items() if k.endswith("boft_R")]
     assert skews and any(v.abs().sum() > 0 for v in skews), "training did not move the adapter"
-    assert "sks star" in (out / "README.md").read_text()
+    card = (out / "README.md").read_text()
+    assert "sks star" in card and "m = 2: load it with boft-diffusion" in card
+    assert (out / "validation" / "latest.png").is_file()
     grid = Image.open(out / "validation" / "step-000004.png")
     assert grid.size[1] == 2 * grid.size[0]  # two prompts, one image each
     assert list((out / "logs").rglob("events.out.tfevents*"))
@@ -67,6 +69,13 @@ def test_invalid_block_size_fails_before_training(tmp_path, capsys):
     err = capsys.readouterr().err
     assert "to_q" in err and "valid block sizes" in err
     assert not (tmp_path / "class").exists() or not any((tmp_path / "class").iterdir())
+
+
+@pytest.mark.parametrize("resolution", ["60", "0", "-64"])
+def test_resolution_off_the_latent_grid_is_refused(tmp_path, capsys, resolution):
+    assert run_main("--output_dir", tmp_path / "out", "--resolution", resolution) == 2
+    assert f"--resolution {resolution} must be a positive multiple of 16 (the VAE downsamples by 4" in capsys.readouterr().err
+    assert not (tmp_path / "out" / "adapter_model.safetensors").exists()
 
 
 def test_bad_instance_folders(tmp_path, capsys, caplog):
