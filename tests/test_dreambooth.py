@@ -232,6 +232,19 @@ def test_v_prediction_scheduler(tmp_path):
     assert (tmp_path / "out" / "adapter_model.safetensors").is_file()
 
 
+def test_resume_with_changed_flags_names_them(tmp_path, capsys, caplog):
+    out = tmp_path / "out"
+    assert run_main("--output_dir", out, "--checkpointing_steps", "2", "--max_train_steps", "3") == 0
+    assert run_main("--output_dir", out, "--resume_from_checkpoint", "latest", "--train_identifier_embedding",
+                    "--identifier_token", "sks") == 2
+    err = capsys.readouterr().err
+    assert "flags changed since: --identifier_token None -> ['sks'], --train_identifier_embedding False -> True" in err
+    assert "parameter groups" in err  # PyTorch's own words follow ours
+    assert run_main("--output_dir", out, "--resume_from_checkpoint", "latest", "--max_train_steps", "4",
+                    "--learning_rate", "2e-3") == 0
+    assert "changed flags: --learning_rate 0.001 -> 0.002" in caplog.text
+
+
 def test_resume_refuses_changed_batch_settings(tmp_path, capsys):
     out = tmp_path / "out"
     assert run_main("--output_dir", out, "--checkpointing_steps", "2", "--max_train_steps", "3") == 0
