@@ -1,5 +1,6 @@
 """Every command's --help shows the defaults, so a user sees what a run does without reading code."""
 
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -40,3 +41,11 @@ def test_loading_the_pipeline_prints_no_torchvision_warning():
                             env={"PYTHONPATH": str(ROOT), "PATH": "/usr/bin:/bin", "HF_HUB_OFFLINE": "1"})
     assert result.returncode == 0, result.stderr[-2000:]
     assert "torchvision" not in result.stderr
+
+
+@pytest.mark.parametrize("command", ["train_dreambooth.py", "train_controlnet.py", "app.py"])
+def test_readme_lists_every_flag(command):
+    readme = (ROOT / "README.md").read_text()
+    flags = set(re.findall(r"--[a-z][a-z0-9_]+", help_text(command))) - {"--help"}
+    missing = sorted(flag for flag in flags if not re.search(re.escape(flag) + r"(?![a-z0-9_])", readme))
+    assert not missing, f"README does not mention {command}'s {missing}"
