@@ -27,7 +27,7 @@ from boft_diffusion.core.files import WEIGHTS_NAME, count_file_parameters
 from boft_diffusion.demo import GUIDANCE, training_flags
 from boft_diffusion.evaluation.energy import energy_change
 from boft_diffusion.evaluation.statistics import bootstrap_ci
-from boft_diffusion.evaluation.tiny_world import instance_self_score, tiny_world_samples
+from boft_diffusion.evaluation.tiny_world import instance_self_score, sample_scores, tiny_world_samples
 from boft_diffusion.models.bundled import example_subject_dir
 from boft_diffusion.models.peft_baselines import load_peft_adapter
 from boft_diffusion.outputs.read import load_outputs
@@ -62,14 +62,20 @@ def peft_merged_weights(model: torch.nn.Module) -> dict[str, torch.Tensor]:
             if "lora_" not in k and "oft_" not in k}
 
 
+def measure(pipe, subject: world.Subject, instances, num_images: int, args) -> dict[str, list[float]]:
+    """Per-sample tiny-world measures of the pipeline as it is, re-context on the subject's backgrounds."""
+    drawn = tiny_world_samples(pipe, subject.instance_prompt, subject.class_prompt, num_images, args.eval_seed,
+                               guidance=GUIDANCE, backgrounds=subject.backgrounds)
+    return sample_scores(drawn, instances)
+
+
 def score_folder(folder: Path, method: str, subject: world.Subject, instances, args) -> dict:
     """Per-sample tiny-world measures of one output folder, and its hyperspherical-energy change."""
     pipe = fresh_pipeline()
     before = {k: v.clone() for k, v in pipe.unet.state_dict().items()}
     boft = method.startswith("boft")
     load_outputs(pipe, folder, load=load_adapter if boft else load_peft_adapter)
-    samples = tiny_world_samples(pipe, instances, subject.instance_prompt, subject.class_prompt,
-                                 num_images=args.num_images, seed=args.eval_seed, guidance=GUIDANCE)
+    samples = measure(pipe, subject, instances, args.num_images, args)
     after = merged_state_dict(pipe.unet) if boft else peft_merged_weights(pipe.unet)
     if boft:
         assert base_state_dict(pipe.unet).keys() == after.keys()
@@ -87,8 +93,7 @@ def curve_points(run_dir: Path, method: str, subject: world.Subject, instances, 
     for folder in [*(f / "adapter" for f in folders), run_dir]:
         pipe = fresh_pipeline()
         load_outputs(pipe, folder, load=load_adapter if method.startswith("boft") else load_peft_adapter)
-        samples = tiny_world_samples(pipe, instances, subject.instance_prompt, subject.class_prompt,
-                                     num_images=args.curve_images, seed=args.eval_seed, guidance=GUIDANCE)
+        samples = measure(pipe, subject, instances, args.curve_images, args)
         step = int(folder.parent.name.split("-")[1]) if folder != run_dir else args.max_train_steps
         points.append((step, float(np.mean(samples["subject"])),
                        base_drift - float(np.mean(samples["class_prompt_fidelity"]))))
@@ -156,8 +161,7 @@ def main() -> None:
     for name in subjects:
         subject = world.SUBJECTS[name]
         instances = [image for _, image in load_images(example_subject_dir(name), 64)]
-        base = tiny_world_samples(fresh_pipeline(), instances, subject.instance_prompt, subject.class_prompt,
-                                  num_images=args.num_images, seed=args.eval_seed, guidance=GUIDANCE)
+        base = measure(fresh_pipeline(), subject, instances, args.num_images, args)
         results["base"][name] = {"samples": base, "instances": instance_self_score(instances)}
         for seed in args.seeds:
             for method in args.methods:

@@ -1,8 +1,9 @@
 """`make demo`: BOFT DreamBooth on the embedded tiny model, then base vs adapter, scored.
 
 Trains an adapter on the bundled striped star ("a photo of sks star") with prior preservation,
-samples the base model and the adapter with the same seeds into a side-by-side grid, and prints
-the tiny-world scores (subject fidelity, re-contextualisation, language drift).
+scores the base model and the adapter on the same seeds (subject fidelity, re-contextualisation,
+language drift), and writes beside scores.json two labelled grids of the scored samples: each
+prompt with its score, base and adapter side by side, and one row per re-context colour.
 """
 
 from __future__ import annotations
@@ -12,20 +13,33 @@ import json
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
+from PIL import Image
 
-from .evaluation.sampling import sample
-from .evaluation.tiny_world import compare_tiny_world, recontext_prompts
+from .evaluation.tiny_world import (
+    Prompted,
+    TinyWorldSamples,
+    background_hits,
+    compare_samples,
+    instance_self_score,
+    recontext_prompts,
+    score_samples,
+)
 from .models.bundled import example_subject_dir
-from .models.images import image_grid
+from .models.images import LabelledRow, labelled_comparison
 from .models.pipelines import load_pipeline, tiny_defaults
-from .outputs.read import TrainedAdapter, load_outputs
+from .outputs.read import load_outputs
 from .recipes.dreambooth import build_parser, run
 from .tiny import world
+from .training.cli import HelpFormatter
 from .training.data import load_images
 
 INSTANCE_PROMPT = world.SUBJECTS[world.DEFAULT_SUBJECT].instance_prompt
 CLASS_PROMPT = world.SUBJECTS[world.DEFAULT_SUBJECT].class_prompt
+CLASS_NOUN = world.SUBJECTS[world.DEFAULT_SUBJECT].kind
+MODELS = ("base", "adapter")  # the column headers of the grids, and the keys of the scores
+GRID_SEEDS = 6
 GUIDANCE = tiny_defaults()["guidance_scale"]  # the embedded model's sampling default
 
 
@@ -56,14 +70,35 @@ def training_flags(adapter_dir: Path, steps: int, seed: int, class_dir: Path,
     ]
 
 
-def comparison_grid(adapter: TrainedAdapter, prompts: list[str], seeds: int, path: Path) -> None:
-    """Rows: each prompt with the base model, then with the adapter; same seeds in each column."""
-    rows = []
-    for prompt in prompts:
-        for enabled in (False, True):
-            adapter.switch(enabled)
-            rows.append(sample(adapter.pipe, [prompt] * seeds, 0, 25, GUIDANCE))
-    image_grid(rows).resize((64 * seeds * 2, 64 * len(rows) * 2)).save(path)
+def first_images(pairs: Prompted, prompt: str, count: int = GRID_SEEDS) -> list[Image.Image]:
+    return [image for p, image in pairs if p == prompt][:count]
+
+
+def background_by_colour(pairs: Prompted) -> dict[str, float]:
+    """How often each re-context colour is drawn as the background, over that colour's samples."""
+    return {colour: float(np.mean(background_hits([(p, im) for p, im in pairs if p == prompt])))
+            for prompt, colour in recontext_prompts(INSTANCE_PROMPT)}
+
+
+def overview_rows(drawn: dict[str, TinyWorldSamples], scores: dict, by_colour: dict) -> list[LabelledRow]:
+    """The instance prompt, one re-context prompt and the class prompt, each with the number that scores it."""
+    prompt, colour = recontext_prompts(INSTANCE_PROMPT)[1]
+    return [
+        LabelledRow(f'"{INSTANCE_PROMPT}"', [first_images(drawn[m].subject, INSTANCE_PROMPT) for m in MODELS],
+                    [f"subject fidelity {scores[m]['subject']:.2f}" for m in MODELS]),
+        LabelledRow(f'"{prompt}"', [first_images(drawn[m].recontext, prompt) for m in MODELS],
+                    [f"background right {by_colour[m][colour]:.2f}" for m in MODELS]),
+        LabelledRow(f'"{CLASS_PROMPT}"', [first_images(drawn[m].class_prompt, CLASS_PROMPT) for m in MODELS],
+                    [f"drawn as a {CLASS_NOUN} {scores[m]['class_shape']:.2f}, subject fidelity "
+                     f"{scores[m]['class_subject']:.2f}" for m in MODELS]),
+    ]
+
+
+def recontext_rows(drawn: dict[str, TinyWorldSamples], by_colour: dict) -> list[LabelledRow]:
+    """One row per re-context colour."""
+    return [LabelledRow(f'"{prompt}"', [first_images(drawn[m].recontext, prompt) for m in MODELS],
+                        [f"background right {by_colour[m][colour]:.2f}" for m in MODELS])
+            for prompt, colour in recontext_prompts(INSTANCE_PROMPT)]
 
 
 def print_scores(scores: dict) -> None:
@@ -76,14 +111,20 @@ def print_scores(scores: dict) -> None:
           f"| {base['recontext_background']:.2f} | {adapter['recontext_background']:.2f} |")
     print(f"| prompt fidelity, ordinary captions | {base['class_prompt_fidelity']:.2f} "
           f"| {adapter['class_prompt_fidelity']:.2f} |")
+    print(f"| drawn as a {CLASS_NOUN}, '{CLASS_PROMPT}' (should stay high) | {base['class_shape']:.2f} "
+          f"| {adapter['class_shape']:.2f} |")
     print(f"| subject fidelity, '{CLASS_PROMPT}' (should stay low) | {base['class_subject']:.2f} "
           f"| {adapter['class_subject']:.2f} |")
+    print("\n| re-context colour | base model | BOFT adapter |")
+    print("|---|---|---|")
+    for colour, value in scores["recontext_by_colour"]["base"].items():
+        print(f"| {colour} | {value:.2f} | {scores['recontext_by_colour']['adapter'][colour]:.2f} |")
     ratio = adapter["subject"] / max(scores["instances"], 1e-6)
     print(f"\nsubject fidelity reaches {ratio:.0%} of the instance images' own score")
 
 
 def main(argv: list[str] | None = None) -> dict:
-    parser = argparse.ArgumentParser(description=__doc__)
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     parser.add_argument("--output_dir", default="outputs/demo")
     parser.add_argument("--max_train_steps", type=int, default=300)
     parser.add_argument("--num_images", type=int, default=48,
@@ -103,17 +144,23 @@ def main(argv: list[str] | None = None) -> dict:
     pipe = load_pipeline("tiny", dtype=torch.float32)
     pipe.set_progress_bar_config(disable=True)
     adapter = load_outputs(pipe, adapter_dir)
-    prompts = [INSTANCE_PROMPT, recontext_prompts(INSTANCE_PROMPT)[1][0], CLASS_PROMPT]
-    grid_path = output_dir / "base_vs_adapter.png"
-    comparison_grid(adapter, prompts, 6, grid_path)
     instances = [image for _, image in load_images(example_subject_dir(), 64)]
-    scores = compare_tiny_world(adapter, instances, INSTANCE_PROMPT, CLASS_PROMPT,
-                                num_images=args.num_images, seed=args.eval_seed, guidance=GUIDANCE)
+    drawn = compare_samples(adapter, INSTANCE_PROMPT, CLASS_PROMPT, num_images=args.num_images,
+                            seed=args.eval_seed, guidance=GUIDANCE)
+    scores = {"instances": instance_self_score(instances),
+              **{m: score_samples(samples, instances) for m, samples in drawn.items()}}
+    scores["recontext_by_colour"] = {m: background_by_colour(drawn[m].recontext) for m in MODELS}
+    grids = {"overview": output_dir / "base_vs_adapter.png", "recontext": output_dir / "recontext_by_colour.png"}
+    labelled_comparison(overview_rows(drawn, scores, scores["recontext_by_colour"]), MODELS).save(grids["overview"])
+    labelled_comparison(recontext_rows(drawn, scores["recontext_by_colour"]), MODELS).save(grids["recontext"])
+    scores["grids"] = {name: str(path) for name, path in grids.items()}
     scores["train_seconds"] = round(trained - start, 1)
     scores["total_seconds"] = round(time.time() - start, 1)
     (output_dir / "scores.json").write_text(json.dumps(scores, indent=2) + "\n")
     print_scores(scores)
-    print(f"grid (rows: base, adapter for each prompt): {grid_path}")
+    print(f"\ngrids (the first {GRID_SEEDS} of the scored samples per prompt, base and adapter on the same seeds): "
+          f"{grids['overview']}, {grids['recontext']}")
+    print(f"scores: {output_dir / 'scores.json'}")
     print(f"adapter: {adapter_dir}; trained in {scores['train_seconds']} s, demo total {scores['total_seconds']} s")
     return scores
 

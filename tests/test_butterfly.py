@@ -114,7 +114,20 @@ def test_invalid_geometry_names_module_and_valid_sizes():
         resolve_geometry(320, 8, 0, 5, "m")
     with pytest.raises(ValueError, match="even block size"):
         resolve_geometry(30, 3, 0, 2, "m")
-    with pytest.raises(ValueError, match="block_num 7 does not divide"):
+    with pytest.raises(ValueError, match="block_num 7 with n_butterfly_factor 1 does not fit its dimension 320"):
         resolve_geometry(320, 0, 7, 1, "m")
     assert resolve_geometry(320, 0, 40, 2, "m") == (8, 40, 2)
     assert 6 not in valid_block_sizes(320, 2)
+
+
+@pytest.mark.parametrize("dim, n_factors", [(320, 2), (64, 4), (96, 2), (40, 1)])
+def test_every_suggested_block_num_and_size_fits_the_requested_depth(dim, n_factors):
+    for wrong in (dict(block_size=0, block_num=3), dict(block_size=3, block_num=0)):
+        with pytest.raises(ValueError, match=rf"for m={n_factors}: \[") as error:
+            resolve_geometry(dim, n_factors=n_factors, **wrong)
+        suggested = [int(v) for v in str(error.value).rsplit("[", 1)[1].rstrip("].").split(", ")]
+        assert suggested
+        key = "block_num" if wrong["block_num"] else "block_size"
+        for value in suggested:
+            other = {"block_num": 0, "block_size": 0, key: value}
+            assert resolve_geometry(dim, n_factors=n_factors, **other).n_factors == n_factors

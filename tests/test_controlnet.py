@@ -49,6 +49,10 @@ def test_train_and_load_back(tmp_path, mode):
     info = json.loads((out / "control.json").read_text())
     assert info["mode"] == mode and info["train_steps"] == 3
     assert (out / "validation" / "step-000003.png").is_file()
+    assert (out / "validation" / "latest.png").read_bytes() == (out / "validation" / "step-000003.png").read_bytes()
+    card = (out / "README.md").read_text()
+    assert f"BOFT control adapter ({mode})" in card and "validation/latest.png" in card
+    assert "m = 2: load it with boft-diffusion" in card and "size mismatch for ...boft_R" in card
 
     pipe = bd.load_pipeline("tiny", dtype=torch.float32)
     pipe.set_progress_bar_config(disable=True)

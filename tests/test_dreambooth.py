@@ -46,7 +46,9 @@ def test_short_run_writes_peft_adapter_card_and_grid(tmp_path):
     tensors = load_file(out / "adapter_model.safetensors")
     skews = [v for k, v in tensors.items() if k.endswith("boft_R")]
     assert skews and any(v.abs().sum() > 0 for v in skews), "training did not move the adapter"
-    assert "sks star" in (out / "README.md").read_text()
+    card = (out / "README.md").read_text()
+    assert "sks star" in card and "m = 2: load it with boft-diffusion" in card
+    assert (out / "validation" / "latest.png").is_file()
     grid = Image.open(out / "validation" / "step-000004.png")
     assert grid.size[1] == 2 * grid.size[0]  # two prompts, one image each
     assert list((out / "logs").rglob("events.out.tfevents*"))
@@ -67,6 +69,13 @@ def test_invalid_block_size_fails_before_training(tmp_path, capsys):
     err = capsys.readouterr().err
     assert "to_q" in err and "valid block sizes" in err
     assert not (tmp_path / "class").exists() or not any((tmp_path / "class").iterdir())
+
+
+@pytest.mark.parametrize("resolution", ["60", "0", "-64"])
+def test_resolution_off_the_latent_grid_is_refused(tmp_path, capsys, resolution):
+    assert run_main("--output_dir", tmp_path / "out", "--resolution", resolution) == 2
+    assert f"--resolution {resolution} must be a positive multiple of 16 (the VAE downsamples by 4" in capsys.readouterr().err
+    assert not (tmp_path / "out" / "adapter_model.safetensors").exists()
 
 
 def test_bad_instance_folders(tmp_path, capsys, caplog):
@@ -221,6 +230,19 @@ def test_v_prediction_scheduler(tmp_path):
     assert run_main("--output_dir", tmp_path / "out", "--pretrained_model_name_or_path", tmp_path / "vpred",
                     "--max_train_steps", "2") == 0
     assert (tmp_path / "out" / "adapter_model.safetensors").is_file()
+
+
+def test_resume_with_changed_flags_names_them(tmp_path, capsys, caplog):
+    out = tmp_path / "out"
+    assert run_main("--output_dir", out, "--checkpointing_steps", "2", "--max_train_steps", "3") == 0
+    assert run_main("--output_dir", out, "--resume_from_checkpoint", "latest", "--train_identifier_embedding",
+                    "--identifier_token", "sks") == 2
+    err = capsys.readouterr().err
+    assert "flags changed since: --identifier_token None -> ['sks'], --train_identifier_embedding False -> True" in err
+    assert "parameter groups" in err  # PyTorch's own words follow ours
+    assert run_main("--output_dir", out, "--resume_from_checkpoint", "latest", "--max_train_steps", "4",
+                    "--learning_rate", "2e-3") == 0
+    assert "changed flags: --learning_rate 0.001 -> 0.002" in caplog.text
 
 
 def test_resume_refuses_changed_batch_settings(tmp_path, capsys):

@@ -174,3 +174,9 @@ def test_tiny_follows_the_prompt_forms_dreambooth_writes():
     assert np.mean([s["background"] for s in scores[:14]]) >= 0.85
     assert np.mean([s["shape_class"] for s in scores]) >= 0.7
     assert scores[14 + W.SHAPES.index("star")]["shape_class"] == 1.0, "'a photo of star' draws a star"
+
+
+def test_offline_hub_error_names_the_download_command(monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(ModelLoadError, match=r"`hf download nobody/not-a-cached-model`"):
+        load_pipeline("nobody/not-a-cached-model")

@@ -60,6 +60,11 @@ def valid_block_sizes(dim: int, n_factors: int) -> list[int]:
     return [b for b in range(1, dim + 1) if _is_valid(dim, b, n_factors)]
 
 
+def valid_block_nums(dim: int, n_factors: int) -> list[int]:
+    """Block numbers that tile ``dim`` with ``n_factors`` butterfly factors."""
+    return [dim // b for b in reversed(valid_block_sizes(dim, n_factors))]
+
+
 def max_butterfly_factors(dim: int, block_size: int) -> int:
     """Largest number of factors possible for ``dim`` and ``block_size`` (0 if none)."""
     if not _is_valid(dim, block_size, 1):
@@ -85,11 +90,10 @@ def resolve_geometry(
     if n_factors < 1:
         raise ValueError(f"{module_name}: n_butterfly_factor must be >= 1, got {n_factors}.")
     if block_num > 0:
-        if dim % block_num:
-            divisors = [n for n in range(1, dim + 1) if dim % n == 0]
+        if dim % block_num or not _is_valid(dim, dim // block_num, n_factors):
             raise ValueError(
-                f"{module_name}: block_num {block_num} does not divide its dimension {dim}; "
-                f"valid block_num values: {divisors}."
+                f"{module_name}: block_num {block_num} with n_butterfly_factor {n_factors} does not fit its "
+                f"dimension {dim}; valid block_num values for m={n_factors}: {valid_block_nums(dim, n_factors)}."
             )
         block_size = dim // block_num
     if not _is_valid(dim, block_size, n_factors):

@@ -22,6 +22,7 @@ from ..models.bundled import example_subject_dir
 from ..models.images import open_image
 from ..models.pipelines import TINY_ALIASES, default_guidance, load_pipeline
 from ..outputs.read import load_outputs, read_control_info
+from ..training.cli import HelpFormatter
 from ..training.data import load_images
 from .image_metrics import clip_scores, dino_score, edge_agreement
 from .sampling import Sampler, base_sampler, control_sampler, sample
@@ -29,7 +30,7 @@ from .tiny_world import compare_tiny_world, tiny_control_scores
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     parser.add_argument("--pretrained_model_name_or_path", default=None,
                         help="Base model (default: the adapter's base_model_name_or_path, else the tiny model).")
     parser.add_argument("--adapter", required=True, help="Adapter folder (ours or PEFT's).")

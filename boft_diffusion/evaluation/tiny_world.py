@@ -4,6 +4,7 @@ mask IoU of control; all in [0, 1], scored without a learned model (``tiny/metri
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -33,42 +34,78 @@ def class_captions(n: int, seed: int) -> list[str]:
     return [world.caption(scene) for scene in world.held_out_scenes(n, seed)]
 
 
+Prompted = list[tuple[str, Image.Image]]
+
+
+@dataclass
+class TinyWorldSamples:
+    """The (prompt, image) pairs each DreamBooth measure scores, kept so that a report can show them."""
+
+    subject: Prompted
+    recontext: Prompted
+    captions: Prompted
+    class_prompt: Prompted
+
+
 def tiny_world_samples(
-    pipe, instance_images: Sequence[Image.Image], instance_prompt: str, class_prompt: str,
-    num_images: int = 16, seed: int = 0, steps: int = 25, guidance: float | None = None,
-) -> dict[str, list[float]]:
-    """Per-sample measures of the pipeline as it is (adapter on or off), all in [0, 1].
+    pipe, instance_prompt: str, class_prompt: str, num_images: int = 16, seed: int = 0, steps: int = 25,
+    guidance: float | None = None, backgrounds: Sequence[str] | None = None,
+) -> TinyWorldSamples:
+    """The pipeline as it is (adapter on or off) on each measure's prompts; every measure has its own
+    seeds. ``backgrounds``: the re-context colours (default: those unlike the demo subject)."""
+
+    def draw(prompts: list[str], first_seed: int) -> Prompted:
+        return list(zip(prompts, sample(pipe, prompts, first_seed, steps, guidance), strict=True))
+
+    recontext = recontext_prompts(instance_prompt, backgrounds)
+    return TinyWorldSamples(
+        subject=draw([instance_prompt] * num_images, seed),
+        recontext=draw([recontext[i % len(recontext)][0] for i in range(num_images)], seed + 1000),
+        captions=draw(class_captions(num_images, seed + 2000), seed + 2000),
+        class_prompt=draw([class_prompt] * num_images, seed + 3000),
+    )
+
+
+def sample_scores(samples: TinyWorldSamples, instance_images: Sequence[Image.Image]) -> dict[str, list[float]]:
+    """Per-sample measures, all in [0, 1] (the benchmark's confidence intervals need them).
 
     subject: subject fidelity of instance-prompt samples; recontext_background: whether
     "<instance prompt> on a <colour> background" got that background; recontext_subject: subject
     fidelity of those same samples (the subject kept in context); class_prompt_fidelity: prompt
     fidelity on held-out ordinary captions (language drift); class_subject: subject fidelity of
-    class-prompt samples (must stay low); class_shape: whether class-prompt samples still draw
-    the class's shape.
+    class-prompt samples (should stay low: the class must not turn into the subject); class_shape:
+    whether class-prompt samples are drawn as that shape (should stay high: the class must not break).
     """
     profile = metrics.SubjectProfile(instance_images)
-    subject = [metrics.subject_fidelity(im, profile) for im in sample(pipe, [instance_prompt] * num_images, seed, steps, guidance)]
-    recontext = recontext_prompts(instance_prompt, subject_backgrounds(profile))
-    prompts = [recontext[i % len(recontext)][0] for i in range(num_images)]
-    in_context = sample(pipe, prompts, seed + 1000, steps, guidance)
-    captions = class_captions(num_images, seed + 2000)
-    drift = sample(pipe, captions, seed + 2000, steps, guidance)
-    class_samples = sample(pipe, [class_prompt] * num_images, seed + 3000, steps, guidance)
     return {
-        "subject": subject,
-        "recontext_background": [metrics.prompt_fidelity(im, p)["background"] for im, p in zip(in_context, prompts, strict=True)],
-        "recontext_subject": [metrics.subject_fidelity(im, profile) for im in in_context],
-        "class_prompt_fidelity": [metrics.prompt_fidelity(im, c)["mean"] for im, c in zip(drift, captions, strict=True)],
-        "class_subject": [metrics.subject_fidelity(im, profile) for im in class_samples],
-        "class_shape": [metrics.prompt_fidelity(im, class_prompt).get("shape_class", 0.0) for im in class_samples],
+        "subject": [metrics.subject_fidelity(im, profile) for _, im in samples.subject],
+        "recontext_background": background_hits(samples.recontext),
+        "recontext_subject": [metrics.subject_fidelity(im, profile) for _, im in samples.recontext],
+        "class_prompt_fidelity": [metrics.prompt_fidelity(im, p)["mean"] for p, im in samples.captions],
+        "class_subject": [metrics.subject_fidelity(im, profile) for _, im in samples.class_prompt],
+        "class_shape": [metrics.prompt_fidelity(im, p)["shape_class"] for p, im in samples.class_prompt],
     }
 
 
-def tiny_world_scores(pipe, instance_images: Sequence[Image.Image], instance_prompt: str, class_prompt: str,
-                      **kwargs: Any) -> dict[str, float]:
-    """The means of :func:`tiny_world_samples`."""
-    samples = tiny_world_samples(pipe, instance_images, instance_prompt, class_prompt, **kwargs)
-    return {key: float(np.mean(values)) for key, values in samples.items()}
+def score_samples(samples: TinyWorldSamples, instance_images: Sequence[Image.Image]) -> dict[str, float]:
+    """The means of :func:`sample_scores`."""
+    return {key: float(np.mean(values)) for key, values in sample_scores(samples, instance_images).items()}
+
+
+def background_hits(pairs: Prompted) -> list[float]:
+    """1 for each image whose background is the colour its prompt asks for, else 0."""
+    return [metrics.prompt_fidelity(im, p)["background"] for p, im in pairs]
+
+
+def tiny_world_scores(
+    pipe, instance_images: Sequence[Image.Image], instance_prompt: str, class_prompt: str,
+    num_images: int = 16, seed: int = 0, steps: int = 25, guidance: float | None = None,
+) -> dict[str, float]:
+    """``score_samples`` of the pipeline as it is (adapter on or off), re-context on the colours
+    the subject (read off its instance images) stands out on."""
+    backgrounds = subject_backgrounds(metrics.SubjectProfile(instance_images))
+    samples = tiny_world_samples(pipe, instance_prompt, class_prompt, num_images, seed, steps, guidance, backgrounds)
+    return score_samples(samples, instance_images)
 
 
 def instance_self_score(instance_images: Sequence[Image.Image]) -> float:
@@ -80,14 +117,23 @@ def instance_self_score(instance_images: Sequence[Image.Image]) -> float:
     return float(np.mean(scores))
 
 
+def compare_samples(adapter: TrainedAdapter, instance_prompt: str, class_prompt: str,
+                    **kwargs: Any) -> dict[str, TinyWorldSamples]:
+    """``tiny_world_samples`` with the adapter switched off ("base") and on ("adapter"), same seeds."""
+    drawn = {}
+    for name, enabled in (("base", False), ("adapter", True)):
+        adapter.switch(enabled=enabled)
+        drawn[name] = tiny_world_samples(adapter.pipe, instance_prompt, class_prompt, **kwargs)
+    return drawn
+
+
 def compare_tiny_world(adapter: TrainedAdapter, instance_images, instance_prompt: str, class_prompt: str,
                        **kwargs: Any) -> dict[str, Any]:
     """The same measures with the adapter switched off (base) and on, plus the instance images' own score."""
-    adapter.switch(enabled=False)
-    base = tiny_world_scores(adapter.pipe, instance_images, instance_prompt, class_prompt, **kwargs)
-    adapter.switch(enabled=True)
-    adapted = tiny_world_scores(adapter.pipe, instance_images, instance_prompt, class_prompt, **kwargs)
-    return {"instances": instance_self_score(instance_images), "base": base, "adapter": adapted}
+    kwargs.setdefault("backgrounds", subject_backgrounds(metrics.SubjectProfile(instance_images)))
+    drawn = compare_samples(adapter, instance_prompt, class_prompt, **kwargs)
+    return {"instances": instance_self_score(instance_images),
+            **{name: score_samples(samples, instance_images) for name, samples in drawn.items()}}
 
 
 def tiny_control_scores(sample_fn: Sampler, num_images: int = 32, seed: int = 0) -> dict[str, float]:

@@ -1,9 +1,10 @@
-"""Converting between Pillow images and tensors, and pasting images into grids (no torchvision)."""
+"""Converting between Pillow images and tensors, and pasting images into grids, labelled or not (no torchvision)."""
 
 from __future__ import annotations
 
 import os
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -48,3 +49,48 @@ def image_grid(rows: Sequence[Sequence[Image.Image]]) -> Image.Image:
         for x, image in enumerate(row):
             grid.paste(image.convert("RGB").resize((width, height)), (x * width, y * height))
     return grid
+
+
+@dataclass
+class LabelledRow:
+    """One row of a labelled comparison: a title (the prompt), and per column group its images and a note."""
+
+    title: str
+    groups: Sequence[Sequence[Image.Image]]
+    notes: Sequence[str] = ()
+
+
+GAP = 12
+FONT_SIZE = 13
+
+
+def labelled_comparison(rows: Sequence[LabelledRow], headers: Sequence[str], scale: int = 1) -> Image.Image:
+    """Column groups side by side under their ``headers`` ("base", "adapter"); above each row its
+    title and under each header the group's note, drawn with Pillow's default font, so the
+    picture says what it shows without the code that made it."""
+    from PIL import ImageDraw, ImageFont
+
+    font = ImageFont.load_default(size=FONT_SIZE)
+    line = FONT_SIZE + 5
+    width, height = (side * scale for side in rows[0].groups[0][0].size)
+    per_group = max(len(images) for row in rows for images in row.groups)
+    group_width = per_group * width
+    has_notes = any(row.notes for row in rows)
+    row_height = line * (2 if has_notes else 1) + height + GAP
+    canvas = Image.new("RGB", (GAP + len(headers) * (group_width + GAP), line + GAP // 2 + len(rows) * row_height), "white")
+    draw = ImageDraw.Draw(canvas)
+    lefts = [GAP + g * (group_width + GAP) for g in range(len(headers))]
+    for left, header in zip(lefts, headers, strict=True):
+        draw.text((left + group_width // 2, 2), header, fill="black", font=font, anchor="mt")
+    top = line + GAP // 2
+    for row in rows:
+        draw.text((GAP, top), row.title, fill="black", font=font)
+        for left, note in zip(lefts, row.notes, strict=False):
+            draw.text((left, top + line), note, fill=(70, 70, 70), font=font)
+        images_top = top + line * (2 if has_notes else 1)
+        for left, images in zip(lefts, row.groups, strict=True):
+            for index, image in enumerate(images):
+                tile = image.convert("RGB").resize((width, height), Image.NEAREST)
+                canvas.paste(tile, (left + index * width, images_top))
+        top += row_height
+    return canvas

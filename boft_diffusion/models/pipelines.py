@@ -152,7 +152,7 @@ def load_pipeline(name_or_path: str | os.PathLike = "tiny", dtype=None, device=N
             )
             raise ModelLoadError(
                 f"could not load hub model {name!r}: {why}. Download it on a connected machine "
-                f"(`huggingface-cli download {name}`) and copy the cache (HF_HOME), pass a local diffusers "
+                f"(`hf download {name}`) and copy the cache (HF_HOME), pass a local diffusers "
                 f"folder or a .safetensors file instead, or use 'tiny' for the embedded model. "
                 f"[{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}]"
             ) from e

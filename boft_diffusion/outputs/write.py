@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -62,3 +63,22 @@ def save_control(folder: str | os.PathLike, mode: str, unet_adapter: nn.Module |
             CONTROLNET_CONFIG: lambda tmp: Path(tmp).write_text(json.dumps(config, indent=2, default=list)),
         })
     atomic_write(folder, {CONTROL_INFO: lambda tmp: Path(tmp).write_text(json.dumps(info, indent=2))})
+
+
+def save_latest_validation(output_dir: str | os.PathLike) -> None:
+    """Copy the newest validation grid to ``validation/latest.png``, the picture the model card shows."""
+    grids = sorted((Path(output_dir) / "validation").glob("step-*.png"))
+    if grids:
+        shutil.copyfile(grids[-1], grids[-1].parent / "latest.png")
+
+
+def peft_interop_note(n_butterfly_factor: int) -> str:
+    """What Hugging Face PEFT can do with an adapter of this depth, as measured (README, "Interop with PEFT")."""
+    measured = ("PEFT runs m > 1 only through its CUDA extension; without it (on CPU, and where the extension "
+                "fails to compile, as measured on an H200 with PEFT 0.21.2) PEFT builds m = 1 layers and refuses "
+                "m > 1 files with `size mismatch for ...boft_R`.")
+    if n_butterfly_factor == 1:
+        return (f"This adapter has m = 1, so Hugging Face PEFT loads it too: "
+                f"`PeftModel.from_pretrained(pipe.unet, folder)`. {measured}")
+    return (f"This adapter has butterfly depth m = {n_butterfly_factor}: load it with boft-diffusion "
+            f"(`bd.load_adapter` or `load_outputs`, any depth, any device). {measured}")

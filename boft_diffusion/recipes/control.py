@@ -13,8 +13,8 @@ from typing import Any
 import torch
 from PIL import Image, UnidentifiedImageError
 
-from ..core.adapters import apply_boft, disable_adapters, enable_adapters
-from ..core.config import DEFAULT_TARGET_MODULES
+from ..core.adapters import apply_boft, count_trainable_parameters, disable_adapters, enable_adapters
+from ..core.config import DEFAULT_TARGET_MODULES, BOFTConfig
 from ..models.bundled import EXAMPLE_CONTROL_DATA
 from ..models.control import (
     CONTROLNET,
@@ -27,8 +27,15 @@ from ..models.control import (
 )
 from ..models.images import image_to_tensor, open_image, to_rgb
 from ..models.pipelines import default_guidance, guidance_kwargs, load_pipeline
-from ..outputs.write import save_control
-from ..training.cli import add_boft_args, add_model_args, add_training_args, boft_config_from_args
+from ..outputs.write import peft_interop_note, save_control, save_latest_validation
+from ..training.cli import (
+    HelpFormatter,
+    add_boft_args,
+    add_model_args,
+    add_training_args,
+    boft_config_from_args,
+    check_resolution,
+)
 from ..training.config import TrainerConfig
 from ..training.data import DataError, center_crop, resize_shorter_side
 from ..training.diffusion import denoising_loss, denoising_target, encode_prompts, noised_latents
@@ -145,9 +152,49 @@ def load_control_dataset(args: argparse.Namespace, resolution: int) -> list[Cont
     return examples
 
 
+def model_card(args: argparse.Namespace, boft: BOFTConfig, trainable: int, steps: int) -> str:
+    """The output folder's README, as DreamBooth writes one: what was trained, how to load it, what PEFT reads."""
+    control = ("the BOFT paper's light control encoder after `conv_in` (trained in full) and BOFT on the UNet"
+               if args.control == LIGHT else
+               "a ControlNet copied from " + (args.controlnet_model_name_or_path or "the UNet")
+               + ", BOFT on its frozen blocks (in `controlnet/`), zero convolutions and conditioning embedding "
+                 "trained in full" + (", and BOFT on the UNet" if args.train_unet_boft else ""))
+    data = args.dataset_name or args.train_data_dir or "the bundled tiny-world control set"
+    return f"""---
+library_name: boft-diffusion
+base_model: {args.pretrained_model_name_or_path}
+tags: [boft, controlnet, stable-diffusion, peft]
+---
+# BOFT control adapter ({args.control})
+
+Trained with `train_controlnet.py` from boft-diffusion on **{args.pretrained_model_name_or_path}**
+for {steps} steps on {data}: {control}.
+
+BOFT: block size {boft.block_size or '-'}, block number {boft.block_num or '-'},
+butterfly factors m = {boft.n_butterfly_factor}, dropout {boft.dropout},
+targets {', '.join(boft.target_modules)}; {trainable:,} trainable parameters.
+
+![validation: control image, base model, with control (same seed)](validation/latest.png)
+
+## Use
+
+```python
+from PIL import Image
+import boft_diffusion as bd
+from boft_diffusion.outputs.read import load_outputs
+pipe = bd.load_pipeline("{args.pretrained_model_name_or_path}")
+adapter = load_outputs(pipe, "{args.output_dir}")
+image = adapter.sample(condition=Image.open("control.png"), prompt="a red star on a blue background")
+```
+
+`control.json` names the mode; the fully trained control parts are boft-diffusion's own files, so
+`load_outputs` is the way to load the whole folder. {peft_interop_note(boft.n_butterfly_factor)}
+"""
+
+
 def build_parser(description: str | None = None) -> argparse.ArgumentParser:
     """The flags of train_controlnet.py, sharing training, checkpoint and BOFT flags with DreamBooth."""
-    parser = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(description=description, formatter_class=HelpFormatter)
     add_model_args(parser)
     group = parser.add_argument_group("control")
     group.add_argument("--control", default="light", choices=["light", "controlnet"],
@@ -201,7 +248,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     pipe = load_pipeline(args.pretrained_model_name_or_path, dtype=torch.float32,
                          device=accelerator.device, revision=args.revision, variant=args.variant)
     pipe.set_progress_bar_config(disable=True)
-    resolution = args.resolution or pipe.unet.config.sample_size * pipe.vae_scale_factor
+    resolution = check_resolution(args.resolution, pipe)
     if args.dataset_name:
         examples = load_control_dataset(args, resolution)
     else:
@@ -307,5 +354,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                     save_outputs=save_outputs, validate=validate, run_name=f"boft-control-{args.control}")
     trainer = Trainer(config, accelerator, recipe)
     result = trainer.train()
+    if accelerator.is_main_process:
+        save_latest_validation(args.output_dir)
+        trainable = sum(count_trainable_parameters(m) for m in modules.values())
+        (Path(args.output_dir) / "README.md").write_text(model_card(args, boft, trainable, trainer.step))
     trainer.close()
     return result

@@ -23,8 +23,15 @@ from ..models.export import export_merged_pipeline
 from ..models.images import image_to_tensor
 from ..models.peft_baselines import apply_lora, apply_oft, save_peft_adapter
 from ..models.pipelines import default_guidance, guidance_kwargs, load_pipeline
-from ..outputs.write import save_dreambooth
-from ..training.cli import add_boft_args, add_model_args, add_training_args, boft_config_from_args
+from ..outputs.write import peft_interop_note, save_dreambooth, save_latest_validation
+from ..training.cli import (
+    HelpFormatter,
+    add_boft_args,
+    add_model_args,
+    add_training_args,
+    boft_config_from_args,
+    check_resolution,
+)
 from ..training.config import TrainerConfig
 from ..training.data import (
     augment_batch,
@@ -134,7 +141,7 @@ pipe = bd.load_pipeline("{args.pretrained_model_name_or_path}")
 image = pipe("{args.instance_prompt}").images[0]
 ```
 
-The folder is also a Hugging Face PEFT BOFT adapter: `PeftModel.from_pretrained(pipe.unet, folder)`.
+{peft_interop_note(boft.n_butterfly_factor) if args.adapter_type == "boft" else ""}
 """
 
 
@@ -145,7 +152,7 @@ def dotted_suffix(text: str) -> str:
 
 def build_parser(description: str | None = None) -> argparse.ArgumentParser:
     """The flags of train_dreambooth.py (diffusers' names), shared with the demo."""
-    parser = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(description=description, formatter_class=HelpFormatter)
     add_model_args(parser)
     group = parser.add_argument_group("subject and prior")
     group.add_argument("--instance_data_dir", default=None,
@@ -257,7 +264,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     pipe = load_pipeline(args.pretrained_model_name_or_path, dtype=torch.float32, device=accelerator.device,
                          revision=args.revision, variant=args.variant)
     pipe.set_progress_bar_config(disable=True)
-    resolution = args.resolution or pipe.unet.config.sample_size * pipe.vae_scale_factor
+    resolution = check_resolution(args.resolution, pipe)
     instance_dir = args.instance_data_dir or example_subject_dir()
     instances = ImageSet.from_folder(instance_dir, resolution, args.center_crop, args.dataloader_num_workers,
                                      "instance images", args.caption_extension, args.instance_mask_dir)
@@ -382,7 +389,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     result = trainer.train()
     if accelerator.is_main_process:
         output_dir = Path(args.output_dir)
-        _link_latest_validation(output_dir)
+        save_latest_validation(output_dir)
         trainable = sum(count_trainable_parameters(m) for m in modules.values())
         boft = boft_config_from_args(args, args.boft_target_modules)
         (output_dir / "README.md").write_text(model_card(args, boft, trainable, trainer.step))
@@ -391,8 +398,3 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     trainer.close()
     return result
 
-
-def _link_latest_validation(output_dir: Path) -> None:
-    grids = sorted((output_dir / "validation").glob("step-*.png"))
-    if grids:
-        Image.open(grids[-1]).save(output_dir / "validation" / "latest.png")

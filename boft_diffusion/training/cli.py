@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import copy
 import math
 import sys
 from collections.abc import Callable, Sequence
@@ -163,3 +164,42 @@ def boft_config_from_args(args: argparse.Namespace, target_modules: Sequence[str
         base_model_name_or_path=args.pretrained_model_name_or_path,
     )
 
+
+
+class HelpFormatter(argparse.RawDescriptionHelpFormatter):
+    """``--help`` that shows each flag's default, also for flags without help text, and keeps the
+    description's examples as written. Defaults of None and on/off switches are left out: their
+    help says what happens without them."""
+
+    def _format_action(self, action: argparse.Action) -> str:
+        default = self._default_text(action)
+        if default:
+            action = copy.copy(action)
+            action.help = f"{action.help} {default}" if action.help else default
+        return super()._format_action(action)
+
+    @staticmethod
+    def _default_text(action: argparse.Action) -> str:
+        if not action.option_strings or action.nargs == 0 or action.default in (None, argparse.SUPPRESS):
+            return ""
+        if action.help and "%(default)" in action.help:
+            return ""
+        value = " ".join(map(str, action.default)) if isinstance(action.default, list | tuple) else action.default
+        return f"(default: {value})".replace("%", "%%")
+
+
+def check_resolution(resolution: int | None, pipe: Any) -> int:
+    """The training resolution: the model's native one for None, else ``resolution`` if the VAE and
+    the UNet's downsampling divide it (an odd latent size would train off the model's grid)."""
+    vae_factor = pipe.vae_scale_factor
+    unet_factor = 2 ** (len(pipe.unet.config.down_block_types) - 1)
+    if resolution is None:
+        return pipe.unet.config.sample_size * vae_factor
+    multiple = vae_factor * unet_factor
+    if resolution <= 0 or resolution % multiple:
+        nearest = max(multiple, round(resolution / multiple) * multiple)
+        raise TrainingError(
+            f"--resolution {resolution} must be a positive multiple of {multiple} (the VAE downsamples by "
+            f"{vae_factor}, the UNet by {unet_factor} more), e.g. {nearest}; leave it out for the model's own size."
+        )
+    return resolution

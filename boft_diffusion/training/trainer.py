@@ -34,7 +34,7 @@ from tqdm.auto import tqdm
 from ..core import __version__
 from ..core.files import WriteError, remove_stale_temporaries
 from ..models.images import image_grid
-from .checkpoints import list_checkpoints, load_checkpoint, resolve_checkpoint, save_checkpoint
+from .checkpoints import STATE_JSON, list_checkpoints, load_checkpoint, resolve_checkpoint, save_checkpoint
 from .config import TrainerConfig
 
 logger = logging.getLogger("boft_diffusion")
@@ -262,7 +262,7 @@ class Trainer:
 
     # checkpoints ---------------------------------------------------------------------------------
     def _trainer_state(self) -> dict[str, Any]:
-        state = {"library_version": __version__, **self._schedule()}
+        state = {"library_version": __version__, **self._schedule(), "flags": recorded_flags(self.config.hparams)}
         scaler = getattr(self.accelerator, "scaler", None)
         if scaler is not None:
             state["grad_scaler"] = {k: (v.item() if torch.is_tensor(v) else v) for k, v in scaler.state_dict().items()}
@@ -313,21 +313,30 @@ class Trainer:
         if path is None:
             logger.info("no checkpoint in %s; starting from scratch", self.output_dir)
             return
-        tensors, state = load_checkpoint(path, self.optimizer, self.lr_scheduler)
-        changed = {k: (state.get(k), v) for k, v in self._schedule().items() if k in state and state[k] != v}
-        if changed:
-            details = ", ".join(f"{k} {old} -> {new}" for k, (old, new) in changed.items())
+        changed = changed_flags(json.loads((path / STATE_JSON).read_text()).get("flags", {}),
+                                recorded_flags(self.config.hparams))
+        because = f" (flags changed since: {changed})" if changed else ""
+        try:
+            tensors, state = load_checkpoint(path, self.optimizer, self.lr_scheduler)
+        except (ValueError, KeyError) as error:
+            raise TrainingError(f"{path} does not fit this run{because}: {error}") from error
+        moved = {k: (state.get(k), v) for k, v in self._schedule().items() if k in state and state[k] != v}
+        if moved:
+            details = ", ".join(f"{k} {old} -> {new}" for k, (old, new) in moved.items())
             raise TrainingError(f"{path} was written with other settings ({details}); resume with the same ones.")
         missing = sorted(set(self.params) - set(tensors))
         if missing:
-            raise TrainingError(f"{path} does not match this run: it lacks {missing[:3]} (and {len(missing)} in all).")
+            raise TrainingError(f"{path} does not match this run{because}: it lacks {missing[:3]} "
+                                f"(and {len(missing)} in all).")
         with torch.no_grad():
             for name, param in self.params.items():
                 if tensors[name].shape != param.shape:
                     raise TrainingError(
-                        f"{path}: {name} has shape {list(tensors[name].shape)}, this run {list(param.shape)}."
+                        f"{path}: {name} has shape {list(tensors[name].shape)}, this run {list(param.shape)}{because}."
                     )
                 param.copy_(tensors[name])
+        if changed:
+            logger.warning("resuming %s with changed flags: %s", path, changed)
         scaler = getattr(self.accelerator, "scaler", None)
         if scaler is not None and "grad_scaler" in state:
             scaler.load_state_dict(state["grad_scaler"])
@@ -470,6 +479,25 @@ class Trainer:
         """End trackers and the process group; call once every process is done with files."""
         self.accelerator.wait_for_everyone()
         self.accelerator.end_training()
+
+
+#: Flags a resumed run may change without a word: where and how long it runs, what it logs and samples.
+RUN_CONTROL_FLAGS = frozenset({
+    "output_dir", "overwrite_output_dir", "resume_from_checkpoint", "max_train_steps", "num_train_epochs",
+    "checkpointing_steps", "checkpoints_total_limit", "validation_steps", "validation_prompt",
+    "num_validation_images", "validation_image", "num_inference_steps", "report_to", "logging_dir",
+    "dataloader_num_workers", "save_merged",
+})
+
+
+def recorded_flags(hparams: dict[str, Any]) -> dict[str, Any]:
+    """The flags a checkpoint records, to name the ones a resume changes (JSON values)."""
+    return {k: json.loads(json.dumps(v, default=str)) for k, v in hparams.items() if k not in RUN_CONTROL_FLAGS}
+
+
+def changed_flags(before: dict[str, Any], now: dict[str, Any]) -> str:
+    """``--flag old -> new`` for each flag that differs; flags older checkpoints did not record are skipped."""
+    return ", ".join(f"--{k} {before[k]} -> {now.get(k)}" for k in sorted(before) if before[k] != now.get(k))
 
 
 def _tracker_config(hparams: dict[str, Any]) -> dict[str, Any]:

@@ -1,0 +1,42 @@
+"""The demo's report: labelled grids and per-colour scores, from samples (no training here)."""
+
+import json
+
+from PIL import Image
+
+from boft_diffusion import demo
+from boft_diffusion.evaluation.tiny_world import TinyWorldSamples, recontext_prompts
+from boft_diffusion.tiny import world
+
+
+def fake_samples(background_right: bool) -> TinyWorldSamples:
+    """Six samples per prompt: the re-context ones on the asked background or on black."""
+    def on(colour: str) -> Image.Image:
+        return world.render_subject(background=colour if background_right else "black")
+
+    recontext = [(prompt, on(colour)) for prompt, colour in recontext_prompts(demo.INSTANCE_PROMPT) for _ in range(6)]
+    subject = [(demo.INSTANCE_PROMPT, world.render_subject())] * 6
+    return TinyWorldSamples(subject=subject, recontext=recontext, captions=subject, class_prompt=subject)
+
+
+def test_grids_label_prompts_and_columns_and_colours_are_scored(tmp_path, capsys):
+    drawn = {"base": fake_samples(True), "adapter": fake_samples(False)}
+    by_colour = {m: demo.background_by_colour(drawn[m].recontext) for m in demo.MODELS}
+    assert set(by_colour["base"].values()) == {1.0}
+    assert set(by_colour["adapter"].values()) - {1.0}, "a black background is no asked-for colour"
+    scores = {m: {"subject": 0.5, "recontext_background": 0.5, "class_prompt_fidelity": 0.5, "class_subject": 0.0,
+                  "class_shape": 1.0} for m in demo.MODELS}
+    rows = demo.overview_rows(drawn, scores, by_colour)
+    assert [row.title for row in rows] == [f'"{demo.INSTANCE_PROMPT}"', f'"{recontext_prompts(demo.INSTANCE_PROMPT)[1][0]}"',
+                                          f'"{demo.CLASS_PROMPT}"']
+    assert rows[2].notes[0] == "drawn as a star 1.00, subject fidelity 0.00"
+    colour_rows = demo.recontext_rows(drawn, by_colour)
+    assert len(colour_rows) == len(recontext_prompts(demo.INSTANCE_PROMPT))
+    grid = demo.labelled_comparison(colour_rows, demo.MODELS)
+    assert grid.width > 2 * 6 * 64 and grid.height > len(colour_rows) * 64
+
+    demo.print_scores({"instances": 0.97, **scores, "recontext_by_colour": by_colour})
+    printed = capsys.readouterr().out
+    assert "| drawn as a star, 'a photo of star' (should stay high) | 1.00 | 1.00 |" in printed
+    assert all(f"| {colour} | 1.00 |" in printed for colour in by_colour["base"])
+    assert json.loads(json.dumps(by_colour)) == by_colour  # scores.json holds it
