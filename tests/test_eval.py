@@ -36,8 +36,8 @@ def test_tiny_world_report(trained_adapter, tmp_path):
     tiny = report["tiny_world"]
     assert 0.5 < tiny["instances"] <= 1.0
     for side in ("base", "adapter"):
-        assert set(tiny[side]) == {"subject", "recontext_background", "class_prompt_fidelity", "class_subject",
-                                   "class_shape"}
+        assert set(tiny[side]) == {"subject", "recontext_background", "recontext_subject", "class_prompt_fidelity",
+                                   "class_subject", "class_shape"}
         assert all(0.0 <= v <= 1.0 for v in tiny[side].values())
     assert (tmp_path / "r.json").is_file()
 
