@@ -17,6 +17,7 @@ feature axis plus one batched ``b x b`` product, so the cost is ``O(m * dim * b)
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import NamedTuple
 
 import torch
@@ -31,6 +32,9 @@ __all__ = [
     "skew_from_params",
     "params_from_skew",
     "cayley",
+    "cayley_blocks",
+    "join_skew_params",
+    "split_blocks",
     "upcast",
     "drop_blocks",
     "butterfly_matmul",
@@ -167,6 +171,29 @@ def cayley(skew: torch.Tensor, neumann_terms: int = 0) -> torch.Tensor:
             power = -(power @ skew)
             inverse = inverse + power
         return (eye - skew) @ inverse
+
+
+def cayley_blocks(params: torch.Tensor, block_size: int, strength: float = 1.0, neumann_terms: int = 0) -> torch.Tensor:
+    """Orthogonal blocks ``[..., b, b]`` of ``Cayley(strength * S)`` from the free entries ``[..., b(b-1)/2]`` of ``S``."""
+    if strength != 1.0:
+        params = params * strength
+    return cayley(skew_from_params(params, block_size), neumann_terms)
+
+
+def join_skew_params(params: Sequence[torch.Tensor]) -> torch.Tensor:
+    """Stack the skew parameters ``[m_i, N_i, k]`` of several layers into one ``[sum m_i N_i, k]`` batch.
+
+    One Cayley solve over the joined batch replaces one solve per layer: on a GPU the cost of a
+    step of small adapters is the number of kernels, not their size.
+    """
+    return torch.cat([p.reshape(-1, p.shape[-1]) for p in params])
+
+
+def split_blocks(joined: torch.Tensor, shapes: Sequence[torch.Size]) -> list[torch.Tensor]:
+    """Undo ``join_skew_params`` on the blocks ``[sum m_i N_i, b, b]``: views ``[m_i, N_i, b, b]`` per layer."""
+    sizes = [shape[0] * shape[1] for shape in shapes]
+    block = joined.shape[-2:]
+    return [part.view(*shape[:2], *block) for part, shape in zip(joined.split(sizes), shapes, strict=True)]
 
 
 def drop_blocks(blocks: torch.Tensor, p: float, generator: torch.Generator | None = None) -> torch.Tensor:
