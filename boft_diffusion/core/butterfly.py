@@ -251,15 +251,20 @@ def rotate_features_first(z: torch.Tensor, blocks: torch.Tensor, transpose: bool
 
     This is the rotation of channels-first activations (a 1x1 convolution's input) as they lie.
     """
-    n_factors = blocks.shape[0]
-    blocks = blocks.to(z.dtype)
+    factors = _unbind_factors(blocks, z.dtype)
     if transpose:
-        for factor in range(n_factors):
-            z = _factor_features(z, blocks[factor], factor)
+        for factor, factor_blocks in enumerate(factors):
+            z = _factor_features(z, factor_blocks, factor)
     else:
-        for factor in reversed(range(n_factors)):
-            z = _factor_features(z, blocks[factor].transpose(-1, -2), factor)
+        for factor in reversed(range(len(factors))):
+            z = _factor_features(z, factors[factor].transpose(-1, -2), factor)
     return z
+
+
+def _unbind_factors(blocks: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, ...]:
+    """The factors' blocks as views; one unbind backpropagates as one stack, where indexing each
+    factor would allocate and fill a zero gradient of all ``m`` factors per factor."""
+    return blocks.to(dtype).unbind(0)
 
 
 def butterfly_matmul(x: torch.Tensor, blocks: torch.Tensor, transpose: bool = False) -> torch.Tensor:
@@ -273,16 +278,15 @@ def butterfly_matmul(x: torch.Tensor, blocks: torch.Tensor, transpose: bool = Fa
     dim = x.shape[-1]
     rows = x.numel() // dim
     if 2 * rows >= dim:
-        z = rotate_features_first(x.reshape(rows, dim).t()[None], blocks, transpose)
-        return z[0].t().reshape(x.shape)
-    n_factors = blocks.shape[0]
-    blocks = blocks.to(x.dtype)
+        z = rotate_features_first(x.reshape(rows, dim).t().unsqueeze(0), blocks, transpose)
+        return z.squeeze(0).t().reshape(x.shape)
+    factors = _unbind_factors(blocks, x.dtype)
     if transpose:
-        for factor in range(n_factors):
-            x = _factor_rows(x, blocks[factor].transpose(-1, -2), factor)
+        for factor, factor_blocks in enumerate(factors):
+            x = _factor_rows(x, factor_blocks.transpose(-1, -2), factor)
     else:
-        for factor in reversed(range(n_factors)):
-            x = _factor_rows(x, blocks[factor], factor)
+        for factor in reversed(range(len(factors))):
+            x = _factor_rows(x, factors[factor], factor)
     return x
 
 
