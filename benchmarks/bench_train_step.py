@@ -6,6 +6,13 @@ peak resident memory is per method. Prints a markdown table of ratios to the no-
 
     python benchmarks/bench_train_step.py                       # this machine's CPU settings
     python benchmarks/bench_train_step.py --device cuda --latent 64 --batch 4 --dtype bf16
+    python benchmarks/bench_train_step.py --count_ops           # operator calls per step (torch.profiler)
+
+``--count_ops`` is a proxy for the GPU cost of small adapters, which is the number of kernels
+they launch rather than their arithmetic: it counts the aten operator calls of one training step
+(forward, backward, optimiser) for no adapter, PEFT LoRA and ours with the batched rotation
+build and with each layer building its own, and the calls of the Cayley part alone for 32 and
+128 adapted layers.
 """
 
 from __future__ import annotations
@@ -31,6 +38,18 @@ METHODS = {
     "boft_m2": "ours block 8, m=2",
     "boft_m4": "ours block 8, m=4",
 }
+OP_METHODS = {
+    "none": "no adapter (inputs require grad)",
+    "peft_lora": "PEFT LoRA r=8",
+    "boft_m2_per_layer": "ours block 8, m=2, each layer builds its own blocks",
+    "boft_m2": "ours block 8, m=2, batched build",
+}
+#: Operators that launch no kernel: views, allocations, no-op conversions.
+NO_KERNEL_OPS = {"aten::" + name for name in (
+    "view", "reshape", "_reshape_alias", "_unsafe_view", "as_strided", "alias", "detach", "split", "split_with_sizes",
+    "narrow", "slice", "select", "unsqueeze", "squeeze", "expand", "t", "transpose", "permute", "unbind", "view_as",
+    "numpy_T", "mT", "mH", "lift_fresh", "empty", "empty_like", "empty_strided", "new_empty", "new_empty_strided",
+    "resize_", "resolve_conj", "resolve_neg", "to")}
 
 SD15_UNET = dict(
     sample_size=64,
@@ -43,15 +62,39 @@ SD15_UNET = dict(
     cross_attention_dim=768,
     attention_head_dim=8,
 )
+#: The same block types at toy widths (every width a multiple of 64, so that m = 4 fits): smoke tests.
+TINY_UNET = dict(
+    sample_size=8,
+    in_channels=4,
+    out_channels=4,
+    block_out_channels=(64, 128),
+    layers_per_block=1,
+    down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+    up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+    cross_attention_dim=64,
+    attention_head_dim=8,
+    norm_num_groups=16,
+)
+UNETS = {"sd15": SD15_UNET, "tiny": TINY_UNET}
 
 
-def build_unet(device: str, dtype: torch.dtype):
+def build_unet(device: str, dtype: torch.dtype, size: str = "sd15"):
     from diffusers import UNet2DConditionModel
 
     torch.manual_seed(0)
     with torch.device(device):  # initialising 860M weights on the GPU takes seconds, not a minute
-        unet = UNet2DConditionModel(**SD15_UNET)
+        unet = UNet2DConditionModel(**UNETS[size])
     return unet.to(dtype=dtype)
+
+
+def unet_inputs(args, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Latents, timestep, text context and a regression target for ``args.batch`` examples."""
+    gen = torch.Generator().manual_seed(0)
+    shape = (args.batch, 4, args.latent, args.latent)
+    sample = torch.randn(shape, generator=gen).to(args.device, dtype)
+    context = torch.randn(args.batch, 77, UNETS[args.unet]["cross_attention_dim"], generator=gen).to(args.device, dtype)
+    target = torch.randn(shape, generator=gen).to(args.device, dtype)
+    return sample, torch.tensor([500] * args.batch, device=args.device), context, target
 
 
 def adapt(unet, method: str) -> dict:
@@ -77,29 +120,71 @@ def adapt(unet, method: str) -> dict:
     else:
         import boft_diffusion as bd
 
-        m = int(method.rsplit("m", 1)[1])
+        m = int(method.removesuffix("_per_layer").rsplit("m", 1)[1])
         bd.apply_boft(unet, bd.BOFTConfig(block_size=8, n_butterfly_factor=m, target_modules=ATTENTION))
+        bd.set_batched_rotations(unet, not method.endswith("_per_layer"))
         info["m_ran"] = [m]
     return unet, info
+
+
+def count_ops(run) -> dict[str, int]:
+    """aten operator calls made by ``run()``: all (every level of the dispatcher), and "kernels":
+    leaf calls (no aten call inside) that do work, a proxy for kernel launches on a GPU."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        run()
+    events = [event for event in prof.events() if event.name.startswith("aten::")]
+    kernels = [event for event in events if event.name not in NO_KERNEL_OPS
+               and not any(child.name.startswith("aten::") for child in event.cpu_children)]
+    return {"ops": len(events), "kernels": len(kernels),
+            "solves": sum(event.name == "aten::linalg_solve_ex" for event in events)}
+
+
+def cayley_part_ops(targets: list[str], batched: bool) -> dict[str, int]:
+    """Operator calls of building every layer's blocks and back-propagating into the skew parameters."""
+    import boft_diffusion as bd
+    from boft_diffusion.core.adapters import boft_layers
+    from boft_diffusion.core.layers import RotationBank
+
+    unet = build_unet("cpu", torch.float32)
+    bd.apply_boft(unet, bd.BOFTConfig(block_size=8, n_butterfly_factor=2, target_modules=targets))
+    layers = [layer for _, layer in boft_layers(unet.train())]
+    bank = RotationBank(layers)
+
+    def build_and_backward() -> None:
+        for layer in layers:  # as after zero_grad(set_to_none=True): no accumulation into old gradients
+            layer.boft_skew["default"].grad = None
+        if batched:
+            bank.lend()
+            blocks = [layer.lent_blocks for layer in layers]
+            bank.reclaim()
+        else:
+            blocks = [layer.rotation_blocks("default") for layer in layers]
+        torch.autograd.backward(blocks, ones)
+
+    ones = [torch.ones(layer.specs["default"].geometry.n_factors, layer.specs["default"].geometry.block_num, 8, 8)
+            for layer in layers]
+    build_and_backward()
+    return {"layers": len(layers), **count_ops(build_and_backward)}
 
 
 def run_method(args) -> dict:
     torch.set_num_threads(args.threads)
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[args.dtype]
-    unet = build_unet(args.device, dtype)
+    unet = build_unet(args.device, dtype, args.unet)
     unet, info = adapt(unet, args.method)
     if args.device == "cuda":  # the float32 initialisation is not part of a training step
         torch.cuda.reset_peak_memory_stats()
     unet.train()
+    if args.compile:  # every method alike: the forward compiled, hooks (ours) left eager around it
+        from boft_diffusion import compile_adapted
+
+        compile_adapted(unet, backend=args.compile_backend)
     params = [p for p in unet.parameters() if p.requires_grad]
     # Adapter weights live in float32 even when the model runs in half precision.
     optimizer = torch.optim.AdamW(params, lr=1e-4) if params else None
-    gen = torch.Generator().manual_seed(0)
-    shape = (args.batch, 4, args.latent, args.latent)
-    sample = torch.randn(shape, generator=gen).to(args.device, dtype)
-    context = torch.randn(args.batch, 77, 768, generator=gen).to(args.device, dtype)
-    target = torch.randn(shape, generator=gen).to(args.device, dtype)
-    timestep = torch.tensor([500] * args.batch, device=args.device)
+    sample, timestep, context, target = unet_inputs(args, dtype)
     if args.method == "none":
         sample.requires_grad_(True)
 
@@ -118,6 +203,9 @@ def run_method(args) -> dict:
 
     for _ in range(args.warmup):
         step()
+    if args.count_ops:
+        layers = sum(isinstance(getattr(m, "base_layer", None), torch.nn.Module) for m in unet.modules())
+        return {"method": args.method, "adapted_layers": layers, **count_ops(step)}
     times = [step() for _ in range(args.steps)]
     result = {
         "method": args.method,
@@ -138,11 +226,8 @@ def run_inference(args) -> dict:
 
     torch.set_num_threads(args.threads)
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[args.dtype]
-    unet = build_unet(args.device, dtype).eval()
-    gen = torch.Generator().manual_seed(0)
-    sample = torch.randn(args.batch, 4, args.latent, args.latent, generator=gen).to(args.device, dtype)
-    context = torch.randn(args.batch, 77, 768, generator=gen).to(args.device, dtype)
-    timestep = torch.tensor([500] * args.batch, device=args.device)
+    unet = build_unet(args.device, dtype, args.unet).eval()
+    sample, timestep, context, _ = unet_inputs(args, dtype)
 
     @torch.no_grad()
     def forward_time() -> float:
@@ -176,7 +261,8 @@ def sync(device: str) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--method", help="run one method in this process and print JSON")
-    parser.add_argument("--methods", nargs="+", default=list(METHODS) + ["inference"])
+    parser.add_argument("--methods", nargs="+", help="default: every method and inference (with --count_ops: "
+                        "no adapter, LoRA, ours per-layer and batched, and the Cayley part alone)")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--dtype", default="fp32", choices=["fp32", "bf16", "fp16"])
     parser.add_argument("--latent", type=int, default=32)
@@ -184,18 +270,22 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument("--steps", type=int, default=3)
+    parser.add_argument("--count_ops", action="store_true", help="count operator calls instead of timing")
+    parser.add_argument("--unet", default="sd15", choices=list(UNETS), help="tiny: toy widths, for smoke tests")
+    parser.add_argument("--compile", action="store_true", help="torch.compile the forward of every method")
+    parser.add_argument("--compile_backend", default="inductor")
     args = parser.parse_args()
 
     if args.method:
-        result = run_inference(args) if args.method == "inference" else run_method(args)
-        print("RESULT " + json.dumps(result))
+        print("RESULT " + json.dumps(run_one(args)))
         return
 
+    default = list(OP_METHODS) + ["cayley"] if args.count_ops else list(METHODS) + ["inference"]
     results = {}
-    for method in args.methods:
+    for method in args.methods or default:
         command = [sys.executable, __file__, "--method", method] + [
-            f"--{k}={v}" for k, v in vars(args).items() if k not in ("method", "methods")
-        ]
+            f"--{k}={v}" for k, v in vars(args).items() if k not in ("method", "methods", "count_ops", "compile")
+        ] + [f"--{flag}" for flag in ("count_ops", "compile") if getattr(args, flag)]
         output = subprocess.run(command, capture_output=True, text=True)
         line = next((row for row in output.stdout.splitlines() if row.startswith("RESULT ")), None)
         if line is None:
@@ -203,7 +293,44 @@ def main() -> None:
             continue
         results[method] = json.loads(line[len("RESULT ") :])
         print(f"# {method}: {results[method]}", file=sys.stderr)
-    print_table(results, args)
+    if args.count_ops:
+        print_op_tables(results, args)
+    else:
+        print_table(results, args)
+
+
+def run_one(args) -> dict:
+    if args.method == "inference":
+        return run_inference(args)
+    if args.method == "cayley":
+        return {size: {mode: cayley_part_ops(targets, mode == "batched") for mode in ("per_layer", "batched")}
+                for size, targets in (("small", ["to_q"]), ("full", ATTENTION))}
+    return run_method(args)
+
+
+def print_op_tables(results: dict, args) -> None:
+    print(f"\naten operator calls in one training step (forward, backward, AdamW) of the SD 1.5 UNet architecture, "
+          f"{args.latent}x{args.latent} latents, batch {args.batch}, {args.dtype}, {args.device}; attention adapted. "
+          "Kernels: leaf calls that are not views, allocations or no-op conversions.\n")
+    base = results.get("none")
+    print("| method | adapted layers | operator calls | added vs no adapter | added per adapted layer "
+          "| kernels added | kernels added per layer | Cayley solves |")
+    print("|---|---|---|---|---|---|---|---|")
+    for method, label in OP_METHODS.items():
+        r = results.get(method)
+        if not r or not base:
+            continue
+        added, kernels, layers = r["ops"] - base["ops"], r["kernels"] - base["kernels"], r["adapted_layers"]
+        per_layer = f"{added / layers:.1f} | {kernels:,} | {kernels / layers:.1f}" if layers else f"- | {kernels:,} | -"
+        print(f"| {label} | {layers} | {r['ops']:,} | {added:,} | {per_layer} | {r['solves']} |")
+    cayley = results.get("cayley")
+    if cayley:
+        print("\nThe Cayley part alone (every layer's blocks built, then back-propagated to the skew parameters):\n")
+        print("| adapted layers | each layer builds its own: calls (kernels), solves | batched: calls (kernels), solves |")
+        print("|---|---|---|")
+        for size in cayley.values():
+            cells = [f"{c['ops']:,} ({c['kernels']:,}), {c['solves']}" for c in (size["per_layer"], size["batched"])]
+            print(f"| {size['per_layer']['layers']} | {cells[0]} | {cells[1]} |")
 
 
 def print_table(results: dict, args) -> None:

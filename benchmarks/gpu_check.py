@@ -9,16 +9,28 @@ per recipe with optimiser steps/s (after the first step) and peak GPU memory.
 
     python benchmarks/gpu_check.py --mixed_precision bf16 --max_train_steps 20
     python benchmarks/gpu_check.py --size tiny --mixed_precision no   # the same path on CPU
+
+With ``--train_step_table DIR`` it instead times one training step of the bare UNet (the
+bench_train_step.py table) for no adapter, PEFT LoRA r=8, OFT, BOFT and ours m = 1, 2, 4 at
+batch 1 and 4, eager and (no adapter, LoRA, ours m = 2) compiled, plus unmerged and merged
+inference; it writes DIR/train_step_table.md and .json after every row and skips the rows that
+no longer fit in ``--budget_s`` (390 s; most important rows first), so one command stays under 8 minutes:
+
+    python benchmarks/gpu_check.py --train_step_table gpu_results              # on the GPU
+    python benchmarks/gpu_check.py --train_step_table /tmp/t --size tiny --device cpu \
+        --mixed_precision no --compile_backend eager                            # smoke test on CPU
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import platform
 import tempfile
 import time
 from pathlib import Path
 
+import bench_train_step
 import torch
 
 from boft_diffusion.models.bundled import EMBEDDED_MODEL_DIR
@@ -120,6 +132,107 @@ def reload_and_sample(model: Path, adapter: Path, device: str) -> dict:
             "finite": bool(torch.isfinite(adapted).all())}
 
 
+# The train-step table ------------------------------------------------------------------------------
+ALL_METHODS = ["none", "peft_lora", "peft_oft", "peft_boft", "boft_m1", "boft_m2", "boft_m4"]
+KEY_METHODS = ["none", "peft_lora", "boft_m2"]  # the acceptance ratios need these
+#: Seconds a row must still have before the budget runs out to be started.
+ROW_RESERVE = {False: 30.0, True: 150.0}
+
+
+def table_rows(batches: tuple[int, int]) -> list[tuple[str, int, bool]]:
+    """(method, batch, compiled) in order of importance, so a run cut short keeps what matters."""
+    first, second = batches
+    rest = [m for m in ALL_METHODS if m not in KEY_METHODS]
+    return ([(m, first, False) for m in ALL_METHODS] + [("inference", first, False)]
+            + [(m, first, True) for m in KEY_METHODS] + [(m, second, False) for m in KEY_METHODS]
+            + [(m, second, False) for m in rest] + [(m, second, True) for m in KEY_METHODS])
+
+
+def step_settings(args: argparse.Namespace, method: str, batch: int, compiled: bool) -> argparse.Namespace:
+    tiny = args.size == "tiny"
+    return argparse.Namespace(
+        method=method, batch=batch, compile=compiled, compile_backend=args.compile_backend, device=args.device,
+        dtype={"no": "fp32", "bf16": "bf16", "fp16": "fp16"}[args.mixed_precision], unet=args.size,
+        latent=8 if tiny else 64, steps=2 if tiny else 20, warmup=1 if tiny else 3, threads=torch.get_num_threads(),
+        count_ops=False,
+    )
+
+
+def run_row(settings: argparse.Namespace) -> dict:
+    if settings.method == "inference":
+        return bench_train_step.run_inference(settings)
+    return bench_train_step.run_method(settings)
+
+
+def environment(args: argparse.Namespace) -> dict:
+    import diffusers
+    import peft
+
+    return {"device": torch.cuda.get_device_name() if args.device == "cuda" else platform.processor() or "cpu",
+            "torch": torch.__version__, "diffusers": diffusers.__version__, "peft": peft.__version__,
+            "size": args.size, "mixed_precision": args.mixed_precision, "compile_backend": args.compile_backend,
+            "date": time.strftime("%Y-%m-%d")}
+
+
+def ratio(value: float | None, base: float | None) -> str:
+    return f"{value / base:.2f}x" if value and base else "-"
+
+
+def markdown_table(env: dict, rows: list[dict]) -> str:
+    """The rows as markdown, ratios against no adapter at the same batch (eager and same compile mode)."""
+    steps = {(r["method"], r["batch"], r["compiled"]): r.get("step_s") for r in rows}
+    lines = [f"Train step of the UNet ({env['size']}), {env['mixed_precision']}, {env['device']}; torch {env['torch']}, "
+             f"diffusers {env['diffusers']}, peft {env['peft']}, {env['date']}; compile backend {env['compile_backend']}.",
+             "", "| method | batch | compiled | step (s) | vs no adapter, same batch and mode | vs eager no adapter "
+             "| peak memory (GiB) | depth m ran |", "|---|---|---|---|---|---|---|---|"]
+    for r in (r for r in rows if r["method"] != "inference"):
+        label = bench_train_step.METHODS[r["method"]]
+        if "error" in r or "skipped" in r:
+            lines.append(f"| {label} | {r['batch']} | {r['compiled']} | {r.get('error') or r['skipped']} | | | | |")
+            continue
+        same = steps.get(("none", r["batch"], r["compiled"]))
+        eager = steps.get(("none", r["batch"], False))
+        memory = r.get("peak_cuda_gib", r.get("peak_rss_gib", 0.0))
+        depth = ",".join(map(str, r.get("m_ran", []))) or "-"
+        lines.append(f"| {label} | {r['batch']} | {r['compiled']} | {r['step_s']:.4f} | {ratio(r['step_s'], same)} "
+                     f"| {ratio(r['step_s'], eager)} | {memory:.2f} | {depth} |")
+    for r in (r for r in rows if r["method"] == "inference"):
+        if "base_s" not in r:
+            lines += ["", f"Inference: {r.get('error') or r.get('skipped')}"]
+            continue
+        lines += ["", f"Inference forward, batch {r['batch']}: base {r['base_s']:.4f} s, ours m=2 unmerged "
+                  f"{ratio(r['unmerged_s'], r['base_s'])}, merged {ratio(r['merged_s'], r['base_s'])}."]
+    return "\n".join(lines) + "\n"
+
+
+def train_step_table(args: argparse.Namespace, folder: Path) -> None:
+    """Run the rows that fit in the budget, writing the table after each."""
+    start = time.perf_counter()
+    folder.mkdir(parents=True, exist_ok=True)
+    env = environment(args)
+    rows: list[dict] = []
+    for method, batch, compiled in table_rows((1, 4)):
+        row = {"method": method, "batch": batch, "compiled": compiled}
+        left = args.budget_s - (time.perf_counter() - start)
+        if left < ROW_RESERVE[compiled]:
+            row["skipped"] = f"skipped: {left:.0f} s of the budget left"
+        else:
+            try:
+                row.update(run_row(step_settings(args, method, batch, compiled)))
+            except Exception as error:  # one failing method must not cost the others' numbers
+                row["error"] = f"failed: {type(error).__name__}: {str(error)[:200]}"
+            finally:
+                torch._dynamo.reset()
+                if args.device == "cuda":
+                    torch.cuda.empty_cache()
+        row["method"] = method  # run_inference reports its own name
+        rows.append(row)
+        print(json.dumps(row), flush=True)
+        (folder / "train_step_table.json").write_text(json.dumps({"environment": env, "rows": rows}, indent=1))
+        (folder / "train_step_table.md").write_text(markdown_table(env, rows))
+    print(markdown_table(env, rows))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--size", choices=["sd15", "tiny"], default="sd15")
@@ -127,9 +240,16 @@ def main() -> None:
     parser.add_argument("--max_train_steps", type=int, default=20)
     parser.add_argument("--recipes", nargs="+", default=list(RECIPES), choices=list(RECIPES))
     parser.add_argument("--workdir", help="keep files here instead of a temporary folder")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--train_step_table", type=Path, metavar="DIR", help="time the train-step table into DIR")
+    parser.add_argument("--budget_s", type=float, default=390.0, help="time for the whole train-step table")
+    parser.add_argument("--compile_backend", default="inductor", help="eager: check the compiled path cheaply on CPU")
     args = parser.parse_args()
 
-    device = "cuda" if torch.cuda.is_available() else "cpu"
+    if args.train_step_table:
+        train_step_table(args, args.train_step_table)
+        return
+    device = args.device
     sizes = SD15 if args.size == "sd15" else TINY
     resolution = sizes["unet"]["sample_size"] * 8
     with tempfile.TemporaryDirectory() as scratch:

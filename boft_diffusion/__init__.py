@@ -5,6 +5,7 @@ from .core.adapters import (
     active_adapter,
     adapter_configs,
     apply_boft,
+    compile_adapted,
     count_trainable_parameters,
     delete_adapter,
     disable_adapters,
@@ -12,6 +13,7 @@ from .core.adapters import (
     merge_adapter,
     set_adapter,
     set_adapter_strength,
+    set_batched_rotations,
     unmerge_adapter,
 )
 from .core.config import BOFTConfig
@@ -23,6 +25,7 @@ __all__ = [
     "active_adapter",
     "adapter_configs",
     "apply_boft",
+    "compile_adapted",
     "count_trainable_parameters",
     "delete_adapter",
     "disable_adapters",
@@ -33,5 +36,6 @@ __all__ = [
     "save_adapter",
     "set_adapter",
     "set_adapter_strength",
+    "set_batched_rotations",
     "unmerge_adapter",
 ]

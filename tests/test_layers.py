@@ -241,3 +241,32 @@ def test_inference_cache_follows_parameter_updates():
         train_path = layer(x).detach()
     assert not torch.equal(before, after)
     assert torch.allclose(after, train_path, atol=1e-5)
+
+
+CHANGES = {
+    "skew": lambda layer: layer.boft_skew["default"].mul_(1.5),
+    "magnitude": lambda layer: layer.boft_s["default"].add_(0.1),
+    "base weight": lambda layer: layer.base_layer.weight.mul_(0.5),
+    "strength": lambda layer: setattr(layer.specs["default"], "strength", 0.5),
+    "active adapter": lambda layer: setattr(layer, "active_adapter", "other"),
+}
+
+
+@pytest.mark.parametrize("change", list(CHANGES))
+def test_inference_cache_is_reused_until_a_dependency_changes(change, monkeypatch):
+    layer = wrap(make_linear(), block_size=4).eval()
+    layer.add_adapter("other", layer.specs["default"].geometry)
+    randomize(layer)
+    randomize(layer, "other", seed=1)
+    folds = []
+    fold = layer.folded_weight
+    monkeypatch.setattr(layer, "folded_weight", lambda *a, **k: folds.append(1) or fold(*a, **k))
+    x = torch.randn(4, 32)
+    with torch.no_grad():
+        before = layer(x)
+        assert torch.equal(layer(x), before) and len(folds) == 1  # reused, not refolded
+        CHANGES[change](layer)  # in place, under no_grad
+        after = layer(x)
+    assert len(folds) == 2 and not torch.equal(after, before)
+    with torch.enable_grad():
+        assert torch.allclose(after, layer(x), atol=1e-5)  # the unfolded path agrees

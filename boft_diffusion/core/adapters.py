@@ -17,10 +17,12 @@ from torch import nn
 from .butterfly import BlockGeometry, resolve_geometry
 from .config import BOFTConfig
 from .identifier import IdentifierEmbedding
-from .layers import BiasShift, BOFTConv2d, BOFTLayer, BOFTLinear, check_adapter_name, rotated_dim
+from .layers import BiasShift, BOFTConv2d, BOFTLayer, BOFTLinear, RotationBank, check_adapter_name, rotated_dim
 
 _CONFIGS_ATTR = "_boft_configs"
 _ACTIVE_ATTR = "_boft_active_adapter"
+_BANK_ATTR = "_boft_rotation_bank"
+_BATCHED_ATTR = "_boft_batched_rotations"
 
 
 # Finding and wrapping modules ------------------------------------------------------------------
@@ -138,6 +140,65 @@ def add_adapter_layers(
     for name, geometry in geometries.items():
         layer = _wrap(model, name)
         layer.add_adapter(adapter_name, geometry, config.dropout, config.cayley_neumann_terms, config.scale)
+    install_rotation_bank(model)
+
+
+# Building all layers' rotations together -------------------------------------------------------
+def install_rotation_bank(model: nn.Module) -> None:
+    """Make every forward of ``model`` build its adapted layers' rotations in one batched call.
+
+    A forward pre-hook lends each layer its blocks (or its folded inference weight) and a forward
+    hook takes them back, so each forward builds once: in training every micro-batch of gradient
+    accumulation gets its own graph and dropout draw, and adapter switches, strength changes,
+    enable/disable and merges between forwards are seen by the next one. Installing again (new
+    layers) only makes the next forward look the layers up anew.
+    """
+    if _BATCHED_ATTR not in model.__dict__:
+        model.register_forward_pre_hook(_lend_rotations)
+        model.register_forward_hook(_reclaim_rotations, always_call=True)
+        setattr(model, _BATCHED_ATTR, True)
+    setattr(model, _BANK_ATTR, None)
+
+
+def set_batched_rotations(model: nn.Module, enabled: bool) -> None:
+    """Switch the batched build off (every layer builds its own blocks, as a layer called alone
+    does) or back on; for comparisons and debugging, the numbers are the same."""
+    _reclaim_rotations(model, (), None)
+    setattr(model, _BATCHED_ATTR, enabled)
+
+
+def _rotation_bank(model: nn.Module) -> RotationBank:
+    bank = getattr(model, _BANK_ATTR, None)
+    if bank is None:
+        checkpointable = [m for m in model.modules() if isinstance(getattr(m, "gradient_checkpointing", None), bool)]
+        bank = RotationBank((layer for _, layer in boft_layers(model)), checkpointable)
+        setattr(model, _BANK_ATTR, bank)
+    return bank
+
+
+# The hooks run eagerly around a compiled forward: a graph cannot check version counters.
+@torch.compiler.disable
+def _lend_rotations(model: nn.Module, args: tuple) -> None:
+    if getattr(model, _BATCHED_ATTR, False):
+        _rotation_bank(model).lend()
+
+
+@torch.compiler.disable
+def _reclaim_rotations(model: nn.Module, args: tuple, output: object) -> None:
+    bank = getattr(model, _BANK_ATTR, None)
+    if bank is not None:
+        bank.reclaim()
+
+
+def compile_adapted(model: nn.Module, **options) -> nn.Module:
+    """``torch.compile`` ``model.forward`` in place (options as for ``torch.compile``).
+
+    Compiling the forward rather than the module keeps the batched-rotation hooks outside the
+    graph, so the graph holds no break at all; the adapted layers themselves compile without breaks
+    either way (``torch.compile(model)`` works too, with a break before and after the forward).
+    """
+    model.forward = torch.compile(model.forward, **options)
+    return model
 
 
 def _mark_trainable(model: nn.Module, adapter_name: str, bias: str) -> None:
@@ -284,6 +345,8 @@ def delete_adapter(model: nn.Module, name: str) -> None:
             shift = BiasShift.of(layer)
             if shift is not None:
                 shift.move(layer, layer.base_layer)
+    if _BATCHED_ATTR in model.__dict__:
+        setattr(model, _BANK_ATTR, None)
     del adapter_configs(model)[name]
     if active_adapter(model) == name:
         setattr(model, _ACTIVE_ATTR, None)

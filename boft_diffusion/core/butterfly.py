@@ -17,6 +17,7 @@ feature axis plus one batched ``b x b`` product, so the cost is ``O(m * dim * b)
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import NamedTuple
 
 import torch
@@ -31,6 +32,9 @@ __all__ = [
     "skew_from_params",
     "params_from_skew",
     "cayley",
+    "cayley_blocks",
+    "join_skew_params",
+    "split_blocks",
     "upcast",
     "drop_blocks",
     "butterfly_matmul",
@@ -173,6 +177,29 @@ def cayley(skew: torch.Tensor, neumann_terms: int = 0) -> torch.Tensor:
         return (eye - skew) @ inverse
 
 
+def cayley_blocks(params: torch.Tensor, block_size: int, strength: float = 1.0, neumann_terms: int = 0) -> torch.Tensor:
+    """Orthogonal blocks ``[..., b, b]`` of ``Cayley(strength * S)`` from the free entries ``[..., b(b-1)/2]`` of ``S``."""
+    if strength != 1.0:
+        params = params * strength
+    return cayley(skew_from_params(params, block_size), neumann_terms)
+
+
+def join_skew_params(params: Sequence[torch.Tensor]) -> torch.Tensor:
+    """Stack the skew parameters ``[m_i, N_i, k]`` of several layers into one ``[sum m_i N_i, k]`` batch.
+
+    One Cayley solve over the joined batch replaces one solve per layer: on a GPU the cost of a
+    step of small adapters is the number of kernels, not their size.
+    """
+    return torch.cat([p.reshape(-1, p.shape[-1]) for p in params])
+
+
+def split_blocks(joined: torch.Tensor, shapes: Sequence[torch.Size]) -> list[torch.Tensor]:
+    """Undo ``join_skew_params`` on the blocks ``[sum m_i N_i, b, b]``: views ``[m_i, N_i, b, b]`` per layer."""
+    sizes = [shape[0] * shape[1] for shape in shapes]
+    block = joined.shape[-2:]
+    return [part.view(*shape[:2], *block) for part, shape in zip(joined.split(sizes), shapes, strict=True)]
+
+
 def drop_blocks(blocks: torch.Tensor, p: float, generator: torch.Generator | None = None) -> torch.Tensor:
     """Multiplicative dropout: replace each ``b x b`` block by the identity with probability ``p``."""
     if p <= 0.0:
@@ -228,15 +255,20 @@ def rotate_features_first(z: torch.Tensor, blocks: torch.Tensor, transpose: bool
 
     This is the rotation of channels-first activations (a 1x1 convolution's input) as they lie.
     """
-    n_factors = blocks.shape[0]
-    blocks = blocks.to(z.dtype)
+    factors = _unbind_factors(blocks, z.dtype)
     if transpose:
-        for factor in range(n_factors):
-            z = _factor_features(z, blocks[factor], factor)
+        for factor, factor_blocks in enumerate(factors):
+            z = _factor_features(z, factor_blocks, factor)
     else:
-        for factor in reversed(range(n_factors)):
-            z = _factor_features(z, blocks[factor].transpose(-1, -2), factor)
+        for factor in reversed(range(len(factors))):
+            z = _factor_features(z, factors[factor].transpose(-1, -2), factor)
     return z
+
+
+def _unbind_factors(blocks: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, ...]:
+    """The factors' blocks as views; one unbind backpropagates as one stack, where indexing each
+    factor would allocate and fill a zero gradient of all ``m`` factors per factor."""
+    return blocks.to(dtype).unbind(0)
 
 
 def butterfly_matmul(x: torch.Tensor, blocks: torch.Tensor, transpose: bool = False) -> torch.Tensor:
@@ -250,16 +282,15 @@ def butterfly_matmul(x: torch.Tensor, blocks: torch.Tensor, transpose: bool = Fa
     dim = x.shape[-1]
     rows = x.numel() // dim
     if 2 * rows >= dim:
-        z = rotate_features_first(x.reshape(rows, dim).t()[None], blocks, transpose)
-        return z[0].t().reshape(x.shape)
-    n_factors = blocks.shape[0]
-    blocks = blocks.to(x.dtype)
+        z = rotate_features_first(x.reshape(rows, dim).t().unsqueeze(0), blocks, transpose)
+        return z.squeeze(0).t().reshape(x.shape)
+    factors = _unbind_factors(blocks, x.dtype)
     if transpose:
-        for factor in range(n_factors):
-            x = _factor_rows(x, blocks[factor].transpose(-1, -2), factor)
+        for factor, factor_blocks in enumerate(factors):
+            x = _factor_rows(x, factor_blocks.transpose(-1, -2), factor)
     else:
-        for factor in reversed(range(n_factors)):
-            x = _factor_rows(x, blocks[factor], factor)
+        for factor in reversed(range(len(factors))):
+            x = _factor_rows(x, factors[factor], factor)
     return x
 
 

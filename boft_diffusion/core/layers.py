@@ -5,12 +5,19 @@ Training rotates the activations (``x @ R``) whenever that is exact without unfo
 convolutions rotate the flattened ``(in_channels, kh, kw)`` axis of the weight instead.
 Inference without gradients folds ``diag(s) W R^T`` once into a cached weight, so an unmerged
 adapter costs what the base layer costs.
+
+A model's layers do not build their blocks one by one: a ``RotationBank`` run before the
+model's forward solves the Cayley systems of all of them together and lends each layer its
+slice (or its folded inference weight) for that forward only. A layer called on its own builds
+what it needs itself, with the same numbers.
 """
 
 from __future__ import annotations
 
 import re
+from collections.abc import Iterable
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -19,12 +26,14 @@ from torch import nn
 from .butterfly import (
     BlockGeometry,
     butterfly_matmul,
-    cayley,
+    cayley_blocks,
     drop_blocks,
+    join_skew_params,
     num_skew_params,
     params_from_skew,
     rotate_features_first,
     skew_from_params,
+    split_blocks,
     upcast,
 )
 
@@ -58,6 +67,17 @@ class AdapterSpec:
     strength: float = 1.0
 
 
+class RotationGroup(NamedTuple):
+    """Settings under which layers' blocks can be built by one Cayley solve."""
+
+    block_size: int
+    neumann_terms: int
+    strength: float
+    dropout: float
+    dtype: torch.dtype
+    device: torch.device
+
+
 class BOFTLayer(nn.Module):
     """Common logic of the Linear and Conv2d wrappers: adapters, strength, folding, merging."""
 
@@ -71,7 +91,11 @@ class BOFTLayer(nn.Module):
         self.active_adapter: str | None = None
         self.adapters_disabled = False
         self.merged: tuple[str, float] | None = None
-        self._folded_cache: tuple[tuple, torch.Tensor] | None = None
+        self._folded: torch.Tensor | None = None
+        self._folded_key: tuple | None = None
+        # What a RotationBank lends this layer for the duration of one model forward.
+        self.lent_blocks: torch.Tensor | None = None
+        self.lent_weight: torch.Tensor | None = None
         # A new module starts in training mode; take the wrapped layer's mode instead, so that an
         # adapter loaded into an eval-mode pipeline does not apply its training-time block dropout.
         self.train(base_layer.training)
@@ -132,7 +156,7 @@ class BOFTLayer(nn.Module):
         del self.specs[name]
         if self.active_adapter == name:
             self.active_adapter = None
-        self._folded_cache = None
+        self._forget_fold()
 
     def load_peft_tensors(self, name: str, boft_r: torch.Tensor, boft_s: torch.Tensor | None) -> None:
         """Copy PEFT-layout tensors (``boft_R [m, N, b, b]``, ``boft_s``) into adapter ``name``."""
@@ -155,13 +179,17 @@ class BOFTLayer(nn.Module):
     def rotation_blocks(self, name: str, apply_dropout: bool = False) -> torch.Tensor:
         """Orthogonal blocks ``[m, N, b, b]`` (float32) of adapter ``name`` at its strength."""
         spec = self.specs[name]
-        params = self.boft_skew[name]
-        if spec.strength != 1.0:
-            params = params * spec.strength
-        blocks = cayley(skew_from_params(params, spec.geometry.block_size), spec.neumann_terms)
+        blocks = cayley_blocks(self.boft_skew[name], spec.geometry.block_size, spec.strength, spec.neumann_terms)
         if apply_dropout:
             blocks = drop_blocks(blocks, spec.dropout)
         return blocks
+
+    def rotation_group(self, name: str) -> RotationGroup:
+        """How a forward now builds adapter ``name``'s blocks; layers of equal groups share one solve."""
+        spec = self.specs[name]
+        param = self.boft_skew[name]
+        dropout = spec.dropout if self.training else 0.0
+        return RotationGroup(spec.geometry.block_size, spec.neumann_terms, spec.strength, dropout, param.dtype, param.device)
 
     def magnitude(self, name: str) -> torch.Tensor | None:
         """Per-output magnitude ``s**strength`` (None when the adapter has none, or strength is 0)."""
@@ -175,32 +203,70 @@ class BOFTLayer(nn.Module):
             return None
         return s.sign() * s.abs().pow(strength)
 
-    def folded_weight(self, name: str, apply_dropout: bool = False) -> torch.Tensor:
-        """``diag(s) W R^T`` computed in float32 (differentiable), cast to the weight's dtype."""
+    def folded_weight(self, name: str, apply_dropout: bool = False, blocks: torch.Tensor | None = None) -> torch.Tensor:
+        """``diag(s) W R^T`` computed in float32 (differentiable), cast to the weight's dtype.
+
+        ``blocks``: adapter ``name``'s rotation blocks when already built (by a RotationBank).
+        """
         weight = self.weight
-        blocks = self.rotation_blocks(name, apply_dropout)
+        if blocks is None:
+            blocks = self.rotation_blocks(name, apply_dropout)
         flat = butterfly_matmul(upcast(weight).flatten(1), blocks, transpose=True)
         s = self.magnitude(name)
         if s is not None:
             flat = flat * upcast(s)[:, None]
         return flat.reshape(weight.shape).to(weight.dtype).contiguous(memory_format=_memory_format(weight))
 
-    def _cached_folded_weight(self, name: str) -> torch.Tensor:
+    def fold_key(self, name: str) -> tuple:
+        """Everything the folded weight of adapter ``name`` depends on.
+
+        In-place changes through a tensor (``param.add_``, an optimiser step, ``copy_`` under
+        ``no_grad``) move its version counter; replacing or moving it changes its storage. Writes
+        through ``param.data`` bypass the version counter and are not seen.
+        """
+        spec = self.specs[name]
+        skew = self.boft_skew[name]
         s = self.boft_s[name] if name in self.boft_s else None
-        key = (
-            name,
-            self.specs[name].strength,
-            self.boft_skew[name]._version,
-            self.boft_skew[name].data_ptr(),
-            s._version if s is not None else None,
-            self.weight._version,
-            self.weight.data_ptr(),
-            self.weight.dtype,
+        weight = self.weight
+        return (
+            name, spec.strength, spec.neumann_terms,
+            skew._version, skew.data_ptr(),
+            None if s is None else (s._version, s.data_ptr()),
+            weight._version, weight.data_ptr(), weight.dtype,
         )
-        if self._folded_cache is None or self._folded_cache[0] != key:
-            with torch.no_grad():
-                self._folded_cache = (key, self.folded_weight(name))
-        return self._folded_cache[1]
+
+    def current_fold(self, name: str) -> torch.Tensor | None:
+        """The cached folded weight of adapter ``name`` if nothing it depends on changed since."""
+        if self._folded is not None and self._folded_key == self.fold_key(name):
+            return self._folded
+        return None
+
+    def refresh_fold(self, name: str, blocks: torch.Tensor | None = None) -> torch.Tensor:
+        """Recompute and cache the folded inference weight (``blocks``: already built, undropped)."""
+        key = self.fold_key(name)
+        with torch.no_grad():
+            self._folded = self.folded_weight(name, blocks=blocks)
+        self._folded_key = key
+        return self._folded
+
+    def _inference_weight(self, name: str) -> torch.Tensor:
+        """The folded weight for a forward without gradients: lent by the bank, cached, or refreshed."""
+        if self.lent_weight is not None:
+            return self.lent_weight
+        if torch.compiler.is_compiling():
+            return self.folded_weight(name)  # no cache check can run inside a graph: fold in it
+        folded = self.current_fold(name)
+        return folded if folded is not None else self.refresh_fold(name)
+
+    def _training_blocks(self, name: str) -> torch.Tensor:
+        """Blocks for a forward that rotates: lent by the bank, or built here."""
+        if self.lent_blocks is not None:
+            return self.lent_blocks
+        return self.rotation_blocks(name, apply_dropout=self.training)
+
+    def _forget_fold(self) -> None:
+        self._folded = None
+        self._folded_key = None
 
     def live_adapter(self) -> str | None:
         """The adapter a forward must apply on top of the (possibly merged) base weight."""
@@ -223,7 +289,7 @@ class BOFTLayer(nn.Module):
                 )
             self.weight.copy_(merged)
         self.merged = (name, self.specs[name].strength)
-        self._folded_cache = None
+        self._forget_fold()
 
     def unmerge(self) -> None:
         """Undo ``merge`` with ``W = diag(1/s) W' R`` (R is orthogonal: no inverse needed)."""
@@ -244,15 +310,16 @@ class BOFTLayer(nn.Module):
         finally:
             spec.strength = current_strength
         self.merged = None
-        self._folded_cache = None
+        self._forget_fold()
 
     def train(self, mode: bool = True) -> BOFTLayer:
         """Entering training drops the folded inference weight: it is stale after the next step anyway."""
         if mode:
-            self._folded_cache = None
+            self._forget_fold()
         return super().train(mode)
 
-    def _use_folded_path(self, name: str) -> bool:
+    def uses_folded_weight(self, name: str) -> bool:
+        """Whether a forward now runs the folded weight (no gradients, no block dropout)."""
         dropout_active = self.training and self.specs[name].dropout > 0
         return not torch.is_grad_enabled() and not dropout_active
 
@@ -285,9 +352,9 @@ class BOFTLinear(BOFTLayer):
         name = self.live_adapter()
         if name is None:
             return self.base_layer(x)
-        if self._use_folded_path(name):
-            return F.linear(x, self._cached_folded_weight(name), self.bias)
-        rotated = butterfly_matmul(x, self.rotation_blocks(name, apply_dropout=self.training))
+        if self.uses_folded_weight(name):
+            return F.linear(x, self._inference_weight(name), self.bias)
+        rotated = butterfly_matmul(x, self._training_blocks(name))
         y = F.linear(rotated, self.weight, self.bias)
         return _apply_magnitude(y, self.magnitude(name), self.bias, channel_dim=-1)
 
@@ -312,14 +379,14 @@ class BOFTConv2d(BOFTLayer):
         conv = self.base_layer
         if name is None:
             return conv(x)
-        if self._use_folded_path(name):
-            return conv._conv_forward(x, self._cached_folded_weight(name), self.bias)
+        if self.uses_folded_weight(name):
+            return conv._conv_forward(x, self._inference_weight(name), self.bias)
+        blocks = self._training_blocks(name)
         if self.rotates_input:
-            blocks = self.rotation_blocks(name, apply_dropout=self.training)
             rotated = rotate_features_first(x.flatten(2), blocks).reshape(x.shape)
             y = conv._conv_forward(rotated, self.weight, self.bias)
             return _apply_magnitude(y, self.magnitude(name), self.bias, channel_dim=1)
-        return conv._conv_forward(x, self.folded_weight(name, apply_dropout=self.training), self.bias)
+        return conv._conv_forward(x, self.folded_weight(name, blocks=blocks), self.bias)
 
 
 def _channel_first(module: nn.Module) -> bool:
@@ -401,3 +468,59 @@ class BiasShift:
         if _channel_first(module):
             delta = delta.view([1, -1] + [1] * (output.dim() - 2))
         return output + delta
+
+
+Member = tuple[BOFTLayer, str]
+
+
+def build_group_blocks(group: RotationGroup, members: list[Member]) -> list[torch.Tensor]:
+    """The blocks of every member (layer, adapter name) from one Cayley solve and one dropout draw."""
+    params = [layer.boft_skew[name] for layer, name in members]
+    joined = cayley_blocks(join_skew_params(params), group.block_size, group.strength, group.neumann_terms)
+    return split_blocks(drop_blocks(joined, group.dropout), [param.shape for param in params])
+
+
+class RotationBank:
+    """Builds what the adapted layers of one model need, together, once per model forward.
+
+    ``lend`` runs before the forward: layers that will rotate (training, block dropout) get their
+    blocks from one Cayley solve per ``RotationGroup``; layers that will run a folded weight get
+    it, the stale ones refolded from one solve as well. ``reclaim`` runs after the forward (also
+    when it raises), so nothing lent outlives it: a layer called on its own builds its own blocks.
+    While gradient checkpointing is on, the backward pass re-runs parts of the forward after
+    ``reclaim``; the layers then build their own blocks in both runs, so both record the same graph.
+    """
+
+    def __init__(self, layers: Iterable[BOFTLayer], checkpointable: Iterable[nn.Module] = ()) -> None:
+        self.layers = list(layers)
+        self.checkpointable = list(checkpointable)
+
+    def _recomputes_forward(self) -> bool:
+        return torch.is_grad_enabled() and any(module.gradient_checkpointing for module in self.checkpointable)
+
+    def lend(self) -> None:
+        rotating: dict[RotationGroup, list[Member]] = {}
+        stale: dict[RotationGroup, list[Member]] = {}
+        for layer in self.layers:
+            name = layer.live_adapter()
+            if name is None:
+                continue
+            if not layer.uses_folded_weight(name):
+                rotating.setdefault(layer.rotation_group(name), []).append((layer, name))
+                continue
+            layer.lent_weight = layer.current_fold(name)
+            if layer.lent_weight is None:
+                stale.setdefault(layer.rotation_group(name), []).append((layer, name))
+        if not self._recomputes_forward():
+            for group, members in rotating.items():
+                for (layer, _), blocks in zip(members, build_group_blocks(group, members), strict=True):
+                    layer.lent_blocks = blocks
+        with torch.no_grad():
+            for group, members in stale.items():
+                for (layer, name), blocks in zip(members, build_group_blocks(group, members), strict=True):
+                    layer.lent_weight = layer.refresh_fold(name, blocks)
+
+    def reclaim(self) -> None:
+        for layer in self.layers:
+            layer.lent_blocks = None
+            layer.lent_weight = None

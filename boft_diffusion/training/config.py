@@ -46,6 +46,7 @@ class TrainerConfig:
     num_train_epochs: int | None = None
     default_train_steps: int = 300
     gradient_accumulation_steps: int = 1
+    compile: bool = False
     mixed_precision: str = "no"
     allow_tf32: bool = False
     overwrite_output_dir: bool = False

@@ -32,6 +32,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ..core import __version__
+from ..core.adapters import compile_adapted
 from ..core.files import WriteError, remove_stale_temporaries
 from ..models.images import image_grid
 from .checkpoints import STATE_JSON, list_checkpoints, load_checkpoint, resolve_checkpoint, save_checkpoint
@@ -254,6 +255,9 @@ class Trainer:
         self.lr_scheduler = get_scheduler(
             config.optimizer.lr_scheduler, optimizer, num_warmup_steps=config.optimizer.lr_warmup_steps, num_training_steps=self.max_steps
         )
+        if config.compile:
+            for module in recipe.modules.values():
+                compile_adapted(module)
         prepared = accelerator.prepare(*recipe.modules.values(), optimizer)
         self.wrapped = dict(zip(recipe.modules, prepared[:-1], strict=True))
         self.optimizer = prepared[-1]

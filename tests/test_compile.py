@@ -1,0 +1,95 @@
+"""torch.compile of adapted models: whole graphs (fullgraph=True fails on any break), eager's numbers."""
+
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+import boft_diffusion as bd
+from conftest import make_tiny_unet, randomize_adapter, unet_inputs
+
+TARGETS = ["to_q", "to_k", "to_v", "to_out.0", "proj_in", "conv1", "conv2"]
+
+
+class ConvNet(nn.Module):
+    """Every kind of adapted layer: a 3x3 conv (rotated weight), a 1x1 conv and Linears (rotated input)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(8, 8, 3, padding=1)
+        self.mix = nn.Conv2d(8, 8, 1)
+        self.proj = nn.Linear(8, 16)
+        self.out = nn.Linear(16, 8)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.mix(torch.relu(self.conv(x)))
+        return self.out(torch.relu(self.proj(x.flatten(2).transpose(1, 2))))
+
+
+def adapted(model, targets, **config):
+    bd.apply_boft(model, bd.BOFTConfig(**{"block_size": 4, "n_butterfly_factor": 2, "target_modules": targets, **config}))
+    randomize_adapter(model)
+    return model
+
+
+def train_step(model, optimizer, run):
+    loss = run(model).square().mean()
+    loss.backward()
+    grads = [p.grad.clone() for p in model.parameters() if p.requires_grad]
+    optimizer.step()
+    optimizer.zero_grad()
+    return loss.detach(), grads
+
+
+def compare_training_and_inference(eager, compiled, run, tolerance):
+    optimizers = [torch.optim.SGD([p for p in m.parameters() if p.requires_grad], lr=0.1) for m in (eager, compiled)]
+    for _ in range(2):  # the second step runs on updated parameters: nothing was frozen into the graph
+        (loss_e, grads_e), (loss_c, grads_c) = (train_step(m, o, run) for m, o in zip((eager, compiled), optimizers, strict=True))
+        assert torch.allclose(loss_c, loss_e, **tolerance)
+        for a, b in zip(grads_c, grads_e, strict=True):
+            assert torch.allclose(a, b, **tolerance)
+    for model in (eager, compiled):
+        model.eval()
+    with torch.no_grad():
+        for change in (lambda m: None, lambda m: bd.set_adapter_strength(m, 0.5)):
+            for model in (eager, compiled):
+                change(model)
+            assert torch.allclose(run(compiled), run(eager), **tolerance)
+
+
+@pytest.mark.parametrize("backend", ["eager", pytest.param("inductor", marks=pytest.mark.slow)])
+def test_compiled_conv_net_equals_eager(backend):
+    torch.manual_seed(0)
+    eager = adapted(ConvNet(), ["conv", "mix", "proj", "out"]).train()
+    compiled = bd.compile_adapted(copy.deepcopy(eager), backend=backend, fullgraph=True)
+    x = torch.randn(2, 8, 6, 6)
+    compare_training_and_inference(eager, compiled, lambda m: m(x), dict(rtol=1e-4, atol=1e-6))
+
+
+@pytest.mark.slow
+def test_adapted_unet_compiles_as_one_graph_and_matches_eager():
+    eager = adapted(make_tiny_unet(), TARGETS).train()
+    compiled = bd.compile_adapted(copy.deepcopy(eager), backend="aot_eager", fullgraph=True)
+    sample, timestep, context = unet_inputs()
+    compare_training_and_inference(
+        eager, compiled, lambda m: m(sample, timestep, encoder_hidden_states=context).sample, dict(rtol=1e-5, atol=1e-6)
+    )
+
+
+@pytest.mark.slow
+def test_compile_flag_trains_what_eager_trains(tmp_path):
+    from safetensors.torch import load_file
+
+    import train_dreambooth
+
+    # A large Adam epsilon makes the update smooth in the gradient (near-zero gradients' float noise
+    # would otherwise become whole +-lr steps), so the adapters compare to float tolerance.
+    flags = ["--max_train_steps", "2", "--report_to", "none", "--boft_dropout", "0", "--train_batch_size", "2",
+             "--adam_epsilon", "1", "--learning_rate", "1"]
+    for name, extra in (("eager", []), ("compiled", ["--compile"])):
+        assert train_dreambooth.main([*flags, *extra, "--output_dir", str(tmp_path / name)]) == 0
+    eager, compiled = (load_file(tmp_path / name / "adapter_model.safetensors") for name in ("eager", "compiled"))
+    assert eager.keys() == compiled.keys()
+    for key in eager:
+        assert torch.allclose(compiled[key], eager[key], rtol=1e-4, atol=1e-6), key
