@@ -16,9 +16,9 @@ batch 1 and 4, eager and (no adapter, LoRA, ours m = 2) compiled, plus unmerged 
 inference; it writes DIR/train_step_table.md and .json after every row and skips the rows that
 no longer fit in ``--budget_s`` (390 s; most important rows first), so one command stays under 8 minutes:
 
-    python benchmarks/gpu_check.py --train_step_table gpu_results              # on the GPU
-    python benchmarks/gpu_check.py --train_step_table /tmp/t --size tiny --device cpu \
-        --mixed_precision no --compile_backend eager                            # smoke test on CPU
+    python benchmarks/gpu_check.py --train_step_table gpu_results     # on the GPU
+    python benchmarks/gpu_check.py --train_step_table /tmp/t --size tiny --device cpu --mixed_precision no \\
+        --compile_backend eager                                        # smoke test on CPU
 """
 
 from __future__ import annotations
