@@ -75,27 +75,3 @@ def test_adapted_unet_compiles_as_one_graph_and_matches_eager():
     compare_training_and_inference(
         eager, compiled, lambda m: m(sample, timestep, encoder_hidden_states=context).sample, dict(rtol=1e-5, atol=1e-6)
     )
-
-
-@pytest.mark.slow
-def test_compile_flag_trains_what_eager_trains(tmp_path, monkeypatch):
-    """The --compile path of the training script; aot_eager (graph capture and AOT autograd without
-    inductor's C++ codegen) keeps it minutes cheaper on a CPU, inductor is covered above."""
-    from safetensors.torch import load_file
-
-    import train_dreambooth
-    from boft_diffusion.training import trainer
-
-    compile_adapted = trainer.compile_adapted
-    monkeypatch.setattr(trainer, "compile_adapted", lambda model: compile_adapted(model, backend="aot_eager"))
-
-    # A large Adam epsilon makes the update smooth in the gradient (near-zero gradients' float noise
-    # would otherwise become whole +-lr steps), so the adapters compare to float tolerance.
-    flags = ["--max_train_steps", "2", "--report_to", "none", "--boft_dropout", "0", "--train_batch_size", "2",
-             "--adam_epsilon", "1", "--learning_rate", "1", "--num_validation_images", "1", "--num_inference_steps", "2"]
-    for name, extra in (("eager", []), ("compiled", ["--compile"])):
-        assert train_dreambooth.main([*flags, *extra, "--output_dir", str(tmp_path / name)]) == 0
-    eager, compiled = (load_file(tmp_path / name / "adapter_model.safetensors") for name in ("eager", "compiled"))
-    assert eager.keys() == compiled.keys()
-    for key in eager:
-        assert torch.allclose(compiled[key], eager[key], rtol=1e-4, atol=1e-6), key
