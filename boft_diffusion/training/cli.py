@@ -133,6 +133,7 @@ NUMERIC_FLAG_RANGES: dict[str, tuple[float | None, float | None]] = {
     "prior_loss_weight": (0, None),
     "identifier_learning_rate": (0, None),
     "lora_rank": (1, None),
+    "oft_block_size": (2, None),
     "max_train_samples": (1, None),
     "proportion_empty_prompts": (0, 1),
     "conditioning_scale": (0, None),
