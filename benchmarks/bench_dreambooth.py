@@ -1,20 +1,31 @@
 """DreamBooth on the embedded tiny model: BOFT (m = 1, 2, 4) against PEFT LoRA and PEFT OFT.
 
-Every (subject, training seed, method) is trained with the demo's recipe (same steps, data, prior
-preservation, learned identifier); only the adapter differs, LoRA and OFT sized to BOFT m = 2's
-parameter budget. Each run is scored on the same sampling seeds with the tiny-world measures
-(per sample, so that means come with 95 % bootstrap intervals over subject x seed x sample), the
+Every (subject, training seed, method) is trained with the demo's recipe (same data, captions,
+prior preservation, learned identifier); only the adapter, its learning rate and its step count
+differ, LoRA and OFT sized to BOFT m = 2's parameter budget. Tuning gives every method the same
+grid (``--lr_scales`` times the recipe's rate, each scored at every one of ``--tune_steps``) on
+``--tune_seeds`` of ``--tune_subject`` and picks by one objective declared below; confirmation
+trains each method at its pick on fresh seeds of every subject, and only confirmation runs are
+reported. Each is scored on the same sampling seeds with the tiny-world measures (per sample, so
+that means come with 95 % bootstrap intervals over subject x seed x sample), the
 hyperspherical-energy change of the adapted layers, and, at every checkpoint, subject fidelity
 against language drift (the fidelity-vs-drift curve, drawn as a PNG).
 
-    python benchmarks/bench_dreambooth.py --subjects all --seeds 10 11 12
+    python benchmarks/bench_dreambooth.py --phases tune --workers 12 --output_dir runs/db
+    python benchmarks/bench_dreambooth.py --phases confirm --tuning runs/db/tuning.json \
+        --subjects all --seeds 10 11 12 --workers 12 --output_dir runs/db
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import logging
+import multiprocessing
+import os
+import shlex
 import time
+from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 from pathlib import Path
 
 import numpy as np
@@ -31,15 +42,16 @@ from boft_diffusion.evaluation.tiny_world import instance_self_score, sample_sco
 from boft_diffusion.models.bundled import example_subject_dir
 from boft_diffusion.models.peft_baselines import load_peft_adapter
 from boft_diffusion.outputs.read import load_outputs
-from boft_diffusion.recipes.dreambooth import build_parser, run
+from boft_diffusion.recipes.dreambooth import build_parser, ensure_class_images, run
 from boft_diffusion.tiny import world
 from boft_diffusion.training.data import load_images
 
-#: train_dreambooth.py flags of each method; LoRA r=6 and OFT b=16 match BOFT m=2's budget.
+#: train_dreambooth.py flags of each method; LoRA r=6 and OFT b=16 match BOFT m=2's budget. m = 4
+#: needs block size 4 on the tiny UNet's 32-wide layers (8 * 2**3 > 32).
 METHODS = {
     "boft-m1": ["--adapter_type", "boft", "--boft_n_butterfly_factor", "1"],
     "boft-m2": ["--adapter_type", "boft", "--boft_n_butterfly_factor", "2"],
-    "boft-m4": ["--adapter_type", "boft", "--boft_n_butterfly_factor", "4"],
+    "boft-m4": ["--adapter_type", "boft", "--boft_n_butterfly_factor", "4", "--boft_block_size", "4"],
     "lora": ["--adapter_type", "lora", "--lora_rank", "6"],
     "oft": ["--adapter_type", "oft", "--oft_block_size", "16"],
 }
@@ -62,52 +74,170 @@ def peft_merged_weights(model: torch.nn.Module) -> dict[str, torch.Tensor]:
             if "lora_" not in k and "oft_" not in k}
 
 
-def measure(pipe, subject: world.Subject, instances, num_images: int, args) -> dict[str, list[float]]:
+def instances_of(name: str) -> list[Image.Image]:
+    return [image for _, image in load_images(example_subject_dir(name), 64)]
+
+
+def measure(pipe, name: str, num_images: int, eval_seed: int) -> dict[str, list[float]]:
     """Per-sample tiny-world measures of the pipeline as it is, re-context on the subject's backgrounds."""
-    drawn = tiny_world_samples(pipe, subject.instance_prompt, subject.class_prompt, num_images, args.eval_seed,
+    subject = world.SUBJECTS[name]
+    drawn = tiny_world_samples(pipe, subject.instance_prompt, subject.class_prompt, num_images, eval_seed,
                                guidance=GUIDANCE, backgrounds=subject.backgrounds)
-    return sample_scores(drawn, instances)
+    return sample_scores(drawn, instances_of(name))
 
 
-def score_folder(folder: Path, method: str, subject: world.Subject, instances, args) -> dict:
+def loader(method: str):
+    return load_adapter if method.startswith("boft") else load_peft_adapter
+
+
+def score_folder(folder: Path, method: str, name: str, num_images: int, eval_seed: int) -> dict:
     """Per-sample tiny-world measures of one output folder, and its hyperspherical-energy change."""
     pipe = fresh_pipeline()
-    before = {k: v.clone() for k, v in pipe.unet.state_dict().items()}
+    before = {k: v.detach().cpu().clone() for k, v in pipe.unet.state_dict().items()}
     boft = method.startswith("boft")
-    load_outputs(pipe, folder, load=load_adapter if boft else load_peft_adapter)
-    samples = measure(pipe, subject, instances, args.num_images, args)
+    load_outputs(pipe, folder, load=loader(method))
+    samples = measure(pipe, name, num_images, eval_seed)
     after = merged_state_dict(pipe.unet) if boft else peft_merged_weights(pipe.unet)
     if boft:
         assert base_state_dict(pipe.unet).keys() == after.keys()
+    after = {k: v.detach().cpu() for k, v in after.items()}
     changed = {k: before[k] for k in before if k.endswith("weight") and before[k].dim() > 1
                and not torch.equal(before[k], after[k])}
-    params = sum(count_file_parameters(folder / name) or 0 for name in (WEIGHTS_NAME, "learned_embeds.safetensors"))
+    params = sum(count_file_parameters(folder / f) or 0 for f in (WEIGHTS_NAME, "learned_embeds.safetensors"))
     return {"samples": samples, "energy_change": energy_change(changed, {k: after[k] for k in changed}),
             "adapted_weights": len(changed), "params": params}
 
 
-def curve_points(run_dir: Path, method: str, subject: world.Subject, instances, args, base_drift: float) -> list:
-    """(step, subject fidelity, drift) at every checkpoint and at the end, on fewer samples."""
+def checkpoint_samples(run_dir: Path, job: dict, num_images: int) -> dict[int, dict[str, list[float]]]:
+    """Per-sample measures of the adapter at every checkpoint of a run, by step."""
     folders = sorted(run_dir.glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[1]))
-    points = []
-    for folder in [*(f / "adapter" for f in folders), run_dir]:
+    scored = {}
+    for folder in folders:
         pipe = fresh_pipeline()
-        load_outputs(pipe, folder, load=load_adapter if method.startswith("boft") else load_peft_adapter)
-        samples = measure(pipe, subject, instances, args.curve_images, args)
-        step = int(folder.parent.name.split("-")[1]) if folder != run_dir else args.max_train_steps
-        points.append((step, float(np.mean(samples["subject"])),
-                       base_drift - float(np.mean(samples["class_prompt_fidelity"]))))
-    return points
+        load_outputs(pipe, folder / "adapter", load=loader(job["method"]))
+        scored[int(folder.name.split("-")[1])] = measure(pipe, job["subject"], num_images, job["eval_seed"])
+    return scored
 
 
-def train(subject: str, seed: int, method: str, args) -> tuple[Path, float]:
-    out = Path(args.output_dir)
-    run_dir = out / subject / f"{method}-seed{seed}"
-    flags = training_flags(run_dir, args.max_train_steps, seed, out / subject / "class_images", subject)
-    flags += [*METHODS[method], "--report_to", "none", "--checkpointing_steps", str(args.max_train_steps // 3)]
+def curve_point(step: int, samples: dict[str, list[float]], base_fidelity: float) -> tuple[int, float, float]:
+    """(step, subject fidelity, drift) of one checkpoint."""
+    return step, float(np.mean(samples["subject"])), base_fidelity - float(np.mean(samples["class_prompt_fidelity"]))
+
+
+def class_dir(out: Path, name: str, seed: int) -> Path:
+    return out / name / f"class_images-seed{seed}"
+
+
+def run_flags(job: dict) -> list[str]:
+    out = Path(job["output_dir"])
+    run_dir = out / job["phase"] / job["subject"] / f"{job['method']}-v{job['variant_index']}-lr{job['lr_scale']}-{job['steps']}steps-seed{job['seed']}"
+    flags = training_flags(run_dir, job["steps"], job["seed"], class_dir(out, job["subject"], job["seed"]),
+                           job["subject"])
+    rate = float(flags[flags.index("--learning_rate") + 1]) * job["lr_scale"]
+    flags[flags.index("--learning_rate") + 1] = f"{rate:g}"
+    checkpoints = ["--checkpointing_steps", str(job["checkpoint_every"])] if job["checkpoint_every"] else []
+    return [*flags, *shlex.split(job["variant"]), *METHODS[job["method"]], "--report_to", "none", *checkpoints]
+
+
+def execute(job: dict) -> dict:
+    """One unit of work in a worker process: class images of a (subject, seed), the base model's
+    measures of a subject, or one training run and its scores."""
     start = time.time()
+    if job["kind"] == "class_images":
+        flags = build_parser().parse_args(training_flags(Path(job["output_dir"]) / "unused", 1, job["seed"],
+                                                         class_dir(Path(job["output_dir"]), job["subject"], job["seed"]),
+                                                         job["subject"]))
+        from accelerate import PartialState
+        ensure_class_images(fresh_pipeline(), flags, PartialState())
+        return {**job, "seconds": time.time() - start}
+    if job["kind"] == "base":
+        instances = instances_of(job["subject"])
+        return {**job, "samples": measure(fresh_pipeline(), job["subject"], job["num_images"], job["eval_seed"]),
+                "instances": instance_self_score(instances), "seconds": time.time() - start}
+    flags = run_flags(job)
     run(build_parser().parse_args(flags))
-    return run_dir, time.time() - start
+    run_dir = Path(flags[flags.index("--output_dir") + 1])
+    trained = time.time() - start
+    scored = score_folder(run_dir, job["method"], job["subject"], job["num_images"], job["eval_seed"])
+    at_checkpoints = checkpoint_samples(run_dir, job, job["checkpoint_images"]) if job["checkpoint_every"] else {}
+    curve = [curve_point(step, samples, job["base_fidelity"]) for step, samples in at_checkpoints.items()]
+    curve.append(curve_point(job["steps"], scored["samples"], job["base_fidelity"]))
+    return {**job, **scored, "checkpoints": at_checkpoints, "curve": curve, "train_seconds": trained,
+            "seconds": time.time() - start}
+
+
+def start_worker(threads: int) -> None:
+    torch.set_num_threads(threads)
+    logging.getLogger("boft_diffusion").setLevel(logging.WARNING)
+
+
+def run_all(jobs: list[dict], pool, workers: int, deadline: float, log: Path, done: list[dict]) -> list[dict]:
+    """Run ``jobs`` in order (in the pool, or here when there is none), starting none after
+    ``deadline`` (a time.time()), appending each result to ``done`` and rewriting the results
+    file as they come in. Results come back in the order of ``jobs``."""
+    results: dict[int, dict] = {}
+    running: dict = {}
+    queue = list(enumerate(jobs))
+    while queue or running:
+        while queue and len(running) < max(1, workers) and time.time() < deadline:
+            index, job = queue.pop(0)
+            if pool:
+                running[pool.submit(execute, job)] = index
+            else:
+                results[index] = execute(job)
+                report_job(results[index], log, done)
+        if not running:
+            break
+        finished, _ = wait(running, return_when=FIRST_COMPLETED)
+        for future in finished:
+            index = running.pop(future)
+            if future.exception() is not None:
+                print(f"job failed: {jobs[index]}: {future.exception()!r}", flush=True)
+                continue
+            results[index] = future.result()
+            report_job(results[index], log, done)
+    skipped = len(jobs) - len(results)
+    if skipped:
+        print(f"deadline reached: {skipped} of {len(jobs)} jobs not started", flush=True)
+    return [results[i] for i in sorted(results)]
+
+
+def report_job(result: dict, log: Path, done: list[dict]) -> None:
+    done.append(result)
+    log.write_text(json.dumps(done, indent=1))
+    print(f"{result['kind']} {result.get('phase', '')} {result['subject']} seed {result.get('seed', '-')} "
+          f"{result.get('method', '')} lr x{result.get('lr_scale', '')}: {result['seconds']:.0f} s", flush=True)
+
+
+def objective(samples: dict[str, list[float]], base: dict) -> float:
+    """The tuning objective, fixed before any run: the mean of the issue's measures, each scaled
+    so that 1 is the ideal (subject measures against the instance images' own score, prompt
+    fidelity and class shape against the base model, class leakage counted against)."""
+    s = {m: float(np.mean(v)) for m, v in samples.items()}
+    b = {m: float(np.mean(v)) for m, v in base["samples"].items()}
+    return float(np.mean([
+        s["subject"] / base["instances"], s["recontext_subject"] / base["instances"], s["recontext_background"],
+        min(1.0, s["class_prompt_fidelity"] / b["class_prompt_fidelity"]),
+        min(1.0, s["class_shape"] / max(b["class_shape"], 1e-6)), 1.0 - s["class_subject"],
+    ]))
+
+
+def pick(tuned: list[dict], base: dict, methods: list[str]) -> dict:
+    """Each method's grid point (flag variant, learning-rate scale, steps) with the best mean
+    objective over the tuning seeds, and the whole grid's objectives."""
+    grid: dict[str, dict[tuple, list[float]]] = {m: {} for m in methods}
+    for record in tuned:
+        points = {**record["checkpoints"], record["steps"]: record["samples"]}
+        for step, samples in points.items():
+            key = (record["variant"], record["lr_scale"], int(step))  # checkpoint steps are strings in JSON
+            grid[record["method"]].setdefault(key, []).append(objective(samples, base))
+    chosen, table = {}, {}
+    for m in methods:
+        means = {key: float(np.mean(values)) for key, values in grid[m].items()}
+        (variant, scale, step), best = max(means.items(), key=lambda item: item[1])
+        chosen[m] = {"variant": variant, "lr_scale": scale, "steps": step, "objective": best}
+        table[m] = [{"variant": v, "lr_scale": lr, "steps": st, "objective": o} for (v, lr, st), o in means.items()]
+    return {"chosen": chosen, "objective_grid": table}
 
 
 def draw_curves(curves: dict[str, list[list[tuple]]], path: Path) -> None:
@@ -142,59 +272,166 @@ def draw_curves(curves: dict[str, list[list[tuple]]], path: Path) -> None:
     image.save(path)
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--output_dir", default="outputs/bench_dreambooth")
-    parser.add_argument("--subjects", nargs="+", default=[world.DEFAULT_SUBJECT],
-                        help=f"Bundled subjects, or 'all' ({', '.join(world.SUBJECTS)}).")
-    parser.add_argument("--seeds", type=int, nargs="+", default=[10, 11, 12], help="Training seeds.")
-    parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
-    parser.add_argument("--max_train_steps", type=int, default=300)
-    parser.add_argument("--num_images", type=int, default=48, help="Samples per measure and run.")
-    parser.add_argument("--curve_images", type=int, default=16, help="Samples per measure at each checkpoint.")
-    parser.add_argument("--eval_seed", type=int, default=100, help="First sampling seed of every score.")
-    parser.add_argument("--curve_png", default="docs/dreambooth_fidelity_vs_drift.png")
-    args = parser.parse_args()
-    subjects = list(world.SUBJECTS) if args.subjects == ["all"] else args.subjects
-    results: dict = {"args": vars(args), "base": {}, "runs": []}
-    curves: dict[str, list] = {m: [] for m in args.methods}
-    for name in subjects:
-        subject = world.SUBJECTS[name]
-        instances = [image for _, image in load_images(example_subject_dir(name), 64)]
-        base = measure(fresh_pipeline(), subject, instances, args.num_images, args)
-        results["base"][name] = {"samples": base, "instances": instance_self_score(instances)}
-        for seed in args.seeds:
-            for method in args.methods:
-                run_dir, seconds = train(name, seed, method, args)
-                scored = score_folder(run_dir, method, subject, instances, args)
-                points = curve_points(run_dir, method, subject, instances, args,
-                                      float(np.mean(base["class_prompt_fidelity"])))
-                curves[method].append(points)
-                results["runs"].append({"subject": name, "seed": seed, "method": method, "train_seconds": seconds,
-                                        "curve": points, **scored})
-                (Path(args.output_dir) / "results.json").write_text(json.dumps(results, indent=1))
-    print_table(results, subjects, args)
-    draw_curves(curves, Path(args.curve_png))
-    print(f"\ncurve: {args.curve_png}; per-sample results: {Path(args.output_dir) / 'results.json'}")
-
-
-def print_table(results: dict, subjects: list[str], args) -> None:
+def print_table(summary: dict, subjects: list[str], args) -> None:
     def cell(runs: list[list[float]]) -> str:
         mean, low, high = bootstrap_ci(runs)
         return f"{mean:.2f} [{low:.2f}, {high:.2f}]"
 
-    instances = np.mean([results["base"][s]["instances"] for s in subjects])
-    print(f"\nTiny-world DreamBooth: subjects {', '.join(subjects)}; training seeds {args.seeds}; "
-          f"{args.max_train_steps} steps; {args.num_images} samples per measure from sampling seed {args.eval_seed}; "
-          f"mean [95 % bootstrap interval over subject x seed x sample]; instance images' own score {instances:.2f}.\n")
-    print("| method | params | " + " | ".join(MEASURES) + " | energy change | train s |")
-    print("|---" * (len(MEASURES) + 4) + "|")
-    print("| base model | 0 | " + " | ".join(cell([results["base"][s]["samples"][m] for s in subjects])
-                                           for m in MEASURES) + " | 0 | - |")
-    for method in args.methods:
-        runs = [r for r in results["runs"] if r["method"] == method]
-        print(f"| {method} | {runs[0]['params']:,} | " + " | ".join(cell([r["samples"][m] for r in runs]) for m in MEASURES)
-              + f" | {np.mean([r['energy_change'] for r in runs]):.2e} | {np.mean([r['train_seconds'] for r in runs]):.0f} |")
+    runs = summary["runs"]
+    subjects = [s for s in subjects if any(r["subject"] == s for r in runs)]
+    seeds = sorted({r["seed"] for r in runs})
+    instances = np.mean([summary["base"][s]["instances"] for s in subjects])
+    print(f"\nTiny-world DreamBooth on {summary['device']}: subjects {', '.join(subjects)}; training seeds "
+          f"{seeds}; {len(runs) // len(args['methods'])} runs per method; {args['num_images']} samples per measure from sampling seed {args['eval_seed']}; mean "
+          f"[95 % bootstrap interval over subject x seed x sample]; instance images' own score {instances:.2f}.\n")
+    print("| method | tuned point | params | " + " | ".join(MEASURES) + " | worst run's subject | energy change "
+          "| train s |")
+    print("|---" * (len(MEASURES) + 6) + "|")
+    print("| base model | - | 0 | " + " | ".join(cell([summary["base"][s]["samples"][m] for s in subjects])
+                                               for m in MEASURES) + " | - | 0 | - |")
+    for method in args["methods"]:
+        mine = [r for r in runs if r["method"] == method]
+        worst = min(np.mean(r["samples"]["subject"]) for r in mine)
+        chosen = summary["chosen"][method]
+        print(f"| {method} | {chosen['variant']}, lr x{chosen['lr_scale']:g}, {chosen['steps']} steps | {mine[0]['params']:,} | " + " | ".join(cell([r["samples"][m] for r in mine]) for m in MEASURES)
+              + f" | {worst:.2f} | {np.mean([r['energy_change'] for r in mine]):.2e} "
+              f"| {np.mean([r['train_seconds'] for r in mine]):.0f} |")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--output_dir", default="outputs/bench_dreambooth")
+    parser.add_argument("--phases", nargs="+", default=["tune", "confirm"], choices=["tune", "pick", "confirm"],
+                        help="pick: redo tuning.json from the tuning runs finished so far (after a killed tune).")
+    parser.add_argument("--tuning", default=None,
+                        help="tuning.json of an earlier tune phase (default: the output folder's).")
+    parser.add_argument("--subjects", nargs="+", default=["all"],
+                        help=f"Bundled subjects of the confirmation, or 'all' ({', '.join(world.SUBJECTS)}).")
+    parser.add_argument("--seeds", type=int, nargs="+", default=[10, 11, 12], help="Confirmation training seeds.")
+    parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
+    parser.add_argument("--tune_seeds", type=int, nargs="+", default=[0, 1, 2], help="Tuning training seeds.")
+    parser.add_argument("--tune_subject", default=world.DEFAULT_SUBJECT)
+    parser.add_argument("--lr_scales", type=float, nargs="+", default=[1.0, 2.0],
+                        help="Learning rates tried per method, as multiples of the recipe's.")
+    parser.add_argument("--tune_steps", type=int, nargs="+", default=[150, 300],
+                        help="Step counts tried per method (one run to the largest, scored at each).")
+    parser.add_argument("--tune_variants", nargs="+", default=[""],
+                        help="Flag sets tried per method on top of the recipe, each one string "
+                             "(default: the recipe as it is).")
+    parser.add_argument("--num_images", type=int, default=48, help="Samples per measure and confirmation run.")
+    parser.add_argument("--tune_images", type=int, default=16, help="Samples per measure and tuning point.")
+    parser.add_argument("--curve_images", type=int, default=16, help="Samples per measure at each curve checkpoint.")
+    parser.add_argument("--eval_seed", type=int, default=100, help="First sampling seed of every score.")
+    parser.add_argument("--workers", type=int, default=1,
+                        help="Runs at a time, each in its own process (on a GPU machine: 12).")
+    parser.add_argument("--tune_deadline_s", type=float, default=float("inf"),
+                        help="Start no tuning run after this many seconds of the tune phase.")
+    parser.add_argument("--confirm_deadline_s", type=float, default=float("inf"),
+                        help="Start no confirmation run after this many seconds of the confirm phase.")
+    parser.add_argument("--curve_png", default="docs/dreambooth_fidelity_vs_drift.png")
+    parser.add_argument("--report", default=None, help="Print the table and draw the curve of an earlier "
+                        "run's summary.json instead of training.")
+    args = parser.parse_args()
+    if args.report:
+        report(json.loads(Path(args.report).read_text()), args.curve_png)
+        return
+    subjects = list(world.SUBJECTS) if args.subjects == ["all"] else args.subjects
+    out = Path(args.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    common = {"output_dir": str(out), "eval_seed": args.eval_seed}
+    pool = None
+    if args.workers > 1:
+        pool = ProcessPoolExecutor(args.workers, mp_context=multiprocessing.get_context("spawn"),
+                                   initializer=start_worker, initargs=(max(1, (os.cpu_count() or 1) // args.workers),))
+    else:
+        start_worker(torch.get_num_threads())
+    try:
+        if "tune" in args.phases:
+            tune(args, common, pool, out)
+        if "pick" in args.phases:
+            runs = json.loads((out / "tuning_runs.json").read_text())
+            write_picks(args, out, [r for r in runs if r["kind"] == "train"],
+                        next(r for r in runs if r["kind"] == "base"))
+        if "confirm" in args.phases:
+            confirm(args, subjects, common, pool, out)
+    finally:
+        if pool:
+            pool.shutdown()
+
+
+def base_and_class_images(subjects: list[str], seeds: list[int], num_images: int, common: dict, pool, workers: int,
+                          log: Path, done: list[dict]) -> dict[str, dict]:
+    """The base model's measures of each subject, and the class images of each (subject, seed), made
+    once before the runs that share them start."""
+    prepare = [{**common, "kind": "base", "subject": s, "num_images": num_images} for s in subjects]
+    prepare += [{**common, "kind": "class_images", "subject": s, "seed": seed} for s in subjects for seed in seeds]
+    return {r["subject"]: r for r in run_all(prepare, pool, workers, float("inf"), log, done) if r["kind"] == "base"}
+
+
+def tune(args, common: dict, pool, out: Path) -> None:
+    """Every method on the same grid of learning rates and step counts; tuning.json holds the picks.
+    Runs go seed by seed, so a deadline leaves every method with the same seeds."""
+    start = time.time()
+    done: list[dict] = []
+    log = out / "tuning_runs.json"
+    base = base_and_class_images([args.tune_subject], args.tune_seeds, args.tune_images, common, pool, args.workers,
+                                 log, done)
+    steps = max(args.tune_steps)
+    every = min(args.tune_steps) if len(args.tune_steps) > 1 else 0
+    if every and any(s % every for s in args.tune_steps):
+        raise SystemExit("--tune_steps must be multiples of the smallest one (they are checkpoints of one run).")
+    jobs = [{**common, "kind": "train", "phase": "tune", "subject": args.tune_subject, "seed": seed, "method": m,
+             "variant": variant, "variant_index": i, "lr_scale": scale, "steps": steps,
+             "num_images": args.tune_images, "checkpoint_every": every, "checkpoint_images": args.tune_images,
+             "base_fidelity": 0.0}
+            for seed in args.tune_seeds for m in args.methods for i, variant in enumerate(args.tune_variants)
+            for scale in args.lr_scales]
+    tuned = run_all(jobs, pool, args.workers, start + args.tune_deadline_s, log, done)
+    if not tuned:
+        raise SystemExit("no tuning run finished before --tune_deadline_s")
+    write_picks(args, out, tuned, base[args.tune_subject])
+
+
+def write_picks(args, out: Path, tuned: list[dict], base: dict) -> None:
+    picked = pick(tuned, base, args.methods)
+    (out / "tuning.json").write_text(json.dumps({"args": vars(args), **picked}, indent=1))
+    for m, grid in picked["objective_grid"].items():
+        for point in grid:
+            print(f"tuning {m}: {point}", flush=True)
+        print(f"picked for {m}: {picked['chosen'][m]}", flush=True)
+
+
+def confirm(args, subjects: list[str], common: dict, pool, out: Path) -> None:
+    """Each method at its tuned point on fresh seeds of every subject: the reported table and curve.
+    Runs go seed by seed, so a deadline leaves every method with the same (subject, seed) runs."""
+    start = time.time()
+    tuning = json.loads(Path(args.tuning or out / "tuning.json").read_text())
+    chosen, variants = tuning["chosen"], tuning["args"]["tune_variants"]
+    done: list[dict] = []
+    log = out / "confirmation_runs.json"
+    base = base_and_class_images(subjects, args.seeds, args.num_images, common, pool, args.workers, log, done)
+    jobs = [{**common, "kind": "train", "phase": "confirm", "subject": s, "seed": seed, "method": m,
+             "variant": chosen[m]["variant"], "variant_index": variants.index(chosen[m]["variant"]),
+             "lr_scale": chosen[m]["lr_scale"], "steps": chosen[m]["steps"], "num_images": args.num_images,
+             "checkpoint_every": chosen[m]["steps"] // 3, "checkpoint_images": args.curve_images,
+             "base_fidelity": float(np.mean(base[s]["samples"]["class_prompt_fidelity"]))}
+            for seed in args.seeds for s in subjects for m in args.methods]
+    runs = run_all(jobs, pool, args.workers, start + args.confirm_deadline_s, log, done)
+    if not runs:
+        raise SystemExit("no confirmation run finished before --confirm_deadline_s")
+    summary = {"args": vars(args), "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
+               "chosen": chosen, "base": base, "runs": runs}
+    (out / "summary.json").write_text(json.dumps(summary, indent=1))
+    report(summary, args.curve_png)
+    print(f"\ncurve: {args.curve_png}; per-sample results: {out / 'summary.json'}")
+
+
+def report(summary: dict, curve_png: str) -> None:
+    """The table and the curve of a finished run, from its summary.json."""
+    args = summary["args"]
+    print_table(summary, list(summary["base"]), args)
+    draw_curves({m: [r["curve"] for r in summary["runs"] if r["method"] == m] for m in args["methods"]},
+                    Path(curve_png))
 
 
 if __name__ == "__main__":

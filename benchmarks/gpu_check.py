@@ -33,6 +33,7 @@ from pathlib import Path
 import bench_train_step
 import torch
 
+from boft_diffusion import demo
 from boft_diffusion.models.bundled import EMBEDDED_MODEL_DIR
 from boft_diffusion.models.pipelines import load_pipeline
 from boft_diffusion.outputs.read import load_outputs
@@ -71,6 +72,7 @@ RECIPES = {
     "attention": [],
     "attention+convs+identifier": ["--boft_target_modules", "to_q", "to_k", "to_v", "to_out.0", "conv1", "conv2",
                                    "--train_identifier_embedding"],
+    "demo": demo.RECIPE,  # make demo's recipe: the bundled star's captioned images, batch 2
 }
 
 

@@ -43,15 +43,30 @@ GRID_SEEDS = 6
 GUIDANCE = tiny_defaults()["guidance_scale"]  # the embedded model's sampling default
 
 
+#: Steps of the recipe: BOFT m = 2's pick on the tuning grid (150 and 300 steps, learning rate 2e-3
+#: and 4e-3, training seeds 0-2; benchmarks/bench_dreambooth.py).
+STEPS = 150
+#: The recipe's train_dreambooth.py flags that do not depend on the subject or the paths: BOFT on the
+#: UNet's attention and ResNet convolutions plus the identifier's embedding, captions naming each
+#: instance image's background, prior loss weight 2, Min-SNR 5 (see training_flags).
+RECIPE = [
+    "--boft_target_modules", "to_q", "to_k", "to_v", "to_out.0", "conv1", "conv2",
+    "--train_identifier_embedding", "--identifier_learning_rate", "5e-3",
+    "--caption_extension", ".txt", "--caption_dropout_rate", "0.3",
+    "--prior_loss_weight", "2", "--learning_rate", "2e-3", "--snr_gamma", "5", "--train_batch_size", "2",
+]
+
+
 def training_flags(adapter_dir: Path, steps: int, seed: int, class_dir: Path,
                    subject: str = world.DEFAULT_SUBJECT) -> list[str]:
     """The demo's DreamBooth recipe for the tiny model, as train_dreambooth.py flags, for one of
     the bundled subjects.
 
-    BOFT on the UNet's attention and ResNet convolutions, plus the identifier's embedding. Prior
-    loss weight 2 holds the class prompt in place against the convolution adapters. No random
-    flips: they would mirror the subject's diagonal stripes. Validation shows the subject, the
-    subject in a new context and the class.
+    Each instance image is captioned with its background (the bundled ``.txt`` sidecars), so the
+    identifier learns the subject rather than the photos' backgrounds; caption dropout trains the
+    plain instance prompt too. Prior loss weight 2 holds the class prompt in place against the
+    convolution adapters. No random flips: they would mirror the subject's diagonal stripes.
+    Validation shows the subject, the subject in a new context and the class.
     """
     bundled = world.SUBJECTS[subject]
     instance, recontext = bundled.instance_prompt, recontext_prompts(bundled.instance_prompt, bundled.backgrounds)
@@ -60,10 +75,7 @@ def training_flags(adapter_dir: Path, steps: int, seed: int, class_dir: Path,
         "--instance_data_dir", str(example_subject_dir(subject)), "--instance_prompt", instance,
         "--with_prior_preservation", "--class_prompt", bundled.class_prompt,
         "--class_data_dir", str(class_dir), "--num_class_images", "40",
-        "--max_train_steps", str(steps), "--train_batch_size", "2",
-        "--boft_target_modules", "to_q", "to_k", "to_v", "to_out.0", "conv1", "conv2",
-        "--train_identifier_embedding", "--identifier_learning_rate", "5e-3", "--prior_loss_weight", "2",
-        "--learning_rate", "2e-3", "--snr_gamma", "5",
+        "--max_train_steps", str(steps), *RECIPE,
         "--seed", str(seed), "--guidance_scale", str(GUIDANCE),
         "--validation_prompt", instance, recontext[1][0], bundled.class_prompt,
         "--num_validation_images", "4",
@@ -126,7 +138,7 @@ def print_scores(scores: dict) -> None:
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     parser.add_argument("--output_dir", default="outputs/demo")
-    parser.add_argument("--max_train_steps", type=int, default=300)
+    parser.add_argument("--max_train_steps", type=int, default=STEPS)
     parser.add_argument("--num_images", type=int, default=48,
                         help="Samples per measure (48: eight per re-context colour).")
     parser.add_argument("--seed", type=int, default=0, help="Training seed.")

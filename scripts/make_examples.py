@@ -28,22 +28,22 @@ from boft_diffusion.tiny import world as W  # noqa: E402
 
 
 def make_subject(subjects_dir: Path, subject: W.Subject, n: int = 5, seed: int = 7) -> list[Path]:
-    """``<name>/`` (instance images), ``<name>_masks/`` and ``<name>.json`` (prompts and
-    description) for one bundled subject; the JSON sits beside the image folder so the
-    folder holds images only."""
+    """``<name>/`` (instance images, each with a caption sidecar naming its background, for
+    ``--caption_extension .txt``), ``<name>_masks/`` and ``<name>.json`` (prompts and description)
+    for one bundled subject."""
     images, masks = subjects_dir / subject.name, subjects_dir / f"{subject.name}_masks"
     for folder in (images, masks):
         folder.mkdir(parents=True, exist_ok=True)
-        for old in folder.glob("*.png"):
+        for old in [*folder.glob("*.png"), *folder.glob("*.txt")]:
             old.unlink()
     paths = []
     for i, scene in enumerate(W.subject_instance_scenes(n, seed, subject)):
         p = images / f"{subject.name}_{i:02d}.png"
         W.render(scene).save(p, optimize=True)
         W.render_mask(scene).save(masks / p.name, optimize=True)
+        p.with_suffix(".txt").write_text(W.on_background(subject.instance_prompt, scene.background) + "\n")
         paths.append(p)
-    recontext = [f"{subject.instance_prompt} on {'an' if c[0] in 'aeiou' else 'a'} {c} background"
-                 for c in subject.backgrounds]
+    recontext = [W.on_background(subject.instance_prompt, c) for c in subject.backgrounds]
     (subjects_dir / f"{subject.name}.json").write_text(json.dumps({
         "instance_prompt": subject.instance_prompt,
         "class_prompt": subject.class_prompt,

@@ -19,7 +19,7 @@ def recontext_prompts(instance_prompt: str, backgrounds: Sequence[str] | None = 
     """("<instance prompt> on a <colour> background", colour) for ``backgrounds`` (default: the
     colours unlike the demo subject's)."""
     colours = backgrounds or world.SUBJECTS[world.DEFAULT_SUBJECT].backgrounds
-    return [(f"{instance_prompt} on {'an' if c[0] in 'aeiou' else 'a'} {c} background", c) for c in colours]
+    return [(world.on_background(instance_prompt, c), c) for c in colours]
 
 
 def subject_backgrounds(profile: metrics.SubjectProfile) -> list[str]:

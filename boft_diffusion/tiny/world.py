@@ -486,6 +486,11 @@ def render_edges(scene: Scene, size: int = IMAGE_SIZE) -> Image.Image:
 # DreamBooth subjects
 
 
+def on_background(prompt: str, colour: str) -> str:
+    """``prompt`` placed on a background: "a photo of sks star" -> "... on a red background"."""
+    return f"{prompt} on {'an' if colour[0] in 'aeiou' else 'a'} {colour} background"
+
+
 @dataclass(frozen=True)
 class Subject:
     """A bundled DreamBooth subject: a striped shape of a class the world never stripes."""

@@ -17,6 +17,8 @@ from ..models.images import open_image, to_rgb
 logger = logging.getLogger("boft_diffusion")
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff"}
+#: Sidecar captions: never image candidates, whether or not this run reads them.
+CAPTION_SUFFIXES = {".txt", ".caption"}
 
 
 class DataError(ValueError):
@@ -30,7 +32,7 @@ def list_images(folder: str | os.PathLike, caption_extension: str | None = None)
         raise DataError(f"image folder {folder} does not exist.")
     return sorted(
         p for p in folder.iterdir()
-        if p.is_file() and not p.name.startswith(".")
+        if p.is_file() and not p.name.startswith(".") and p.suffix.lower() not in CAPTION_SUFFIXES
         and not (caption_extension and p.name.lower().endswith(caption_extension.lower()))
     )
 
