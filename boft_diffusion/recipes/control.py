@@ -305,7 +305,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         conditions = torch.stack([(e.condition + 1) / 2 for e in batch]).to(device)
         drop = torch.rand(len(batch), generator=generator) < args.proportion_empty_prompts
         context = torch.stack([embeddings["" if d else e.caption] for e, d in zip(batch, drop.tolist(), strict=True)])
-        noised = noised_latents(vae, noise_scheduler, pixels, generator, device)
+        noised = noised_latents(vae, noise_scheduler, pixels, generator, device, args.noise_offset)
         noisy, timesteps = noised.noisy.to(dtype), noised.timesteps
         model_unet = models.get("unet", unet)
         if args.control == LIGHT:

@@ -53,6 +53,9 @@ def add_training_args(parser: argparse.ArgumentParser, default_output_dir: str, 
     group.add_argument("--max_grad_norm", type=float, default=1.0)
     group.add_argument("--snr_gamma", type=float, default=None,
                        help="Min-SNR loss weighting with this gamma (5.0 is the usual choice); default: plain MSE.")
+    group.add_argument("--noise_offset", type=float, default=0.0,
+                       help="Add offset * randn(batch, channels, 1, 1) to the noise: learns overall darker or "
+                            "brighter images than plain noise allows (0.05 to 0.1 is usual).")
     group.add_argument("--use_8bit_adam", action="store_true", help="bitsandbytes AdamW8bit (CUDA).")
     group.add_argument("--mixed_precision", default="no", choices=["no", "fp16", "bf16"],
                        help="Frozen weights in half precision; adapter weights stay float32.")
@@ -122,6 +125,7 @@ NUMERIC_FLAG_RANGES: dict[str, tuple[float | None, float | None]] = {
     "adam_epsilon": (0, None),
     "max_grad_norm": (0, None),
     "snr_gamma": (0, None),
+    "noise_offset": (0, None),
     "guidance_scale": (0, None),
     "boft_block_size": (0, None),
     "boft_block_num": (0, None),
@@ -192,14 +196,19 @@ class HelpFormatter(argparse.RawDescriptionHelpFormatter):
         return f"(default: {value})".replace("%", "%%")
 
 
+def latent_multiple(pipe: Any) -> int:
+    """What every image side must be a multiple of: the VAE's downsampling times the UNet's."""
+    return pipe.vae_scale_factor * 2 ** (len(pipe.unet.config.down_block_types) - 1)
+
+
 def check_resolution(resolution: int | None, pipe: Any) -> int:
     """The training resolution: the model's native one for None, else ``resolution`` if the VAE and
     the UNet's downsampling divide it (an odd latent size would train off the model's grid)."""
     vae_factor = pipe.vae_scale_factor
-    unet_factor = 2 ** (len(pipe.unet.config.down_block_types) - 1)
     if resolution is None:
         return pipe.unet.config.sample_size * vae_factor
-    multiple = vae_factor * unet_factor
+    multiple = latent_multiple(pipe)
+    unet_factor = multiple // vae_factor
     if resolution <= 0 or resolution % multiple:
         nearest = max(multiple, round(resolution / multiple) * multiple)
         raise TrainingError(

@@ -164,6 +164,31 @@ def micro_batch_indices(
     return [order[(start + j) % dataset_len] for j in range(batch_size)]
 
 
+def epoch_batches(groups: Sequence[Sequence[int]], batch_size: int, epoch: int, seed: int) -> list[list[int]]:
+    """One epoch's batches, each from a single group: every group shuffled and cut into batches
+    (the last one filled up from the group's start), then the batches shuffled."""
+    batches = []
+    for number, group in enumerate(groups):
+        gen = torch.Generator().manual_seed(derive_seed(seed, epoch, number, 0xB0C7))
+        order = [group[i] for i in torch.randperm(len(group), generator=gen).tolist()]
+        for start in range(0, len(order), batch_size):
+            batches.append([order[(start + j) % len(order)] for j in range(batch_size)])
+    gen = torch.Generator().manual_seed(derive_seed(seed, epoch, 0xB0C8))
+    return [batches[i] for i in torch.randperm(len(batches), generator=gen).tolist()]
+
+
+def grouped_batch_indices(
+    micro_step: int, groups: Sequence[Sequence[int]], batch_size: int, num_processes: int, rank: int, seed: int
+) -> list[int]:
+    """Example indices of this process's share of global micro-batch ``micro_step`` when every
+    batch must come from one group (an aspect-ratio bucket): a pure function of the step, as
+    :func:`micro_batch_indices`, so resume replays it."""
+    count = sum(math.ceil(len(group) / batch_size) for group in groups)
+    per_epoch = max(1, math.ceil(count / num_processes))
+    epoch, position = divmod(micro_step, per_epoch)
+    return epoch_batches(groups, batch_size, epoch, seed)[(position * num_processes + rank) % count]
+
+
 def steps_for(config: TrainerConfig, dataset_len: int, num_processes: int) -> int:
     if config.max_train_steps is not None:
         return config.max_train_steps
@@ -186,6 +211,7 @@ class Recipe:
     ``learning_rates``: parameter-name suffix -> learning rate, for parameters that need their own.
     ``schedule``: the recipe's own settings that change which random draws a step makes; a
     resumed run must match them.
+    ``groups``: example indices by group (aspect-ratio buckets); each micro-batch then comes from one.
     """
 
     modules: dict[str, nn.Module]
@@ -196,6 +222,7 @@ class Recipe:
     run_name: str = "boft"
     learning_rates: dict[str, float] = field(default_factory=dict)
     schedule: dict[str, Any] = field(default_factory=dict)
+    groups: list[list[int]] | None = None
 
 
 def trainable_tensors(modules: dict[str, nn.Module]) -> dict[str, nn.Parameter]:
@@ -350,9 +377,12 @@ class Trainer:
     # one optimiser step --------------------------------------------------------------------------
     def _micro_step(self, micro: int, last: bool) -> dict[str, float]:
         config, acc = self.config, self.accelerator
-        indices = micro_batch_indices(
-            micro, self.recipe.dataset_len, config.train_batch_size, acc.num_processes, acc.process_index, config.seed
-        )
+        if self.recipe.groups:
+            indices = grouped_batch_indices(micro, self.recipe.groups, config.train_batch_size, acc.num_processes,
+                                            acc.process_index, config.seed)
+        else:
+            indices = micro_batch_indices(micro, self.recipe.dataset_len, config.train_batch_size, acc.num_processes,
+                                          acc.process_index, config.seed)
         # A CPU generator: the same draws on every device type, and usable with CPU-side sampling.
         generator = torch.Generator().manual_seed(derive_seed(config.seed, micro, acc.process_index))
         torch.manual_seed(derive_seed(config.seed, micro, acc.process_index, 0xD0))
