@@ -1,0 +1,164 @@
+"""SDXL end to end on a random-weight tiny SDXL (tests/conftest.py): detection, training with both
+text encoders, checkpoint and exact resume, our loader, PEFT's loader and the app."""
+
+import signal
+import subprocess
+import sys
+import time
+import warnings
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import boft_diffusion as bd
+import train_dreambooth
+from boft_diffusion.app.studio import GenerationRequest, Limits, Studio
+from boft_diffusion.models.pipelines import is_sdxl
+from boft_diffusion.outputs.read import load_outputs
+from boft_diffusion.training.checkpoints import list_checkpoints
+from boft_diffusion.training.diffusion import encode_prompts_sdxl
+from conftest import make_tiny_sdxl
+
+ROOT = Path(__file__).resolve().parent.parent
+FAST = ["--max_train_steps", "3", "--num_inference_steps", "2", "--num_validation_images", "1",
+        "--report_to", "none", "--boft_block_size", "8"]
+#: both text encoders adapted, identifier on both, prior preservation with generated class images
+FULL = ["--train_text_encoder", "--train_identifier_embedding", "--identifier_token", "sks",
+        "--with_prior_preservation", "--class_prompt", "a photo of star", "--num_class_images", "2"]
+
+
+@pytest.fixture(scope="module")
+def sdxl(tmp_path_factory) -> Path:
+    return make_tiny_sdxl(tmp_path_factory.mktemp("models") / "tiny-sdxl")
+
+
+def load(folder: Path):
+    pipe = bd.load_pipeline(folder, dtype=torch.float32, device="cpu")
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def train(sdxl: Path, out: Path, *flags) -> int:
+    return train_dreambooth.main([*FAST, "--pretrained_model_name_or_path", str(sdxl), "--output_dir", str(out),
+                                  *map(str, flags)])
+
+
+def sample(pipe, prompt: str = "a photo of sks star"):
+    with torch.no_grad():
+        return pipe(prompt, num_inference_steps=2, generator=torch.Generator().manual_seed(0),
+                    output_type="pt").images
+
+
+def test_sdxl_folder_loads_as_sdxl_and_training_encodes_as_sampling(sdxl):
+    from diffusers import StableDiffusionXLPipeline
+
+    pipe = load(sdxl)
+    assert isinstance(pipe, StableDiffusionXLPipeline) and is_sdxl(pipe)
+    assert not is_sdxl(bd.load_pipeline("tiny", dtype=torch.float32, device="cpu"))
+    prompts = ["a photo of sks star", "a photo of star"]
+    with torch.no_grad():
+        hidden, pooled = encode_prompts_sdxl([pipe.tokenizer, pipe.tokenizer_2], [pipe.text_encoder, pipe.text_encoder_2],
+                                             prompts, "cpu")
+        expected, _, expected_pooled, _ = pipe.encode_prompt(prompts, device="cpu", do_classifier_free_guidance=False)
+    assert torch.equal(hidden, expected) and torch.equal(pooled, expected_pooled)
+
+
+def test_sdxl_dreambooth_trains_saves_and_loads_in_a_fresh_pipeline(sdxl, tmp_path):
+    out = tmp_path / "out"
+    assert train(sdxl, out, *FULL, "--class_data_dir", tmp_path / "class", "--validation_prompt",
+                 "a photo of sks star") == 0
+    assert len(list((tmp_path / "class").glob("*.png"))) == 2, "class images come from the SDXL pipeline"
+    assert (out / "validation" / "step-000003.png").is_file()
+    for part in ("adapter_model.safetensors", "text_encoder/adapter_model.safetensors",
+                 "text_encoder_2/adapter_model.safetensors", "learned_embeds.safetensors",
+                 "text_encoder_2/learned_embeds.safetensors"):
+        assert (out / part).is_file(), part
+    assert any(k.endswith("q_proj.boft_R") for k in load_file(out / "text_encoder_2" / "adapter_model.safetensors"))
+
+    pipe = load(sdxl)
+    base = sample(pipe)
+    adapter = load_outputs(pipe, out)
+    assert adapter.models == [pipe.unet, pipe.text_encoder, pipe.text_encoder_2]
+    assert set(adapter.identifier) == set(adapter.identifier_2) == {"sks"}
+    adapted = sample(pipe)
+    assert torch.isfinite(adapted).all() and not torch.allclose(adapted, base, atol=1e-4)
+    adapter.switch(False)
+    assert torch.allclose(sample(pipe, "a photo of star"), _base_sample(sdxl, "a photo of star"), atol=1e-5)
+
+
+def _base_sample(sdxl: Path, prompt: str):
+    return sample(load(sdxl), prompt)
+
+
+def test_peft_reads_an_sdxl_unet_adapter_of_depth_one(sdxl, tmp_path):
+    peft = pytest.importorskip("peft")
+    out = tmp_path / "out"
+    assert train(sdxl, out, "--boft_n_butterfly_factor", "1", "--boft_dropout", "0") == 0
+    ours = load(sdxl)
+    bd.load_adapter(ours.unet, out)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        theirs = peft.PeftModel.from_pretrained(load(sdxl).unet, str(out)).eval()
+    generator = torch.Generator().manual_seed(0)
+    latents = torch.randn(1, 4, 16, 16, generator=generator)
+    context = torch.randn(1, 24, 64, generator=generator)
+    conditions = {"text_embeds": torch.randn(1, 16, generator=generator),
+                  "time_ids": torch.tensor([[64.0, 64.0, 0.0, 0.0, 64.0, 64.0]])}
+    with torch.no_grad():
+        expected = ours.unet(latents, 10, context, added_cond_kwargs=conditions).sample
+        got = theirs(latents, 10, context, added_cond_kwargs=conditions).sample
+        base = load(sdxl).unet(latents, 10, context, added_cond_kwargs=conditions).sample
+    assert not torch.allclose(expected, base, atol=1e-5), "training moved the adapter"
+    assert torch.allclose(got, expected, atol=1e-5)
+
+
+def test_the_app_serves_an_sdxl_adapter(sdxl, tmp_path):
+    adapters = tmp_path / "adapters"
+    assert train(sdxl, adapters / "star", "--train_text_encoder", "--train_identifier_embedding",
+                 "--identifier_token", "sks", "--max_train_steps", "2") == 0
+    studio = Studio(str(sdxl), adapters, Limits(max_size=64, max_steps=2, max_images=1))
+    assert studio.list_adapters()[1:] == ["star"]
+    results = studio.generate(GenerationRequest(prompt="a photo of sks star", adapter="star", steps=2, seed=1,
+                                                compare_with_base=True))
+    (base, base_label), (adapted, adapted_label) = results
+    assert '"rendered": "base"' in base_label and '"rendered": "adapter"' in adapted_label
+    assert base.size == adapted.size == (64, 64) and base.tobytes() != adapted.tobytes()
+
+
+def launch(sdxl: Path, out: Path, *extra) -> subprocess.Popen:
+    command = [sys.executable, str(ROOT / "train_dreambooth.py"), *FAST, "--pretrained_model_name_or_path", str(sdxl),
+               "--output_dir", str(out), "--max_train_steps", "8", "--checkpointing_steps", "2",
+               "--train_text_encoder", "--train_identifier_embedding", "--identifier_token", "sks",
+               *map(str, extra)]
+    env = {"PATH": "/usr/bin:/bin", "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    return subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+
+
+def all_tensors(folder: Path) -> dict:
+    files = ["adapter_model.safetensors", "learned_embeds.safetensors", "text_encoder/adapter_model.safetensors",
+             "text_encoder_2/adapter_model.safetensors", "text_encoder_2/learned_embeds.safetensors"]
+    return {f"{name}:{key}": value for name in files for key, value in load_file(folder / name).items()}
+
+
+@pytest.mark.slow
+def test_sdxl_kill_and_resume_equals_uninterrupted_run(sdxl, tmp_path):
+    reference = launch(sdxl, tmp_path / "reference")
+    assert reference.wait(timeout=300) == 0, reference.stderr.read().decode()[-2000:]
+    victim = launch(sdxl, tmp_path / "killed")
+    deadline = time.time() + 300
+    while not (tmp_path / "killed" / "checkpoint-4").exists():
+        assert victim.poll() is None, victim.stderr.read().decode()[-2000:]
+        assert time.time() < deadline
+        time.sleep(0.05)
+    victim.send_signal(signal.SIGKILL)
+    victim.wait()
+    assert not (tmp_path / "killed" / "adapter_model.safetensors").exists()
+    assert list_checkpoints(tmp_path / "killed")[-1].name in ("checkpoint-4", "checkpoint-6")
+    resumed = launch(sdxl, tmp_path / "killed", "--resume_from_checkpoint", "latest")
+    assert resumed.wait(timeout=300) == 0, resumed.stderr.read().decode()[-2000:]
+    expected, actual = all_tensors(tmp_path / "reference"), all_tensors(tmp_path / "killed")
+    assert expected.keys() == actual.keys()
+    for key in expected:
+        assert torch.equal(expected[key], actual[key]), key
