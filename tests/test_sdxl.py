@@ -162,3 +162,40 @@ def test_sdxl_kill_and_resume_equals_uninterrupted_run(sdxl, tmp_path):
     assert expected.keys() == actual.keys()
     for key in expected:
         assert torch.equal(expected[key], actual[key]), key
+
+
+def test_sdxl_merged_export_is_a_plain_sdxl_pipeline_with_the_adapter_folded_in(sdxl, tmp_path):
+    from diffusers import StableDiffusionXLPipeline
+
+    out = tmp_path / "out"
+    assert train(sdxl, out, "--train_text_encoder", "--train_identifier_embedding", "--identifier_token", "sks",
+                 "--save_merged", "--boft_dropout", "0") == 0
+    merged = StableDiffusionXLPipeline.from_pretrained(out / "merged")
+    adapted, base = load(sdxl), load(sdxl)
+    load_outputs(adapted, out)
+    prompts = ["a photo of sks star"]
+    latents = torch.randn(1, 4, 16, 16, generator=torch.Generator().manual_seed(0))
+    time_ids = torch.tensor([[64.0, 64.0, 0.0, 0.0, 64.0, 64.0]])
+    outputs = []
+    for pipe in (merged, adapted, base):
+        with torch.no_grad():
+            hidden, pooled = encode_prompts_sdxl([pipe.tokenizer, pipe.tokenizer_2],
+                                                 [pipe.text_encoder, pipe.text_encoder_2], prompts, "cpu")
+            outputs.append(pipe.unet(latents, 10, hidden, added_cond_kwargs={"text_embeds": pooled,
+                                                                              "time_ids": time_ids}).sample)
+    assert torch.allclose(outputs[0], outputs[1], atol=1e-5)
+    assert not torch.allclose(outputs[1], outputs[2], atol=1e-4)
+
+
+def test_export_writes_sdxl_merged_folders_and_refuses_the_sd_key_layouts(sdxl, tmp_path, capsys):
+    from diffusers import StableDiffusionXLPipeline
+
+    from boft_diffusion import export
+
+    out = tmp_path / "out"
+    assert train(sdxl, out, "--max_train_steps", "1") == 0
+    assert export.main([str(out), "--format", "merged", "--output", str(tmp_path / "merged")]) == 0
+    assert isinstance(StableDiffusionXLPipeline.from_pretrained(tmp_path / "merged"), StableDiffusionXLPipeline)
+    assert export.main([str(out), "--format", "diff", "--output", str(tmp_path / "diff.safetensors")]) == 2
+    assert "only --format merged" in capsys.readouterr().err
+    assert not (tmp_path / "diff.safetensors").exists()

@@ -33,7 +33,7 @@ from tqdm.auto import tqdm
 
 from ..core import __version__
 from ..core.adapters import compile_adapted
-from ..core.files import WriteError, remove_stale_temporaries
+from ..core.files import WriteError, atomic_write, remove_stale_temporaries
 from ..models.images import image_grid
 from .checkpoints import STATE_JSON, list_checkpoints, load_checkpoint, resolve_checkpoint, save_checkpoint
 from .config import TrainerConfig
@@ -503,8 +503,10 @@ class Trainer:
         self.check_replicas_agree()
         acc.wait_for_everyone()
         if acc.is_main_process:
+            flags = json.dumps(json.loads(json.dumps(self.config.hparams, default=str)), indent=2)
             try:
                 self.recipe.save_outputs(self.output_dir, self.step)
+                atomic_write(self.output_dir, {FLAGS_JSON: lambda tmp: Path(tmp).write_text(flags)})
             except WriteError as error:
                 raise self._explain_write_error(error) from error
         self.run_validation()
@@ -520,8 +522,11 @@ RUN_CONTROL_FLAGS = frozenset({
     "output_dir", "overwrite_output_dir", "resume_from_checkpoint", "max_train_steps", "num_train_epochs",
     "checkpointing_steps", "checkpoints_total_limit", "validation_steps", "validation_prompt",
     "num_validation_images", "validation_image", "num_inference_steps", "report_to", "logging_dir",
-    "dataloader_num_workers", "save_merged",
+    "dataloader_num_workers", "save_merged", "config",
 })
+
+#: The run's resolved flags (command line over --config file over defaults), written beside its outputs.
+FLAGS_JSON = "training_flags.json"
 
 
 def recorded_flags(hparams: dict[str, Any]) -> dict[str, Any]:
