@@ -127,6 +127,33 @@ def segments_of(images: ImageSet, picks: list[int], rows: list[int], instance: b
     return segments
 
 
+@dataclass
+class Part:
+    """Examples of a micro-batch that go through the VAE, the noise and the UNet together: one
+    segment after crops and flips, or several of one size joined (instances first)."""
+
+    pixels: torch.Tensor
+    masks: torch.Tensor  # the instances' subject masks, [k, 0 or 1, H, W]
+    time_ids: torch.Tensor  # SDXL's size conditioning, [n, 6]
+    rows: list[int]  # prompt rows
+    instances: int  # the first ``instances`` examples are instance images, the rest prior images
+    posterior: tuple[torch.Tensor, torch.Tensor] | None = None  # cached (mean, std) with --cache_latents
+
+    @property
+    def count(self) -> int:
+        return len(self.rows)
+
+    @classmethod
+    def join(cls, parts: list[Part]) -> Part:
+        posterior = None
+        if parts[0].posterior is not None:
+            posterior = tuple(torch.cat([part.posterior[k] for part in parts]) for k in range(2))
+        return cls(torch.cat([part.pixels for part in parts]),
+                   torch.cat([part.masks for part in parts if part.instances]),
+                   torch.cat([part.time_ids for part in parts]), [row for part in parts for row in part.rows],
+                   sum(part.instances for part in parts), posterior)
+
+
 def bucket_groups(images: ImageSet, dataset_len: int) -> list[list[int]]:
     """Example indices ``0 .. dataset_len - 1`` (example ``i`` is image ``i % n``) by target size."""
     groups: dict[tuple[int, int], list[int]] = {}
@@ -448,7 +475,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         coverage = torch.nn.functional.interpolate(masks.float(), size=tuple(size), mode="area").to(device)
         return args.background_loss_weight + (1 - args.background_loss_weight) * coverage
 
-    def prepare(segment: Segment, generator: torch.Generator) -> dict[str, Any]:
+    def prepare(segment: Segment, generator: torch.Generator) -> Part:
         """A segment's pixels, masks, size ids and cached posteriors, after crops and flips."""
         images = segment.images
         target = images.targets[segment.picks[0]]
@@ -457,24 +484,12 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         originals = [images.original_sizes[i] for i in segment.picks]
         offsets = [(top + images.offsets[i][0], left + images.offsets[i][1])
                    for i, (top, left) in zip(segment.picks, crops, strict=True)]
-        part = {"pixels": batch[:, :3], "masks": batch[:, 3:], "rows": segment.rows, "count": len(segment.picks),
-                "instances": len(segment.picks) if segment.instance else 0,
-                "time_ids": add_time_ids(originals, offsets, target, device)}
+        cached = None
         if latent_cache is not None:
-            cached = [latent_cache[image_sets.index(images)][i] for i in segment.picks]
-            part["posterior"] = tuple(torch.stack(values) for values in zip(*cached, strict=True))
-        return part
-
-    def join(parts: list[dict[str, Any]]) -> dict[str, Any]:
-        """Parts of one size as one batch (instances first, as they come): one VAE, noise and UNet pass."""
-        joined = {key: torch.cat([part[key] for part in parts]) for key in ("pixels", "time_ids")}
-        joined["masks"] = torch.cat([part["masks"] for part in parts if part["instances"]])
-        joined["rows"] = [row for part in parts for row in part["rows"]]
-        joined["count"] = sum(part["count"] for part in parts)
-        joined["instances"] = sum(part["instances"] for part in parts)
-        if latent_cache is not None:
-            joined["posterior"] = tuple(torch.cat([part["posterior"][k] for part in parts]) for k in range(2))
-        return joined
+            entries = [latent_cache[image_sets.index(images)][i] for i in segment.picks]
+            cached = tuple(torch.stack(values) for values in zip(*entries, strict=True))
+        return Part(batch[:, :3], batch[:, 3:], add_time_ids(originals, offsets, target, device), segment.rows,
+                    len(segment.picks) if segment.instance else 0, cached)
 
     def compute_loss(models: dict[str, torch.nn.Module], indices: list[int], generator: torch.Generator):
         prompt_rows = [instance_rows[i % len(instance_rows)] for i in indices]
@@ -486,37 +501,37 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             segments += segments_of(classes, [i % len(classes.tensors) for i in indices], [class_row] * len(indices),
                                     False)
         parts = [prepare(segment, generator) for segment in segments]
-        if len({part["pixels"].shape[-2:] for part in parts}) == 1:
-            parts = [join(parts)]
+        if len({part.pixels.shape[-2:] for part in parts}) == 1:
+            parts = [Part.join(parts)]
         if cached_embeddings is None:
             # every prompt of the micro-batch through the trained encoders at once
-            embeddings = encode(models, [prompts[row] for part in parts for row in part["rows"]])
+            embeddings = encode(models, [prompts[row] for part in parts for row in part.rows])
         instance_losses, prior_losses, start = [], [], 0
         for part in parts:
             if cached_embeddings is not None:
-                hidden, pooled = (None if e is None else e[part["rows"]] for e in cached_embeddings)
+                hidden, pooled = (None if e is None else e[part.rows] for e in cached_embeddings)
             else:
-                hidden, pooled = (None if e is None else e[start : start + part["count"]] for e in embeddings)
-            start += part["count"]
-            if latent_cache is not None:
-                noised = noise_posterior(*part["posterior"], vae.config.scaling_factor, noise_scheduler, generator,
+                hidden, pooled = (None if e is None else e[start : start + part.count] for e in embeddings)
+            start += part.count
+            if part.posterior is not None:
+                noised = noise_posterior(*part.posterior, vae.config.scaling_factor, noise_scheduler, generator,
                                          device, args.noise_offset)
             else:
-                noised = noised_latents(vae, noise_scheduler, part["pixels"].to(device, dtype), generator, device,
+                noised = noised_latents(vae, noise_scheduler, part.pixels.to(device, dtype), generator, device,
                                         args.noise_offset)
             timesteps = noised.timesteps
             conditions = {} if pooled is None else {"added_cond_kwargs": {
-                "text_embeds": pooled.to(dtype), "time_ids": part["time_ids"].to(dtype)}}
+                "text_embeds": pooled.to(dtype), "time_ids": part.time_ids.to(dtype)}}
             prediction = models["unet"](noised.noisy.to(dtype), timesteps, hidden.to(dtype), **conditions).sample.float()
             target = denoising_target(noise_scheduler, noised.latents, noised.noise, timesteps)
-            k = part["instances"]
+            k = part.instances
             if k:
                 instance_losses.append((denoising_loss(
                     prediction[:k], target[:k], timesteps[:k], noise_scheduler, args.snr_gamma,
-                    subject_weight(part["masks"], noised.latents.shape[-2:])), k))
-            if part["count"] > k:
+                    subject_weight(part.masks, noised.latents.shape[-2:])), k))
+            if part.count > k:
                 prior_losses.append((denoising_loss(prediction[k:], target[k:], timesteps[k:], noise_scheduler,
-                                                    args.snr_gamma), part["count"] - k))
+                                                    args.snr_gamma), part.count - k))
         instance_loss = pooled_mean(instance_losses)
         if not classes:
             return instance_loss, {}
