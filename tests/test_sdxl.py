@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from PIL import Image
 from safetensors.torch import load_file
 
 import boft_diffusion as bd
@@ -199,3 +200,26 @@ def test_export_writes_sdxl_merged_folders_and_refuses_the_sd_key_layouts(sdxl, 
     assert export.main([str(out), "--format", "diff", "--output", str(tmp_path / "diff.safetensors")]) == 2
     assert "only --format merged" in capsys.readouterr().err
     assert not (tmp_path / "diff.safetensors").exists()
+
+
+def test_light_control_trains_on_sdxl_and_samples_through_the_sdxl_pipeline(sdxl, tmp_path, capsys):
+    import train_controlnet
+
+    data = ROOT / "examples" / "tiny_control"
+    flags = [*FAST, "--pretrained_model_name_or_path", str(sdxl), "--train_data_dir", str(data),
+             "--max_train_samples", "4", "--learning_rate", "1e-2", "--max_train_steps", "2"]
+    out = tmp_path / "light"
+    assert train_controlnet.main([*flags, "--output_dir", str(out)]) == 0
+    assert (out / "validation" / "step-000002.png").is_file()
+    pipe = load(sdxl)
+    adapter = load_outputs(pipe, out)
+    condition = Image.open(sorted((data / "conditioning").glob("*.png"))[0])
+    def sample_with(image):
+        return adapter.sample(image, prompt="a red star", num_inference_steps=2, output_type="np",
+                              generator=torch.Generator().manual_seed(0))
+
+    with_control, blank = sample_with(condition), sample_with(Image.new("RGB", condition.size))
+    assert with_control.shape == (64, 64, 3) and abs(with_control - blank).max() > 0, "the control steers sampling"
+
+    assert train_controlnet.main([*flags, "--control", "controlnet", "--output_dir", str(tmp_path / "cn")]) == 2
+    assert "--control controlnet is for SD 1.x / 2.x models" in capsys.readouterr().err

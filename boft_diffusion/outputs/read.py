@@ -180,6 +180,9 @@ def _load_control(pipe, folder: Path, info: dict[str, Any], untrusted: bool) -> 
     if info["mode"] == LIGHT:
         encoder = ControlEncoder.load(folder, pipe.unet.conv_in.out_channels, pipe.vae_scale_factor)
         return Control(LIGHT, encoder=encoder.to(pipe.unet.device))
+    if getattr(pipe, "text_encoder_2", None) is not None:
+        raise ValueError(f"{folder} holds a ControlNet, which boft-diffusion trains and samples on SD 1.x / 2.x "
+                         "only; this is an SDXL model.")
     source = info.get("controlnet_source")
     if source:
         from diffusers import ControlNetModel
