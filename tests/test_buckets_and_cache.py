@@ -12,7 +12,7 @@ from boft_diffusion.recipes import dreambooth
 from boft_diffusion.training import trainer as trainer_module
 from boft_diffusion.training.data import bucket_sizes, nearest_bucket
 from boft_diffusion.training.diffusion import noise_posterior
-from boft_diffusion.training.trainer import epoch_batches, grouped_batch_indices
+from boft_diffusion.training.trainer import batches_per_epoch, epoch_batches, grouped_batch_indices
 
 FAST = ["--num_inference_steps", "2", "--num_validation_images", "1", "--report_to", "none",
         "--boft_block_size", "8"]
@@ -36,7 +36,7 @@ def test_buckets_are_on_the_latent_grid_near_the_target_area():
 def test_grouped_batches_come_from_one_group_and_cover_each_epoch():
     groups = [[0, 3, 5], [1, 2], [4, 6, 7, 8]]
     batches = epoch_batches(groups, 2, epoch=0, seed=1)
-    assert len(batches) == 2 + 1 + 2
+    assert len(batches) == 2 + 1 + 2 == batches_per_epoch(9, 2, groups)  # what --num_train_epochs counts
     assert all(any(set(batch) <= set(group) for group in groups) for batch in batches)
     assert set().union(*map(set, batches)) == set(range(9))
     per_rank = [[grouped_batch_indices(step, groups, 2, 2, rank, 1) for step in range(3)] for rank in range(2)]

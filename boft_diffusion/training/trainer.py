@@ -183,17 +183,25 @@ def grouped_batch_indices(
     """Example indices of this process's share of global micro-batch ``micro_step`` when every
     batch must come from one group (an aspect-ratio bucket): a pure function of the step, as
     :func:`micro_batch_indices`, so resume replays it."""
-    count = sum(math.ceil(len(group) / batch_size) for group in groups)
+    count = batches_per_epoch(0, batch_size, groups)
     per_epoch = max(1, math.ceil(count / num_processes))
     epoch, position = divmod(micro_step, per_epoch)
     return epoch_batches(groups, batch_size, epoch, seed)[(position * num_processes + rank) % count]
 
 
-def steps_for(config: TrainerConfig, dataset_len: int, num_processes: int) -> int:
+def batches_per_epoch(dataset_len: int, batch_size: int, groups: Sequence[Sequence[int]] | None = None) -> int:
+    """Global micro-batches of one process's worth in an epoch: grouped batches are cut per group."""
+    if groups:
+        return sum(math.ceil(len(group) / batch_size) for group in groups)
+    return math.ceil(dataset_len / batch_size)
+
+
+def steps_for(config: TrainerConfig, dataset_len: int, num_processes: int,
+              groups: Sequence[Sequence[int]] | None = None) -> int:
     if config.max_train_steps is not None:
         return config.max_train_steps
     if config.num_train_epochs is not None:
-        per_epoch = math.ceil(dataset_len / (config.train_batch_size * num_processes))
+        per_epoch = math.ceil(batches_per_epoch(dataset_len, config.train_batch_size, groups) / num_processes)
         return math.ceil(per_epoch * config.num_train_epochs / config.gradient_accumulation_steps)
     return config.default_train_steps
 
@@ -275,7 +283,7 @@ class Trainer:
         for param in self.params.values():
             if param.dtype != torch.float32:
                 param.data = param.data.float()
-        self.max_steps = steps_for(config, recipe.dataset_len, accelerator.num_processes)
+        self.max_steps = steps_for(config, recipe.dataset_len, accelerator.num_processes, recipe.groups)
         optimizer = make_optimizer(config, self.params, accelerator.num_processes, recipe.learning_rates)
         from diffusers.optimization import get_scheduler
 
