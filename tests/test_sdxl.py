@@ -223,3 +223,32 @@ def test_light_control_trains_on_sdxl_and_samples_through_the_sdxl_pipeline(sdxl
 
     assert train_controlnet.main([*flags, "--control", "controlnet", "--output_dir", str(tmp_path / "cn")]) == 2
     assert "--control controlnet is for SD 1.x / 2.x models" in capsys.readouterr().err
+
+
+def test_sdxl_unet_sees_each_images_size_and_crop(sdxl, tmp_path, monkeypatch):
+    """With --bucket and --center_crop, the UNet's time ids carry each file's size, its crop's
+    top-left and its bucket: SDXL's size conditioning reaches the model."""
+    import numpy as np
+
+    from boft_diffusion.recipes import dreambooth
+
+    images = tmp_path / "images"
+    images.mkdir()
+    for width, height in [(96, 64), (64, 96)]:
+        Image.fromarray(np.full((height, width, 3), 128, dtype=np.uint8)).save(images / f"{width}x{height}.png")
+    seen = []
+    real_load = dreambooth.load_pipeline
+
+    def recording_load(*args, **kwargs):
+        pipe = real_load(*args, **kwargs)
+        pipe.unet.register_forward_pre_hook(
+            lambda module, args, kwargs: seen.append(kwargs["added_cond_kwargs"]["time_ids"].tolist()),
+            with_kwargs=True)
+        return pipe
+
+    monkeypatch.setattr(dreambooth, "load_pipeline", recording_load)
+    assert train(sdxl, tmp_path / "out", "--instance_data_dir", images, "--bucket", "--center_crop",
+                 "--max_train_steps", "2", "--validation_steps", "0", "--num_validation_images", "1") == 0
+    training = {tuple(row) for rows in seen for row in rows if row[:2] != [64.0, 64.0]}
+    # 96x64 -> bucket 80x48 (w x h): resized to 80x53, 2 rows cropped off the top; and transposed
+    assert training == {(64.0, 96.0, 2.0, 0.0, 48.0, 80.0), (96.0, 64.0, 0.0, 2.0, 80.0, 48.0)}
