@@ -252,3 +252,10 @@ def test_sdxl_unet_sees_each_images_size_and_crop(sdxl, tmp_path, monkeypatch):
     training = {tuple(row) for rows in seen for row in rows if row[:2] != [64.0, 64.0]}
     # 96x64 -> bucket 80x48 (w x h): resized to 80x53, 2 rows cropped off the top; and transposed
     assert training == {(64.0, 96.0, 2.0, 0.0, 48.0, 80.0), (96.0, 64.0, 0.0, 2.0, 80.0, 48.0)}
+
+
+def test_an_sdxl_folder_on_an_sd_model_is_refused_naming_the_part(sdxl, tmp_path):
+    out = tmp_path / "out"
+    assert train(sdxl, out, "--train_identifier_embedding", "--identifier_token", "sks", "--max_train_steps", "1") == 0
+    with pytest.raises(ValueError, match="was trained on SDXL"):
+        load_outputs(bd.load_pipeline("tiny", dtype=torch.float32, device="cpu"), out)

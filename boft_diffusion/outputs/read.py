@@ -43,6 +43,7 @@ from ..models.control import (
     check_finite,
     controlnet_from_unet,
 )
+from ..models.pipelines import is_sdxl
 from .write import (
     CONTROL_INFO,
     CONTROLNET_CONFIG,
@@ -144,6 +145,10 @@ def load_outputs(pipe, folder: str | os.PathLike, adapter_name: str | None = Non
     describe a copy of the pipeline's UNet.
     """
     folder = Path(folder)
+    pairs = text_pairs(pipe)
+    if len(pairs) == 1 and (folder / TEXT_ENCODER_2_FOLDER).is_dir():
+        raise ValueError(f"{folder} was trained on SDXL ({TEXT_ENCODER_2_FOLDER}/ holds the second text encoder's "
+                         "parts); this model has one text encoder.")
 
     def load_into(model: nn.Module, path: Path) -> str | None:
         loaded = load(model, path) if adapter_name is None else load(model, path, adapter_name=adapter_name)
@@ -161,7 +166,7 @@ def load_outputs(pipe, folder: str | os.PathLike, adapter_name: str | None = Non
     identifiers = []
     # (adapter folder, identifier folder) of each text encoder; the first's identifier sits at the root
     places = [(folder / TEXT_ENCODER_FOLDER, folder), (folder / TEXT_ENCODER_2_FOLDER,) * 2]
-    for (text_encoder, tokenizer), (adapter_folder, identifier_folder) in zip(text_pairs(pipe), places, strict=False):
+    for (text_encoder, tokenizer), (adapter_folder, identifier_folder) in zip(pairs, places, strict=False):
         if (adapter_folder / CONFIG_NAME).is_file():
             load_into(text_encoder, adapter_folder)
             models.append(text_encoder)
@@ -180,7 +185,7 @@ def _load_control(pipe, folder: Path, info: dict[str, Any], untrusted: bool) -> 
     if info["mode"] == LIGHT:
         encoder = ControlEncoder.load(folder, pipe.unet.conv_in.out_channels, pipe.vae_scale_factor)
         return Control(LIGHT, encoder=encoder.to(pipe.unet.device))
-    if getattr(pipe, "text_encoder_2", None) is not None:
+    if is_sdxl(pipe):
         raise ValueError(f"{folder} holds a ControlNet, which boft-diffusion trains and samples on SD 1.x / 2.x "
                          "only; this is an SDXL model.")
     source = info.get("controlnet_source")
