@@ -259,3 +259,22 @@ def test_an_sdxl_folder_on_an_sd_model_is_refused_naming_the_part(sdxl, tmp_path
     assert train(sdxl, out, "--train_identifier_embedding", "--identifier_token", "sks", "--max_train_steps", "1") == 0
     with pytest.raises(ValueError, match="was trained on SDXL"):
         load_outputs(bd.load_pipeline("tiny", dtype=torch.float32, device="cpu"), out)
+
+
+def test_a_cached_hub_id_of_an_sdxl_model_loads_as_sdxl(sdxl, tmp_path, monkeypatch):
+    """Offline, from the Hugging Face cache layout (refs/main -> snapshots/<commit>/...)."""
+    import shutil
+
+    from diffusers import StableDiffusionXLPipeline
+
+    repo = tmp_path / "hub" / "models--someone--tiny-sdxl"
+    commit = "0" * 40
+    shutil.copytree(sdxl, repo / "snapshots" / commit)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(commit)
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hub"))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr("huggingface_hub.constants.HF_HUB_CACHE", str(tmp_path / "hub"))
+    monkeypatch.setattr("huggingface_hub.constants.HF_HUB_OFFLINE", True)
+    pipe = bd.load_pipeline("someone/tiny-sdxl", dtype=torch.float32, device="cpu")
+    assert isinstance(pipe, StableDiffusionXLPipeline)

@@ -143,13 +143,14 @@ def _loader_kwargs(sdxl: bool, dtype, kwargs: dict[str, Any]) -> dict[str, Any]:
 
 def _hub_is_sdxl(name: str, offline: bool, kwargs: dict[str, Any]) -> bool:
     """From the hub repository's ``model_index.json`` (cached, or fetched when online); SD when unknown."""
-    from diffusers import DiffusionPipeline
+    from huggingface_hub import hf_hub_download
 
     try:
-        spec = DiffusionPipeline.load_config(name, local_files_only=offline, revision=kwargs.get("revision"))
+        index = hf_hub_download(name, "model_index.json", revision=kwargs.get("revision"), local_files_only=offline)
+        spec = json.loads(Path(index).read_text())
     except Exception:  # the loader below reports what is wrong with the id
         return False
-    return is_sdxl_spec(dict(spec))
+    return isinstance(spec, dict) and is_sdxl_spec(spec)
 
 
 def load_pipeline(name_or_path: str | os.PathLike = "tiny", dtype=None, device=None, **kwargs):
