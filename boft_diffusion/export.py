@@ -36,7 +36,7 @@ from .models.export import (
     module_deltas,
 )
 from .models.export_formats import KOHYA_PREFIXES, LoraReport, format_report
-from .models.pipelines import load_pipeline
+from .models.pipelines import is_sdxl, load_pipeline
 from .outputs.read import load_outputs
 
 FORMATS = ("diff", "lora", "peft-lora", "merged")
@@ -100,6 +100,9 @@ def export_adapter(adapter_dir: str | os.PathLike, fmt: str, output: str | os.Pa
     adapted = load_for_export(adapter_dir, base_model)
     if fmt == "merged":
         return ExportResult([export_merged_pipeline(adapted.pipe, output)])
+    if is_sdxl(adapted.pipe):
+        raise ValueError(f"{adapter_dir} is an SDXL adapter: only --format merged exports it so far (the diff and "
+                         "LoRA formats write SD 1.x / 2.x key layouts, which have no second text encoder).")
     embeddings_dir = output if fmt == "peft-lora" else output.parent
     clash = [word for word in identifier_vectors(adapted) if embeddings_dir / f"{word}.safetensors" == output]
     if clash:

@@ -59,3 +59,36 @@ def randomize_adapter(model, adapter_name: str = "default", scale: float = 0.3, 
                 if adapter_name in layer.boft_s:
                     s = layer.boft_s[adapter_name]
                     s.copy_(1 + 0.1 * torch.randn(s.shape, generator=gen))
+
+
+def make_tiny_sdxl(folder, seed: int = 0):
+    """A random-weight SDXL pipeline folder: a UNet conditioned on pooled text and sizes
+    (addition_embed_type "text_time"), a CLIPTextModel and a CLIPTextModelWithProjection, both
+    with the embedded model's tokenizer, and the embedded model's VAE (64 px images, 16 px latents)."""
+    from diffusers import AutoencoderKL, EulerDiscreteScheduler, StableDiffusionXLPipeline, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
+
+    from boft_diffusion.models.bundled import EMBEDDED_MODEL_DIR
+
+    torch.manual_seed(seed)
+    text = dict(vocab_size=732, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                max_position_embeddings=24, bos_token_id=730, eos_token_id=731, pad_token_id=731, projection_dim=16)
+    time_dim = 8
+    unet = UNet2DConditionModel(
+        sample_size=16, in_channels=4, out_channels=4, block_out_channels=(32, 64), layers_per_block=1,
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"), up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+        cross_attention_dim=64, attention_head_dim=(2, 4), norm_num_groups=8, use_linear_projection=True,
+        addition_embed_type="text_time", addition_time_embed_dim=time_dim,
+        projection_class_embeddings_input_dim=6 * time_dim + text["projection_dim"],
+    )
+    tokenizer = CLIPTokenizer.from_pretrained(EMBEDDED_MODEL_DIR / "tokenizer")
+    pipe = StableDiffusionXLPipeline(
+        vae=AutoencoderKL.from_pretrained(EMBEDDED_MODEL_DIR / "vae", torch_dtype=torch.float32),
+        text_encoder=CLIPTextModel(CLIPTextConfig(**text)),
+        text_encoder_2=CLIPTextModelWithProjection(CLIPTextConfig(**text)),
+        tokenizer=tokenizer, tokenizer_2=tokenizer, unet=unet,
+        scheduler=EulerDiscreteScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012),
+        add_watermarker=False,
+    )
+    pipe.save_pretrained(folder)
+    return folder

@@ -26,8 +26,8 @@ from ..core.adapters import adapter_configs, delete_adapter, disable_adapters, e
 from ..core.files import CONFIG_NAME, WEIGHTS_NAME, adapter_name_from, count_file_parameters, read_adapter_config
 from ..core.identifier import remove_identifier_embeddings
 from ..models.pipelines import load_pipeline
-from ..outputs.read import TrainedAdapter, load_outputs, read_control_info
-from ..outputs.write import CONTROL_INFO, CONTROLNET_FOLDER, TEXT_ENCODER_FOLDER
+from ..outputs.read import TrainedAdapter, load_outputs, read_control_info, text_encoders
+from ..outputs.write import CONTROL_INFO, CONTROLNET_FOLDER, TEXT_ENCODER_2_FOLDER, TEXT_ENCODER_FOLDER
 from .errors import StudioError
 from .uploads import UPLOADS_FOLDER, UploadQuota, install_upload
 
@@ -157,7 +157,7 @@ class Studio:
                     continue
                 if folder.name in (CONTROLNET_FOLDER, TEXT_ENCODER_FOLDER) and (folder.parent / CONTROL_INFO).exists():
                     continue
-                if folder.name == TEXT_ENCODER_FOLDER and (folder.parent / CONFIG_NAME).exists():
+                if folder.name in (TEXT_ENCODER_FOLDER, TEXT_ENCODER_2_FOLDER) and (folder.parent / CONFIG_NAME).exists():
                     continue
                 found.add(str(folder.relative_to(self.adapters_dir)) if folder != self.adapters_dir else ".")
         return [NO_ADAPTER, *sorted(found)]
@@ -198,7 +198,7 @@ class Studio:
         return info
 
     def _models(self) -> list[Any]:
-        return [self.pipe.unet, self.pipe.text_encoder]
+        return [self.pipe.unet, *text_encoders(self.pipe)]
 
     def _key(self, name: str) -> str:
         """A distinct adapter name per folder (folder names may collide once sanitised)."""
@@ -210,7 +210,8 @@ class Studio:
         if name == NO_ADAPTER:
             for model in self._models():
                 disable_adapters(model)
-            remove_identifier_embeddings(self.pipe.text_encoder)
+            for text_encoder in text_encoders(self.pipe):
+                remove_identifier_embeddings(text_encoder)
             return None
         key = self._key(name)
         if key not in self._loaded:

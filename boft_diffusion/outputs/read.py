@@ -43,7 +43,15 @@ from ..models.control import (
     check_finite,
     controlnet_from_unet,
 )
-from .write import CONTROL_INFO, CONTROLNET_CONFIG, CONTROLNET_FOLDER, CONTROLNET_TRAINABLE, TEXT_ENCODER_FOLDER
+from ..models.pipelines import is_sdxl
+from .write import (
+    CONTROL_INFO,
+    CONTROLNET_CONFIG,
+    CONTROLNET_FOLDER,
+    CONTROLNET_TRAINABLE,
+    TEXT_ENCODER_2_FOLDER,
+    TEXT_ENCODER_FOLDER,
+)
 
 
 def read_control_info(folder: str | os.PathLike) -> dict[str, Any] | None:
@@ -61,8 +69,9 @@ def read_control_info(folder: str | os.PathLike) -> dict[str, Any] | None:
 class TrainedAdapter:
     """The parts of one output folder on a pipeline.
 
-    ``models`` are the pipeline's models that hold them (UNet, text encoder); ``identifier`` the
-    learned identifier vectors by word; ``control`` the light encoder or ControlNet, if any.
+    ``models`` are the pipeline's models that hold them (UNet, text encoders); ``identifier`` the
+    learned identifier vectors by word; ``identifier_2`` those of SDXL's second text encoder;
+    ``control`` the light encoder or ControlNet, if any.
     """
 
     pipe: Any
@@ -71,6 +80,7 @@ class TrainedAdapter:
     models: list[nn.Module]
     identifier: dict[str, torch.Tensor] | None = None
     control: Control | None = None
+    identifier_2: dict[str, torch.Tensor] | None = None
 
     def switch(self, enabled: bool) -> None:
         """Turn every part on (the adapted pipeline) or off (the base model)."""
@@ -81,17 +91,19 @@ class TrainedAdapter:
         """Make this folder's adapters the pipeline's active ones at ``strength``, switching off
         adapters of other folders loaded beside it (a text encoder holds one identifier at a time)."""
         pipe = self.pipe
-        for model in (pipe.unet, pipe.text_encoder):
+        for model in (pipe.unet, *text_encoders(pipe)):
             if self.adapter_name in adapter_configs(model):
                 enable_adapters(model)
                 set_adapter(model, self.adapter_name)
                 set_adapter_strength(model, strength)
             else:
                 disable_adapters(model)
-        if self.identifier:
-            install_identifier_embeddings(pipe.text_encoder, pipe.tokenizer, self.identifier).strength = strength
-        else:
-            remove_identifier_embeddings(pipe.text_encoder)
+        for (text_encoder, tokenizer), identifier in zip(text_pairs(pipe), (self.identifier, self.identifier_2),
+                                                         strict=False):
+            if identifier:
+                install_identifier_embeddings(text_encoder, tokenizer, identifier).strength = strength
+            else:
+                remove_identifier_embeddings(text_encoder)
         controlnet = self.control.controlnet if self.control is not None else None
         if controlnet is not None:
             for name in adapter_configs(controlnet):
@@ -111,6 +123,18 @@ class TrainedAdapter:
         return self.control.sample(self.pipe, condition, size, control_scale, **pipe_kwargs)
 
 
+def text_pairs(pipe) -> list[tuple[nn.Module, Any]]:
+    """The pipeline's text encoders with their tokenizers: one, or SDXL's two."""
+    pairs = [(pipe.text_encoder, pipe.tokenizer)]
+    if getattr(pipe, "text_encoder_2", None) is not None:
+        pairs.append((pipe.text_encoder_2, pipe.tokenizer_2))
+    return pairs
+
+
+def text_encoders(pipe) -> list[nn.Module]:
+    return [encoder for encoder, _ in text_pairs(pipe)]
+
+
 def load_outputs(pipe, folder: str | os.PathLike, adapter_name: str | None = None,
                  load: Callable[..., object] = load_adapter, untrusted: bool = False) -> TrainedAdapter:
     """Load a train_dreambooth.py or train_controlnet.py output folder onto ``pipe``.
@@ -121,6 +145,10 @@ def load_outputs(pipe, folder: str | os.PathLike, adapter_name: str | None = Non
     describe a copy of the pipeline's UNet.
     """
     folder = Path(folder)
+    pairs = text_pairs(pipe)
+    if len(pairs) == 1 and (folder / TEXT_ENCODER_2_FOLDER).is_dir():
+        raise ValueError(f"{folder} was trained on SDXL ({TEXT_ENCODER_2_FOLDER}/ holds the second text encoder's "
+                         "parts); this model has one text encoder.")
 
     def load_into(model: nn.Module, path: Path) -> str | None:
         loaded = load(model, path) if adapter_name is None else load(model, path, adapter_name=adapter_name)
@@ -135,15 +163,21 @@ def load_outputs(pipe, folder: str | os.PathLike, adapter_name: str | None = Non
     if info is None or (folder / CONFIG_NAME).is_file():
         name = load_into(pipe.unet, folder)
         models.append(pipe.unet)
-    if (folder / TEXT_ENCODER_FOLDER / CONFIG_NAME).is_file():
-        load_into(pipe.text_encoder, folder / TEXT_ENCODER_FOLDER)
-        models.append(pipe.text_encoder)
-    identifier = read_identifier_embeddings(folder, pipe.text_encoder, pipe.tokenizer)
-    if identifier:
-        install_identifier_embeddings(pipe.text_encoder, pipe.tokenizer, identifier)
-        if pipe.text_encoder not in models:
-            models.append(pipe.text_encoder)
-    return TrainedAdapter(pipe, folder, name, models, identifier, control)
+    identifiers = []
+    # (adapter folder, identifier folder) of each text encoder; the first's identifier sits at the root
+    places = [(folder / TEXT_ENCODER_FOLDER, folder), (folder / TEXT_ENCODER_2_FOLDER,) * 2]
+    for (text_encoder, tokenizer), (adapter_folder, identifier_folder) in zip(pairs, places, strict=False):
+        if (adapter_folder / CONFIG_NAME).is_file():
+            load_into(text_encoder, adapter_folder)
+            models.append(text_encoder)
+        identifier = read_identifier_embeddings(identifier_folder, text_encoder, tokenizer)
+        if identifier:
+            install_identifier_embeddings(text_encoder, tokenizer, identifier)
+            if text_encoder not in models:
+                models.append(text_encoder)
+        identifiers.append(identifier)
+    return TrainedAdapter(pipe, folder, name, models, identifiers[0], control,
+                          identifiers[1] if len(identifiers) > 1 else None)
 
 
 def _load_control(pipe, folder: Path, info: dict[str, Any], untrusted: bool) -> Control:
@@ -151,6 +185,9 @@ def _load_control(pipe, folder: Path, info: dict[str, Any], untrusted: bool) -> 
     if info["mode"] == LIGHT:
         encoder = ControlEncoder.load(folder, pipe.unet.conv_in.out_channels, pipe.vae_scale_factor)
         return Control(LIGHT, encoder=encoder.to(pipe.unet.device))
+    if is_sdxl(pipe):
+        raise ValueError(f"{folder} holds a ControlNet, which boft-diffusion trains and samples on SD 1.x / 2.x "
+                         "only; this is an SDXL model.")
     source = info.get("controlnet_source")
     if source:
         from diffusers import ControlNetModel

@@ -1,7 +1,8 @@
 """Writing the output folders of the training scripts (``read.py`` reads every kind back).
 
 A DreamBooth folder holds the UNet's adapter (PEFT's layout) at its root, the text encoder's
-adapter in ``text_encoder/`` and the learned identifier in ``learned_embeds.safetensors``. A
+adapter in ``text_encoder/`` and the learned identifier in ``learned_embeds.safetensors``; an
+SDXL folder keeps the second text encoder's adapter and identifier in ``text_encoder_2/``. A
 control folder adds ``control.json`` (mode and training metadata), the light control encoder's
 files or the ControlNet's adapter in ``controlnet/`` with its fully trained parts beside it.
 """
@@ -22,6 +23,7 @@ from ..core.files import atomic_write, save_adapter, save_identifier_embeddings
 from ..models.control import ControlEncoder, controlnet_trainable_parameters
 
 TEXT_ENCODER_FOLDER = "text_encoder"
+TEXT_ENCODER_2_FOLDER = "text_encoder_2"
 CONTROLNET_FOLDER = "controlnet"
 CONTROL_INFO = "control.json"
 CONTROLNET_CONFIG = "controlnet_config.json"
@@ -31,16 +33,21 @@ CONTROLNET_TRAINABLE = "controlnet_trainable.safetensors"
 def save_dreambooth(
     folder: str | os.PathLike, unet: nn.Module, metadata: dict[str, Any], text_encoder: nn.Module | None = None,
     text_encoder_adapter: bool = False, identifier: bool = False,
-    save: Callable[..., object] = save_adapter,
+    save: Callable[..., object] = save_adapter, text_encoder_2: nn.Module | None = None,
 ) -> None:
-    """The UNet's adapter, and the text encoder's adapter and learned identifier when they trained;
-    ``save`` writes one adapter folder (BOFT by default)."""
+    """The UNet's adapter, and the text encoders' adapters and learned identifiers when they
+    trained (SDXL's second encoder in ``text_encoder_2/``); ``save`` writes one adapter folder
+    (BOFT by default)."""
     folder = Path(folder)
     save(unet, folder, metadata=metadata)
     if text_encoder_adapter:
         save(text_encoder, folder / TEXT_ENCODER_FOLDER, metadata=metadata)
+        if text_encoder_2 is not None:
+            save(text_encoder_2, folder / TEXT_ENCODER_2_FOLDER, metadata=metadata)
     if identifier:
         save_identifier_embeddings(text_encoder, folder)
+        if text_encoder_2 is not None:
+            save_identifier_embeddings(text_encoder_2, folder / TEXT_ENCODER_2_FOLDER)
 
 
 def save_control(folder: str | os.PathLike, mode: str, unet_adapter: nn.Module | None, controlnet: Any = None,

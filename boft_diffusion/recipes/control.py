@@ -26,7 +26,7 @@ from ..models.control import (
     light_control,
 )
 from ..models.images import image_to_tensor, open_image, to_rgb
-from ..models.pipelines import default_guidance, guidance_kwargs, load_pipeline
+from ..models.pipelines import default_guidance, guidance_kwargs, is_sdxl, load_pipeline
 from ..outputs.write import peft_interop_note, save_control, save_latest_validation
 from ..training.cli import (
     HelpFormatter,
@@ -37,8 +37,15 @@ from ..training.cli import (
     check_resolution,
 )
 from ..training.config import TrainerConfig
-from ..training.data import DataError, center_crop, resize_shorter_side
-from ..training.diffusion import denoising_loss, denoising_target, encode_prompts, noised_latents
+from ..training.data import DataError, center_crop, center_offset, resize_shorter_side
+from ..training.diffusion import (
+    add_time_ids,
+    denoising_loss,
+    denoising_target,
+    encode_prompts,
+    encode_prompts_sdxl,
+    noised_latents,
+)
 from ..training.trainer import Recipe, Trainer, TrainingError, check_output_dir, make_accelerator, place, weight_dtype
 
 logger = logging.getLogger("boft_diffusion")
@@ -46,19 +53,26 @@ logger = logging.getLogger("boft_diffusion")
 
 @dataclass
 class ControlExample:
+    """A training pair, with what SDXL's size conditioning needs: the image file's (height, width)
+    and the top-left (top, left) of its centre crop."""
+
     image: torch.Tensor
     condition: torch.Tensor
     caption: str
+    original_size: tuple[int, int] = (0, 0)
+    crop: tuple[int, int] = (0, 0)
 
 
-def _prepare_pair(image: Image.Image, condition: Image.Image, resolution: int, name: str,
-                  resized: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+def _prepare_pair(image: Image.Image, condition: Image.Image, caption: str, resolution: int, name: str,
+                  resized: list[str]) -> ControlExample:
     if condition.size != image.size:
         resized.append(name)
         condition = condition.resize(image.size, Image.BILINEAR)
-    image = center_crop(resize_shorter_side(image, resolution), resolution)
+    scaled = resize_shorter_side(image, resolution)
+    crop = center_offset(scaled.height, scaled.width, (resolution, resolution))
     condition = center_crop(resize_shorter_side(condition, resolution), resolution)
-    return image_to_tensor(image), image_to_tensor(condition)
+    return ControlExample(image_to_tensor(center_crop(scaled, resolution)), image_to_tensor(condition), caption,
+                          (image.height, image.width), crop)
 
 
 def load_control_folder(folder: str | os.PathLike, resolution: int, max_samples: int | None = None) -> list[ControlExample]:
@@ -97,8 +111,7 @@ def load_control_folder(folder: str | os.PathLike, resolution: int, max_samples:
         if not isinstance(caption, str) or not caption.strip():
             no_caption.append(image_name)
             caption = ""
-        pixels, cond = _prepare_pair(image, condition, resolution, image_name, resized)
-        examples.append(ControlExample(pixels, cond, caption))
+        examples.append(_prepare_pair(image, condition, caption, resolution, image_name, resized))
         if max_samples and len(examples) >= max_samples:
             break
     _report(folder, skipped, resized, no_caption)
@@ -144,8 +157,7 @@ def load_control_dataset(args: argparse.Namespace, resolution: int) -> list[Cont
         if not isinstance(caption, str) or not caption.strip():
             no_caption.append(index)
             caption = ""
-        pixels, cond = _prepare_pair(to_rgb(image), to_rgb(condition), resolution, f"row {index}", resized)
-        examples.append(ControlExample(pixels, cond, caption))
+        examples.append(_prepare_pair(to_rgb(image), to_rgb(condition), caption, resolution, f"row {index}", resized))
     _report(args.dataset_name, skipped, resized, no_caption)
     if not examples:
         raise DataError(f"no usable rows in {args.dataset_name}.")
@@ -248,6 +260,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     pipe = load_pipeline(args.pretrained_model_name_or_path, dtype=torch.float32,
                          device=accelerator.device, revision=args.revision, variant=args.variant)
     pipe.set_progress_bar_config(disable=True)
+    sdxl = is_sdxl(pipe)
+    if sdxl and args.control == CONTROLNET:
+        raise TrainingError("--control controlnet is for SD 1.x / 2.x models; on SDXL train --control light.")
     resolution = check_resolution(args.resolution, pipe)
     if args.dataset_name:
         examples = load_control_dataset(args, resolution)
@@ -256,7 +271,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     logger.info("%d training pairs", len(examples))
 
     unet, vae, text_encoder, tokenizer = pipe.unet, pipe.vae, pipe.text_encoder, pipe.tokenizer
-    for module in (unet, vae, text_encoder):
+    text_encoders = [text_encoder, pipe.text_encoder_2] if sdxl else [text_encoder]
+    for module in (unet, vae, *text_encoders):
         module.requires_grad_(False)
     boft = boft_config_from_args(args)
     modules: dict[str, torch.nn.Module] = {}
@@ -284,7 +300,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             apply_boft(unet, boft)
             modules["unet"] = unet
     place(vae, accelerator.device, dtype)
-    place(text_encoder, accelerator.device, dtype)
+    for module in text_encoders:
+        place(module, accelerator.device, dtype)
     place(unet, accelerator.device)
     if args.gradient_checkpointing:
         unet.enable_gradient_checkpointing()
@@ -295,22 +312,39 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
     noise_scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
     captions = sorted({e.caption for e in examples} | {""})
+    pooled: dict[str, torch.Tensor] = {}  # SDXL's pooled embeddings by caption
     with torch.no_grad():
-        embeddings = dict(zip(captions, encode_prompts(tokenizer, text_encoder, captions, accelerator.device), strict=True))
+        if sdxl:
+            hidden, pooled_rows = encode_prompts_sdxl([tokenizer, pipe.tokenizer_2], text_encoders, captions,
+                                                      accelerator.device)
+            pooled = dict(zip(captions, pooled_rows, strict=True))
+        else:
+            hidden = encode_prompts(tokenizer, text_encoder, captions, accelerator.device)
+        embeddings = dict(zip(captions, hidden, strict=True))
     device = accelerator.device
+
+    def sdxl_conditions(batch: list[ControlExample], texts: list[str]) -> dict[str, Any]:
+        """SDXL's pooled text and size ids for the UNet (nothing for SD)."""
+        if not sdxl:
+            return {}
+        time_ids = add_time_ids([e.original_size for e in batch], [e.crop for e in batch], (resolution, resolution),
+                                device)
+        return {"added_cond_kwargs": {"text_embeds": torch.stack([pooled[t] for t in texts]).to(dtype),
+                                      "time_ids": time_ids.to(dtype)}}
 
     def compute_loss(models: dict[str, torch.nn.Module], indices: list[int], generator: torch.Generator):
         batch = [examples[i] for i in indices]
         pixels = torch.stack([e.image for e in batch]).to(device, dtype)
         conditions = torch.stack([(e.condition + 1) / 2 for e in batch]).to(device)
         drop = torch.rand(len(batch), generator=generator) < args.proportion_empty_prompts
-        context = torch.stack([embeddings["" if d else e.caption] for e, d in zip(batch, drop.tolist(), strict=True)])
-        noised = noised_latents(vae, noise_scheduler, pixels, generator, device)
+        texts = ["" if d else e.caption for e, d in zip(batch, drop.tolist(), strict=True)]
+        context = torch.stack([embeddings[text] for text in texts])
+        noised = noised_latents(vae, noise_scheduler, pixels, generator, device, args.noise_offset)
         noisy, timesteps = noised.noisy.to(dtype), noised.timesteps
         model_unet = models.get("unet", unet)
         if args.control == LIGHT:
             with light_control(unet, models["control_encoder"], conditions * 2 - 1, args.conditioning_scale):
-                prediction = model_unet(noisy, timesteps, context).sample
+                prediction = model_unet(noisy, timesteps, context, **sdxl_conditions(batch, texts)).sample
         else:
             down, mid = models["controlnet"](noisy, timesteps, encoder_hidden_states=context,
                                              controlnet_cond=conditions.to(dtype), return_dict=False)

@@ -6,7 +6,7 @@ import argparse
 import logging
 import os
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -22,7 +22,7 @@ from ..models.bundled import example_subject_dir
 from ..models.export import export_merged_pipeline
 from ..models.images import image_to_tensor
 from ..models.peft_baselines import apply_lora, apply_oft, save_peft_adapter
-from ..models.pipelines import default_guidance, guidance_kwargs, load_pipeline
+from ..models.pipelines import default_guidance, guidance_kwargs, is_sdxl, load_pipeline
 from ..outputs.write import peft_interop_note, save_dreambooth, save_latest_validation
 from ..training.cli import (
     HelpFormatter,
@@ -31,18 +31,33 @@ from ..training.cli import (
     add_training_args,
     boft_config_from_args,
     check_resolution,
+    latent_multiple,
 )
 from ..training.config import TrainerConfig
 from ..training.data import (
     augment_batch,
+    bucket_sizes,
     caption_path,
     center_crop_tensor,
+    center_offset,
+    decode_images,
     list_images,
-    load_images,
     load_masks,
+    nearest_bucket,
     read_captions,
+    resize_to_cover,
+    warn_small,
 )
-from ..training.diffusion import denoising_loss, denoising_target, encode_prompts, noised_latents
+from ..training.diffusion import (
+    add_time_ids,
+    denoising_loss,
+    denoising_target,
+    encode_prompts,
+    encode_prompts_sdxl,
+    noise_posterior,
+    noised_latents,
+    posterior,
+)
 from ..training.trainer import Recipe, Trainer, TrainingError, check_output_dir, make_accelerator, place, weight_dtype
 
 logger = logging.getLogger("boft_diffusion")
@@ -54,24 +69,97 @@ DEFAULT_BACKGROUND_LOSS_WEIGHT = 0.1
 @dataclass
 class ImageSet:
     """Preprocessed training images: one ``[3, H, W]`` tensor each (``[4, H, W]`` with a mask),
-    shorter side = resolution."""
+    covering its target size, and what SDXL's size conditioning records of each: the file's size
+    and the top-left of a crop made while loading (``--center_crop``)."""
 
     tensors: list[torch.Tensor]
     paths: list[Path]
+    original_sizes: list[tuple[int, int]] = field(default_factory=list)  # (height, width) of each file
+    targets: list[tuple[int, int]] = field(default_factory=list)  # (height, width) each is cropped to
+    offsets: list[tuple[int, int]] = field(default_factory=list)  # (top, left) of the load-time crop
 
     @classmethod
     def from_folder(cls, folder: str | os.PathLike, resolution: int, crop: bool, workers: int, what: str,
-                    caption_extension: str | None = None, mask_dir: str | os.PathLike | None = None) -> ImageSet:
-        """With ``mask_dir``, each tensor carries its subject mask as a fourth channel, so crops
-        and flips move image and mask together."""
-        loaded = load_images(folder, resolution, workers, what, caption_extension)
+                    caption_extension: str | None = None, mask_dir: str | os.PathLike | None = None,
+                    buckets: list[tuple[int, int]] | None = None) -> ImageSet:
+        """Each image is resized to cover its target: its aspect-ratio bucket (``(width, height)``
+        sizes, see ``bucket_sizes``) when given, else a ``resolution`` square. With ``mask_dir``,
+        each tensor carries its subject mask as a fourth channel, so crops and flips move image and
+        mask together."""
+        decoded = decode_images(folder, workers, what, caption_extension)
+        targets = [(resolution, resolution)] * len(decoded)
+        if buckets:
+            targets = [nearest_bucket(image.width, image.height, buckets)[::-1] for _, image in decoded]
+        warn_small(decoded, targets)
+        loaded = [(path, resize_to_cover(image, width, height))
+                  for (path, image), (height, width) in zip(decoded, targets, strict=True)]
         tensors = [image_to_tensor(image) for _, image in loaded]
         if mask_dir is not None:
             masks = load_masks(loaded, mask_dir)
             tensors = [torch.cat([image, mask]) for image, mask in zip(tensors, masks, strict=True)]
+        offsets = [(0, 0)] * len(tensors)
         if crop:
-            tensors = [center_crop_tensor(tensor, resolution) for tensor in tensors]
-        return cls(tensors, [p for p, _ in loaded])
+            offsets = [center_offset(t.shape[1], t.shape[2], target) for t, target in zip(tensors, targets, strict=True)]
+            tensors = [center_crop_tensor(t, target) for t, target in zip(tensors, targets, strict=True)]
+        return cls(tensors, [p for p, _ in loaded], [(image.height, image.width) for _, image in decoded],
+                   targets, offsets)
+
+
+@dataclass
+class Segment:
+    """Consecutive examples of a micro-batch from one image set and of one target size."""
+
+    images: ImageSet
+    picks: list[int]
+    rows: list[int]  # prompt rows
+    instance: bool
+
+
+def segments_of(images: ImageSet, picks: list[int], rows: list[int], instance: bool) -> list[Segment]:
+    """``picks`` cut where the target size changes (prior images of several buckets)."""
+    segments: list[Segment] = []
+    for pick, row in zip(picks, rows, strict=True):
+        if segments and images.targets[segments[-1].picks[0]] == images.targets[pick]:
+            segments[-1].picks.append(pick)
+            segments[-1].rows.append(row)
+        else:
+            segments.append(Segment(images, [pick], [row], instance))
+    return segments
+
+
+@dataclass
+class Part:
+    """Examples of a micro-batch that go through the VAE, the noise and the UNet together: one
+    segment after crops and flips, or several of one size joined (instances first)."""
+
+    pixels: torch.Tensor
+    masks: torch.Tensor  # the instances' subject masks, [k, 0 or 1, H, W]
+    time_ids: torch.Tensor  # SDXL's size conditioning, [n, 6]
+    rows: list[int]  # prompt rows
+    instances: int  # the first ``instances`` examples are instance images, the rest prior images
+    posterior: tuple[torch.Tensor, torch.Tensor] | None = None  # cached (mean, std) with --cache_latents
+
+    @property
+    def count(self) -> int:
+        return len(self.rows)
+
+    @classmethod
+    def join(cls, parts: list[Part]) -> Part:
+        posterior = None
+        if parts[0].posterior is not None:
+            posterior = tuple(torch.cat([part.posterior[k] for part in parts]) for k in range(2))
+        return cls(torch.cat([part.pixels for part in parts]),
+                   torch.cat([part.masks for part in parts if part.instances]),
+                   torch.cat([part.time_ids for part in parts]), [row for part in parts for row in part.rows],
+                   sum(part.instances for part in parts), posterior)
+
+
+def bucket_groups(images: ImageSet, dataset_len: int) -> list[list[int]]:
+    """Example indices ``0 .. dataset_len - 1`` (example ``i`` is image ``i % n``) by target size."""
+    groups: dict[tuple[int, int], list[int]] = {}
+    for index in range(dataset_len):
+        groups.setdefault(images.targets[index % len(images.tensors)], []).append(index)
+    return [groups[target] for target in sorted(groups)]
 
 
 def ensure_class_images(pipe, args: argparse.Namespace, accelerator) -> None:
@@ -179,6 +267,13 @@ def build_parser(description: str | None = None) -> argparse.ArgumentParser:
     group.add_argument("--num_class_images", type=int, default=50)
     group.add_argument("--sample_batch_size", type=int, default=8, help="Batch size for class image generation.")
     group.add_argument("--center_crop", action="store_true", help="Centre crop instead of random crop.")
+    group.add_argument("--bucket", action="store_true",
+                       help="Aspect-ratio buckets: sizes of about --resolution² pixels, each image resized to the "
+                            "bucket nearest its aspect ratio and cropped only by what the grid leaves over; every "
+                            "batch comes from one bucket. Default: a --resolution square crop.")
+    group.add_argument("--cache_latents", action="store_true",
+                       help="Encode every instance and class image with the VAE once, in memory (needs "
+                            "--center_crop and no --random_flip: each step must see the same pixels).")
     group.add_argument("--random_flip", action="store_true")
     group.add_argument("--train_text_encoder", action="store_true", help="Also put BOFT adapters on the text encoder.")
     group.add_argument("--text_encoder_target_modules", nargs="+", default=list(TEXT_ENCODER_TARGETS))
@@ -223,6 +318,9 @@ def check_instance_flags(args: argparse.Namespace) -> None:
         args.background_loss_weight = DEFAULT_BACKGROUND_LOSS_WEIGHT
     if args.background_loss_weight is not None and args.background_loss_weight < 0:
         raise TrainingError(f"--background_loss_weight {args.background_loss_weight} is negative.")
+    if args.cache_latents and (args.random_flip or not args.center_crop):
+        raise TrainingError("--cache_latents encodes each image once, so every step must see the same pixels: "
+                            "pass --center_crop and leave out --random_flip.")
 
 
 def add_adapters(model: torch.nn.Module, args: argparse.Namespace, targets: list[str]) -> None:
@@ -249,6 +347,29 @@ def add_identifier(text_encoder: torch.nn.Module, tokenizer, args: argparse.Name
     logger.info("learning the embedding of %s", ", ".join(repr(w) for w in words))
 
 
+def pooled_mean(losses: list[tuple[torch.Tensor, int]]) -> torch.Tensor:
+    """The mean over examples of per-part mean losses ``(loss, examples)``; one part is returned as is."""
+    if len(losses) == 1:
+        return losses[0][0]
+    return sum(loss * count for loss, count in losses) / sum(count for _, count in losses)
+
+
+def cache_latents(image_sets: list[ImageSet], vae, device, dtype) -> list[list[tuple[torch.Tensor, torch.Tensor]]]:
+    """Each image's VAE posterior (mean, std), encoded once (--cache_latents). The crops are
+    centred and nothing is flipped (``check_instance_flags`` makes sure), so every step would
+    encode exactly these pixels again."""
+    cache = []
+    for images in image_sets:
+        entries = []
+        for tensor, target in zip(images.tensors, images.targets, strict=True):
+            pixels = center_crop_tensor(tensor[:3], target).unsqueeze(0).to(device, dtype)
+            mean, std = posterior(vae, pixels)
+            entries.append((mean[0], std[0]))
+        cache.append(entries)
+    logger.info("cached the latents of %d images", sum(len(entries) for entries in cache))
+    return cache
+
+
 def run(args: argparse.Namespace) -> dict[str, Any]:
     """Train a DreamBooth BOFT adapter as described by parsed ``train_dreambooth.py`` flags."""
     args.guidance_scale = default_guidance(args.pretrained_model_name_or_path, args.guidance_scale)
@@ -265,9 +386,10 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                          revision=args.revision, variant=args.variant)
     pipe.set_progress_bar_config(disable=True)
     resolution = check_resolution(args.resolution, pipe)
+    buckets = bucket_sizes(resolution, latent_multiple(pipe)) if args.bucket else None
     instance_dir = args.instance_data_dir or example_subject_dir()
     instances = ImageSet.from_folder(instance_dir, resolution, args.center_crop, args.dataloader_num_workers,
-                                     "instance images", args.caption_extension, args.instance_mask_dir)
+                                     "instance images", args.caption_extension, args.instance_mask_dir, buckets)
     logger.info("%d instance images from %s", len(instances.tensors), instance_dir)
     instance_prompts = [args.instance_prompt] * len(instances.paths)
     if args.caption_extension:
@@ -277,19 +399,26 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         warn_captions_without_identifier(args, instances.paths, instance_prompts)
 
     # Build the adapters first: invalid block sizes must fail before minutes of class generation.
+    sdxl = is_sdxl(pipe)
     unet, text_encoder, vae, tokenizer = pipe.unet, pipe.text_encoder, pipe.vae, pipe.tokenizer
-    for module in (unet, text_encoder, vae):
+    # every text encoder by its module name, with its tokenizer (SDXL has two)
+    encoders = {"text_encoder": (text_encoder, tokenizer)}
+    if sdxl:
+        encoders["text_encoder_2"] = (pipe.text_encoder_2, pipe.tokenizer_2)
+        logger.info("SDXL: both text encoders condition the UNet, with pooled embeddings and size ids")
+    for module in (unet, vae, *(encoder for encoder, _ in encoders.values())):
         module.requires_grad_(False)
     place(unet, dtype=dtype)
     add_adapters(unet, args, args.boft_target_modules)
     modules: dict[str, torch.nn.Module] = {"unet": unet}
     if args.train_text_encoder or args.train_identifier_embedding:
-        place(text_encoder, dtype=dtype)
-        if args.train_text_encoder:
-            add_adapters(text_encoder, args, args.text_encoder_target_modules)
-        if args.train_identifier_embedding:
-            add_identifier(text_encoder, tokenizer, args)
-        modules["text_encoder"] = text_encoder
+        for name, (encoder, encoder_tokenizer) in encoders.items():
+            place(encoder, dtype=dtype)
+            if args.train_text_encoder:
+                add_adapters(encoder, args, args.text_encoder_target_modules)
+            if args.train_identifier_embedding:
+                add_identifier(encoder, encoder_tokenizer, args)
+            modules[name] = encoder
 
     classes = None
     if args.with_prior_preservation:
@@ -302,15 +431,18 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         for module in modules.values():
             if boft:
                 enable_adapters(module)
-        classes = ImageSet.from_folder(args.class_data_dir, resolution, args.center_crop, args.dataloader_num_workers, "class images")
+        classes = ImageSet.from_folder(args.class_data_dir, resolution, args.center_crop, args.dataloader_num_workers,
+                                       "class images", buckets=buckets)
 
     device = accelerator.device
     place(vae, device, dtype)
-    place(text_encoder, device, dtype)
+    for encoder, _ in encoders.values():
+        place(encoder, device, dtype)
     if args.gradient_checkpointing:
         unet.enable_gradient_checkpointing()
         if args.train_text_encoder:
-            text_encoder.gradient_checkpointing_enable()
+            for encoder, _ in encoders.values():
+                encoder.gradient_checkpointing_enable()
 
     from diffusers import DDPMScheduler
 
@@ -319,11 +451,22 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     instance_rows = [prompts.index(prompt) for prompt in instance_prompts]
     plain_row = prompts.index(args.instance_prompt)
     class_row = prompts.index(args.class_prompt) if classes else None
+
+    def encode(models: dict[str, torch.nn.Module], texts: list[str]) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Hidden states (and SDXL's pooled embeddings) of ``texts``, through the prepared encoders
+        in ``models`` where they train."""
+        current = [models.get(name, encoder) for name, (encoder, _) in encoders.items()]
+        if sdxl:
+            return encode_prompts_sdxl([t for _, t in encoders.values()], current, texts, device)
+        return encode_prompts(tokenizer, current[0], texts, device), None
+
     cached_embeddings = None
-    if "text_encoder" not in modules:
+    if not set(encoders) & set(modules):
         with torch.no_grad():
-            cached_embeddings = encode_prompts(tokenizer, text_encoder, prompts, device)
+            cached_embeddings = encode({}, prompts)
     dataset_len = max(len(instances.tensors), len(classes.tensors) if classes else 0)
+    image_sets = [instances, classes] if classes else [instances]
+    latent_cache = cache_latents(image_sets, vae, device, dtype) if args.cache_latents else None
 
     def subject_weight(masks: torch.Tensor, size: torch.Size) -> torch.Tensor | None:
         """Per-latent-pixel loss weight: 1 on the subject, --background_loss_weight elsewhere."""
@@ -332,33 +475,67 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         coverage = torch.nn.functional.interpolate(masks.float(), size=tuple(size), mode="area").to(device)
         return args.background_loss_weight + (1 - args.background_loss_weight) * coverage
 
+    def prepare(segment: Segment, generator: torch.Generator) -> Part:
+        """A segment's pixels, masks, size ids and cached posteriors, after crops and flips."""
+        images = segment.images
+        target = images.targets[segment.picks[0]]
+        batch, crops = augment_batch([images.tensors[i] for i in segment.picks], size=target, generator=generator,
+                                     random_crop=not args.center_crop, random_flip=args.random_flip)
+        originals = [images.original_sizes[i] for i in segment.picks]
+        offsets = [(top + images.offsets[i][0], left + images.offsets[i][1])
+                   for i, (top, left) in zip(segment.picks, crops, strict=True)]
+        cached = None
+        if latent_cache is not None:
+            entries = [latent_cache[image_sets.index(images)][i] for i in segment.picks]
+            cached = tuple(torch.stack(values) for values in zip(*entries, strict=True))
+        return Part(batch[:, :3], batch[:, 3:], add_time_ids(originals, offsets, target, device), segment.rows,
+                    len(segment.picks) if segment.instance else 0, cached)
+
     def compute_loss(models: dict[str, torch.nn.Module], indices: list[int], generator: torch.Generator):
         prompt_rows = [instance_rows[i % len(instance_rows)] for i in indices]
         if args.caption_dropout_rate > 0:
             dropped = (torch.rand(len(indices), generator=generator) < args.caption_dropout_rate).tolist()
             prompt_rows = [plain_row if drop else row for row, drop in zip(prompt_rows, dropped, strict=True)]
-        augment = partial(augment_batch, size=resolution, generator=generator, random_crop=not args.center_crop,
-                          random_flip=args.random_flip)
-        batch = augment([instances.tensors[i % len(instances.tensors)] for i in indices])
-        batch, masks = batch[:, :3], batch[:, 3:]
+        segments = segments_of(instances, [i % len(instances.tensors) for i in indices], prompt_rows, True)
         if classes:
-            batch = torch.cat([batch, augment([classes.tensors[i % len(classes.tensors)] for i in indices])])
-            prompt_rows += [class_row] * len(indices)
-        noised = noised_latents(vae, noise_scheduler, batch.to(device, dtype), generator, device)
-        timesteps = noised.timesteps
-        if cached_embeddings is not None:
-            embeddings = cached_embeddings[prompt_rows]
-        else:
-            embeddings = encode_prompts(tokenizer, models["text_encoder"], [prompts[r] for r in prompt_rows], device)
-        prediction = models["unet"](noised.noisy.to(dtype), timesteps, embeddings.to(dtype)).sample.float()
-        target = denoising_target(noise_scheduler, noised.latents, noised.noise, timesteps)
-        half = len(indices)
-        instance_loss = denoising_loss(prediction[:half], target[:half], timesteps[:half], noise_scheduler,
-                                       args.snr_gamma, subject_weight(masks, noised.latents.shape[-2:]))
+            segments += segments_of(classes, [i % len(classes.tensors) for i in indices], [class_row] * len(indices),
+                                    False)
+        parts = [prepare(segment, generator) for segment in segments]
+        if len({part.pixels.shape[-2:] for part in parts}) == 1:
+            parts = [Part.join(parts)]
+        if cached_embeddings is None:
+            # every prompt of the micro-batch through the trained encoders at once
+            embeddings = encode(models, [prompts[row] for part in parts for row in part.rows])
+        instance_losses, prior_losses, start = [], [], 0
+        for part in parts:
+            if cached_embeddings is not None:
+                hidden, pooled = (None if e is None else e[part.rows] for e in cached_embeddings)
+            else:
+                hidden, pooled = (None if e is None else e[start : start + part.count] for e in embeddings)
+            start += part.count
+            if part.posterior is not None:
+                noised = noise_posterior(*part.posterior, vae.config.scaling_factor, noise_scheduler, generator,
+                                         device, args.noise_offset)
+            else:
+                noised = noised_latents(vae, noise_scheduler, part.pixels.to(device, dtype), generator, device,
+                                        args.noise_offset)
+            timesteps = noised.timesteps
+            conditions = {} if pooled is None else {"added_cond_kwargs": {
+                "text_embeds": pooled.to(dtype), "time_ids": part.time_ids.to(dtype)}}
+            prediction = models["unet"](noised.noisy.to(dtype), timesteps, hidden.to(dtype), **conditions).sample.float()
+            target = denoising_target(noise_scheduler, noised.latents, noised.noise, timesteps)
+            k = part.instances
+            if k:
+                instance_losses.append((denoising_loss(
+                    prediction[:k], target[:k], timesteps[:k], noise_scheduler, args.snr_gamma,
+                    subject_weight(part.masks, noised.latents.shape[-2:])), k))
+            if part.count > k:
+                prior_losses.append((denoising_loss(prediction[k:], target[k:], timesteps[k:], noise_scheduler,
+                                                    args.snr_gamma), part.count - k))
+        instance_loss = pooled_mean(instance_losses)
         if not classes:
             return instance_loss, {}
-        prior_loss = denoising_loss(prediction[half:], target[half:], timesteps[half:], noise_scheduler,
-                                    args.snr_gamma)
+        prior_loss = pooled_mean(prior_losses)
         loss = instance_loss + args.prior_loss_weight * prior_loss
         return loss, {"instance_loss": instance_loss.item(), "prior_loss": prior_loss.item()}
 
@@ -379,12 +556,14 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                     "prior_preservation": bool(args.with_prior_preservation)}
         save_dreambooth(folder, unet, metadata, text_encoder, text_encoder_adapter=args.train_text_encoder,
                         identifier=args.train_identifier_embedding,
-                        save=save_adapter if args.adapter_type == "boft" else save_peft_adapter)
+                        save=save_adapter if args.adapter_type == "boft" else save_peft_adapter,
+                        text_encoder_2=pipe.text_encoder_2 if sdxl else None)
 
     recipe = Recipe(modules=modules, dataset_len=dataset_len, compute_loss=compute_loss,
                     save_outputs=save_outputs, validate=validate, run_name="boft-dreambooth",
                     learning_rates={IdentifierEmbedding.PARAMETER_SUFFIX: args.identifier_learning_rate},
-                    schedule={"caption_dropout_rate": args.caption_dropout_rate})
+                    schedule={"caption_dropout_rate": args.caption_dropout_rate, "bucket": args.bucket},
+                    groups=bucket_groups(instances, dataset_len) if args.bucket else None)
     trainer = Trainer(config, accelerator, recipe)
     result = trainer.train()
     if accelerator.is_main_process:

@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import argparse
 import copy
+import difflib
 import math
 import sys
 from collections.abc import Callable, Sequence
+from pathlib import Path
 from typing import Any
 
 from ..core.config import MAX_NEUMANN_TERMS, BOFTConfig
@@ -23,6 +25,9 @@ def add_model_args(parser: argparse.ArgumentParser) -> None:
 
 def add_training_args(parser: argparse.ArgumentParser, default_output_dir: str, default_steps: int) -> None:
     group = parser.add_argument_group("training")
+    group.add_argument("--config", default=None,
+                       help="A TOML (.toml) or YAML (.yaml, .yml) file of flags by their names without dashes, "
+                            "e.g. learning_rate = 2e-3; flags given on the command line win.")
     group.add_argument("--output_dir", default=default_output_dir)
     group.add_argument("--overwrite_output_dir", action="store_true",
                        help="Train into an output_dir that already holds another run.")
@@ -53,6 +58,9 @@ def add_training_args(parser: argparse.ArgumentParser, default_output_dir: str, 
     group.add_argument("--max_grad_norm", type=float, default=1.0)
     group.add_argument("--snr_gamma", type=float, default=None,
                        help="Min-SNR loss weighting with this gamma (5.0 is the usual choice); default: plain MSE.")
+    group.add_argument("--noise_offset", type=float, default=0.0,
+                       help="Add offset * randn(batch, channels, 1, 1) to the noise: learns overall darker or "
+                            "brighter images than plain noise allows (0.05 to 0.1 is usual).")
     group.add_argument("--use_8bit_adam", action="store_true", help="bitsandbytes AdamW8bit (CUDA).")
     group.add_argument("--mixed_precision", default="no", choices=["no", "fp16", "bf16"],
                        help="Frozen weights in half precision; adapter weights stay float32.")
@@ -88,11 +96,80 @@ def add_boft_args(parser: argparse.ArgumentParser, default_targets: Sequence[str
                        help="0: exact Cayley; k > 0: k-term Neumann series (faster, approximate).")
 
 
+def read_config_file(path: str | Path) -> dict[str, Any]:
+    """The table of a TOML or YAML config file; a file that is missing, unparsable or not a table of
+    flags is an error naming it."""
+    path = Path(path)
+    suffix = path.suffix.lower()
+    if suffix not in (".toml", ".yaml", ".yml"):
+        raise TrainingError(f"--config {path}: use a .toml, .yaml or .yml file.")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as error:
+        raise TrainingError(f"--config {path} cannot be read: {error}") from error
+    try:
+        if suffix == ".toml":
+            import tomllib
+
+            values = tomllib.loads(text)
+        else:
+            import yaml
+
+            values = yaml.safe_load(text) or {}
+    except Exception as error:  # tomllib.TOMLDecodeError, yaml.YAMLError: both say where
+        raise TrainingError(f"--config {path} is not valid {suffix.lstrip('.').upper()}: {error}") from error
+    if not isinstance(values, dict):
+        raise TrainingError(f"--config {path} must hold a table of flags (name = value), not {type(values).__name__}.")
+    return values
+
+
+def config_tokens(parser: argparse.ArgumentParser, values: dict[str, Any], source: str) -> list[str]:
+    """Config entries as command-line tokens, so argparse types, checks and choices apply to them
+    as to typed flags. Keys are the flags' names without dashes (their ``dest``); a switch takes
+    true or false; a flag of several values takes a list. Unknown keys name the closest flag."""
+    actions: dict[str, list[argparse.Action]] = {}
+    for action in parser._actions:
+        if action.option_strings and action.dest not in ("help", "config"):
+            actions.setdefault(action.dest, []).append(action)
+    tokens: list[str] = []
+    for key, value in values.items():
+        if key not in actions:
+            close = difflib.get_close_matches(str(key).lstrip("-").replace("-", "_"), actions, n=1)
+            hint = f" (did you mean {close[0]!r}?)" if close else ""
+            raise TrainingError(f"--config {source}: unknown key {key!r}{hint}; keys are the flags' names without "
+                                "dashes, as `--help` lists them.")
+        if value is None:
+            continue
+        candidates = actions[key]
+        if candidates[0].nargs == 0:
+            if not isinstance(value, bool):
+                raise TrainingError(f"--config {source}: {key} is a switch; give true or false, not {value!r}.")
+            tokens += [a.option_strings[0] for a in candidates if a.const == value][:1]
+            continue
+        action = candidates[0]
+        if isinstance(value, dict) or (isinstance(value, list) and action.nargs not in ("+", "*")):
+            raise TrainingError(f"--config {source}: {key} takes one value, not {value!r}.")
+        items = value if isinstance(value, list) else [value]
+        if isinstance(value, list) and action.nargs == "+" and not items:
+            raise TrainingError(f"--config {source}: {key} needs at least one value.")
+        tokens += [action.option_strings[0], *map(str, items)]
+    return tokens
+
+
+def parse_args(parser: argparse.ArgumentParser, argv: list[str] | None) -> argparse.Namespace:
+    """Parse ``argv``, after the flags of the ``--config`` file it names: the command line wins."""
+    argv = sys.argv[1:] if argv is None else list(argv)
+    known, _ = parser.parse_known_args(argv)
+    if not getattr(known, "config", None):
+        return parser.parse_args(argv)
+    return parser.parse_args(config_tokens(parser, read_config_file(known.config), known.config) + argv)
+
+
 def run_cli(build_parser: Callable[[str | None], argparse.ArgumentParser], run: Callable[[argparse.Namespace], Any],
             description: str | None, argv: list[str] | None) -> int:
     """Entry point of a training script: parse, run, and turn expected failures into exit code 2."""
-    args = build_parser(description).parse_args(argv)
     try:
+        args = parse_args(build_parser(description), argv)
         validate_numeric_flags(args)
         run(args)
     except (TrainingError, ValueError, OSError) as error:
@@ -122,6 +199,7 @@ NUMERIC_FLAG_RANGES: dict[str, tuple[float | None, float | None]] = {
     "adam_epsilon": (0, None),
     "max_grad_norm": (0, None),
     "snr_gamma": (0, None),
+    "noise_offset": (0, None),
     "guidance_scale": (0, None),
     "boft_block_size": (0, None),
     "boft_block_num": (0, None),
@@ -192,14 +270,19 @@ class HelpFormatter(argparse.RawDescriptionHelpFormatter):
         return f"(default: {value})".replace("%", "%%")
 
 
+def latent_multiple(pipe: Any) -> int:
+    """What every image side must be a multiple of: the VAE's downsampling times the UNet's."""
+    return pipe.vae_scale_factor * 2 ** (len(pipe.unet.config.down_block_types) - 1)
+
+
 def check_resolution(resolution: int | None, pipe: Any) -> int:
     """The training resolution: the model's native one for None, else ``resolution`` if the VAE and
     the UNet's downsampling divide it (an odd latent size would train off the model's grid)."""
     vae_factor = pipe.vae_scale_factor
-    unet_factor = 2 ** (len(pipe.unet.config.down_block_types) - 1)
     if resolution is None:
         return pipe.unet.config.sample_size * vae_factor
-    multiple = vae_factor * unet_factor
+    multiple = latent_multiple(pipe)
+    unet_factor = multiple // vae_factor
     if resolution <= 0 or resolution % multiple:
         nearest = max(multiple, round(resolution / multiple) * multiple)
         raise TrainingError(

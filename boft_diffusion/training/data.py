@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import math
 import os
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -42,15 +43,13 @@ def caption_path(image: Path, extension: str) -> Path:
     return image.with_name(image.stem + extension)
 
 
-def load_images(
-    folder: str | os.PathLike, resolution: int, num_workers: int = 0, what: str = "images",
-    caption_extension: str | None = None,
+def decode_images(
+    folder: str | os.PathLike, num_workers: int = 0, what: str = "images", caption_extension: str | None = None,
 ) -> list[tuple[Path, Image.Image]]:
-    """All decodable images of ``folder``, resized so the shorter side is ``resolution``.
+    """All decodable images of ``folder`` at their own size, as RGB.
 
     Unreadable or non-image files are skipped with one warning that lists them; a folder with no
-    usable image is an error. Images smaller than ``resolution`` are upscaled with a warning.
-    Files ending in ``caption_extension`` are captions, not candidates.
+    usable image is an error. Files ending in ``caption_extension`` are captions, not candidates.
     """
     paths = list_images(folder, caption_extension)
 
@@ -71,9 +70,26 @@ def load_images(
     images = [(p, image) for p, image in zip(paths, decoded, strict=True) if image is not None]
     if not images:
         raise DataError(f"no usable {what} in {folder} (found {len(paths)} file(s), none decodable as an image).")
-    small = [p.name for p, image in images if min(image.size) < resolution]
+    return images
+
+
+def warn_small(images: Sequence[tuple[Path, Image.Image]], targets: Sequence[tuple[int, int]]) -> None:
+    """One warning naming the images that must be upscaled to cover their ``(height, width)`` target."""
+    small = [p.name for (p, image), (height, width) in zip(images, targets, strict=True)
+             if image.width < width or image.height < height]
     if small:
-        logger.warning("upscaling %d image(s) smaller than %dpx: %s", len(small), resolution, ", ".join(small))
+        sizes = sorted({f"{w}px" if w == h else f"{w}x{h}px" for h, w in targets})
+        logger.warning("upscaling %d image(s) smaller than %s: %s", len(small), " / ".join(sizes), ", ".join(small))
+
+
+def load_images(
+    folder: str | os.PathLike, resolution: int, num_workers: int = 0, what: str = "images",
+    caption_extension: str | None = None,
+) -> list[tuple[Path, Image.Image]]:
+    """All decodable images of ``folder`` (see :func:`decode_images`), resized so the shorter side
+    is ``resolution``; smaller images are upscaled with a warning."""
+    images = decode_images(folder, num_workers, what, caption_extension)
+    warn_small(images, [(resolution, resolution)] * len(images))
     return [(p, resize_shorter_side(image, resolution)) for p, image in images]
 
 
@@ -149,37 +165,74 @@ def resize_shorter_side(image: Image.Image, size: int) -> Image.Image:
     return image.resize(new_size, Image.BICUBIC)
 
 
+def bucket_sizes(resolution: int, multiple: int, max_ratio: float = 4.0) -> list[tuple[int, int]]:
+    """Aspect-ratio buckets as ``(width, height)``: sides that are multiples of ``multiple``, each
+    size as close to ``resolution``² pixels as the grid allows without exceeding it, aspect ratios
+    up to ``max_ratio``; square first."""
+    area = resolution * resolution
+    sizes = set()
+    for width in range(multiple, int(resolution * max_ratio**0.5) + multiple, multiple):
+        height = area // width // multiple * multiple
+        if height >= multiple and max(width / height, height / width) <= max_ratio:
+            sizes |= {(width, height), (height, width)}
+    return sorted(sizes, key=lambda size: (abs(math.log(size[0] / size[1])), size))
+
+
+def nearest_bucket(width: int, height: int, buckets: Sequence[tuple[int, int]]) -> tuple[int, int]:
+    """The bucket whose aspect ratio is nearest the image's (in log ratio), the larger on a tie."""
+    ratio = math.log(width / height)
+    return min(buckets, key=lambda size: (abs(math.log(size[0] / size[1]) - ratio), -size[0] * size[1]))
+
+
+def resize_to_cover(image: Image.Image, width: int, height: int) -> Image.Image:
+    """``image`` scaled, aspect kept, to the smallest size that covers ``width`` x ``height``."""
+    scale = max(width / image.width, height / image.height)
+    new_size = (max(width, round(image.width * scale)), max(height, round(image.height * scale)))
+    return image if new_size == image.size else image.resize(new_size, Image.BICUBIC)
+
+
 def center_crop(image: Image.Image, size: int) -> Image.Image:
     width, height = image.size
     left, top = (width - size) // 2, (height - size) // 2
     return image.crop((left, top, left + size, top + size))
 
 
-def center_crop_tensor(tensor: torch.Tensor, size: int) -> torch.Tensor:
-    """The centred ``size`` x ``size`` window of a ``[C, H, W]`` tensor (all channels alike)."""
-    _, height, width = tensor.shape
-    top, left = (height - size) // 2, (width - size) // 2
-    return tensor[:, top : top + size, left : left + size]
+def center_offset(height: int, width: int, size: tuple[int, int]) -> tuple[int, int]:
+    """Top-left ``(top, left)`` of the centred ``size = (height, width)`` window."""
+    return (height - size[0]) // 2, (width - size[1]) // 2
+
+
+def center_crop_tensor(tensor: torch.Tensor, size: int | tuple[int, int]) -> torch.Tensor:
+    """The centred ``size`` window (``(height, width)`` or a square side) of a ``[C, H, W]`` tensor
+    (all channels alike)."""
+    size = (size, size) if isinstance(size, int) else size
+    top, left = center_offset(tensor.shape[1], tensor.shape[2], size)
+    return tensor[:, top : top + size[0], left : left + size[1]]
 
 
 def augment_batch(
     images: Sequence[torch.Tensor],
-    size: int,
+    size: int | tuple[int, int],
     generator: torch.Generator,
     random_crop: bool,
     random_flip: bool,
-) -> torch.Tensor:
-    """Crop each ``[C, H, W]`` tensor to ``size`` (random or centred) and maybe flip it."""
-    out = []
+) -> tuple[torch.Tensor, list[tuple[int, int]]]:
+    """Crop each ``[C, H, W]`` tensor to ``size`` (a square side or ``(height, width)``; random or
+    centred) and maybe flip it. Returns the batch and each crop's top-left ``(top, left)`` as the
+    model sees it (SDXL conditions on it): a flipped crop's left is measured in the flipped image."""
+    height_out, width_out = (size, size) if isinstance(size, int) else size
+    out, crops = [], []
     for image in images:
         _, height, width = image.shape
         if random_crop:
-            top = int(torch.randint(0, height - size + 1, (1,), generator=generator))
-            left = int(torch.randint(0, width - size + 1, (1,), generator=generator))
+            top = int(torch.randint(0, height - height_out + 1, (1,), generator=generator))
+            left = int(torch.randint(0, width - width_out + 1, (1,), generator=generator))
         else:
-            top, left = (height - size) // 2, (width - size) // 2
-        crop = image[:, top : top + size, left : left + size]
+            top, left = center_offset(height, width, (height_out, width_out))
+        crop = image[:, top : top + height_out, left : left + width_out]
         if random_flip and bool(torch.rand((), generator=generator) < 0.5):
             crop = crop.flip(-1)
+            left = width - left - width_out
         out.append(crop)
-    return torch.stack(out)
+        crops.append((top, left))
+    return torch.stack(out), crops

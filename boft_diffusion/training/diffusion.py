@@ -10,11 +10,39 @@ import torch
 from .trainer import TrainingError
 
 
-def encode_prompts(tokenizer, text_encoder, prompts: list[str], device) -> torch.Tensor:
-    ids = tokenizer(
+def _token_ids(tokenizer, prompts: list[str], device) -> torch.Tensor:
+    return tokenizer(
         prompts, padding="max_length", max_length=tokenizer.model_max_length, truncation=True, return_tensors="pt"
     ).input_ids.to(device)
-    return text_encoder(ids)[0]
+
+
+def encode_prompts(tokenizer, text_encoder, prompts: list[str], device) -> torch.Tensor:
+    return text_encoder(_token_ids(tokenizer, prompts, device))[0]
+
+
+def encode_prompts_sdxl(tokenizers, text_encoders, prompts: list[str], device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Prompts as ``StableDiffusionXLPipeline.encode_prompt`` encodes them (no clip skip), so that
+    training sees what sampling does: each encoder's penultimate hidden states side by side, and
+    the pooled projection of the encoder that has one (the second)."""
+    hidden, pooled = [], None
+    for tokenizer, text_encoder in zip(tokenizers, text_encoders, strict=True):
+        output = text_encoder(_token_ids(tokenizer, prompts, device), output_hidden_states=True)
+        if pooled is None and output[0].ndim == 2:
+            pooled = output[0]
+        hidden.append(output.hidden_states[-2])
+    if pooled is None:
+        raise TrainingError("no text encoder of this SDXL model returns a pooled projection "
+                            "(text_encoder_2 should be a CLIPTextModelWithProjection).")
+    return torch.cat(hidden, dim=-1), pooled
+
+
+def add_time_ids(original_sizes: list[tuple[int, int]], crops: list[tuple[int, int]],
+                 target_size: tuple[int, int], device) -> torch.Tensor:
+    """SDXL's size conditioning per example, ``[original (h, w), crop top-left (top, left), target
+    (h, w)]``: it tells the model how much of a photo it sees and at what size, so that sampling
+    with the defaults (uncropped, original = target) asks for whole, full-size pictures."""
+    rows = [[*original, *crop, *target_size] for original, crop in zip(original_sizes, crops, strict=True)]
+    return torch.tensor(rows, dtype=torch.float32, device=device)
 
 
 @dataclass
@@ -27,15 +55,35 @@ class NoisedBatch:
     noisy: torch.Tensor
 
 
-def noised_latents(vae, scheduler, pixels: torch.Tensor, generator: torch.Generator, device) -> NoisedBatch:
-    """Encode ``pixels`` (a latent sample from the VAE's posterior) and noise them at random
-    timesteps. Every draw comes from ``generator`` (on the CPU), in a fixed order, so that a
-    resumed run replays them exactly."""
+def posterior(vae, pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The VAE posterior's mean and standard deviation for ``pixels`` (what --cache_latents keeps)."""
     with torch.no_grad():
         dist = vae.encode(pixels).latent_dist
-        eps = torch.randn(dist.mean.shape, generator=generator).to(device, dist.mean.dtype)
-        latents = ((dist.mean + dist.std * eps) * vae.config.scaling_factor).float()
-    noise = torch.randn(latents.shape, generator=generator).to(device)
+    return dist.mean, dist.std
+
+
+def noised_latents(vae, scheduler, pixels: torch.Tensor, generator: torch.Generator, device,
+                   noise_offset: float = 0.0) -> NoisedBatch:
+    """Encode ``pixels`` and noise a latent sample of them (see :func:`noise_posterior`)."""
+    mean, std = posterior(vae, pixels)
+    return noise_posterior(mean, std, vae.config.scaling_factor, scheduler, generator, device, noise_offset)
+
+
+def noise_posterior(mean: torch.Tensor, std: torch.Tensor, scaling_factor: float, scheduler,
+                    generator: torch.Generator, device, noise_offset: float = 0.0) -> NoisedBatch:
+    """A latent sample from the VAE's posterior, noised at random timesteps. Every draw comes from
+    ``generator`` (on the CPU), in a fixed order, so that a resumed run replays them exactly.
+
+    ``noise_offset`` adds ``offset * randn(b, c, 1, 1)`` to the noise (drawn after it; no draw at
+    0): a per-channel shift that lets the model learn images darker or brighter on the whole than
+    pure noise suggests."""
+    with torch.no_grad():
+        eps = torch.randn(mean.shape, generator=generator).to(device, mean.dtype)
+        latents = ((mean + std * eps) * scaling_factor).float()
+    noise = torch.randn(latents.shape, generator=generator)
+    if noise_offset:
+        noise = noise + noise_offset * torch.randn((*latents.shape[:2], 1, 1), generator=generator)
+    noise = noise.to(device)
     timesteps = torch.randint(0, scheduler.config.num_train_timesteps, (len(latents),), generator=generator).to(device)
     return NoisedBatch(latents, noise, timesteps, scheduler.add_noise(latents, noise, timesteps))
 

@@ -33,7 +33,7 @@ from tqdm.auto import tqdm
 
 from ..core import __version__
 from ..core.adapters import compile_adapted
-from ..core.files import WriteError, remove_stale_temporaries
+from ..core.files import WriteError, atomic_write, remove_stale_temporaries
 from ..models.images import image_grid
 from .checkpoints import STATE_JSON, list_checkpoints, load_checkpoint, resolve_checkpoint, save_checkpoint
 from .config import TrainerConfig
@@ -164,11 +164,44 @@ def micro_batch_indices(
     return [order[(start + j) % dataset_len] for j in range(batch_size)]
 
 
-def steps_for(config: TrainerConfig, dataset_len: int, num_processes: int) -> int:
+def epoch_batches(groups: Sequence[Sequence[int]], batch_size: int, epoch: int, seed: int) -> list[list[int]]:
+    """One epoch's batches, each from a single group: every group shuffled and cut into batches
+    (the last one filled up from the group's start), then the batches shuffled."""
+    batches = []
+    for number, group in enumerate(groups):
+        gen = torch.Generator().manual_seed(derive_seed(seed, epoch, number, 0xB0C7))
+        order = [group[i] for i in torch.randperm(len(group), generator=gen).tolist()]
+        for start in range(0, len(order), batch_size):
+            batches.append([order[(start + j) % len(order)] for j in range(batch_size)])
+    gen = torch.Generator().manual_seed(derive_seed(seed, epoch, 0xB0C8))
+    return [batches[i] for i in torch.randperm(len(batches), generator=gen).tolist()]
+
+
+def grouped_batch_indices(
+    micro_step: int, groups: Sequence[Sequence[int]], batch_size: int, num_processes: int, rank: int, seed: int
+) -> list[int]:
+    """Example indices of this process's share of global micro-batch ``micro_step`` when every
+    batch must come from one group (an aspect-ratio bucket): a pure function of the step, as
+    :func:`micro_batch_indices`, so resume replays it."""
+    count = batches_per_epoch(0, batch_size, groups)
+    per_epoch = max(1, math.ceil(count / num_processes))
+    epoch, position = divmod(micro_step, per_epoch)
+    return epoch_batches(groups, batch_size, epoch, seed)[(position * num_processes + rank) % count]
+
+
+def batches_per_epoch(dataset_len: int, batch_size: int, groups: Sequence[Sequence[int]] | None = None) -> int:
+    """Global micro-batches of one process's worth in an epoch: grouped batches are cut per group."""
+    if groups:
+        return sum(math.ceil(len(group) / batch_size) for group in groups)
+    return math.ceil(dataset_len / batch_size)
+
+
+def steps_for(config: TrainerConfig, dataset_len: int, num_processes: int,
+              groups: Sequence[Sequence[int]] | None = None) -> int:
     if config.max_train_steps is not None:
         return config.max_train_steps
     if config.num_train_epochs is not None:
-        per_epoch = math.ceil(dataset_len / (config.train_batch_size * num_processes))
+        per_epoch = math.ceil(batches_per_epoch(dataset_len, config.train_batch_size, groups) / num_processes)
         return math.ceil(per_epoch * config.num_train_epochs / config.gradient_accumulation_steps)
     return config.default_train_steps
 
@@ -186,6 +219,7 @@ class Recipe:
     ``learning_rates``: parameter-name suffix -> learning rate, for parameters that need their own.
     ``schedule``: the recipe's own settings that change which random draws a step makes; a
     resumed run must match them.
+    ``groups``: example indices by group (aspect-ratio buckets); each micro-batch then comes from one.
     """
 
     modules: dict[str, nn.Module]
@@ -196,6 +230,7 @@ class Recipe:
     run_name: str = "boft"
     learning_rates: dict[str, float] = field(default_factory=dict)
     schedule: dict[str, Any] = field(default_factory=dict)
+    groups: list[list[int]] | None = None
 
 
 def trainable_tensors(modules: dict[str, nn.Module]) -> dict[str, nn.Parameter]:
@@ -248,7 +283,7 @@ class Trainer:
         for param in self.params.values():
             if param.dtype != torch.float32:
                 param.data = param.data.float()
-        self.max_steps = steps_for(config, recipe.dataset_len, accelerator.num_processes)
+        self.max_steps = steps_for(config, recipe.dataset_len, accelerator.num_processes, recipe.groups)
         optimizer = make_optimizer(config, self.params, accelerator.num_processes, recipe.learning_rates)
         from diffusers.optimization import get_scheduler
 
@@ -350,9 +385,12 @@ class Trainer:
     # one optimiser step --------------------------------------------------------------------------
     def _micro_step(self, micro: int, last: bool) -> dict[str, float]:
         config, acc = self.config, self.accelerator
-        indices = micro_batch_indices(
-            micro, self.recipe.dataset_len, config.train_batch_size, acc.num_processes, acc.process_index, config.seed
-        )
+        if self.recipe.groups:
+            indices = grouped_batch_indices(micro, self.recipe.groups, config.train_batch_size, acc.num_processes,
+                                            acc.process_index, config.seed)
+        else:
+            indices = micro_batch_indices(micro, self.recipe.dataset_len, config.train_batch_size, acc.num_processes,
+                                          acc.process_index, config.seed)
         # A CPU generator: the same draws on every device type, and usable with CPU-side sampling.
         generator = torch.Generator().manual_seed(derive_seed(config.seed, micro, acc.process_index))
         torch.manual_seed(derive_seed(config.seed, micro, acc.process_index, 0xD0))
@@ -473,8 +511,10 @@ class Trainer:
         self.check_replicas_agree()
         acc.wait_for_everyone()
         if acc.is_main_process:
+            flags = json.dumps(json.loads(json.dumps(self.config.hparams, default=str)), indent=2)
             try:
                 self.recipe.save_outputs(self.output_dir, self.step)
+                atomic_write(self.output_dir, {FLAGS_JSON: lambda tmp: Path(tmp).write_text(flags)})
             except WriteError as error:
                 raise self._explain_write_error(error) from error
         self.run_validation()
@@ -490,8 +530,11 @@ RUN_CONTROL_FLAGS = frozenset({
     "output_dir", "overwrite_output_dir", "resume_from_checkpoint", "max_train_steps", "num_train_epochs",
     "checkpointing_steps", "checkpoints_total_limit", "validation_steps", "validation_prompt",
     "num_validation_images", "validation_image", "num_inference_steps", "report_to", "logging_dir",
-    "dataloader_num_workers", "save_merged",
+    "dataloader_num_workers", "save_merged", "config",
 })
+
+#: The run's resolved flags (command line over --config file over defaults), written beside its outputs.
+FLAGS_JSON = "training_flags.json"
 
 
 def recorded_flags(hparams: dict[str, Any]) -> dict[str, Any]:
