@@ -11,9 +11,9 @@ that means come with 95 % bootstrap intervals over subject x seed x sample), the
 hyperspherical-energy change of the adapted layers, and, at every checkpoint, subject fidelity
 against language drift (the fidelity-vs-drift curve, drawn as a PNG).
 
-    python benchmarks/bench_dreambooth.py --phases tune --workers 12 --output_dir runs/db
+    python benchmarks/bench_dreambooth.py --phases tune --workers 15 --output_dir runs/db
     python benchmarks/bench_dreambooth.py --phases confirm --tuning runs/db/tuning.json \
-        --subjects all --seeds 10 11 12 --workers 12 --output_dir runs/db
+        --subjects all --seeds 10 11 12 --workers 15 --output_dir runs/db
 """
 
 from __future__ import annotations
@@ -206,7 +206,8 @@ def report_job(result: dict, log: Path, done: list[dict]) -> None:
     done.append(result)
     log.write_text(json.dumps(done, indent=1))
     print(f"{result['kind']} {result.get('phase', '')} {result['subject']} seed {result.get('seed', '-')} "
-          f"{result.get('method', '')} lr x{result.get('lr_scale', '')}: {result['seconds']:.0f} s", flush=True)
+          f"{result.get('method', '')} {result.get('variant', '')} lr x{result.get('lr_scale', '')}: "
+          f"{result['seconds']:.0f} s", flush=True)
 
 
 def objective(samples: dict[str, list[float]], base: dict) -> float:
@@ -282,8 +283,9 @@ def print_table(summary: dict, subjects: list[str], args) -> None:
     seeds = sorted({r["seed"] for r in runs})
     instances = np.mean([summary["base"][s]["instances"] for s in subjects])
     print(f"\nTiny-world DreamBooth on {summary['device']}: subjects {', '.join(subjects)}; training seeds "
-          f"{seeds}; {len(runs) // len(args['methods'])} runs per method; {args['num_images']} samples per measure from sampling seed {args['eval_seed']}; mean "
-          f"[95 % bootstrap interval over subject x seed x sample]; instance images' own score {instances:.2f}.\n")
+          f"{seeds}; {len(runs) // len(args['methods'])} runs per method; {args['num_images']} samples per measure "
+          f"from sampling seed {args['eval_seed']}; mean [95 % bootstrap interval over subject x seed x sample]; "
+          f"instance images' own score {instances:.2f}.\n")
     print("| method | tuned point | params | " + " | ".join(MEASURES) + " | worst run's subject | energy change "
           "| train s |")
     print("|---" * (len(MEASURES) + 6) + "|")
@@ -293,8 +295,10 @@ def print_table(summary: dict, subjects: list[str], args) -> None:
         mine = [r for r in runs if r["method"] == method]
         worst = min(np.mean(r["samples"]["subject"]) for r in mine)
         chosen = summary["chosen"][method]
-        print(f"| {method} | {chosen['variant']}, lr x{chosen['lr_scale']:g}, {chosen['steps']} steps | {mine[0]['params']:,} | " + " | ".join(cell([r["samples"][m] for r in mine]) for m in MEASURES)
-              + f" | {worst:.2f} | {np.mean([r['energy_change'] for r in mine]):.2e} "
+        point = f"{chosen['variant']}, " if chosen["variant"] else ""
+        cells = " | ".join(cell([r["samples"][m] for r in mine]) for m in MEASURES)
+        print(f"| {method} | {point}lr x{chosen['lr_scale']:g}, {chosen['steps']} steps | {mine[0]['params']:,} | "
+              f"{cells} | {worst:.2f} | {np.mean([r['energy_change'] for r in mine]):.2e} "
               f"| {np.mean([r['train_seconds'] for r in mine]):.0f} |")
 
 
@@ -320,10 +324,12 @@ def main() -> None:
                              "(default: the recipe as it is).")
     parser.add_argument("--num_images", type=int, default=48, help="Samples per measure and confirmation run.")
     parser.add_argument("--tune_images", type=int, default=16, help="Samples per measure and tuning point.")
-    parser.add_argument("--curve_images", type=int, default=16, help="Samples per measure at each curve checkpoint.")
+    parser.add_argument("--curve_images", type=int, default=16,
+                        help="Samples per measure at each curve checkpoint (0: no curve).")
     parser.add_argument("--eval_seed", type=int, default=100, help="First sampling seed of every score.")
     parser.add_argument("--workers", type=int, default=1,
-                        help="Runs at a time, each in its own process (on a GPU machine: 12).")
+                        help="Runs at a time, each in its own process (15 on a 16-core GPU machine, with CUDA "
+                             "MPS running so that their kernels share the GPU).")
     parser.add_argument("--tune_deadline_s", type=float, default=float("inf"),
                         help="Start no tuning run after this many seconds of the tune phase.")
     parser.add_argument("--confirm_deadline_s", type=float, default=float("inf"),
@@ -413,7 +419,8 @@ def confirm(args, subjects: list[str], common: dict, pool, out: Path) -> None:
     jobs = [{**common, "kind": "train", "phase": "confirm", "subject": s, "seed": seed, "method": m,
              "variant": chosen[m]["variant"], "variant_index": variants.index(chosen[m]["variant"]),
              "lr_scale": chosen[m]["lr_scale"], "steps": chosen[m]["steps"], "num_images": args.num_images,
-             "checkpoint_every": chosen[m]["steps"] // 3, "checkpoint_images": args.curve_images,
+             "checkpoint_every": chosen[m]["steps"] // 3 if args.curve_images else 0,
+             "checkpoint_images": args.curve_images,
              "base_fidelity": float(np.mean(base[s]["samples"]["class_prompt_fidelity"]))}
             for seed in args.seeds for s in subjects for m in args.methods]
     runs = run_all(jobs, pool, args.workers, start + args.confirm_deadline_s, log, done)
@@ -423,14 +430,15 @@ def confirm(args, subjects: list[str], common: dict, pool, out: Path) -> None:
                "chosen": chosen, "base": base, "runs": runs}
     (out / "summary.json").write_text(json.dumps(summary, indent=1))
     report(summary, args.curve_png)
-    print(f"\ncurve: {args.curve_png}; per-sample results: {out / 'summary.json'}")
+    print(f"\nper-sample results: {out / 'summary.json'}")
 
 
 def report(summary: dict, curve_png: str) -> None:
     """The table and the curve of a finished run, from its summary.json."""
     args = summary["args"]
     print_table(summary, list(summary["base"]), args)
-    draw_curves({m: [r["curve"] for r in summary["runs"] if r["method"] == m] for m in args["methods"]},
+    if args["curve_images"]:
+        draw_curves({m: [r["curve"] for r in summary["runs"] if r["method"] == m] for m in args["methods"]},
                     Path(curve_png))
 
 

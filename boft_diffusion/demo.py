@@ -30,6 +30,7 @@ from .models.bundled import example_subject_dir
 from .models.images import LabelledRow, labelled_comparison
 from .models.pipelines import load_pipeline, tiny_defaults
 from .outputs.read import load_outputs
+from .outputs.write import add_model_card_scores
 from .recipes.dreambooth import build_parser, run
 from .tiny import world
 from .training.cli import HelpFormatter
@@ -43,17 +44,19 @@ GRID_SEEDS = 6
 GUIDANCE = tiny_defaults()["guidance_scale"]  # the embedded model's sampling default
 
 
-#: Steps of the recipe: BOFT m = 2's pick on the tuning grid (150 and 300 steps, learning rate 2e-3
-#: and 4e-3, training seeds 0-2; benchmarks/bench_dreambooth.py).
-STEPS = 150
+#: Steps of the recipe: BOFT m = 2's pick on the tuning grid (training seeds 0-2 of the star:
+#: 150 and 300 steps, constant and cosine learning rate; benchmarks/bench_dreambooth.py).
+STEPS = 300
 #: The recipe's train_dreambooth.py flags that do not depend on the subject or the paths: BOFT on the
 #: UNet's attention and ResNet convolutions plus the identifier's embedding, captions naming each
-#: instance image's background, prior loss weight 2, Min-SNR 5 (see training_flags).
+#: instance image's background, prior loss weight 2, Min-SNR 5, lr 2e-3 decaying on a cosine
+#: (see training_flags).
 RECIPE = [
     "--boft_target_modules", "to_q", "to_k", "to_v", "to_out.0", "conv1", "conv2",
     "--train_identifier_embedding", "--identifier_learning_rate", "5e-3",
     "--caption_extension", ".txt", "--caption_dropout_rate", "0.3",
-    "--prior_loss_weight", "2", "--learning_rate", "2e-3", "--snr_gamma", "5", "--train_batch_size", "2",
+    "--prior_loss_weight", "2", "--learning_rate", "2e-3", "--lr_scheduler", "cosine", "--snr_gamma", "5",
+    "--train_batch_size", "2",
 ]
 
 
@@ -113,6 +116,18 @@ def recontext_rows(drawn: dict[str, TinyWorldSamples], by_colour: dict) -> list[
             for prompt, colour in recontext_prompts(INSTANCE_PROMPT)]
 
 
+def card_rows(scores: dict) -> list[tuple[str, str]]:
+    """The adapter's scores, each beside the base model's, for the model card."""
+    base, adapter = scores["base"], scores["adapter"]
+    names = {"subject": f"subject fidelity, '{INSTANCE_PROMPT}' (instance images: {scores['instances']:.2f})",
+             "recontext_background": "re-context: background right",
+             "recontext_subject": "re-context: subject fidelity in context",
+             "class_prompt_fidelity": "prompt fidelity on held-out ordinary captions (language drift)",
+             "class_shape": f"'{CLASS_PROMPT}' drawn as a {CLASS_NOUN}",
+             "class_subject": f"subject fidelity of '{CLASS_PROMPT}' (class leakage)"}
+    return [(name, f"{adapter[key]:.2f} ({base[key]:.2f})") for key, name in names.items()]
+
+
 def print_scores(scores: dict) -> None:
     base, adapter = scores["base"], scores["adapter"]
     print("\n| measure | base model | BOFT adapter |")
@@ -169,6 +184,9 @@ def main(argv: list[str] | None = None) -> dict:
     scores["train_seconds"] = round(trained - start, 1)
     scores["total_seconds"] = round(time.time() - start, 1)
     (output_dir / "scores.json").write_text(json.dumps(scores, indent=2) + "\n")
+    add_model_card_scores(adapter_dir, card_rows(scores), f"`make demo` (boft_diffusion/demo.py): {args.num_images} "
+                          f"samples per measure from sampling seed {args.eval_seed}, guidance {GUIDANCE}; the base "
+                          f"model's values in parentheses.")
     print_scores(scores)
     print(f"\ngrids (the first {GRID_SEEDS} of the scored samples per prompt, base and adapter on the same seeds): "
           f"{grids['overview']}, {grids['recontext']}")

@@ -7,7 +7,7 @@ import pytest
 
 import train_controlnet
 import train_dreambooth
-from boft_diffusion.demo import training_flags
+from boft_diffusion.demo import STEPS, training_flags
 from boft_diffusion.models.bundled import example_subject_dir
 from boft_diffusion.recipes import dreambooth
 from boft_diffusion.training.cli import parse_args
@@ -103,7 +103,7 @@ def test_run_records_resolved_flags_and_resume_names_a_changed_config(tmp_path, 
 def test_the_demo_config_file_holds_the_demos_flags():
     """examples/dreambooth_demo.toml must follow boft_diffusion/demo.py's recipe when it changes."""
     from_file = vars(parse("--config", ROOT / "examples" / "dreambooth_demo.toml"))
-    demo = vars(parse(*training_flags(Path("outputs/demo/adapter"), 300, 0, Path("outputs/demo/class_images"))))
+    demo = vars(parse(*training_flags(Path("outputs/demo/adapter"), STEPS, 0, Path("outputs/demo/class_images"))))
     assert demo.pop("instance_data_dir") == str(example_subject_dir())
     assert from_file.pop("instance_data_dir") is None  # the default: the bundled subject
     assert from_file.pop("config").endswith("dreambooth_demo.toml") and demo.pop("config") is None

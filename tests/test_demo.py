@@ -6,6 +6,7 @@ from PIL import Image
 
 from boft_diffusion import demo
 from boft_diffusion.evaluation.tiny_world import TinyWorldSamples, recontext_prompts
+from boft_diffusion.outputs.write import add_model_card_scores
 from boft_diffusion.tiny import world
 
 
@@ -40,3 +41,22 @@ def test_grids_label_prompts_and_columns_and_colours_are_scored(tmp_path, capsys
     assert "| drawn as a star, 'a photo of star' (should stay high) | 1.00 | 1.00 |" in printed
     assert all(f"| {colour} | 1.00 |" in printed for colour in by_colour["base"])
     assert json.loads(json.dumps(by_colour)) == by_colour  # scores.json holds it
+
+
+def test_model_card_scores_are_added_once_and_replaced(tmp_path):
+    (tmp_path / "README.md").write_text("# adapter\n\ntrained on a star\n")
+    add_model_card_scores(tmp_path, [("subject fidelity", "0.10 (0.00)")], "first note")
+    add_model_card_scores(tmp_path, [("subject fidelity", "0.58 (0.00)"), ("class drawn", "0.79 (0.98)")], "second")
+    card = (tmp_path / "README.md").read_text()
+    assert card.startswith("# adapter\n\ntrained on a star\n")
+    assert card.count("## Scores") == 1 and "0.10" not in card and "first note" not in card
+    assert "| subject fidelity | 0.58 (0.00) |" in card and "| class drawn | 0.79 (0.98) |" in card
+    assert card.rstrip().endswith("second")
+
+
+def test_card_rows_name_every_measure_with_the_base_beside_it():
+    measures = ("subject", "recontext_background", "recontext_subject", "class_prompt_fidelity", "class_shape",
+                "class_subject")
+    scores = {"instances": 0.97, "base": dict.fromkeys(measures, 0.25), "adapter": dict.fromkeys(measures, 0.5)}
+    rows = demo.card_rows(scores)
+    assert len(rows) == len(measures) and all(value == "0.50 (0.25)" for _, value in rows)

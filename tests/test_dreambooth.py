@@ -20,6 +20,7 @@ from boft_diffusion.models.images import image_to_tensor
 from boft_diffusion.outputs.read import load_outputs
 from boft_diffusion.recipes import dreambooth
 from boft_diffusion.training.checkpoints import list_checkpoints
+from boft_diffusion.training.data import load_images
 
 ROOT = Path(__file__).resolve().parent.parent
 FAST = ["--max_train_steps", "4", "--num_inference_steps", "2", "--num_validation_images", "1",
@@ -96,11 +97,12 @@ def test_bad_instance_folders(tmp_path, capsys, caplog):
     Image.fromarray(np.asarray(source.convert("L"), dtype=np.uint16) * 257).save(mixed / "sixteen.png")
     source.resize((32, 32)).save(mixed / "small.png")
     (mixed / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n broken")
-    (mixed / "readme.txt").write_text("hello")
+    (mixed / "notes.md").write_text("hello")
+    (mixed / "readme.txt").write_text("a caption sidecar's suffix: never an image candidate")
     with caplog.at_level("WARNING", logger="boft_diffusion"):
         assert run_main("--output_dir", tmp_path / "c", "--instance_data_dir", mixed, "--max_train_steps", "1") == 0
     messages = "\n".join(r.getMessage() for r in caplog.records)
-    assert "broken.png" in messages and "readme.txt" in messages
+    assert "broken.png" in messages and "notes.md" in messages and "readme.txt" not in messages
     assert "small.png" in messages and "upscaling" in messages
 
 
@@ -289,8 +291,21 @@ def test_identifier_embedding_is_learned_saved_merged_and_leaves_class_prompts_a
 
 
 def subject_copy(folder: Path) -> Path:
-    shutil.copytree(ROOT / "boft_diffusion" / "tiny" / "subjects" / "sks_star", folder)
+    """The bundled star's images, without their caption sidecars."""
+    shutil.copytree(ROOT / "boft_diffusion" / "tiny" / "subjects" / "sks_star", folder,
+                    ignore=shutil.ignore_patterns("*.txt"))
     return folder
+
+
+def test_caption_sidecars_are_not_image_candidates(caplog):
+    """The bundled subjects carry .txt captions; a run without --caption_extension must neither
+    try them as images nor warn about them."""
+    folder = ROOT / "boft_diffusion" / "tiny" / "subjects" / "sks_star"
+    assert len(list(folder.glob("*.txt"))) == 5
+    with caplog.at_level("WARNING", logger="boft_diffusion"):
+        loaded = load_images(folder, 64)
+    assert [p.suffix for p, _ in loaded] == [".png"] * 5
+    assert not caplog.records
 
 
 def test_sidecar_captions_are_the_prompts_of_their_images(tmp_path, capsys, caplog, monkeypatch):

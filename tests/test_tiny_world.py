@@ -173,6 +173,8 @@ def test_bundled_subjects_are_new_combinations_with_their_files(name):
     assert [p.name for p in images] == [p.name for p in masks] and len(images) == 5
     for path, scene in zip(images, W.subject_instance_scenes(5, subject=name), strict=True):
         assert np.array_equal(np.asarray(Image.open(path).convert("RGB")), np.asarray(W.render(scene)))
+        # the caption sidecar names the background the image really has
+        assert path.with_suffix(".txt").read_text().strip() == W.on_background(meta["instance_prompt"], scene.background)
     colours = {W.subject_scene(bg, subject=name).shape.color2 for bg in subject.backgrounds}
     assert colours == {subject.color2}
     with pytest.raises(ValueError, match="background"):

@@ -89,3 +89,17 @@ def peft_interop_note(n_butterfly_factor: int) -> str:
                 f"`PeftModel.from_pretrained(pipe.unet, folder)`. {measured}")
     return (f"This adapter has butterfly depth m = {n_butterfly_factor}: load it with boft-diffusion "
             f"(`bd.load_adapter` or `load_outputs`, any depth, any device). {measured}")
+
+
+SCORES_HEADING = "## Scores"
+
+
+def add_model_card_scores(folder: str | os.PathLike, rows: list[tuple[str, str]], note: str) -> None:
+    """Put a "Scores" section (``rows`` of measure and value, then ``note``) at the end of the
+    folder's model card, replacing an earlier one, written atomically."""
+    card = Path(folder) / "README.md"
+    text = card.read_text() if card.is_file() else ""
+    text = text.split(SCORES_HEADING)[0].rstrip() + "\n\n"
+    table = "\n".join(f"| {measure} | {value} |" for measure, value in rows)
+    text += f"{SCORES_HEADING}\n\n| measure | value |\n|---|---|\n{table}\n\n{note}\n"
+    atomic_write(folder, {"README.md": lambda path: Path(path).write_text(text)})
