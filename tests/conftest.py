@@ -1,3 +1,8 @@
+import signal
+import time
+from collections.abc import Callable
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -92,3 +97,22 @@ def make_tiny_sdxl(folder, seed: int = 0):
     )
     pipe.save_pretrained(folder)
     return folder
+
+
+def kill_at_checkpoint_and_resume(launch: Callable[..., object], folder: Path) -> None:
+    """Start ``launch(folder)``, SIGKILL it once checkpoint-4 exists, check that it wrote no final
+    adapter and kept a checkpoint, then resume it to the end (the kill-and-resume tests)."""
+    from boft_diffusion.training.checkpoints import list_checkpoints
+
+    victim = launch(folder)
+    deadline = time.time() + 300
+    while not (folder / "checkpoint-4").exists():
+        assert victim.poll() is None, victim.stderr.read().decode()[-2000:]
+        assert time.time() < deadline
+        time.sleep(0.05)
+    victim.send_signal(signal.SIGKILL)
+    victim.wait()
+    assert not (folder / "adapter_model.safetensors").exists()
+    assert list_checkpoints(folder)[-1].name in ("checkpoint-4", "checkpoint-6")
+    resumed = launch(folder, "--resume_from_checkpoint", "latest")
+    assert resumed.wait(timeout=300) == 0, resumed.stderr.read().decode()[-2000:]

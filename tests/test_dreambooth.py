@@ -3,10 +3,8 @@
 import json
 import os
 import shutil
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -21,6 +19,7 @@ from boft_diffusion.outputs.read import load_outputs
 from boft_diffusion.recipes import dreambooth
 from boft_diffusion.training.checkpoints import list_checkpoints
 from boft_diffusion.training.data import load_images
+from conftest import kill_at_checkpoint_and_resume
 
 ROOT = Path(__file__).resolve().parent.parent
 FAST = ["--max_train_steps", "4", "--num_inference_steps", "2", "--num_validation_images", "1",
@@ -153,18 +152,7 @@ def test_kill_and_resume_equals_uninterrupted_run(tmp_path):
     reference = launch(tmp_path / "reference")
     assert reference.wait(timeout=300) == 0, reference.stderr.read().decode()[-2000:]
 
-    victim = launch(tmp_path / "killed")
-    deadline = time.time() + 300
-    while not (tmp_path / "killed" / "checkpoint-4").exists():
-        assert victim.poll() is None, victim.stderr.read().decode()[-2000:]
-        assert time.time() < deadline
-        time.sleep(0.05)
-    victim.send_signal(signal.SIGKILL)
-    victim.wait()
-    assert not (tmp_path / "killed" / "adapter_model.safetensors").exists()
-    assert list_checkpoints(tmp_path / "killed")[-1].name in ("checkpoint-4", "checkpoint-6")
-    resumed = launch(tmp_path / "killed", "--resume_from_checkpoint", "latest")
-    assert resumed.wait(timeout=300) == 0, resumed.stderr.read().decode()[-2000:]
+    kill_at_checkpoint_and_resume(launch, tmp_path / "killed")
 
     expected, actual = adapter_tensors(tmp_path / "reference"), adapter_tensors(tmp_path / "killed")
     assert expected.keys() == actual.keys()

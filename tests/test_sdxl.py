@@ -1,10 +1,8 @@
 """SDXL end to end on a random-weight tiny SDXL (tests/conftest.py): detection, training with both
 text encoders, checkpoint and exact resume, our loader, PEFT's loader and the app."""
 
-import signal
 import subprocess
 import sys
-import time
 import warnings
 from pathlib import Path
 
@@ -18,9 +16,8 @@ import train_dreambooth
 from boft_diffusion.app.studio import GenerationRequest, Limits, Studio
 from boft_diffusion.models.pipelines import is_sdxl
 from boft_diffusion.outputs.read import load_outputs
-from boft_diffusion.training.checkpoints import list_checkpoints
 from boft_diffusion.training.diffusion import encode_prompts_sdxl
-from conftest import make_tiny_sdxl
+from conftest import kill_at_checkpoint_and_resume, make_tiny_sdxl
 
 ROOT = Path(__file__).resolve().parent.parent
 FAST = ["--max_train_steps", "3", "--num_inference_steps", "2", "--num_validation_images", "1",
@@ -147,18 +144,7 @@ def all_tensors(folder: Path) -> dict:
 def test_sdxl_kill_and_resume_equals_uninterrupted_run(sdxl, tmp_path):
     reference = launch(sdxl, tmp_path / "reference")
     assert reference.wait(timeout=300) == 0, reference.stderr.read().decode()[-2000:]
-    victim = launch(sdxl, tmp_path / "killed")
-    deadline = time.time() + 300
-    while not (tmp_path / "killed" / "checkpoint-4").exists():
-        assert victim.poll() is None, victim.stderr.read().decode()[-2000:]
-        assert time.time() < deadline
-        time.sleep(0.05)
-    victim.send_signal(signal.SIGKILL)
-    victim.wait()
-    assert not (tmp_path / "killed" / "adapter_model.safetensors").exists()
-    assert list_checkpoints(tmp_path / "killed")[-1].name in ("checkpoint-4", "checkpoint-6")
-    resumed = launch(sdxl, tmp_path / "killed", "--resume_from_checkpoint", "latest")
-    assert resumed.wait(timeout=300) == 0, resumed.stderr.read().decode()[-2000:]
+    kill_at_checkpoint_and_resume(lambda out, *extra: launch(sdxl, out, *extra), tmp_path / "killed")
     expected, actual = all_tensors(tmp_path / "reference"), all_tensors(tmp_path / "killed")
     assert expected.keys() == actual.keys()
     for key in expected:
