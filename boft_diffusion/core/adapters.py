@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Iterator
-from typing import Any, Literal, get_args
+from typing import Any, get_args
 
 import torch
 from torch import nn
@@ -17,14 +17,22 @@ from torch import nn
 from .butterfly import BlockGeometry, resolve_geometry
 from .config import BOFTConfig
 from .identifier import IdentifierEmbedding
-from .layers import BiasShift, BOFTConv2d, BOFTLayer, BOFTLinear, RotationBank, check_adapter_name, rotated_dim
+from .layers import (
+    BiasShift,
+    BOFTConv2d,
+    BOFTLayer,
+    BOFTLinear,
+    RotationBank,
+    TrainingFold,
+    check_adapter_name,
+    rotated_dim,
+)
 
 _CONFIGS_ATTR = "_boft_configs"
 _ACTIVE_ATTR = "_boft_active_adapter"
 _BANK_ATTR = "_boft_rotation_bank"
 _BATCHED_ATTR = "_boft_batched_rotations"
 _FOLD_ATTR = "_boft_training_fold"
-TrainingFold = Literal["auto", "fold", "rotate"]
 
 
 # Finding and wrapping modules ------------------------------------------------------------------

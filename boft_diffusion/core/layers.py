@@ -21,7 +21,7 @@ from __future__ import annotations
 import re
 from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import NamedTuple
+from typing import Literal, NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -40,6 +40,9 @@ from .butterfly import (
     split_blocks,
     upcast,
 )
+
+#: How training applies a Linear layer's rotation; see ``RotationBank``.
+TrainingFold = Literal["auto", "fold", "rotate"]
 
 ADAPTER_NAME_PATTERN = re.compile(r"^[A-Za-z_][A-Za-z0-9_\-]*$")
 
@@ -494,6 +497,12 @@ def build_group_blocks(group: RotationGroup, members: list[Member]) -> list[torc
     return split_blocks(joined_group_blocks(group, members), [layer.boft_skew[name].shape for layer, name in members])
 
 
+def block_grid(member: Member) -> torch.Size:
+    """``(m, N)``: the member's butterfly factors and blocks per factor."""
+    layer, name = member
+    return layer.boft_skew[name].shape[:2]
+
+
 def fold_batch_key(layer: BOFTLayer, name: str) -> tuple | None:
     """Layers of equal keys (and rotation group) fold their training weights in one batched product;
     None for layers that do not (convolutions)."""
@@ -536,7 +545,7 @@ class RotationBank:
     """
 
     def __init__(
-        self, layers: Iterable[BOFTLayer], checkpointable: Iterable[nn.Module] = (), training_fold: str = "auto"
+        self, layers: Iterable[BOFTLayer], checkpointable: Iterable[nn.Module] = (), training_fold: TrainingFold = "auto"
     ) -> None:
         self.layers = list(layers)
         self.checkpointable = list(checkpointable)
@@ -546,32 +555,36 @@ class RotationBank:
         return torch.is_grad_enabled() and any(module.gradient_checkpointing for module in self.checkpointable)
 
     def folds_in_training(self, device: torch.device) -> bool:
+        """Whether rotating Linear layers on ``device`` get a folded weight (launch-bound devices do)."""
         return self.training_fold == "fold" or (self.training_fold == "auto" and device.type == "cuda")
 
     def _lend_training(self, group: RotationGroup, members: list[Member]) -> None:
-        """One solve for the group; members ordered by fold batch, so each batch's blocks are one slice.
+        """One solve and one split for the group: a folding batch's blocks are one piece
+        ``[L, m, N, b, b]``, any other layer's its own ``[m, N, b, b]``.
 
-        The order is the same whether or not the batches fold, so block dropout draws the same
-        blocks for each layer either way.
+        Members are ordered by fold batch whether or not the batches fold, so block dropout draws
+        the same blocks for each layer either way.
         """
         batches: dict[tuple | None, list[Member]] = {}
         for layer, name in members:
             batches.setdefault(fold_batch_key(layer, name), []).append((layer, name))
-        joined = joined_group_blocks(group, [member for batch in batches.values() for member in batch])
         fold = self.folds_in_training(group.device)
-        start = 0
+        pieces: list[tuple[list[Member], bool]] = []
         for key, batch in batches.items():
-            shapes = [layer.boft_skew[name].shape for layer, name in batch]
-            size = sum(shape[0] * shape[1] for shape in shapes)
-            blocks = joined[start : start + size]
-            start += size
             if fold and key is not None:
-                stacked = blocks.view(len(batch), *shapes[0][:2], *blocks.shape[-2:])
-                for (layer, _), weight in zip(batch, fold_training_weights(batch, stacked), strict=True):
+                pieces.append((batch, True))
+            else:
+                pieces.extend(([member], False) for member in batch)
+        joined = joined_group_blocks(group, [member for piece, _ in pieces for member in piece])
+        shapes = [block_grid(piece[0]) for piece, _ in pieces]
+        parts = joined.split([len(piece) * shape.numel() for (piece, _), shape in zip(pieces, shapes, strict=True)])
+        for (piece, folds), shape, part in zip(pieces, shapes, parts, strict=True):
+            if folds:
+                blocks = part.view(len(piece), *shape, *joined.shape[-2:])
+                for (layer, _), weight in zip(piece, fold_training_weights(piece, blocks), strict=True):
                     layer.lent_train_weight = weight
             else:
-                for (layer, _), layer_blocks in zip(batch, split_blocks(blocks, shapes), strict=True):
-                    layer.lent_blocks = layer_blocks
+                piece[0][0].lent_blocks = part.view(*shape, *joined.shape[-2:])
 
     def lend(self) -> None:
         rotating: dict[RotationGroup, list[Member]] = {}
