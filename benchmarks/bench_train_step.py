@@ -11,8 +11,8 @@ peak resident memory is per method. Prints a markdown table of ratios to the no-
 ``--count_ops`` is a proxy for the GPU cost of small adapters, which is the number of kernels
 they launch rather than their arithmetic: it counts the aten operator calls of one training step
 (forward, backward, optimiser) for no adapter, PEFT LoRA and ours with the batched rotation
-build and with each layer building its own, and the calls of the Cayley part alone for 32 and
-128 adapted layers.
+build, with each layer building its own, and with the batched training fold (the CUDA default),
+and the calls of the Cayley part alone for 32 and 128 adapted layers.
 """
 
 from __future__ import annotations
@@ -43,13 +43,22 @@ OP_METHODS = {
     "peft_lora": "PEFT LoRA r=8",
     "boft_m2_per_layer": "ours block 8, m=2, each layer builds its own blocks",
     "boft_m2": "ours block 8, m=2, batched build",
+    "boft_m2_fold": "ours block 8, m=2, batched build, training fold (the CUDA default)",
 }
+#: Ours m=2 on a forced training path; plain "boft_m2" takes the device's default (fold on CUDA, rotate on CPU).
+MODES = {
+    "boft_m2_fold": "ours block 8, m=2, training fold (the CUDA default)",
+    "boft_m2_rotate": "ours block 8, m=2, rotating activations (the CPU default)",
+}
+LABELS = {**METHODS, **MODES}
 #: Operators that launch no kernel: views, allocations, no-op conversions.
 NO_KERNEL_OPS = {"aten::" + name for name in (
     "view", "reshape", "_reshape_alias", "_unsafe_view", "as_strided", "alias", "detach", "split", "split_with_sizes",
     "narrow", "slice", "select", "unsqueeze", "squeeze", "expand", "t", "transpose", "permute", "unbind", "view_as",
     "numpy_T", "mT", "mH", "lift_fresh", "empty", "empty_like", "empty_strided", "new_empty", "new_empty_strided",
     "resize_", "resolve_conj", "resolve_neg", "to")}
+#: Matrix products: never leaves (each calls resolve_conj on its operands), so counted on their own.
+GEMM_OPS = {"aten::" + name for name in ("mm", "bmm", "addmm", "baddbmm", "addbmm", "mv", "addmv", "dot")}
 
 SD15_UNET = dict(
     sample_size=64,
@@ -120,16 +129,20 @@ def adapt(unet, method: str) -> dict:
     else:
         import boft_diffusion as bd
 
-        m = int(method.removesuffix("_per_layer").rsplit("m", 1)[1])
+        m = int(method.split("_")[1].removeprefix("m"))
         bd.apply_boft(unet, bd.BOFTConfig(block_size=8, n_butterfly_factor=m, target_modules=ATTENTION))
         bd.set_batched_rotations(unet, not method.endswith("_per_layer"))
+        if method.endswith(("_fold", "_rotate")):
+            bd.set_training_fold(unet, method.rsplit("_", 1)[1])
         info["m_ran"] = [m]
     return unet, info
 
 
 def count_ops(run) -> dict[str, int]:
-    """aten operator calls made by ``run()``: all (every level of the dispatcher), and "kernels":
-    leaf calls (no aten call inside) that do work, a proxy for kernel launches on a GPU."""
+    """aten operator calls made by ``run()``: all (every level of the dispatcher), "kernels":
+    leaf calls (no aten call inside) that do work, a proxy for kernel launches on a GPU, of them
+    "optimizer" those of the optimiser step, and "gemms": matrix products, which the leaf rule
+    misses (add them to the kernels)."""
     from torch.profiler import ProfilerActivity, profile
 
     with profile(activities=[ProfilerActivity.CPU]) as prof:
@@ -137,8 +150,19 @@ def count_ops(run) -> dict[str, int]:
     events = [event for event in prof.events() if event.name.startswith("aten::")]
     kernels = [event for event in events if event.name not in NO_KERNEL_OPS
                and not any(child.name.startswith("aten::") for child in event.cpu_children)]
-    return {"ops": len(events), "kernels": len(kernels),
+    return {"ops": len(events), "kernels": len(kernels), "optimizer": sum(map(in_optimizer_step, kernels)),
+            "gemms": sum(event.name in GEMM_OPS for event in events),
             "solves": sum(event.name == "aten::linalg_solve_ex" for event in events)}
+
+
+def in_optimizer_step(event) -> bool:
+    """Whether a profiled call ran inside ``optimizer.step()``: on a CPU AdamW loops over the
+    parameters (about 10 kernels each), on CUDA its default foreach path updates them all at once."""
+    while event is not None:
+        if event.name.startswith("Optimizer.step"):
+            return True
+        event = event.cpu_parent
+    return False
 
 
 def cayley_part_ops(targets: list[str], batched: bool) -> dict[str, int]:
@@ -262,7 +286,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--method", help="run one method in this process and print JSON")
     parser.add_argument("--methods", nargs="+", help="default: every method and inference (with --count_ops: "
-                        "no adapter, LoRA, ours per-layer and batched, and the Cayley part alone)")
+                        "no adapter, LoRA, ours per-layer, batched and folding, and the Cayley part alone); "
+                        "boft_m2_fold and boft_m2_rotate force our training path")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--dtype", default="fp32", choices=["fp32", "bf16", "fp16"])
     parser.add_argument("--latent", type=int, default=32)
@@ -311,17 +336,21 @@ def run_one(args) -> dict:
 def print_op_tables(results: dict, args) -> None:
     print(f"\naten operator calls in one training step (forward, backward, AdamW) of the SD 1.5 UNet architecture, "
           f"{args.latent}x{args.latent} latents, batch {args.batch}, {args.dtype}, {args.device}; attention adapted. "
-          "Kernels: leaf calls that are not views, allocations or no-op conversions.\n")
+          "Kernels: leaf calls that are not views, allocations or no-op conversions; matrix products (GEMMs: mm, "
+          "bmm, addmm, ...) are not leaves and are counted apart.\n")
     base = results.get("none")
     print("| method | adapted layers | operator calls | added vs no adapter | added per adapted layer "
-          "| kernels added | kernels added per layer | Cayley solves |")
-    print("|---|---|---|---|---|---|---|---|")
+          "| kernels added | kernels added per layer | of them AdamW's, per layer | GEMMs added per layer "
+          "| Cayley solves |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
     for method, label in OP_METHODS.items():
         r = results.get(method)
         if not r or not base:
             continue
         added, kernels, layers = r["ops"] - base["ops"], r["kernels"] - base["kernels"], r["adapted_layers"]
-        per_layer = f"{added / layers:.1f} | {kernels:,} | {kernels / layers:.1f}" if layers else f"- | {kernels:,} | -"
+        gemms, optimizer = r["gemms"] - base["gemms"], r["optimizer"] - base["optimizer"]
+        per_layer = (f"{added / layers:.1f} | {kernels:,} | {kernels / layers:.1f} | {optimizer / layers:.1f} "
+                     f"| {gemms / layers:.1f}" if layers else f"- | {kernels:,} | - | - | -")
         print(f"| {label} | {layers} | {r['ops']:,} | {added:,} | {per_layer} | {r['solves']} |")
     cayley = results.get("cayley")
     if cayley:
@@ -340,7 +369,7 @@ def print_table(results: dict, args) -> None:
     memory = "peak CUDA memory" if args.device == "cuda" else "peak RSS"
     print(f"| method | train step (s) | vs no adapter | {memory} (GiB) | trainable params | depth m ran |")
     print("|---|---|---|---|---|---|")
-    for method, label in METHODS.items():
+    for method, label in LABELS.items():
         r = results.get(method)
         if not r:
             continue

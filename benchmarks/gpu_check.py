@@ -11,8 +11,8 @@ per recipe with optimiser steps/s (after the first step) and peak GPU memory.
     python benchmarks/gpu_check.py --size tiny --mixed_precision no   # the same path on CPU
 
 With ``--train_step_table DIR`` it instead times one training step of the bare UNet (the
-bench_train_step.py table) for no adapter, PEFT LoRA r=8, OFT, BOFT and ours m = 1, 2, 4 at
-batch 1 and 4, eager and (no adapter, LoRA, ours m = 2) compiled, plus unmerged and merged
+bench_train_step.py table) for no adapter, PEFT LoRA r=8, OFT, BOFT and ours m = 1, 2, 4 (m = 2
+also forced to rotate activations: the default on CUDA folds) at batch 1 and 4, eager and (no adapter, LoRA, ours m = 2) compiled, plus unmerged and merged
 inference; it writes DIR/train_step_table.md and .json after every row and skips the rows that
 no longer fit in ``--budget_s`` (390 s; most important rows first), so one command stays under 8 minutes:
 
@@ -135,7 +135,7 @@ def reload_and_sample(model: Path, adapter: Path, device: str) -> dict:
 
 
 # The train-step table ------------------------------------------------------------------------------
-ALL_METHODS = ["none", "peft_lora", "peft_oft", "peft_boft", "boft_m1", "boft_m2", "boft_m4"]
+ALL_METHODS = ["none", "peft_lora", "peft_oft", "peft_boft", "boft_m1", "boft_m2", "boft_m2_rotate", "boft_m4"]
 KEY_METHODS = ["none", "peft_lora", "boft_m2"]  # the acceptance ratios need these
 #: Seconds a row must still have before the budget runs out to be started.
 ROW_RESERVE = {False: 30.0, True: 150.0}
@@ -188,7 +188,7 @@ def markdown_table(env: dict, rows: list[dict]) -> str:
              "", "| method | batch | compiled | step (s) | vs no adapter, same batch and mode | vs eager no adapter "
              "| peak memory (GiB) | depth m ran |", "|---|---|---|---|---|---|---|---|"]
     for r in (r for r in rows if r["method"] != "inference"):
-        label = bench_train_step.METHODS[r["method"]]
+        label = bench_train_step.LABELS[r["method"]]
         if "error" in r or "skipped" in r:
             lines.append(f"| {label} | {r['batch']} | {r['compiled']} | {r.get('error') or r['skipped']} | | | | |")
             continue

@@ -14,6 +14,7 @@ from .core.adapters import (
     set_adapter,
     set_adapter_strength,
     set_batched_rotations,
+    set_training_fold,
     unmerge_adapter,
 )
 from .core.config import BOFTConfig
@@ -37,5 +38,6 @@ __all__ = [
     "set_adapter",
     "set_adapter_strength",
     "set_batched_rotations",
+    "set_training_fold",
     "unmerge_adapter",
 ]

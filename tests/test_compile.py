@@ -75,3 +75,12 @@ def test_adapted_unet_compiles_as_one_graph_and_matches_eager():
     compare_training_and_inference(
         eager, compiled, lambda m: m(sample, timestep, encoder_hidden_states=context).sample, dict(rtol=1e-5, atol=1e-6)
     )
+
+
+def test_compiled_training_fold_equals_eager():
+    torch.manual_seed(0)
+    eager = adapted(ConvNet(), ["conv", "mix", "proj", "out"]).train()
+    bd.set_training_fold(eager, "fold")
+    compiled = bd.compile_adapted(copy.deepcopy(eager), backend="aot_eager", fullgraph=True)
+    x = torch.randn(2, 8, 6, 6)
+    compare_training_and_inference(eager, compiled, lambda m: m(x), dict(rtol=1e-4, atol=1e-6))

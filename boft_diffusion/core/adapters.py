@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Iterator
-from typing import Any
+from typing import Any, get_args
 
 import torch
 from torch import nn
@@ -17,12 +17,22 @@ from torch import nn
 from .butterfly import BlockGeometry, resolve_geometry
 from .config import BOFTConfig
 from .identifier import IdentifierEmbedding
-from .layers import BiasShift, BOFTConv2d, BOFTLayer, BOFTLinear, RotationBank, check_adapter_name, rotated_dim
+from .layers import (
+    BiasShift,
+    BOFTConv2d,
+    BOFTLayer,
+    BOFTLinear,
+    RotationBank,
+    TrainingFold,
+    check_adapter_name,
+    rotated_dim,
+)
 
 _CONFIGS_ATTR = "_boft_configs"
 _ACTIVE_ATTR = "_boft_active_adapter"
 _BANK_ATTR = "_boft_rotation_bank"
 _BATCHED_ATTR = "_boft_batched_rotations"
+_FOLD_ATTR = "_boft_training_fold"
 
 
 # Finding and wrapping modules ------------------------------------------------------------------
@@ -167,11 +177,22 @@ def set_batched_rotations(model: nn.Module, enabled: bool) -> None:
     setattr(model, _BATCHED_ATTR, enabled)
 
 
+def set_training_fold(model: nn.Module, mode: TrainingFold) -> None:
+    """Training folds rotations into all Linear weights at once ("fold": fewest kernels, for launch-bound
+    GPUs) or rotates activations ("rotate": fewest FLOPs, for CPUs); "auto" (default) folds on CUDA only."""
+    if mode not in get_args(TrainingFold):
+        raise ValueError(f"training fold mode must be one of {get_args(TrainingFold)}, got {mode!r}.")
+    setattr(model, _FOLD_ATTR, mode)
+    bank = getattr(model, _BANK_ATTR, None)
+    if bank is not None:
+        bank.training_fold = mode
+
+
 def _rotation_bank(model: nn.Module) -> RotationBank:
     bank = getattr(model, _BANK_ATTR, None)
     if bank is None:
         checkpointable = [m for m in model.modules() if isinstance(getattr(m, "gradient_checkpointing", None), bool)]
-        bank = RotationBank((layer for _, layer in boft_layers(model)), checkpointable)
+        bank = RotationBank((layer for _, layer in boft_layers(model)), checkpointable, getattr(model, _FOLD_ATTR, "auto"))
         setattr(model, _BANK_ATTR, bank)
     return bank
 

@@ -236,10 +236,10 @@ def _factor_features(z: torch.Tensor, blocks_t: torch.Tensor, factor: int) -> to
 
     With the features leading, every permutation moves contiguous runs of ``R`` values and
     factor 0 needs no copy at all, which is what makes long activations cheap to rotate.
-    ``blocks_t`` holds the transposed blocks.
+    ``blocks_t`` holds the transposed blocks, ``[N, b, b]`` for the whole batch or ``[B, N, b, b]``.
     """
     batch, dim, rows = z.shape
-    block_num, block_size, _ = blocks_t.shape
+    block_num, block_size, _ = blocks_t.shape[-3:]
     if factor == 0:
         return torch.matmul(blocks_t, z.reshape(batch, block_num, block_size, rows)).reshape(batch, dim, rows)
     half = block_size // 2
@@ -254,6 +254,9 @@ def rotate_features_first(z: torch.Tensor, blocks: torch.Tensor, transpose: bool
     """``R^T z`` (or ``R z``) for ``z`` of shape ``[B, dim, R]``: ``(x @ R)^T`` for ``z = x^T``.
 
     This is the rotation of channels-first activations (a 1x1 convolution's input) as they lie.
+    ``blocks`` is ``[m, N, b, b]`` (one ``R`` for the batch) or ``[B, m, N, b, b]`` (one per
+    entry): then ``B`` layers' transposed weights ``W_l^T`` become ``(W_l R_l^T)^T`` with one
+    batched product per factor for all of them, where a loop over the layers would launch ``B``.
     """
     factors = _unbind_factors(blocks, z.dtype)
     if transpose:
@@ -266,9 +269,9 @@ def rotate_features_first(z: torch.Tensor, blocks: torch.Tensor, transpose: bool
 
 
 def _unbind_factors(blocks: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, ...]:
-    """The factors' blocks as views; one unbind backpropagates as one stack, where indexing each
-    factor would allocate and fill a zero gradient of all ``m`` factors per factor."""
-    return blocks.to(dtype).unbind(0)
+    """The factors' blocks (axis ``-4``) as views; one unbind backpropagates as one stack, where
+    indexing each factor would allocate and fill a zero gradient of all ``m`` factors per factor."""
+    return blocks.to(dtype).unbind(-4)
 
 
 def butterfly_matmul(x: torch.Tensor, blocks: torch.Tensor, transpose: bool = False) -> torch.Tensor:

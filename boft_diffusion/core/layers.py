@@ -1,7 +1,8 @@
 """nn.Module wrappers that put named butterfly-orthogonal adapters on a frozen layer.
 
 Training rotates the activations (``x @ R``) whenever that is exact without unfolding
-(Linear, 1x1 Conv2d), so autograd never computes a gradient for the frozen weight. Other
+(Linear, 1x1 Conv2d), so autograd never computes a gradient for the frozen weight (on CPUs, where
+arithmetic bounds a step, that gradient's product costs more than the rotation). Other
 convolutions rotate the flattened ``(in_channels, kh, kw)`` axis of the weight instead.
 Inference without gradients folds ``diag(s) W R^T`` once into a cached weight, so an unmerged
 adapter costs what the base layer costs.
@@ -9,7 +10,10 @@ adapter costs what the base layer costs.
 A model's layers do not build their blocks one by one: a ``RotationBank`` run before the
 model's forward solves the Cayley systems of all of them together and lends each layer its
 slice (or its folded inference weight) for that forward only. A layer called on its own builds
-what it needs itself, with the same numbers.
+what it needs itself, with the same numbers. Where kernel launches rather than arithmetic bound
+a training step (GPUs), the bank instead folds the rotations into the Linear layers' weights,
+all layers of a shape in one batched product per factor, and lends each layer its folded
+weight: the layer then runs one ``F.linear``, and autograd reaches the adapter through the fold.
 """
 
 from __future__ import annotations
@@ -17,7 +21,7 @@ from __future__ import annotations
 import re
 from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import NamedTuple
+from typing import Literal, NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -36,6 +40,9 @@ from .butterfly import (
     split_blocks,
     upcast,
 )
+
+#: How training applies a Linear layer's rotation; see ``RotationBank``.
+TrainingFold = Literal["auto", "fold", "rotate"]
 
 ADAPTER_NAME_PATTERN = re.compile(r"^[A-Za-z_][A-Za-z0-9_\-]*$")
 
@@ -96,6 +103,8 @@ class BOFTLayer(nn.Module):
         # What a RotationBank lends this layer for the duration of one model forward.
         self.lent_blocks: torch.Tensor | None = None
         self.lent_weight: torch.Tensor | None = None
+        # ... or, in training, its differentiable folded weight ``diag(s) W R^T`` (Linear only).
+        self.lent_train_weight: torch.Tensor | None = None
         # A new module starts in training mode; take the wrapped layer's mode instead, so that an
         # adapter loaded into an eval-mode pipeline does not apply its training-time block dropout.
         self.train(base_layer.training)
@@ -354,6 +363,8 @@ class BOFTLinear(BOFTLayer):
             return self.base_layer(x)
         if self.uses_folded_weight(name):
             return F.linear(x, self._inference_weight(name), self.bias)
+        if self.lent_train_weight is not None:
+            return F.linear(x, self.lent_train_weight, self.bias)
         rotated = butterfly_matmul(x, self._training_blocks(name))
         y = F.linear(rotated, self.weight, self.bias)
         return _apply_magnitude(y, self.magnitude(name), self.bias, channel_dim=-1)
@@ -473,11 +484,50 @@ class BiasShift:
 Member = tuple[BOFTLayer, str]
 
 
-def build_group_blocks(group: RotationGroup, members: list[Member]) -> list[torch.Tensor]:
-    """The blocks of every member (layer, adapter name) from one Cayley solve and one dropout draw."""
+def joined_group_blocks(group: RotationGroup, members: list[Member]) -> torch.Tensor:
+    """The blocks ``[sum m_i N_i, b, b]`` of every member (layer, adapter name), in member order,
+    from one Cayley solve and one dropout draw."""
     params = [layer.boft_skew[name] for layer, name in members]
     joined = cayley_blocks(join_skew_params(params), group.block_size, group.strength, group.neumann_terms)
-    return split_blocks(drop_blocks(joined, group.dropout), [param.shape for param in params])
+    return drop_blocks(joined, group.dropout)
+
+
+def build_group_blocks(group: RotationGroup, members: list[Member]) -> list[torch.Tensor]:
+    """The blocks ``[m_i, N_i, b, b]`` of every member, views of ``joined_group_blocks``."""
+    return split_blocks(joined_group_blocks(group, members), [layer.boft_skew[name].shape for layer, name in members])
+
+
+def block_grid(member: Member) -> torch.Size:
+    """``(m, N)``: the member's butterfly factors and blocks per factor."""
+    layer, name = member
+    return layer.boft_skew[name].shape[:2]
+
+
+def fold_batch_key(layer: BOFTLayer, name: str) -> tuple | None:
+    """Layers of equal keys (and rotation group) fold their training weights in one batched product;
+    None for layers that do not (convolutions)."""
+    if not isinstance(layer, BOFTLinear):
+        return None
+    weight = layer.weight
+    return weight.shape, weight.dtype, layer.specs[name].geometry.n_factors, layer.magnitude(name) is not None
+
+
+def fold_training_weights(members: list[Member], blocks: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """``diag(s) W R^T`` of Linear layers of one ``fold_batch_key``, from their blocks ``[L, m, N, b, b]``.
+
+    Computed in float32 outside autocast with one batched product per butterfly factor for all
+    ``L`` layers (weights stacked transposed, so the features lead and factor 0 moves nothing),
+    differentiable into the blocks and magnitudes; each weight is returned in its base weight's
+    layout and dtype, so a fresh adapter runs the base layer's very product.
+    """
+    weight = members[0][0].weight
+    with torch.autocast(device_type=weight.device.type, enabled=False):
+        stacked = upcast(torch.stack([layer.weight.t() for layer, _ in members]))
+        folded = rotate_features_first(stacked, blocks, transpose=True)
+        scales = [layer.magnitude(name) for layer, name in members]
+        if scales[0] is not None:
+            folded = folded * upcast(torch.stack(scales))[:, None, :]
+        return folded.transpose(1, 2).to(weight.dtype).contiguous().unbind(0)
 
 
 class RotationBank:
@@ -489,14 +539,52 @@ class RotationBank:
     when it raises), so nothing lent outlives it: a layer called on its own builds its own blocks.
     While gradient checkpointing is on, the backward pass re-runs parts of the forward after
     ``reclaim``; the layers then build their own blocks in both runs, so both record the same graph.
+
+    ``training_fold``: ``"fold"`` lends rotating Linear layers their folded training weight
+    instead of their blocks, ``"rotate"`` never does, ``"auto"`` does on CUDA devices only.
     """
 
-    def __init__(self, layers: Iterable[BOFTLayer], checkpointable: Iterable[nn.Module] = ()) -> None:
+    def __init__(
+        self, layers: Iterable[BOFTLayer], checkpointable: Iterable[nn.Module] = (), training_fold: TrainingFold = "auto"
+    ) -> None:
         self.layers = list(layers)
         self.checkpointable = list(checkpointable)
+        self.training_fold = training_fold
 
     def _recomputes_forward(self) -> bool:
         return torch.is_grad_enabled() and any(module.gradient_checkpointing for module in self.checkpointable)
+
+    def folds_in_training(self, device: torch.device) -> bool:
+        """Whether rotating Linear layers on ``device`` get a folded weight (launch-bound devices do)."""
+        return self.training_fold == "fold" or (self.training_fold == "auto" and device.type == "cuda")
+
+    def _lend_training(self, group: RotationGroup, members: list[Member]) -> None:
+        """One solve and one split for the group: a folding batch's blocks are one piece
+        ``[L, m, N, b, b]``, any other layer's its own ``[m, N, b, b]``.
+
+        Members are ordered by fold batch whether or not the batches fold, so block dropout draws
+        the same blocks for each layer either way.
+        """
+        batches: dict[tuple | None, list[Member]] = {}
+        for layer, name in members:
+            batches.setdefault(fold_batch_key(layer, name), []).append((layer, name))
+        fold = self.folds_in_training(group.device)
+        pieces: list[tuple[list[Member], bool]] = []
+        for key, batch in batches.items():
+            if fold and key is not None:
+                pieces.append((batch, True))
+            else:
+                pieces.extend(([member], False) for member in batch)
+        joined = joined_group_blocks(group, [member for piece, _ in pieces for member in piece])
+        shapes = [block_grid(piece[0]) for piece, _ in pieces]
+        parts = joined.split([len(piece) * shape.numel() for (piece, _), shape in zip(pieces, shapes, strict=True)])
+        for (piece, folds), shape, part in zip(pieces, shapes, parts, strict=True):
+            if folds:
+                blocks = part.view(len(piece), *shape, *joined.shape[-2:])
+                for (layer, _), weight in zip(piece, fold_training_weights(piece, blocks), strict=True):
+                    layer.lent_train_weight = weight
+            else:
+                piece[0][0].lent_blocks = part.view(*shape, *joined.shape[-2:])
 
     def lend(self) -> None:
         rotating: dict[RotationGroup, list[Member]] = {}
@@ -513,8 +601,7 @@ class RotationBank:
                 stale.setdefault(layer.rotation_group(name), []).append((layer, name))
         if not self._recomputes_forward():
             for group, members in rotating.items():
-                for (layer, _), blocks in zip(members, build_group_blocks(group, members), strict=True):
-                    layer.lent_blocks = blocks
+                self._lend_training(group, members)
         with torch.no_grad():
             for group, members in stale.items():
                 for (layer, name), blocks in zip(members, build_group_blocks(group, members), strict=True):
@@ -524,3 +611,4 @@ class RotationBank:
         for layer in self.layers:
             layer.lent_blocks = None
             layer.lent_weight = None
+            layer.lent_train_weight = None
