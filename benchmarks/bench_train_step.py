@@ -285,7 +285,8 @@ def sync(device: str) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--method", help="run one method in this process and print JSON")
-    parser.add_argument("--methods", nargs="+", help="default: every method and inference (with --count_ops: "
+    parser.add_argument("--methods", nargs="+", choices=[*dict.fromkeys([*LABELS, *OP_METHODS]), "inference", "cayley"],
+                        help="default: every method and inference (with --count_ops: "
                         "no adapter, LoRA, ours per-layer, batched and folding, and the Cayley part alone); "
                         "boft_m2_fold and boft_m2_rotate force our training path")
     parser.add_argument("--device", default="cpu")

@@ -12,9 +12,10 @@ per recipe with optimiser steps/s (after the first step) and peak GPU memory.
 
 With ``--train_step_table DIR`` it instead times one training step of the bare UNet (the
 bench_train_step.py table) for no adapter, PEFT LoRA r=8, OFT, BOFT and ours m = 1, 2, 4 (m = 2
-also forced to rotate activations: the default on CUDA folds) at batch 1 and 4, eager and (no adapter, LoRA, ours m = 2) compiled, plus unmerged and merged
-inference; it writes DIR/train_step_table.md and .json after every row and skips the rows that
-no longer fit in ``--budget_s`` (390 s; most important rows first), so one command stays under 8 minutes:
+also forced to rotate activations: the default on CUDA folds) at batch 1 and 4, eager and (no
+adapter, LoRA, ours m = 2) compiled, plus unmerged and merged inference; it writes
+DIR/train_step_table.md and .json after every row and skips the rows that no longer fit in
+``--budget_s`` (390 s; most important rows first), so one command stays under 8 minutes:
 
     python benchmarks/gpu_check.py --train_step_table gpu_results     # on the GPU
     python benchmarks/gpu_check.py --train_step_table /tmp/t --size tiny --device cpu --mixed_precision no \\
