@@ -1,6 +1,11 @@
+import contextlib
+import shutil
 import signal
+import subprocess
+import sys
 import time
-from collections.abc import Callable
+import warnings
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import pytest
@@ -116,3 +121,52 @@ def kill_at_checkpoint_and_resume(launch: Callable[..., object], folder: Path) -
     assert list_checkpoints(folder)[-1].name in ("checkpoint-4", "checkpoint-6")
     resumed = launch(folder, "--resume_from_checkpoint", "latest")
     assert resumed.wait(timeout=300) == 0, resumed.stderr.read().decode()[-2000:]
+
+
+def _launch(command: list[str], env: dict, timeout: float) -> subprocess.CompletedProcess | str:
+    """The finished run, or, for a run still going after ``timeout``, the stacks faulthandler
+    printed when SIGABRT stopped every process of it."""
+    process = subprocess.Popen(command, env={**env, "PYTHONFAULTHANDLER": "1"}, stdout=subprocess.PIPE,
+                               stderr=subprocess.PIPE, text=True)
+    try:
+        stdout, stderr = process.communicate(timeout=timeout)
+        return subprocess.CompletedProcess(command, process.returncode, stdout, stderr)
+    except subprocess.TimeoutExpired:
+        import psutil  # accelerate's dependency
+
+        # torchrun starts its workers in sessions of their own: signal each process, workers first.
+        launcher = psutil.Process(process.pid)
+        stuck = [*launcher.children(recursive=True), launcher]
+        for member in stuck:
+            with contextlib.suppress(psutil.NoSuchProcess):
+                member.send_signal(signal.SIGABRT)
+        try:
+            _, stderr = process.communicate(timeout=60)
+        except subprocess.TimeoutExpired:
+            for member in stuck:
+                with contextlib.suppress(psutil.NoSuchProcess):
+                    member.kill()
+            _, stderr = process.communicate()
+        return stderr[-8000:]
+
+
+def run_two_processes(script: Path, args: Sequence[str], output_dir: Path, env: dict,
+                      timeout: float = 300) -> subprocess.CompletedProcess:
+    """Run ``script --output_dir output_dir`` under torchrun as two CPU processes, its rendezvous
+    on a free port.
+
+    CI once saw such a launch stall for 10 minutes; none of 87 launches here stalled. So a stalled
+    launch is stopped with SIGABRT, its stacks go out as a warning, and it is tried once more; a
+    second stall fails the test with the stacks.
+    """
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(script),
+               *map(str, args), "--output_dir", str(output_dir)]
+    stalled = f"{script.name} on two processes stalled for {timeout} s; where each process waited:\n"
+    result = _launch(command, env, timeout)
+    if isinstance(result, str):
+        warnings.warn(stalled + result, stacklevel=2)
+        shutil.rmtree(output_dir, ignore_errors=True)
+        result = _launch(command, env, timeout)
+        if isinstance(result, str):
+            pytest.fail(stalled + result)
+    return result

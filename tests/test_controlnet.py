@@ -20,6 +20,7 @@ from boft_diffusion.models.control import encoder_for_unet, light_control
 from boft_diffusion.models.images import image_to_tensor
 from boft_diffusion.outputs.read import load_outputs
 from boft_diffusion.training.checkpoints import list_checkpoints
+from conftest import run_two_processes
 
 ROOT = Path(__file__).resolve().parent.parent
 DATA = ROOT / "examples" / "tiny_control"
@@ -153,8 +154,6 @@ def test_kill_and_resume_equals_uninterrupted(tmp_path):
 def test_two_processes_light_control(tmp_path):
     data = small_dataset(tmp_path / "data")
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
-    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29527",
-               str(ROOT / "train_controlnet.py"), *FAST, "--train_data_dir", str(data), "--output_dir", str(tmp_path / "o")]
-    result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
+    result = run_two_processes(ROOT / "train_controlnet.py", [*FAST, "--train_data_dir", data], tmp_path / "o", env)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "identical on all 2 processes" in result.stderr

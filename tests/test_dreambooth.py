@@ -19,7 +19,7 @@ from boft_diffusion.outputs.read import load_outputs
 from boft_diffusion.recipes import dreambooth
 from boft_diffusion.training.checkpoints import list_checkpoints
 from boft_diffusion.training.data import load_images
-from conftest import kill_at_checkpoint_and_resume
+from conftest import kill_at_checkpoint_and_resume, run_two_processes
 
 ROOT = Path(__file__).resolve().parent.parent
 FAST = ["--max_train_steps", "4", "--num_inference_steps", "2", "--num_validation_images", "1",
@@ -163,9 +163,7 @@ def test_kill_and_resume_equals_uninterrupted_run(tmp_path):
 @pytest.mark.slow
 def test_two_processes_train_one_synchronised_adapter(tmp_path):
     out = tmp_path / "ddp"
-    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29517",
-               str(ROOT / "train_dreambooth.py"), *FAST, "--output_dir", str(out), "--max_train_steps", "3"]
-    result = subprocess.run(command, env=subprocess_env(), capture_output=True, text=True, timeout=600)
+    result = run_two_processes(ROOT / "train_dreambooth.py", [*FAST, "--max_train_steps", "3"], out, subprocess_env())
     assert result.returncode == 0, result.stderr[-3000:]
     assert "identical on all 2 processes" in result.stderr
     assert (out / "adapter_model.safetensors").is_file()
