@@ -31,10 +31,10 @@ PARTS = ("score", "shape", "colors", "stripes")
 
 def failure_mode(image, profile: metrics.SubjectProfile) -> tuple[str, dict[str, float]]:
     parts = profile.score(image)
-    background = metrics.background_color(metrics.to_rgb_array(image))
     if parts["score"] > 0:
         return "scored", parts
-    if np.sqrt(((profile.colors - background) ** 2).sum(-1)).min() < 80.0:
+    background = metrics.background_color(metrics.to_rgb_array(image))
+    if np.sqrt(((profile.colors - background) ** 2).sum(-1)).min() < metrics.STRIPE_COLOUR_RADIUS:
         return "subject_coloured_background", parts
     if parts["shape"] == 0:
         return "wrong_shape", parts

@@ -24,6 +24,7 @@ from . import world as W
 _PAL_NAMES = list(W.PALETTE)
 _PAL = np.array([W.PALETTE[c] for c in _PAL_NAMES], np.float32)
 FG_THRESHOLD = 70.0  # RGB L2 distance from the background colour
+STRIPE_COLOUR_RADIUS = 80.0  # RGB L2 distance within which a pixel counts as one of a subject's stripe colours
 
 
 # ----------------------------------------------------------------------------
@@ -326,9 +327,9 @@ class SubjectProfile:
         _, self.angle, self.period = best
 
     def labels(self, arr: np.ndarray, mask: np.ndarray):
-        """+1 / -1 for pixels near colour A / B (within 80 RGB), 0 otherwise."""
+        """+1 / -1 for pixels near colour A / B (within STRIPE_COLOUR_RADIUS), 0 otherwise."""
         d = np.sqrt(((arr[..., None, :] - self.colors[None, None]) ** 2).sum(-1))
-        near = d.min(-1) < 80.0
+        near = d.min(-1) < STRIPE_COLOUR_RADIUS
         lab = np.where(d[..., 0] < d[..., 1], 1.0, -1.0) * near * mask
         return lab, near & mask
 
