@@ -276,6 +276,25 @@ def test_identifier_embedding_is_learned_saved_merged_and_leaves_class_prompts_a
     assert "--identifier_token" in capsys.readouterr().err
 
 
+def test_initializer_token_starts_the_identifier_from_a_word(tmp_path, capsys):
+    import boft_diffusion as bd
+
+    flags = ["--train_identifier_embedding", "--class_prompt", "a photo of star", "--identifier_learning_rate", "1e-3"]
+    assert run_main("--output_dir", tmp_path / "out", *flags, "--initializer_token", "orange") == 0
+    learned = load_file(tmp_path / "out" / "learned_embeds.safetensors")["sks"]
+    pipe = bd.load_pipeline("tiny", dtype=torch.float32)
+    rows = pipe.text_encoder.get_input_embeddings().weight.detach()
+    orange, sks = (rows[pipe.tokenizer(w, add_special_tokens=False).input_ids[0]] for w in ("orange", "sks"))
+    assert (learned - orange).abs().max() < 0.01 < (learned - sks).abs().max()
+
+    assert run_main("--output_dir", tmp_path / "bad", *flags, "--initializer_token", "orange", "red") == 2
+    assert "2 words for 1 identifier" in capsys.readouterr().err
+    assert run_main("--output_dir", tmp_path / "bad", *flags, "--initializer_token", "zqxvkj") == 2
+    assert "--initializer_token" in capsys.readouterr().err
+    assert run_main("--output_dir", tmp_path / "bad", "--initializer_token", "orange") == 2
+    assert "needs --train_identifier_embedding" in capsys.readouterr().err
+
+
 def subject_copy(folder: Path) -> Path:
     """The bundled star's images, without their caption sidecars."""
     shutil.copytree(ROOT / "boft_diffusion" / "tiny" / "subjects" / "sks_star", folder,

@@ -18,6 +18,7 @@ from boft_diffusion.core.identifier import (
     IdentifierEmbedding,
     add_identifier_embeddings,
     identifier_words,
+    initializer_vectors,
     remove_identifier_embeddings,
 )
 
@@ -107,6 +108,23 @@ def test_multi_token_identifier_is_refused(pipe):
         assert pipe.text_encoder.get_input_embeddings() is installed, "a refused identifier must change nothing"
     finally:
         remove_identifier_embeddings(pipe.text_encoder)
+
+
+def test_an_identifier_started_from_a_word_encodes_as_that_word(pipe):
+    """``initializer_vectors`` reads the base rows even with identifiers installed, so "sks star"
+    started from "orange" encodes exactly as "orange star" until it is trained."""
+    installed = add_identifier_embeddings(pipe.text_encoder, pipe.tokenizer, ["sks"], random_vector(pipe))
+    try:
+        vectors = initializer_vectors(pipe.text_encoder, pipe.tokenizer, ["orange"])
+        assert torch.equal(vectors, installed.base_layer.weight[pipe.tokenizer("orange", add_special_tokens=False)
+                                                                .input_ids].float())
+        add_identifier_embeddings(pipe.text_encoder, pipe.tokenizer, ["sks"], vectors)
+        assert torch.equal(encode(pipe, "a photo of sks star"), encode(pipe, "a photo of orange star"))
+        with pytest.raises(ValueError, match="zqxvkj.*single token"):
+            initializer_vectors(pipe.text_encoder, pipe.tokenizer, ["zqxvkj"])
+    finally:
+        remove_identifier_embeddings(pipe.text_encoder)
+    assert not torch.equal(encode(pipe, "a photo of sks star"), encode(pipe, "a photo of orange star"))
 
 
 def test_save_load_round_trip_and_file_for_another_model(pipe, tmp_path):

@@ -151,6 +151,17 @@ def add_identifier_embeddings(
     return layer
 
 
+def initializer_vectors(text_encoder: nn.Module, tokenizer, words: Sequence[str]) -> torch.Tensor:
+    """The current embedding rows of ``words`` (one single-token word each), to start identifiers from.
+
+    Textual inversion's initializer token: an identifier that starts as a word the model already
+    draws (the subject's colour, say) has less to learn than one that starts as a rare token.
+    """
+    embedding = text_encoder.get_input_embeddings()
+    base = embedding.base_layer if isinstance(embedding, IdentifierEmbedding) else embedding
+    return base.weight.detach()[token_ids(tokenizer, words)].float().clone()
+
+
 def install_identifier_embeddings(
     text_encoder: nn.Module, tokenizer, vectors: dict[str, torch.Tensor]
 ) -> IdentifierEmbedding:

@@ -17,7 +17,7 @@ from PIL import Image
 from ..core.adapters import apply_boft, count_trainable_parameters, disable_adapters, enable_adapters
 from ..core.config import DEFAULT_TARGET_MODULES, BOFTConfig
 from ..core.files import EMBEDDINGS_NAME, atomic_write, save_adapter
-from ..core.identifier import IdentifierEmbedding, add_identifier_embeddings, identifier_words
+from ..core.identifier import IdentifierEmbedding, add_identifier_embeddings, identifier_words, initializer_vectors
 from ..models.bundled import example_subject_dir
 from ..models.export import export_merged_pipeline
 from ..models.images import image_to_tensor
@@ -282,6 +282,9 @@ def build_parser(description: str | None = None) -> argparse.ArgumentParser:
                             "learned_embeds.safetensors; prompts without the identifier encode exactly as before.")
     group.add_argument("--identifier_token", nargs="+", default=None,
                        help="The identifier word(s) (default: the instance prompt's words the class prompt lacks).")
+    group.add_argument("--initializer_token", nargs="+", default=None,
+                       help="With --train_identifier_embedding: start each identifier from this word's embedding "
+                            "instead of its own, one word per identifier (e.g. the subject's colour).")
     group.add_argument("--identifier_learning_rate", type=float, default=5e-3,
                        help="Learning rate of the identifier embedding.")
     group.add_argument("--adapter_type", default="boft", choices=["boft", "lora", "oft"],
@@ -307,7 +310,9 @@ def warn_captions_without_identifier(args: argparse.Namespace, paths: list[Path]
 
 
 def check_instance_flags(args: argparse.Namespace) -> None:
-    """Refuse caption and mask settings that would be ignored or are out of range."""
+    """Refuse caption, mask and identifier settings that would be ignored or are out of range."""
+    if args.initializer_token and not args.train_identifier_embedding:
+        raise TrainingError("--initializer_token needs --train_identifier_embedding (it starts the learned embedding).")
     if not 0 <= args.caption_dropout_rate <= 1:
         raise TrainingError(f"--caption_dropout_rate {args.caption_dropout_rate} is not a probability.")
     if args.caption_dropout_rate and not args.caption_extension:
@@ -340,11 +345,19 @@ def add_identifier(text_encoder: torch.nn.Module, tokenizer, args: argparse.Name
     if not words:
         raise TrainingError("--train_identifier_embedding: every word of the instance prompt is in the class "
                             "prompt; name the identifier with --identifier_token.")
+    if args.initializer_token and len(args.initializer_token) != len(words):
+        raise TrainingError(f"--initializer_token: {len(args.initializer_token)} words for {len(words)} identifier "
+                            f"words ({' '.join(words)}); give one per identifier.")
     try:
-        add_identifier_embeddings(text_encoder, tokenizer, words)
+        vectors = initializer_vectors(text_encoder, tokenizer, args.initializer_token) if args.initializer_token else None
+    except ValueError as error:
+        raise TrainingError(f"--initializer_token: {error}") from error
+    try:
+        add_identifier_embeddings(text_encoder, tokenizer, words, vectors)
     except ValueError as error:
         raise TrainingError(f"--train_identifier_embedding: {error}") from error
-    logger.info("learning the embedding of %s", ", ".join(repr(w) for w in words))
+    start = f", starting from {', '.join(repr(w) for w in args.initializer_token)}" if args.initializer_token else ""
+    logger.info("learning the embedding of %s%s", ", ".join(repr(w) for w in words), start)
 
 
 def pooled_mean(losses: list[tuple[torch.Tensor, int]]) -> torch.Tensor:
