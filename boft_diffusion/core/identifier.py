@@ -155,7 +155,8 @@ def initializer_vectors(text_encoder: nn.Module, tokenizer, words: Sequence[str]
     """The current embedding rows of ``words`` (one single-token word each), to start identifiers from.
 
     Textual inversion's initializer token: an identifier that starts as a word the model already
-    draws (the subject's colour, say) has less to learn than one that starts as a rare token.
+    draws (the class, say) may have less to learn than a rare token. On the tiny model, starting
+    from the subject's colour did worse than the token's own row (BENCHMARKS.md, fifth round).
     """
     embedding = text_encoder.get_input_embeddings()
     base = embedding.base_layer if isinstance(embedding, IdentifierEmbedding) else embedding
