@@ -86,6 +86,30 @@ def test_sdxl_dreambooth_trains_saves_and_loads_in_a_fresh_pipeline(sdxl, tmp_pa
     assert torch.allclose(sample(pipe, "a photo of star"), _base_sample(sdxl, "a photo of star"), atol=1e-5)
 
 
+def test_sdxl_vae_encodes_in_float32_under_fp16(sdxl, tmp_path, monkeypatch):
+    """SDXL's VAE overflows in float16 (diffusers keeps it in float32): both scripts encode in
+    float32 under --mixed_precision fp16, outside autocast, and still sample validation images."""
+    from diffusers import AutoencoderKL
+
+    import train_controlnet
+
+    encoded = []
+    encode = AutoencoderKL.encode
+
+    def recording_encode(vae, pixels, *args, **kwargs):
+        encoded.append((vae.dtype, pixels.dtype, torch.is_autocast_enabled(pixels.device.type)))
+        return encode(vae, pixels, *args, **kwargs)
+
+    monkeypatch.setattr(AutoencoderKL, "encode", recording_encode)
+    assert train(sdxl, tmp_path / "fp16", "--mixed_precision", "fp16", "--max_train_steps", "1") == 0
+    assert train_controlnet.main([*FAST, "--pretrained_model_name_or_path", str(sdxl), "--mixed_precision", "fp16",
+                                  "--train_data_dir", str(ROOT / "examples" / "tiny_control"), "--max_train_samples",
+                                  "2", "--max_train_steps", "1", "--output_dir", str(tmp_path / "light")]) == 0
+    assert encoded and set(encoded) == {(torch.float32, torch.float32, False)}
+    assert (tmp_path / "fp16" / "validation" / "step-000001.png").is_file()
+    assert (tmp_path / "light" / "validation" / "step-000001.png").is_file()
+
+
 def _base_sample(sdxl: Path, prompt: str):
     return sample(load(sdxl), prompt)
 

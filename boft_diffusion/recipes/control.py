@@ -45,6 +45,8 @@ from ..training.diffusion import (
     encode_prompts,
     encode_prompts_sdxl,
     noised_latents,
+    vae_dtype,
+    vae_for_sampling,
 )
 from ..training.trainer import Recipe, Trainer, TrainingError, check_output_dir, make_accelerator, place, weight_dtype
 
@@ -299,7 +301,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         if args.train_unet_boft:
             apply_boft(unet, boft)
             modules["unet"] = unet
-    place(vae, accelerator.device, dtype)
+    place(vae, accelerator.device, vae_dtype(vae, dtype, sdxl))
     for module in text_encoders:
         place(module, accelerator.device, dtype)
     place(unet, accelerator.device)
@@ -370,12 +372,13 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                       **guidance_kwargs(args.guidance_scale)}
             for module in modules.values():
                 disable_adapters(module)
-            with torch.no_grad():
+            with torch.no_grad(), vae_for_sampling(vae, dtype):
                 base = pipe(generator=torch.Generator().manual_seed(args.seed), **sample).images[0]
             for module in modules.values():
                 enable_adapters(module)
-            adapted = control.sample(pipe, condition_image, size, args.conditioning_scale,
-                                     generator=torch.Generator().manual_seed(args.seed), **sample)
+            with vae_for_sampling(vae, dtype):
+                adapted = control.sample(pipe, condition_image, size, args.conditioning_scale,
+                                         generator=torch.Generator().manual_seed(args.seed), **sample)
             rows.append([condition_image, base, adapted])
         return rows
 

@@ -57,6 +57,8 @@ from ..training.diffusion import (
     noise_posterior,
     noised_latents,
     posterior,
+    vae_dtype,
+    vae_for_sampling,
 )
 from ..training.trainer import Recipe, Trainer, TrainingError, check_output_dir, make_accelerator, place, weight_dtype
 
@@ -448,7 +450,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                                        "class images", buckets=buckets)
 
     device = accelerator.device
-    place(vae, device, dtype)
+    place(vae, device, vae_dtype(vae, dtype, sdxl))
     for encoder, _ in encoders.values():
         place(encoder, device, dtype)
     if args.gradient_checkpointing:
@@ -558,7 +560,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         rows = []
         for prompt in validation_prompts:
             generators = [torch.Generator().manual_seed(args.seed + i) for i in range(args.num_validation_images)]
-            with torch.no_grad():
+            with torch.no_grad(), vae_for_sampling(vae, dtype):
                 rows.append(pipe([prompt] * args.num_validation_images, num_inference_steps=args.num_inference_steps,
                                  generator=generators, **guidance_kwargs(args.guidance_scale)).images)
         return rows

@@ -3,6 +3,8 @@ denoising target and the loss."""
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -55,10 +57,32 @@ class NoisedBatch:
     noisy: torch.Tensor
 
 
+def vae_dtype(vae, dtype: torch.dtype, sdxl: bool) -> torch.dtype:
+    """The dtype to keep the frozen VAE in under mixed precision ``dtype``. SDXL's VAE overflows
+    in float16, so it stays in float32 there, as in diffusers' SDXL scripts, unless its config
+    says it need not (``force_upcast: false``, the fp16-fixed VAEs)."""
+    if dtype == torch.float16 and sdxl and getattr(vae.config, "force_upcast", False):
+        return torch.float32
+    return dtype
+
+
+@contextmanager
+def vae_for_sampling(vae, dtype: torch.dtype) -> Iterator[None]:
+    """Hand the VAE to a pipeline in the UNet's ``dtype`` while it samples: pipelines decode the
+    UNet's latents as they come, and SDXL's upcasts a float16 VAE to decode by itself."""
+    kept = vae.dtype
+    vae.to(dtype=dtype)
+    try:
+        yield
+    finally:
+        vae.to(dtype=kept)
+
+
 def posterior(vae, pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """The VAE posterior's mean and standard deviation for ``pixels`` (what --cache_latents keeps)."""
-    with torch.no_grad():
-        dist = vae.encode(pixels).latent_dist
+    """The VAE posterior's mean and standard deviation for ``pixels`` (what --cache_latents keeps),
+    computed in the VAE's own dtype: autocast would run a float32 VAE in half precision again."""
+    with torch.no_grad(), torch.autocast(device_type=pixels.device.type, enabled=False):
+        dist = vae.encode(pixels.to(vae.dtype)).latent_dist
     return dist.mean, dist.std
 
 
