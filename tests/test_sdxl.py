@@ -16,7 +16,7 @@ import train_dreambooth
 from boft_diffusion.app.studio import GenerationRequest, Limits, Studio
 from boft_diffusion.models.pipelines import is_sdxl
 from boft_diffusion.outputs.read import load_outputs
-from boft_diffusion.training.diffusion import encode_prompts_sdxl
+from boft_diffusion.training.diffusion import encode_prompts_sdxl, vae_decodes_in_own_dtype
 from conftest import kill_at_checkpoint_and_resume, make_tiny_sdxl
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -86,28 +86,48 @@ def test_sdxl_dreambooth_trains_saves_and_loads_in_a_fresh_pipeline(sdxl, tmp_pa
     assert torch.allclose(sample(pipe, "a photo of star"), _base_sample(sdxl, "a photo of star"), atol=1e-5)
 
 
-def test_sdxl_vae_encodes_in_float32_under_fp16(sdxl, tmp_path, monkeypatch):
-    """SDXL's VAE overflows in float16 (diffusers keeps it in float32): both scripts encode in
-    float32 under --mixed_precision fp16, outside autocast, and still sample validation images."""
+def test_sdxl_vae_runs_in_float32_under_fp16(sdxl, tmp_path, monkeypatch):
+    """SDXL's VAE overflows in float16 (diffusers keeps it in float32): under --mixed_precision fp16
+    both scripts encode the training images and decode the validation images in float32 outside
+    autocast, while the UNet runs in half precision."""
     from diffusers import AutoencoderKL
 
     import train_controlnet
 
-    encoded = []
-    encode = AutoencoderKL.encode
+    calls = {"encode": [], "decode": []}
 
-    def recording_encode(vae, pixels, *args, **kwargs):
-        encoded.append((vae.dtype, pixels.dtype, torch.is_autocast_enabled(pixels.device.type)))
-        return encode(vae, pixels, *args, **kwargs)
+    def recording(name):
+        original = getattr(AutoencoderKL, name)
 
-    monkeypatch.setattr(AutoencoderKL, "encode", recording_encode)
+        def record(vae, tensor, *args, **kwargs):
+            calls[name].append((vae.dtype, tensor.dtype, torch.is_autocast_enabled(tensor.device.type)))
+            return original(vae, tensor, *args, **kwargs)
+        return record
+
+    for name in calls:
+        monkeypatch.setattr(AutoencoderKL, name, recording(name))
     assert train(sdxl, tmp_path / "fp16", "--mixed_precision", "fp16", "--max_train_steps", "1") == 0
     assert train_controlnet.main([*FAST, "--pretrained_model_name_or_path", str(sdxl), "--mixed_precision", "fp16",
                                   "--train_data_dir", str(ROOT / "examples" / "tiny_control"), "--max_train_samples",
                                   "2", "--max_train_steps", "1", "--output_dir", str(tmp_path / "light")]) == 0
-    assert encoded and set(encoded) == {(torch.float32, torch.float32, False)}
+    # dreambooth: an encode, a validation decode; control: an encode, 4 validation pairs of base and control
+    assert [len(calls["encode"]), len(calls["decode"])] == [2, 1 + 4 * 2]
+    assert set(calls["encode"]) | set(calls["decode"]) == {(torch.float32, torch.float32, False)}
     assert (tmp_path / "fp16" / "validation" / "step-000001.png").is_file()
     assert (tmp_path / "light" / "validation" / "step-000001.png").is_file()
+
+
+def test_a_pipeline_decodes_in_the_vaes_dtype_inside_autocast(sdxl):
+    """Class images are sampled inside autocast too: the VAE must not follow it into half precision."""
+    pipe = load(sdxl)
+    latents = torch.randn(1, 4, 8, 8, dtype=torch.bfloat16)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert pipe.vae.decode(latents).sample.dtype == torch.bfloat16
+        with vae_decodes_in_own_dtype(pipe.vae):
+            decoded = pipe.vae.decode(latents).sample
+    assert decoded.dtype == torch.float32 and "decode" not in vars(pipe.vae)
+    with torch.no_grad():
+        assert torch.equal(decoded, pipe.vae.decode(latents.float()).sample)
 
 
 def _base_sample(sdxl: Path, prompt: str):

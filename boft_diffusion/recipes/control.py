@@ -45,8 +45,8 @@ from ..training.diffusion import (
     encode_prompts,
     encode_prompts_sdxl,
     noised_latents,
+    vae_decodes_in_own_dtype,
     vae_dtype,
-    vae_for_sampling,
 )
 from ..training.trainer import Recipe, Trainer, TrainingError, check_output_dir, make_accelerator, place, weight_dtype
 
@@ -372,11 +372,11 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                       **guidance_kwargs(args.guidance_scale)}
             for module in modules.values():
                 disable_adapters(module)
-            with torch.no_grad(), vae_for_sampling(vae, dtype):
+            with torch.no_grad(), vae_decodes_in_own_dtype(vae):
                 base = pipe(generator=torch.Generator().manual_seed(args.seed), **sample).images[0]
             for module in modules.values():
                 enable_adapters(module)
-            with vae_for_sampling(vae, dtype):
+            with vae_decodes_in_own_dtype(vae):
                 adapted = control.sample(pipe, condition_image, size, args.conditioning_scale,
                                          generator=torch.Generator().manual_seed(args.seed), **sample)
             rows.append([condition_image, base, adapted])

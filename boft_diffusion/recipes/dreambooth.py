@@ -57,8 +57,8 @@ from ..training.diffusion import (
     noise_posterior,
     noised_latents,
     posterior,
+    vae_decodes_in_own_dtype,
     vae_dtype,
-    vae_for_sampling,
 )
 from ..training.trainer import Recipe, Trainer, TrainingError, check_output_dir, make_accelerator, place, weight_dtype
 
@@ -441,7 +441,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         for module in modules.values():
             if boft:
                 disable_adapters(module)
-        with accelerator.autocast():  # the UNet may already be in half precision
+        with accelerator.autocast(), vae_decodes_in_own_dtype(vae):  # the UNet may already be in half precision
             ensure_class_images(pipe, args, accelerator)
         for module in modules.values():
             if boft:
@@ -560,7 +560,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         rows = []
         for prompt in validation_prompts:
             generators = [torch.Generator().manual_seed(args.seed + i) for i in range(args.num_validation_images)]
-            with torch.no_grad(), vae_for_sampling(vae, dtype):
+            with torch.no_grad(), vae_decodes_in_own_dtype(vae):
                 rows.append(pipe([prompt] * args.num_validation_images, num_inference_steps=args.num_inference_steps,
                                  generator=generators, **guidance_kwargs(args.guidance_scale)).images)
         return rows

@@ -67,15 +67,21 @@ def vae_dtype(vae, dtype: torch.dtype, sdxl: bool) -> torch.dtype:
 
 
 @contextmanager
-def vae_for_sampling(vae, dtype: torch.dtype) -> Iterator[None]:
-    """Hand the VAE to a pipeline in the UNet's ``dtype`` while it samples: pipelines decode the
-    UNet's latents as they come, and SDXL's upcasts a float16 VAE to decode by itself."""
-    kept = vae.dtype
-    vae.to(dtype=dtype)
+def vae_decodes_in_own_dtype(vae) -> Iterator[None]:
+    """While a pipeline samples inside the trainer's autocast, decode its latents in the VAE's own
+    dtype: the pipeline hands over the UNet's half-precision latents, and autocast would run even a
+    float32 VAE in half precision, where SDXL's overflows."""
+    decode = vae.decode
+
+    def own_dtype_decode(latents: torch.Tensor, *args, **kwargs):
+        with torch.autocast(device_type=latents.device.type, enabled=False):
+            return decode(latents.to(vae.dtype), *args, **kwargs)
+
+    vae.decode = own_dtype_decode
     try:
         yield
     finally:
-        vae.to(dtype=kept)
+        del vae.decode
 
 
 def posterior(vae, pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
