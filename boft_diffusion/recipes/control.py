@@ -336,7 +336,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
     def compute_loss(models: dict[str, torch.nn.Module], indices: list[int], generator: torch.Generator):
         batch = [examples[i] for i in indices]
-        pixels = torch.stack([e.image for e in batch]).to(device, dtype)
+        pixels = torch.stack([e.image for e in batch]).to(device)
         conditions = torch.stack([(e.condition + 1) / 2 for e in batch]).to(device)
         drop = torch.rand(len(batch), generator=generator) < args.proportion_empty_prompts
         texts = ["" if d else e.caption for e, d in zip(batch, drop.tolist(), strict=True)]
@@ -366,20 +366,20 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     def validate(step: int) -> list[list[Image.Image]]:
         """Per pair: the control image, the base model without control, the trained control (same seed)."""
         rows = []
-        for condition_image, prompt in pairs:
-            condition_image = condition_image.resize(size)
-            sample = {"prompt": prompt, "num_inference_steps": args.num_inference_steps,
-                      **guidance_kwargs(args.guidance_scale)}
-            for module in modules.values():
-                disable_adapters(module)
-            with torch.no_grad(), vae_decodes_in_own_dtype(vae):
-                base = pipe(generator=torch.Generator().manual_seed(args.seed), **sample).images[0]
-            for module in modules.values():
-                enable_adapters(module)
-            with vae_decodes_in_own_dtype(vae):
+        with vae_decodes_in_own_dtype(vae):
+            for condition_image, prompt in pairs:
+                condition_image = condition_image.resize(size)
+                sample = {"prompt": prompt, "num_inference_steps": args.num_inference_steps,
+                          **guidance_kwargs(args.guidance_scale)}
+                for module in modules.values():
+                    disable_adapters(module)
+                with torch.no_grad():
+                    base = pipe(generator=torch.Generator().manual_seed(args.seed), **sample).images[0]
+                for module in modules.values():
+                    enable_adapters(module)
                 adapted = control.sample(pipe, condition_image, size, args.conditioning_scale,
                                          generator=torch.Generator().manual_seed(args.seed), **sample)
-            rows.append([condition_image, base, adapted])
+                rows.append([condition_image, base, adapted])
         return rows
 
     def save_outputs(folder: Path, step: int) -> None:

@@ -369,7 +369,7 @@ def pooled_mean(losses: list[tuple[torch.Tensor, int]]) -> torch.Tensor:
     return sum(loss * count for loss, count in losses) / sum(count for _, count in losses)
 
 
-def cache_latents(image_sets: list[ImageSet], vae, device, dtype) -> list[list[tuple[torch.Tensor, torch.Tensor]]]:
+def cache_latents(image_sets: list[ImageSet], vae, device) -> list[list[tuple[torch.Tensor, torch.Tensor]]]:
     """Each image's VAE posterior (mean, std), encoded once (--cache_latents). The crops are
     centred and nothing is flipped (``check_instance_flags`` makes sure), so every step would
     encode exactly these pixels again."""
@@ -377,7 +377,7 @@ def cache_latents(image_sets: list[ImageSet], vae, device, dtype) -> list[list[t
     for images in image_sets:
         entries = []
         for tensor, target in zip(images.tensors, images.targets, strict=True):
-            pixels = center_crop_tensor(tensor[:3], target).unsqueeze(0).to(device, dtype)
+            pixels = center_crop_tensor(tensor[:3], target).unsqueeze(0).to(device)
             mean, std = posterior(vae, pixels)
             entries.append((mean[0], std[0]))
         cache.append(entries)
@@ -481,7 +481,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             cached_embeddings = encode({}, prompts)
     dataset_len = max(len(instances.tensors), len(classes.tensors) if classes else 0)
     image_sets = [instances, classes] if classes else [instances]
-    latent_cache = cache_latents(image_sets, vae, device, dtype) if args.cache_latents else None
+    latent_cache = cache_latents(image_sets, vae, device) if args.cache_latents else None
 
     def subject_weight(masks: torch.Tensor, size: torch.Size) -> torch.Tensor | None:
         """Per-latent-pixel loss weight: 1 on the subject, --background_loss_weight elsewhere."""
@@ -532,7 +532,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 noised = noise_posterior(*part.posterior, vae.config.scaling_factor, noise_scheduler, generator,
                                          device, args.noise_offset)
             else:
-                noised = noised_latents(vae, noise_scheduler, part.pixels.to(device, dtype), generator, device,
+                noised = noised_latents(vae, noise_scheduler, part.pixels.to(device), generator, device,
                                         args.noise_offset)
             timesteps = noised.timesteps
             conditions = {} if pooled is None else {"added_cond_kwargs": {
@@ -558,9 +558,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
     def validate(step: int) -> list[list[Image.Image]]:
         rows = []
-        for prompt in validation_prompts:
-            generators = [torch.Generator().manual_seed(args.seed + i) for i in range(args.num_validation_images)]
-            with torch.no_grad(), vae_decodes_in_own_dtype(vae):
+        with torch.no_grad(), vae_decodes_in_own_dtype(vae):
+            for prompt in validation_prompts:
+                generators = [torch.Generator().manual_seed(args.seed + i) for i in range(args.num_validation_images)]
                 rows.append(pipe([prompt] * args.num_validation_images, num_inference_steps=args.num_inference_steps,
                                  generator=generators, **guidance_kwargs(args.guidance_scale)).images)
         return rows

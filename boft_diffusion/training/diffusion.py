@@ -86,7 +86,8 @@ def vae_decodes_in_own_dtype(vae) -> Iterator[None]:
 
 def posterior(vae, pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """The VAE posterior's mean and standard deviation for ``pixels`` (what --cache_latents keeps),
-    computed in the VAE's own dtype: autocast would run a float32 VAE in half precision again."""
+    computed in the VAE's own dtype: callers pass full-precision pixels, and autocast would run a
+    float32 VAE in half precision again."""
     with torch.no_grad(), torch.autocast(device_type=pixels.device.type, enabled=False):
         dist = vae.encode(pixels.to(vae.dtype)).latent_dist
     return dist.mean, dist.std
