@@ -78,11 +78,12 @@ def instances_of(name: str) -> list[Image.Image]:
     return [image for _, image in load_images(example_subject_dir(name), 64)]
 
 
-def measure(pipe, name: str, num_images: int, eval_seed: int) -> dict[str, list[float]]:
+def measure(pipe, name: str, num_images: int, eval_seed: int, instance_prompt: str | None = None
+            ) -> dict[str, list[float]]:
     """Per-sample tiny-world measures of the pipeline as it is, re-context on the subject's backgrounds."""
     subject = world.SUBJECTS[name]
-    drawn = tiny_world_samples(pipe, subject.instance_prompt, subject.class_prompt, num_images, eval_seed,
-                               guidance=GUIDANCE, backgrounds=subject.backgrounds)
+    drawn = tiny_world_samples(pipe, instance_prompt or subject.instance_prompt, subject.class_prompt, num_images,
+                               eval_seed, guidance=GUIDANCE, backgrounds=subject.backgrounds)
     return sample_scores(drawn, instances_of(name))
 
 
@@ -124,14 +125,16 @@ def curve_point(step: int, samples: dict[str, list[float]], base_fidelity: float
     return step, float(np.mean(samples["subject"])), base_fidelity - float(np.mean(samples["class_prompt_fidelity"]))
 
 
-def class_dir(out: Path, name: str, seed: int) -> Path:
-    return out / name / f"class_images-seed{seed}"
+def class_dir(out: Path, name: str, seed: int, variant: str = "") -> Path:
+    """Class images are shared by the runs of a (subject, seed), except captioned ones."""
+    captioned = "captioned_" if "--class_prompts_from_captions" in shlex.split(variant) else ""
+    return out / name / f"{captioned}class_images-seed{seed}"
 
 
 def run_flags(job: dict) -> list[str]:
     out = Path(job["output_dir"])
     run_dir = out / job["phase"] / job["subject"] / f"{job['method']}-v{job['variant_index']}-lr{job['lr_scale']}-{job['steps']}steps-seed{job['seed']}"
-    flags = training_flags(run_dir, job["steps"], job["seed"], class_dir(out, job["subject"], job["seed"]),
+    flags = training_flags(run_dir, job["steps"], job["seed"], class_dir(out, job["subject"], job["seed"], job["variant"]),
                            job["subject"])
     rate = float(flags[flags.index("--learning_rate") + 1]) * job["lr_scale"]
     flags[flags.index("--learning_rate") + 1] = f"{rate:g}"

@@ -360,6 +360,51 @@ def test_sidecar_captions_are_the_prompts_of_their_images(tmp_path, capsys, capl
     assert "sks_star_03.txt is empty" in capsys.readouterr().err
 
 
+def test_class_images_are_drawn_and_trained_on_the_instance_captions(tmp_path, capsys, monkeypatch):
+    """--class_prompts_from_captions: class image i is drawn from instance caption i (cycled) less
+    the identifier, its caption is written beside it, and it trains on that caption; caption
+    dropout sends class images to --class_prompt."""
+    subject = ROOT / "boft_diffusion" / "tiny" / "subjects" / "sks_star"
+    instance_captions = [p.read_text().strip() for p in sorted(subject.glob("*.txt"))]
+    assert len(set(instance_captions)) == 5 and all(" sks star " in c for c in instance_captions)
+    class_dir = tmp_path / "class"
+    encoded: list[list[str]] = []
+    real_encode = dreambooth.encode_prompts
+
+    def recording_encode(tokenizer, text_encoder, prompts, device):
+        encoded.append(list(prompts))
+        return real_encode(tokenizer, text_encoder, prompts, device)
+
+    monkeypatch.setattr(dreambooth, "encode_prompts", recording_encode)
+    common = ["--instance_data_dir", subject, "--caption_extension", ".txt", "--with_prior_preservation",
+              "--class_prompt", "a photo of star", "--class_data_dir", class_dir, "--num_class_images", "6",
+              "--sample_batch_size", "4", "--train_batch_size", "6", "--max_train_steps", "1",
+              "--train_identifier_embedding", "--class_prompts_from_captions"]
+    assert run_main("--output_dir", tmp_path / "a", *common) == 0
+    expected = [c.replace(" sks star ", " star ") for c in instance_captions + instance_captions[:1]]
+    written = [(class_dir / f"class_{i:05d}.txt").read_text() for i in range(6)]
+    assert written == expected and len(list(class_dir.glob("*.png"))) == 6
+    trained = [p for batch in encoded for p in batch]
+    assert sorted(p for p in trained if "sks" not in p) == sorted(expected)  # one step covers every class image
+
+    (class_dir / "class_00005.png").unlink()
+    (class_dir / "class_00005.txt").unlink()
+    encoded.clear()
+    assert run_main("--output_dir", tmp_path / "b", *common, "--caption_dropout_rate", "1") == 0
+    assert (class_dir / "class_00005.txt").read_text() == expected[5]  # resumed with the same caption
+    trained = [p for batch in encoded for p in batch]
+    assert [p for p in trained if "sks" not in p] == ["a photo of star"] * 6
+
+    plain_dir = tmp_path / "plain_class"
+    plain_dir.mkdir()
+    Image.new("RGB", (64, 64), "red").save(plain_dir / "class_00000.png")
+    assert run_main("--output_dir", tmp_path / "c", *common, "--class_data_dir", plain_dir) == 2
+    assert "already holds class images without .txt captions (class_00000.png" in capsys.readouterr().err
+    assert run_main("--output_dir", tmp_path / "d", "--with_prior_preservation", "--class_prompt", "a photo of star",
+                    "--class_data_dir", plain_dir, "--class_prompts_from_captions") == 2
+    assert "needs --caption_extension and --with_prior_preservation" in capsys.readouterr().err
+
+
 def square_masks(folder: Path) -> Path:
     folder.mkdir()
     for image in sorted((ROOT / "boft_diffusion" / "tiny" / "subjects" / "sks_star").glob("*.png")):

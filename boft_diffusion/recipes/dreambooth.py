@@ -164,33 +164,58 @@ def bucket_groups(images: ImageSet, dataset_len: int) -> list[list[int]]:
     return [groups[target] for target in sorted(groups)]
 
 
-def ensure_class_images(pipe, args: argparse.Namespace, accelerator) -> None:
+def class_captions(args: argparse.Namespace, instance_prompts: list[str]) -> list[str]:
+    """The instance captions with the identifier's words taken out ("a photo of sks star on a red
+    background" -> "a photo of star on a red background"), each once, in order."""
+    identifier = {w.lower() for w in args.identifier_token or identifier_words(args.instance_prompt, args.class_prompt)}
+    stripped = [" ".join(w for w in prompt.split() if w.lower() not in identifier) for prompt in instance_prompts]
+    return list(dict.fromkeys(stripped))
+
+
+def write_caption(path: str, text: str) -> None:
+    Path(path).write_text(text, encoding="utf-8")
+
+
+def ensure_class_images(pipe, args: argparse.Namespace, accelerator, captions: list[str] | None = None) -> None:
     """Generate class images with the base model until the folder holds ``num_class_images``.
 
-    Files are numbered and written atomically, so an interrupted generation resumes where it
-    stopped and never leaves a half-written image behind.
+    Without ``captions`` every image is drawn from --class_prompt. With them, image ``i`` is drawn
+    from ``captions[i % len(captions)]`` and that caption is written beside it (before it, so an
+    image never lacks its caption). Files are numbered and written atomically, so an interrupted
+    generation resumes where it stopped and never leaves a half-written image behind.
     """
     folder = Path(args.class_data_dir)
     if accelerator.is_main_process:
         folder.mkdir(parents=True, exist_ok=True)
-        existing = len(list_images(folder))
-        missing = args.num_class_images - existing
+        existing = list_images(folder, args.caption_extension)
+        if captions:
+            uncaptioned = [p.name for p in existing if not caption_path(p, args.caption_extension).is_file()]
+            if uncaptioned:
+                raise TrainingError(f"--class_prompts_from_captions: {folder} already holds class images without "
+                                    f"{args.caption_extension} captions ({', '.join(uncaptioned[:3])}...); give a "
+                                    "new --class_data_dir.")
+        missing = args.num_class_images - len(existing)
         if missing > 0:
-            logger.info("generating %d class images for %r in %s", missing, args.class_prompt, folder)
+            logger.info("generating %d class images for %r in %s", missing, captions or args.class_prompt, folder)
             pipe.set_progress_bar_config(disable=True)
-            index = existing
+            index = len(existing)
             while index < args.num_class_images:
                 count = min(args.sample_batch_size, args.num_class_images - index)
                 generators = [torch.Generator().manual_seed(args.seed + 7919 * (index + i)) for i in range(count)]
+                prompts = [captions[i % len(captions)] if captions else args.class_prompt
+                           for i in range(index, index + count)]
                 with torch.no_grad():
                     images = pipe(
-                        [args.class_prompt] * count,
+                        prompts,
                         num_inference_steps=args.num_inference_steps,
                         generator=generators,
                         **guidance_kwargs(args.guidance_scale),
                     ).images
-                for image in images:
-                    atomic_write(folder, {f"class_{index:05d}.png": partial(image.save, format="PNG")})
+                for prompt, image in zip(prompts, images, strict=True):
+                    files = {f"class_{index:05d}{args.caption_extension}": partial(write_caption, text=prompt)
+                             } if captions else {}
+                    files[f"class_{index:05d}.png"] = partial(image.save, format="PNG")
+                    atomic_write(folder, files)
                     index += 1
     accelerator.wait_for_everyone()
 
@@ -264,6 +289,12 @@ def build_parser(description: str | None = None) -> argparse.ArgumentParser:
                             f"default {DEFAULT_BACKGROUND_LOSS_WEIGHT}).")
     group.add_argument("--class_data_dir", default=None, help="Class images; generated with the base model if short.")
     group.add_argument("--class_prompt", default=None, help='e.g. "a photo of star".')
+    group.add_argument("--class_prompts_from_captions", action="store_true",
+                       help="With --caption_extension: draw the class images from the instance captions with the "
+                            "identifier taken out (\"a photo of star on a red background\"), each written beside "
+                            "its image, so the prior is kept in the subject's contexts. With --caption_extension, "
+                            "a class image's caption file is its prompt (else --class_prompt), and "
+                            "--caption_dropout_rate drops it to --class_prompt.")
     group.add_argument("--with_prior_preservation", action="store_true")
     group.add_argument("--prior_loss_weight", type=float, default=1.0)
     group.add_argument("--num_class_images", type=int, default=50)
@@ -319,6 +350,8 @@ def check_instance_flags(args: argparse.Namespace) -> None:
         raise TrainingError(f"--caption_dropout_rate {args.caption_dropout_rate} is not a probability.")
     if args.caption_dropout_rate and not args.caption_extension:
         raise TrainingError("--caption_dropout_rate needs --caption_extension (there are no captions to drop).")
+    if args.class_prompts_from_captions and not (args.caption_extension and args.with_prior_preservation):
+        raise TrainingError("--class_prompts_from_captions needs --caption_extension and --with_prior_preservation.")
     if args.background_loss_weight is not None and not args.instance_mask_dir:
         raise TrainingError("--background_loss_weight needs --instance_mask_dir.")
     if args.instance_mask_dir and args.background_loss_weight is None:
@@ -435,19 +468,23 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 add_identifier(encoder, encoder_tokenizer, args)
             modules[name] = encoder
 
-    classes = None
+    classes, class_prompts = None, []
     if args.with_prior_preservation:
         boft = args.adapter_type == "boft"  # a fresh LoRA or OFT is the identity already
         for module in modules.values():
             if boft:
                 disable_adapters(module)
         with accelerator.autocast(), vae_decodes_in_own_dtype(vae):  # the UNet may already be in half precision
-            ensure_class_images(pipe, args, accelerator)
+            ensure_class_images(pipe, args, accelerator,
+                                class_captions(args, instance_prompts) if args.class_prompts_from_captions else None)
         for module in modules.values():
             if boft:
                 enable_adapters(module)
         classes = ImageSet.from_folder(args.class_data_dir, resolution, args.center_crop, args.dataloader_num_workers,
-                                       "class images", buckets=buckets)
+                                       "class images", args.caption_extension, buckets=buckets)
+        class_prompts = [args.class_prompt] * len(classes.paths)
+        if args.caption_extension:
+            class_prompts = read_captions(classes.paths, args.caption_extension, args.class_prompt)
 
     device = accelerator.device
     place(vae, device, vae_dtype(vae, dtype, sdxl))
@@ -462,10 +499,13 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     from diffusers import DDPMScheduler
 
     noise_scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
-    prompts = list(dict.fromkeys([args.instance_prompt] + instance_prompts + ([args.class_prompt] if classes else [])))
+    prompts = list(dict.fromkeys([args.instance_prompt] + instance_prompts
+                                 + ([args.class_prompt] if classes else []) + class_prompts))
     instance_rows = [prompts.index(prompt) for prompt in instance_prompts]
     plain_row = prompts.index(args.instance_prompt)
-    class_row = prompts.index(args.class_prompt) if classes else None
+    class_rows = [prompts.index(prompt) for prompt in class_prompts]
+    plain_class_row = prompts.index(args.class_prompt) if classes else None
+    class_captioned = len(set(class_rows) - {plain_class_row}) > 0
 
     def encode(models: dict[str, torch.nn.Module], texts: list[str]) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Hidden states (and SDXL's pooled embeddings) of ``texts``, through the prepared encoders
@@ -506,15 +546,21 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         return Part(batch[:, :3], batch[:, 3:], add_time_ids(originals, offsets, target, device), segment.rows,
                     len(segment.picks) if segment.instance else 0, cached)
 
+    def drop_captions(rows: list[int], plain: int, generator: torch.Generator) -> list[int]:
+        """Each caption's row, or with probability --caption_dropout_rate the plain prompt's."""
+        if args.caption_dropout_rate == 0:
+            return rows
+        dropped = (torch.rand(len(rows), generator=generator) < args.caption_dropout_rate).tolist()
+        return [plain if drop else row for row, drop in zip(rows, dropped, strict=True)]
+
     def compute_loss(models: dict[str, torch.nn.Module], indices: list[int], generator: torch.Generator):
-        prompt_rows = [instance_rows[i % len(instance_rows)] for i in indices]
-        if args.caption_dropout_rate > 0:
-            dropped = (torch.rand(len(indices), generator=generator) < args.caption_dropout_rate).tolist()
-            prompt_rows = [plain_row if drop else row for row, drop in zip(prompt_rows, dropped, strict=True)]
+        prompt_rows = drop_captions([instance_rows[i % len(instance_rows)] for i in indices], plain_row, generator)
         segments = segments_of(instances, [i % len(instances.tensors) for i in indices], prompt_rows, True)
         if classes:
-            segments += segments_of(classes, [i % len(classes.tensors) for i in indices], [class_row] * len(indices),
-                                    False)
+            rows = [class_rows[i % len(class_rows)] for i in indices]
+            if class_captioned:  # a draw only then, so runs without class captions replay as before
+                rows = drop_captions(rows, plain_class_row, generator)
+            segments += segments_of(classes, [i % len(classes.tensors) for i in indices], rows, False)
         parts = [prepare(segment, generator) for segment in segments]
         if len({part.pixels.shape[-2:] for part in parts}) == 1:
             parts = [Part.join(parts)]
