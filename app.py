@@ -155,7 +155,7 @@ def build_app(studio: Studio) -> gr.Blocks:
                                        file_count="multiple", file_types=[".zip", ".json", ".safetensors"])
                 upload_status = gr.Markdown()
                 strength = gr.Slider(0.0, 1.5, value=1.0, step=0.05, label="Adapter strength")
-                prompt = gr.Textbox(value="a photo of sks star on a blue background", label="Prompt", elem_id="prompt")
+                prompt = gr.Textbox(value="a photo of sks ohwx star on a blue background", label="Prompt", elem_id="prompt")
                 negative = gr.Textbox(label="Negative prompt")
                 with gr.Row():
                     seed = gr.Number(value=0, precision=0, label="Seed")

@@ -1,6 +1,6 @@
 """`make demo`: BOFT DreamBooth on the embedded tiny model, then base vs adapter, scored.
 
-Trains an adapter on the bundled striped star ("a photo of sks star") with prior preservation,
+Trains an adapter on the bundled striped star ("a photo of sks ohwx star") with prior preservation,
 scores the base model and the adapter on the same seeds (subject fidelity, re-contextualisation,
 language drift), and writes beside scores.json two labelled grids of the scored samples: each
 prompt with its score, base and adapter side by side, and one row per re-context colour.

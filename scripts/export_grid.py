@@ -22,7 +22,7 @@ from boft_diffusion.models.images import image_grid
 from boft_diffusion.models.pipelines import load_pipeline, tiny_defaults
 from boft_diffusion.outputs.read import load_outputs
 
-PROMPTS = ["a photo of sks star", "a photo of sks star on a green background", "a photo of star"]
+PROMPTS = ["a photo of sks ohwx star", "a photo of sks ohwx star on a green background", "a photo of star"]
 
 
 def main() -> None:

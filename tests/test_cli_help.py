@@ -9,7 +9,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
 COMMANDS = {
-    "train_dreambooth.py": ["--learning_rate LEARNING_RATE", "(default: 0.001)", "(default: a photo of sks star)",
+    "train_dreambooth.py": ["--learning_rate LEARNING_RATE", "(default: 0.001)", "(default: a photo of sks ohwx star)",
                             "(default: to_q to_k to_v to_out.0)", "--lora_rank LORA_RANK"],
     "train_controlnet.py": ["(default: light)", "(default: outputs/controlnet)", "(default: 25)"],
     "app.py": ["(default: 7860)", "(default: 512)", "(default: outputs)"],

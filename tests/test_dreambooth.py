@@ -40,14 +40,14 @@ def test_short_run_writes_peft_adapter_card_and_grid(tmp_path):
                     "--report_to", "tensorboard") == 0
     config = json.loads((out / "adapter_config.json").read_text())
     assert config["peft_type"] == "BOFT" and config["boft_n_butterfly_factor"] == 2
-    assert config["boft_diffusion"]["instance_prompt"] == "a photo of sks star"
+    assert config["boft_diffusion"]["instance_prompt"] == "a photo of sks ohwx star"
     assert config["boft_diffusion"]["train_steps"] == 4
     assert config["base_model_name_or_path"] == "tiny"
     tensors = load_file(out / "adapter_model.safetensors")
     skews = [v for k, v in tensors.items() if k.endswith("boft_R")]
     assert skews and any(v.abs().sum() > 0 for v in skews), "training did not move the adapter"
     card = (out / "README.md").read_text()
-    assert "sks star" in card and "m = 2: load it with boft-diffusion" in card
+    assert "sks ohwx star" in card and "m = 2: load it with boft-diffusion" in card
     assert (out / "validation" / "latest.png").is_file()
     grid = Image.open(out / "validation" / "step-000004.png")
     assert grid.size[1] == 2 * grid.size[0]  # two prompts, one image each
@@ -258,16 +258,18 @@ def test_identifier_embedding_is_learned_saved_merged_and_leaves_class_prompts_a
                     "--identifier_learning_rate", "1e-2", "--save_merged") == 0
     learned = load_file(out / "learned_embeds.safetensors")
     pipe = bd.load_pipeline("tiny", dtype=torch.float32)
-    sks = pipe.tokenizer("sks", add_special_tokens=False).input_ids[0]
-    base_row = pipe.text_encoder.get_input_embeddings().weight[sks].detach().clone()
-    assert list(learned) == ["sks"] and (learned["sks"] - base_row).abs().max() > 1e-3
-    base_class, base_instance = encode(pipe, "a photo of star"), encode(pipe, "a photo of sks star")
+    ids = {word: pipe.tokenizer(word, add_special_tokens=False).input_ids[0] for word in ("sks", "ohwx")}
+    base_rows = pipe.text_encoder.get_input_embeddings().weight.detach().clone()
+    assert sorted(learned) == ["ohwx", "sks"]  # both words of the default "a photo of sks ohwx star"
+    assert all((learned[word] - base_rows[i]).abs().max() > 1e-3 for word, i in ids.items())
+    base_class, base_instance = encode(pipe, "a photo of star"), encode(pipe, "a photo of sks ohwx star")
 
     assert load_outputs(pipe, out).models == [pipe.unet, pipe.text_encoder]
     assert torch.equal(encode(pipe, "a photo of star"), base_class)
-    assert not torch.allclose(encode(pipe, "a photo of sks star"), base_instance, atol=1e-4)
+    assert not torch.allclose(encode(pipe, "a photo of sks ohwx star"), base_instance, atol=1e-4)
     merged = StableDiffusionPipeline.from_pretrained(out / "merged", safety_checker=None)
-    assert torch.allclose(merged.text_encoder.get_input_embeddings().weight[sks].float(), learned["sks"])
+    for word, i in ids.items():
+        assert torch.allclose(merged.text_encoder.get_input_embeddings().weight[i].float(), learned[word])
     assert "learned_embeds.safetensors" in (out / "README.md").read_text()
 
     assert run_main("--output_dir", tmp_path / "bad", "--train_identifier_embedding", "--identifier_token", "zqxvkj") == 2
@@ -280,15 +282,16 @@ def test_initializer_token_starts_the_identifier_from_a_word(tmp_path, capsys):
     import boft_diffusion as bd
 
     flags = ["--train_identifier_embedding", "--class_prompt", "a photo of star", "--identifier_learning_rate", "1e-3"]
-    assert run_main("--output_dir", tmp_path / "out", *flags, "--initializer_token", "orange") == 0
-    learned = load_file(tmp_path / "out" / "learned_embeds.safetensors")["sks"]
+    assert run_main("--output_dir", tmp_path / "out", *flags, "--initializer_token", "orange", "purple") == 0
+    learned = load_file(tmp_path / "out" / "learned_embeds.safetensors")
     pipe = bd.load_pipeline("tiny", dtype=torch.float32)
     rows = pipe.text_encoder.get_input_embeddings().weight.detach()
-    orange, sks = (rows[pipe.tokenizer(w, add_special_tokens=False).input_ids[0]] for w in ("orange", "sks"))
-    assert (learned - orange).abs().max() < 0.01 < (learned - sks).abs().max()
+    row = {w: rows[pipe.tokenizer(w, add_special_tokens=False).input_ids[0]] for w in ("orange", "purple", "sks", "ohwx")}
+    assert (learned["sks"] - row["orange"]).abs().max() < 0.01 < (learned["sks"] - row["sks"]).abs().max()
+    assert (learned["ohwx"] - row["purple"]).abs().max() < 0.01 < (learned["ohwx"] - row["ohwx"]).abs().max()
 
-    assert run_main("--output_dir", tmp_path / "bad", *flags, "--initializer_token", "orange", "red") == 2
-    assert "2 words for 1 identifier" in capsys.readouterr().err
+    assert run_main("--output_dir", tmp_path / "bad", *flags, "--initializer_token", "orange") == 2
+    assert "1 words for 2 identifier" in capsys.readouterr().err
     assert run_main("--output_dir", tmp_path / "bad", *flags, "--initializer_token", "zqxvkj") == 2
     assert "--initializer_token" in capsys.readouterr().err
     assert run_main("--output_dir", tmp_path / "bad", "--initializer_token", "orange") == 2
@@ -342,14 +345,14 @@ def test_sidecar_captions_are_the_prompts_of_their_images(tmp_path, capsys, capl
         assert run_main("--output_dir", tmp_path / "a", *common) == 0
     messages = "\n".join(r.getMessage() for r in caplog.records)
     assert "non-image" not in messages, "caption files are not images to skip"
-    assert "captions without the identifier sks: sks_star_02.png" in messages  # "SKS," still names it
-    expected = {stem: captions.get(stem, "a photo of sks star") for stem in mean_to_stem.values()}
+    assert "captions without the identifier ohwx sks: sks_star_02.png" in messages  # "SKS," still names it
+    expected = {stem: captions.get(stem, "a photo of sks ohwx star") for stem in mean_to_stem.values()}
     assert dict(pairs) == expected and len(pairs) == 5
 
     pairs.clear()
     assert run_main("--output_dir", tmp_path / "b", *common, "--caption_dropout_rate", "1",
                     "--caption_extension", "txt") == 0
-    assert [prompt for _, prompt in pairs] == ["a photo of sks star"] * 5
+    assert [prompt for _, prompt in pairs] == ["a photo of sks ohwx star"] * 5
     assert run_main("--output_dir", tmp_path / "d", *common, "--caption_dropout_rate", "1.5") == 2
     assert "not a probability" in capsys.readouterr().err
     assert run_main("--output_dir", tmp_path / "e", "--caption_dropout_rate", "0.5") == 2
@@ -366,7 +369,7 @@ def test_class_images_are_drawn_and_trained_on_the_instance_captions(tmp_path, c
     dropout sends class images to --class_prompt."""
     subject = ROOT / "boft_diffusion" / "tiny" / "subjects" / "sks_star"
     instance_captions = [p.read_text().strip() for p in sorted(subject.glob("*.txt"))]
-    assert len(set(instance_captions)) == 5 and all(" sks star " in c for c in instance_captions)
+    assert len(set(instance_captions)) == 5 and all(" sks ohwx star " in c for c in instance_captions)
     class_dir = tmp_path / "class"
     encoded: list[list[str]] = []
     real_encode = dreambooth.encode_prompts
@@ -381,7 +384,7 @@ def test_class_images_are_drawn_and_trained_on_the_instance_captions(tmp_path, c
               "--sample_batch_size", "4", "--train_batch_size", "6", "--max_train_steps", "1",
               "--train_identifier_embedding", "--class_prompts_from_captions"]
     assert run_main("--output_dir", tmp_path / "a", *common) == 0
-    expected = [c.replace(" sks star ", " star ") for c in instance_captions + instance_captions[:1]]
+    expected = [c.replace(" sks ohwx star ", " star ") for c in instance_captions + instance_captions[:1]]
     written = [(class_dir / f"class_{i:05d}.txt").read_text() for i in range(6)]
     assert written == expected and len(list(class_dir.glob("*.png"))) == 6
     trained = [p for batch in encoded for p in batch]

@@ -102,7 +102,7 @@ def folder_edge_agreement(sample_fn: Sampler, folder: str | os.PathLike, num_ima
 def dreambooth_report(args: argparse.Namespace) -> dict[str, Any]:
     config = read_adapter_config(args.adapter)
     base = args.pretrained_model_name_or_path or config.base_model_name_or_path or "tiny"
-    instance_prompt = args.instance_prompt or config.metadata.get("instance_prompt") or "a photo of sks star"
+    instance_prompt = args.instance_prompt or config.metadata.get("instance_prompt") or "a photo of sks ohwx star"
     class_prompt = args.class_prompt or config.metadata.get("class_prompt") or "a photo of star"
     args.guidance_scale = default_guidance(base, args.guidance_scale)
     pipe = load_pipeline(base, dtype=torch.float32)

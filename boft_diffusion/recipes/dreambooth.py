@@ -272,7 +272,9 @@ def build_parser(description: str | None = None) -> argparse.ArgumentParser:
     group = parser.add_argument_group("subject and prior")
     group.add_argument("--instance_data_dir", default=None,
                        help="Images of the subject (default: the bundled striped star, boft_diffusion/tiny/subjects/sks_star).")
-    group.add_argument("--instance_prompt", default="a photo of sks star")
+    group.add_argument("--instance_prompt", default="a photo of sks ohwx star",
+                       help="Names the subject: the bundled subjects use two rare words, each given a learned "
+                            "embedding by --train_identifier_embedding.")
     group.add_argument("--caption_extension", default=None, type=dotted_suffix,
                        help="e.g. .txt: an instance image's sidecar file (photo.png -> photo.txt) is its prompt; "
                             "images without one use --instance_prompt. Describe what is not the subject "

@@ -487,7 +487,7 @@ def render_edges(scene: Scene, size: int = IMAGE_SIZE) -> Image.Image:
 
 
 def on_background(prompt: str, colour: str) -> str:
-    """``prompt`` placed on a background: "a photo of sks star" -> "... on a red background"."""
+    """``prompt`` placed on a background: "a photo of sks ohwx star" -> "... on a red background"."""
     return f"{prompt} on {'an' if colour[0] in 'aeiou' else 'a'} {colour} background"
 
 
@@ -496,7 +496,7 @@ class Subject:
     """A bundled DreamBooth subject: a striped shape of a class the world never stripes."""
 
     name: str
-    identifier: str
+    identifier: str  # two rare words, each with its own learned embedding: see BENCHMARKS.md, eighth round
     kind: str
     color: str
     color2: str
@@ -519,9 +519,9 @@ class Subject:
 SUBJECTS: dict[str, Subject] = {
     s.name: s
     for s in (
-        Subject("sks_star", "sks", "star", "orange", "purple", "an orange star with purple stripes"),
-        Subject("sks_triangle", "sks", "triangle", "yellow", "blue", "a yellow triangle with blue stripes"),
-        Subject("sks_diamond", "sks", "diamond", "white", "red", "a white diamond with red stripes"),
+        Subject("sks_star", "sks ohwx", "star", "orange", "purple", "an orange star with purple stripes"),
+        Subject("sks_triangle", "sks ohwx", "triangle", "yellow", "blue", "a yellow triangle with blue stripes"),
+        Subject("sks_diamond", "sks ohwx", "diamond", "white", "red", "a white diamond with red stripes"),
     )
 }
 DEFAULT_SUBJECT = "sks_star"
