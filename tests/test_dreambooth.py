@@ -403,6 +403,10 @@ def test_class_images_are_drawn_and_trained_on_the_instance_captions(tmp_path, c
     Image.new("RGB", (64, 64), "red").save(plain_dir / "class_00000.png")
     assert run_main("--output_dir", tmp_path / "c", *common, "--class_data_dir", plain_dir) == 2
     assert "already holds class images without .txt captions (class_00000.png" in capsys.readouterr().err
+    args = dreambooth.build_parser().parse_args(["--class_prompt", "a photo of star"])
+    assert dreambooth.class_captions(args, ["a photo of SKS ohwx star, on a red background", "sks ohwx star",
+                                            "a photo of sks ohwx star, on a red background"]) == [
+        "a photo of star, on a red background", "star"]
     assert run_main("--output_dir", tmp_path / "d", "--with_prior_preservation", "--class_prompt", "a photo of star",
                     "--class_data_dir", plain_dir, "--class_prompts_from_captions") == 2
     assert "needs --caption_extension and --with_prior_preservation" in capsys.readouterr().err

@@ -167,9 +167,9 @@ def bucket_groups(images: ImageSet, dataset_len: int) -> list[list[int]]:
 def class_captions(args: argparse.Namespace, instance_prompts: list[str]) -> list[str]:
     """The instance captions with the identifier's words taken out ("a photo of sks star on a red
     background" -> "a photo of star on a red background"), each once, in order."""
-    identifier = {w.lower() for w in args.identifier_token or identifier_words(args.instance_prompt, args.class_prompt)}
-    stripped = [" ".join(w for w in prompt.split() if w.lower() not in identifier) for prompt in instance_prompts]
-    return list(dict.fromkeys(stripped))
+    words = args.identifier_token or identifier_words(args.instance_prompt, args.class_prompt)
+    pattern = re.compile(r"\b(?:" + "|".join(map(re.escape, words)) + r")\b", re.IGNORECASE)
+    return list(dict.fromkeys(" ".join(pattern.sub("", prompt).split()) for prompt in instance_prompts))
 
 
 def write_caption(path: str, text: str) -> None:
