@@ -1,12 +1,13 @@
-"""DreamBooth with the subject named by several rare words ("a photo of sks ohwx star").
+"""DreamBooth with the subject named by other words than the bundled "sks ohwx".
 
 The recipe of bench_dreambooth.py, with each bundled subject's captions and instance prompt
-rewritten so that ``--words`` replace "sks"; the embedding of every identifier word is learned,
-so the subject gets several learned vectors instead of one. Each (subject, seed) run is scored
-as bench_dreambooth.py scores it (same sampling seeds, the rewritten instance prompt) and judged
-by its tuning objective; with several runs, the means come with 95 % bootstrap intervals.
+rewritten so that ``--words`` replace its identifier; the embedding of every identifier word is
+learned, so N words give the subject N learned vectors. ``--words sks`` is the recipe of the
+rounds before the eighth. Each (subject, seed) run is scored as bench_dreambooth.py scores it
+(same sampling seeds, the rewritten instance prompt) and judged by its tuning objective; with
+several runs, the means come with 95 % bootstrap intervals.
 
-    python benchmarks/dreambooth_identifier_words.py --words sks ohwx --subjects sks_star sks_diamond \\
+    python benchmarks/dreambooth_identifier_words.py --words sks ohwx zwx --subjects sks_star sks_diamond \\
         --seeds 0 1 2 --num_images 24 --workers 2 --output_dir runs/words
 """
 
@@ -64,7 +65,7 @@ def base_of(job: dict) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--words", nargs="+", default=["sks", "ohwx"], help="The identifier words, in order.")
+    parser.add_argument("--words", nargs="+", required=True, help="The identifier words, in order.")
     parser.add_argument("--subjects", nargs="+", default=list(world.SUBJECTS))
     parser.add_argument("--seeds", type=int, nargs="+", default=[10, 11, 12])
     parser.add_argument("--num_images", type=int, default=48, help="Samples per measure and run.")

@@ -164,16 +164,16 @@ def bucket_groups(images: ImageSet, dataset_len: int) -> list[list[int]]:
     return [groups[target] for target in sorted(groups)]
 
 
+def subject_words(args: argparse.Namespace) -> list[str]:
+    """The identifier's words: --identifier_token, else the instance prompt's words the class prompt lacks."""
+    return args.identifier_token or identifier_words(args.instance_prompt, args.class_prompt)
+
+
 def class_captions(args: argparse.Namespace, instance_prompts: list[str]) -> list[str]:
     """The instance captions with the identifier's words taken out ("a photo of sks star on a red
     background" -> "a photo of star on a red background"), each once, in order."""
-    words = args.identifier_token or identifier_words(args.instance_prompt, args.class_prompt)
-    pattern = re.compile(r"\b(?:" + "|".join(map(re.escape, words)) + r")\b", re.IGNORECASE)
+    pattern = re.compile(r"\b(?:" + "|".join(map(re.escape, subject_words(args))) + r")\b", re.IGNORECASE)
     return list(dict.fromkeys(" ".join(pattern.sub("", prompt).split()) for prompt in instance_prompts))
-
-
-def write_caption(path: str, text: str) -> None:
-    Path(path).write_text(text, encoding="utf-8")
 
 
 def ensure_class_images(pipe, args: argparse.Namespace, accelerator, captions: list[str] | None = None) -> None:
@@ -212,8 +212,8 @@ def ensure_class_images(pipe, args: argparse.Namespace, accelerator, captions: l
                         **guidance_kwargs(args.guidance_scale),
                     ).images
                 for prompt, image in zip(prompts, images, strict=True):
-                    files = {f"class_{index:05d}{args.caption_extension}": partial(write_caption, text=prompt)
-                             } if captions else {}
+                    files = {f"class_{index:05d}{args.caption_extension}":
+                             lambda path, text=prompt: Path(path).write_text(text, encoding="utf-8")} if captions else {}
                     files[f"class_{index:05d}.png"] = partial(image.save, format="PNG")
                     atomic_write(folder, files)
                     index += 1
@@ -337,7 +337,7 @@ def warn_captions_without_identifier(args: argparse.Namespace, paths: list[Path]
     """A caption that never names the subject teaches its image as the class, not the subject."""
     if not args.identifier_token and not args.class_prompt:
         return  # no way to tell which words name the subject
-    identifier = {w.lower() for w in args.identifier_token or identifier_words(args.instance_prompt, args.class_prompt)}
+    identifier = {w.lower() for w in subject_words(args)}
     unnamed = [path.name for path, prompt in zip(paths, prompts, strict=True)
                if not identifier & set(re.findall(r"[\w']+", prompt.lower()))]
     if unnamed:
@@ -378,7 +378,7 @@ def add_identifier(text_encoder: torch.nn.Module, tokenizer, args: argparse.Name
     if not args.identifier_token and not args.class_prompt:
         raise TrainingError("--train_identifier_embedding: name the identifier with --identifier_token "
                             "(or give --class_prompt: the identifier is then the word it lacks).")
-    words = args.identifier_token or identifier_words(args.instance_prompt, args.class_prompt)
+    words = subject_words(args)
     if not words:
         raise TrainingError("--train_identifier_embedding: every word of the instance prompt is in the class "
                             "prompt; name the identifier with --identifier_token.")
@@ -484,9 +484,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 enable_adapters(module)
         classes = ImageSet.from_folder(args.class_data_dir, resolution, args.center_crop, args.dataloader_num_workers,
                                        "class images", args.caption_extension, buckets=buckets)
-        class_prompts = [args.class_prompt] * len(classes.paths)
-        if args.caption_extension:
-            class_prompts = read_captions(classes.paths, args.caption_extension, args.class_prompt)
+        class_prompts = (read_captions(classes.paths, args.caption_extension, args.class_prompt)
+                         if args.caption_extension else [args.class_prompt] * len(classes.paths))
 
     device = accelerator.device
     place(vae, device, vae_dtype(vae, dtype, sdxl))
@@ -507,7 +506,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     plain_row = prompts.index(args.instance_prompt)
     class_rows = [prompts.index(prompt) for prompt in class_prompts]
     plain_class_row = prompts.index(args.class_prompt) if classes else None
-    class_captioned = len(set(class_rows) - {plain_class_row}) > 0
+    class_captioned = any(row != plain_class_row for row in class_rows)
 
     def encode(models: dict[str, torch.nn.Module], texts: list[str]) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Hidden states (and SDXL's pooled embeddings) of ``texts``, through the prepared encoders
