@@ -73,7 +73,7 @@ def test_lora_dreambooth_run_loads_with_the_output_reader(tmp_path, capsys):
 def test_fresh_oft_is_the_base_model_and_files_round_trip(tmp_path, inputs):
     unet = make_tiny_unet()
     expected = run_unet(unet, inputs)
-    apply_oft(unet, block_size=16, target_modules=TARGETS)
+    apply_oft(unet, block_size=16, target_modules=[*TARGETS, "conv1", "conv2"])
     assert torch.allclose(run_unet(unet, inputs), expected, atol=1e-6), "a fresh OFT must not change the model"
     parameters = {name: p for name, p in unet.named_parameters() if "oft_" in name}
     assert parameters and peft_parameter_count(unet) == sum(p.numel() for p in parameters.values())
@@ -88,3 +88,9 @@ def test_fresh_oft_is_the_base_model_and_files_round_trip(tmp_path, inputs):
     fresh = make_tiny_unet()
     load_peft_adapter(fresh, tmp_path / "oft")
     assert torch.allclose(run_unet(fresh, inputs), adapted, atol=1e-5)
+
+    oft_layers = [m for m in fresh.modules() if hasattr(m, "oft_R")]
+    assert any(isinstance(m.get_base_layer(), torch.nn.Conv2d) for m in oft_layers)
+    for layer in oft_layers:
+        layer.merge()
+    assert torch.allclose(run_unet(fresh, inputs), adapted, atol=1e-5), "training must see the merged model"

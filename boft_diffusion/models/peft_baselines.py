@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import json
 import os
+import types
 from pathlib import Path
 from typing import Any
 
+import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
@@ -37,9 +39,29 @@ def apply_lora(model: nn.Module, rank: int, target_modules: list[str]) -> None:
 def apply_oft(model: nn.Module, block_size: int, target_modules: list[str]) -> None:
     """Inject PEFT's OFT (block-diagonal orthogonal, the butterfly's m = 1, with PEFT's own code) with
     the exact Cayley transform, as our BOFT uses; a fresh OFT is the identity."""
-    config = _peft().OFTConfig(r=0, oft_block_size=block_size, target_modules=target_modules, init_weights=True,
-                               use_cayley_neumann=False)
+    peft = _peft()
+    config = peft.OFTConfig(r=0, oft_block_size=block_size, target_modules=target_modules, init_weights=True,
+                            use_cayley_neumann=False)
     _inject(model, config)
+    for module in model.modules():
+        if isinstance(module, peft.tuners.oft.layer.Conv2d):
+            module.forward = types.MethodType(_oft_conv_forward, module)
+
+
+def _oft_conv_forward(layer, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+    """PEFT's unmerged OFT Conv2d rotates stride-1 unpadded patches of the input and folds them back,
+    summing the overlaps, so even a fresh adapter changes a 3x3 convolution (peft 0.21.2) and training
+    and sampling would see another model than the merged one. Convolve with the rotated filters
+    instead: the weight PEFT's own merge writes, W R^T over each flattened filter."""
+    adapters = [name for name in layer.active_adapters if name in layer.oft_R]
+    if layer.disable_adapters or layer.merged or not adapters:
+        return type(layer).forward(layer, x, *args, **kwargs)
+    base = layer.get_base_layer()
+    weight = base.weight
+    filters = weight.reshape(weight.shape[0], -1)
+    for name in adapters:
+        filters = filters @ layer.get_delta_weight(name).to(weight.dtype).T
+    return base._conv_forward(x, filters.reshape(weight.shape), base.bias)
 
 
 def _kind(config) -> str:
