@@ -338,11 +338,15 @@ def main() -> None:
     parser.add_argument("--confirm_deadline_s", type=float, default=float("inf"),
                         help="Start no confirmation run after this many seconds of the confirm phase.")
     parser.add_argument("--curve_png", default="docs/dreambooth_fidelity_vs_drift.png")
-    parser.add_argument("--report", default=None, help="Print the table and draw the curve of an earlier "
-                        "run's summary.json instead of training.")
+    parser.add_argument("--report", nargs="+", default=None, help="Print the table and draw the curve of "
+                        "earlier runs' summary.json files (several: one table of their methods; --methods picks "
+                        "among them) instead of training.")
     args = parser.parse_args()
     if args.report:
-        report(json.loads(Path(args.report).read_text()), args.curve_png)
+        summary = merge_summaries([json.loads(Path(f).read_text()) for f in args.report])
+        summary["args"]["methods"] = [m for m in summary["args"]["methods"] if m in args.methods]
+        summary["runs"] = [r for r in summary["runs"] if r["method"] in args.methods]
+        report(summary, args.curve_png)
         return
     subjects = list(world.SUBJECTS) if args.subjects == ["all"] else args.subjects
     out = Path(args.output_dir)
@@ -434,6 +438,27 @@ def confirm(args, subjects: list[str], common: dict, pool, out: Path) -> None:
     (out / "summary.json").write_text(json.dumps(summary, indent=1))
     report(summary, args.curve_png)
     print(f"\nper-sample results: {out / 'summary.json'}")
+
+
+def merge_summaries(summaries: list[dict]) -> dict:
+    """One summary of confirmations run separately, which must share subjects, seeds and sampling (so
+    their base-model scores agree) and differ in methods."""
+    first = summaries[0]
+    merged = {**first, "args": {**first["args"], "methods": []}, "chosen": {}, "runs": []}
+    for summary in summaries:
+        for key in ("seeds", "num_images", "eval_seed", "curve_images"):
+            if summary["args"][key] != first["args"][key]:
+                raise SystemExit(f"--report: the summaries differ in {key}: {summary['args'][key]} "
+                                 f"against {first['args'][key]}")
+        if any(summary["base"].get(s, {}).get("samples") != first["base"][s]["samples"] for s in first["base"]):
+            raise SystemExit("--report: the summaries' base-model scores differ; they were not sampled alike")
+        repeated = set(summary["args"]["methods"]) & set(merged["args"]["methods"])
+        if repeated:
+            raise SystemExit(f"--report: {', '.join(sorted(repeated))} appears in more than one summary")
+        merged["args"]["methods"] += summary["args"]["methods"]
+        merged["chosen"].update(summary["chosen"])
+        merged["runs"] += summary["runs"]
+    return merged
 
 
 def report(summary: dict, curve_png: str) -> None:
