@@ -26,6 +26,7 @@ from boft_diffusion.app.studio import (
     png_with_parameters,
 )
 from boft_diffusion.models.pipelines import default_guidance
+from boft_diffusion.tiny import world
 from boft_diffusion.training.cli import HelpFormatter
 
 
@@ -155,7 +156,8 @@ def build_app(studio: Studio) -> gr.Blocks:
                                        file_count="multiple", file_types=[".zip", ".json", ".safetensors"])
                 upload_status = gr.Markdown()
                 strength = gr.Slider(0.0, 1.5, value=1.0, step=0.05, label="Adapter strength")
-                prompt = gr.Textbox(value="a photo of sks ohwx star on a blue background", label="Prompt", elem_id="prompt")
+                prompt = gr.Textbox(value=world.on_background(world.SUBJECTS[world.DEFAULT_SUBJECT].instance_prompt, "blue"),
+                                    label="Prompt", elem_id="prompt")
                 negative = gr.Textbox(label="Negative prompt")
                 with gr.Row():
                     seed = gr.Number(value=0, precision=0, label="Seed")

@@ -103,12 +103,12 @@ def build_pipeline_folder(folder: Path, sizes: dict, device: str) -> None:
 def train(model: Path, output: Path, recipe: list[str], args: argparse.Namespace, resolution: int) -> dict:
     flags = [
         "--pretrained_model_name_or_path", str(model), "--output_dir", str(output),
-        "--instance_prompt", "a photo of sks ohwx star", "--class_prompt", "a photo of star",
+        "--instance_prompt", demo.INSTANCE_PROMPT, "--class_prompt", demo.CLASS_PROMPT,
         "--with_prior_preservation", "--class_data_dir", str(output.parent / f"{output.name}-class"),
         "--num_class_images", "2", "--sample_batch_size", "2", "--resolution", str(resolution),
         "--max_train_steps", str(args.max_train_steps), "--train_batch_size", "1",
         "--learning_rate", "1e-4", "--mixed_precision", args.mixed_precision,
-        "--validation_prompt", "a photo of sks ohwx star", "--num_validation_images", "1", "--num_inference_steps", "10",
+        "--validation_prompt", demo.INSTANCE_PROMPT, "--num_validation_images", "1", "--num_inference_steps", "10",
         "--report_to", "tensorboard", "--seed", "0", *recipe,
     ]
     start = time.perf_counter()
@@ -124,7 +124,7 @@ def reload_and_sample(model: Path, adapter: Path, device: str) -> dict:
     pipe.set_progress_bar_config(disable=True)
 
     def sample() -> torch.Tensor:
-        out = pipe("a photo of sks ohwx star", num_inference_steps=5, generator=torch.Generator().manual_seed(0),
+        out = pipe(demo.INSTANCE_PROMPT, num_inference_steps=5, generator=torch.Generator().manual_seed(0),
                    output_type="pt")
         return out.images.float()
 

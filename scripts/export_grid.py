@@ -15,14 +15,16 @@ from pathlib import Path
 
 import torch
 
+from boft_diffusion import demo
 from boft_diffusion.evaluation.sampling import sample
 from boft_diffusion.export import export_adapter
 from boft_diffusion.models.export_formats import format_report
 from boft_diffusion.models.images import image_grid
 from boft_diffusion.models.pipelines import load_pipeline, tiny_defaults
 from boft_diffusion.outputs.read import load_outputs
+from boft_diffusion.tiny import world
 
-PROMPTS = ["a photo of sks ohwx star", "a photo of sks ohwx star on a green background", "a photo of star"]
+PROMPTS = [demo.INSTANCE_PROMPT, world.on_background(demo.INSTANCE_PROMPT, "green"), demo.CLASS_PROMPT]
 
 
 def main() -> None:

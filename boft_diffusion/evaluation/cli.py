@@ -22,6 +22,7 @@ from ..models.bundled import example_subject_dir
 from ..models.images import open_image
 from ..models.pipelines import TINY_ALIASES, default_guidance, load_pipeline
 from ..outputs.read import load_outputs, read_control_info
+from ..tiny import world
 from ..training.cli import HelpFormatter
 from ..training.data import load_images
 from .image_metrics import clip_scores, dino_score, edge_agreement
@@ -102,8 +103,9 @@ def folder_edge_agreement(sample_fn: Sampler, folder: str | os.PathLike, num_ima
 def dreambooth_report(args: argparse.Namespace) -> dict[str, Any]:
     config = read_adapter_config(args.adapter)
     base = args.pretrained_model_name_or_path or config.base_model_name_or_path or "tiny"
-    instance_prompt = args.instance_prompt or config.metadata.get("instance_prompt") or "a photo of sks ohwx star"
-    class_prompt = args.class_prompt or config.metadata.get("class_prompt") or "a photo of star"
+    subject = world.SUBJECTS[world.DEFAULT_SUBJECT]
+    instance_prompt = args.instance_prompt or config.metadata.get("instance_prompt") or subject.instance_prompt
+    class_prompt = args.class_prompt or config.metadata.get("class_prompt") or subject.class_prompt
     args.guidance_scale = default_guidance(base, args.guidance_scale)
     pipe = load_pipeline(base, dtype=torch.float32)
     pipe.set_progress_bar_config(disable=True)

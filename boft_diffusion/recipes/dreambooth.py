@@ -24,6 +24,7 @@ from ..models.images import image_to_tensor
 from ..models.peft_baselines import apply_lora, apply_oft, save_peft_adapter
 from ..models.pipelines import default_guidance, guidance_kwargs, is_sdxl, load_pipeline
 from ..outputs.write import peft_interop_note, save_dreambooth, save_latest_validation
+from ..tiny import world
 from ..training.cli import (
     HelpFormatter,
     add_boft_args,
@@ -272,7 +273,7 @@ def build_parser(description: str | None = None) -> argparse.ArgumentParser:
     group = parser.add_argument_group("subject and prior")
     group.add_argument("--instance_data_dir", default=None,
                        help="Images of the subject (default: the bundled striped star, boft_diffusion/tiny/subjects/sks_star).")
-    group.add_argument("--instance_prompt", default="a photo of sks ohwx star",
+    group.add_argument("--instance_prompt", default=world.SUBJECTS[world.DEFAULT_SUBJECT].instance_prompt,
                        help="Names the subject: the bundled subjects use two rare words, each given a learned "
                             "embedding by --train_identifier_embedding.")
     group.add_argument("--caption_extension", default=None, type=dotted_suffix,
