@@ -24,6 +24,7 @@ import logging
 import multiprocessing
 import os
 import shlex
+import threading
 import time
 from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 from pathlib import Path
@@ -37,7 +38,7 @@ from boft_diffusion.core.adapters import base_state_dict, merged_state_dict
 from boft_diffusion.core.files import WEIGHTS_NAME, count_file_parameters
 from boft_diffusion.demo import GUIDANCE, training_flags
 from boft_diffusion.evaluation.energy import energy_change
-from boft_diffusion.evaluation.statistics import bootstrap_ci
+from boft_diffusion.evaluation.statistics import bootstrap_ci, paired_bootstrap_ci
 from boft_diffusion.evaluation.tiny_world import instance_self_score, sample_scores, tiny_world_samples
 from boft_diffusion.models.bundled import example_subject_dir
 from boft_diffusion.models.peft_baselines import load_peft_adapter
@@ -57,6 +58,8 @@ METHODS = {
 }
 MEASURES = ("subject", "recontext_background", "recontext_subject", "class_prompt_fidelity", "class_subject",
             "class_shape")
+#: The measures compared pair by pair between methods.
+PAIRED_MEASURES = ("subject", "recontext_subject", "recontext_background", "class_prompt_fidelity")
 
 
 def fresh_pipeline():
@@ -172,6 +175,15 @@ def execute(job: dict) -> dict:
 def start_worker(threads: int) -> None:
     torch.set_num_threads(threads)
     logging.getLogger("boft_diffusion").setLevel(logging.WARNING)
+    threading.Thread(target=exit_with_parent, args=(os.getppid(),), daemon=True).start()
+
+
+def exit_with_parent(parent: int) -> None:
+    """End this worker once the benchmark that started it is gone: a killed benchmark never shuts
+    its pool down, and its workers would otherwise train on, unseen."""
+    while os.getppid() == parent:
+        time.sleep(5)
+    os._exit(1)
 
 
 def run_all(jobs: list[dict], pool, workers: int, deadline: float, log: Path, done: list[dict]) -> list[dict]:
@@ -305,6 +317,25 @@ def print_table(summary: dict, subjects: list[str], args) -> None:
               f"| {np.mean([r['train_seconds'] for r in mine]):.0f} |")
 
 
+def print_paired(summary: dict, baseline: str) -> None:
+    """Each method minus ``baseline`` on the same (subject, seed) runs and sampling seeds."""
+    runs = {(r["method"], r["subject"], r["seed"]): r["samples"] for r in summary["runs"]}
+    print(f"\nPaired differences against {baseline} (same subject, seed and sampling seeds; mean [95 % "
+          "bootstrap interval over runs and samples]):\n")
+    print("| method | runs | " + " | ".join(PAIRED_MEASURES) + " |")
+    print("|---" * (len(PAIRED_MEASURES) + 2) + "|")
+    for method in summary["args"]["methods"]:
+        pairs = [(samples, runs[(baseline, subject, seed)]) for (m, subject, seed), samples in runs.items()
+                 if m == method and (baseline, subject, seed) in runs]
+        if method == baseline or not pairs:
+            continue
+        cells = []
+        for measure in PAIRED_MEASURES:
+            mean, low, high = paired_bootstrap_ci([a[measure] for a, _ in pairs], [b[measure] for _, b in pairs])
+            cells.append(f"{mean:+.2f} [{low:+.2f}, {high:+.2f}]")
+        print(f"| {method} | {len(pairs)} | " + " | ".join(cells) + " |")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--output_dir", default="outputs/bench_dreambooth")
@@ -341,12 +372,14 @@ def main() -> None:
     parser.add_argument("--report", nargs="+", default=None, help="Print the table and draw the curve of "
                         "earlier runs' summary.json files (several: one table of their methods; --methods picks "
                         "among them) instead of training.")
+    parser.add_argument("--paired_against", default="lora", choices=list(METHODS),
+                        help="The method every other one is compared with, run by run and sample by sample.")
     args = parser.parse_args()
     if args.report:
         summary = merge_summaries([json.loads(Path(f).read_text()) for f in args.report])
         summary["args"]["methods"] = [m for m in summary["args"]["methods"] if m in args.methods]
         summary["runs"] = [r for r in summary["runs"] if r["method"] in args.methods]
-        report(summary, args.curve_png)
+        report(summary, args.curve_png, args.paired_against)
         return
     subjects = list(world.SUBJECTS) if args.subjects == ["all"] else args.subjects
     out = Path(args.output_dir)
@@ -396,7 +429,7 @@ def tune(args, common: dict, pool, out: Path) -> None:
     jobs = [{**common, "kind": "train", "phase": "tune", "subject": args.tune_subject, "seed": seed, "method": m,
              "variant": variant, "variant_index": i, "lr_scale": scale, "steps": steps,
              "num_images": args.tune_images, "checkpoint_every": every, "checkpoint_images": args.tune_images,
-             "base_fidelity": 0.0}
+             "base_fidelity": float(np.mean(base[args.tune_subject]["samples"]["class_prompt_fidelity"]))}
             for seed in args.tune_seeds for m in args.methods for i, variant in enumerate(args.tune_variants)
             for scale in args.lr_scales]
     tuned = run_all(jobs, pool, args.workers, start + args.tune_deadline_s, log, done)
@@ -436,7 +469,7 @@ def confirm(args, subjects: list[str], common: dict, pool, out: Path) -> None:
     summary = {"args": vars(args), "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
                "chosen": chosen, "base": base, "runs": runs}
     (out / "summary.json").write_text(json.dumps(summary, indent=1))
-    report(summary, args.curve_png)
+    report(summary, args.curve_png, args.paired_against)
     print(f"\nper-sample results: {out / 'summary.json'}")
 
 
@@ -461,10 +494,12 @@ def merge_summaries(summaries: list[dict]) -> dict:
     return merged
 
 
-def report(summary: dict, curve_png: str) -> None:
-    """The table and the curve of a finished run, from its summary.json."""
+def report(summary: dict, curve_png: str, paired_against: str) -> None:
+    """The table, the paired differences and the curve of a finished run, from its summary.json."""
     args = summary["args"]
     print_table(summary, list(summary["base"]), args)
+    if paired_against in args["methods"]:
+        print_paired(summary, paired_against)
     if args["curve_images"]:
         draw_curves({m: [r["curve"] for r in summary["runs"] if r["method"] == m] for m in args["methods"]},
                     Path(curve_png))

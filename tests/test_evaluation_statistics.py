@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from boft_diffusion.evaluation.energy import energy_change, hyperspherical_energy
-from boft_diffusion.evaluation.statistics import bootstrap_ci
+from boft_diffusion.evaluation.statistics import bootstrap_ci, paired_bootstrap_ci
 
 
 def test_bootstrap_interval_covers_the_mean_and_widens_with_disagreement():
@@ -19,6 +19,24 @@ def test_bootstrap_interval_covers_the_mean_and_widens_with_disagreement():
     assert bootstrap_ci([[0.7] * 5, [0.7] * 5]) == pytest.approx((0.7, 0.7, 0.7))
     with pytest.raises(ValueError):
         bootstrap_ci([])
+
+
+def test_pairing_removes_what_two_methods_share():
+    rng = np.random.default_rng(1)
+    hardness = [rng.uniform(0, 1, 48) for _ in range(9)]  # per subject/seed and sampling seed, shared
+    baseline = [h + rng.normal(0, 0.05, 48) for h in hardness]
+    better = [h + 0.1 + rng.normal(0, 0.05, 48) for h in hardness]
+    mean, low, high = paired_bootstrap_ci(better, baseline)
+    assert mean == pytest.approx(np.mean([b.mean() - a.mean() for a, b in zip(baseline, better, strict=True)]))
+    assert 0 < low < mean < high, "a shift of 0.1 must show once the shared hardness is paired away"
+    # Pairing runs but not samples leaves the sampling seeds' shared hardness in the interval.
+    _, loose_low, loose_high = bootstrap_ci([b - a.mean() for a, b in zip(baseline, better, strict=True)])
+    assert high - low < (loose_high - loose_low) / 3
+    assert paired_bootstrap_ci(baseline, baseline) == pytest.approx((0.0, 0.0, 0.0))
+    with pytest.raises(ValueError, match="run 1 has 47 samples"):
+        paired_bootstrap_ci([baseline[0], baseline[1][:47]], baseline[:2])
+    with pytest.raises(ValueError, match="2 runs against 3"):
+        paired_bootstrap_ci(baseline[:2], baseline[:3])
 
 
 def test_rotating_the_inputs_keeps_hyperspherical_energy_and_a_low_rank_update_does_not():

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from boft_diffusion.tiny import world
+
 PACKAGE_DIR = Path(__file__).resolve().parent.parent
 CHECKOUT_DIR = PACKAGE_DIR.parent
 
@@ -15,10 +17,8 @@ EMBEDDED_MODEL_DIR = PACKAGE_DIR / "tiny" / "model"
 #: The bundled tiny-world control set (shape mask -> image), in a source checkout.
 EXAMPLE_CONTROL_DATA = CHECKOUT_DIR / "examples" / "tiny_control"
 
-EXAMPLE_SUBJECT = "sks_star"
 
-
-def example_subject_dir(name: str = EXAMPLE_SUBJECT) -> Path:
+def example_subject_dir(name: str = world.DEFAULT_SUBJECT) -> Path:
     """The instance images of a bundled subject (package data, so an installed wheel has them)."""
     folder = PACKAGE_DIR / "tiny" / "subjects" / name
     if not folder.is_dir():
