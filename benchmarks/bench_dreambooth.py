@@ -123,9 +123,17 @@ def checkpoint_samples(run_dir: Path, job: dict, num_images: int) -> dict[int, d
     return scored
 
 
-def curve_point(step: int, samples: dict[str, list[float]], base_fidelity: float) -> tuple[int, float, float]:
-    """(step, subject fidelity, drift) of one checkpoint."""
-    return step, float(np.mean(samples["subject"])), base_fidelity - float(np.mean(samples["class_prompt_fidelity"]))
+def run_curve(run: dict, base_samples: dict[str, list[float]]) -> list[tuple[int, float, float]]:
+    """(step, subject fidelity, drift) at each checkpoint of a run and at its end. Drift is the base
+    model's prompt fidelity minus the adapter's on the same captions and sampling seeds: a checkpoint
+    scores the first of the samples the end and the base model score."""
+    points = sorted((int(step), samples) for step, samples in run["checkpoints"].items())  # str keys in JSON
+    curve = []
+    for step, samples in [*points, (run["steps"], run["samples"])]:
+        fidelity = samples["class_prompt_fidelity"]
+        drift = np.mean(base_samples["class_prompt_fidelity"][:len(fidelity)]) - np.mean(fidelity)
+        curve.append((step, float(np.mean(samples["subject"])), float(drift)))
+    return curve
 
 
 def class_dir(out: Path, name: str, seed: int, variant: str = "") -> Path:
@@ -166,9 +174,7 @@ def execute(job: dict) -> dict:
     trained = time.time() - start
     scored = score_folder(run_dir, job["method"], job["subject"], job["num_images"], job["eval_seed"])
     at_checkpoints = checkpoint_samples(run_dir, job, job["checkpoint_images"]) if job["checkpoint_every"] else {}
-    curve = [curve_point(step, samples, job["base_fidelity"]) for step, samples in at_checkpoints.items()]
-    curve.append(curve_point(job["steps"], scored["samples"], job["base_fidelity"]))
-    return {**job, **scored, "checkpoints": at_checkpoints, "curve": curve, "train_seconds": trained,
+    return {**job, **scored, "checkpoints": at_checkpoints, "train_seconds": trained,
             "seconds": time.time() - start}
 
 
@@ -264,7 +270,10 @@ def draw_curves(curves: dict[str, list[list[tuple]]], path: Path) -> None:
     draw = ImageDraw.Draw(image)
     means = {m: np.mean(np.array(runs, dtype=float), axis=0) for m, runs in curves.items()}
     xs = np.concatenate([p[:, 2] for p in means.values()])
-    x_lo, x_hi = min(0.0, xs.min()), max(0.05, xs.max())
+    tick_step = next(step for step in (0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0)
+                     if (max(0.05, xs.max()) - min(0.0, xs.min())) / step <= 6)
+    x_lo = np.floor(min(0.0, xs.min()) / tick_step) * tick_step
+    x_hi = np.ceil(max(0.05, xs.max()) / tick_step) * tick_step
 
     def at(x: float, y: float) -> tuple[float, float]:
         return (margin + (x - x_lo) / (x_hi - x_lo) * (width - 2 * margin), height - margin - y * (height - 2 * margin))
@@ -275,8 +284,10 @@ def draw_curves(curves: dict[str, list[list[tuple]]], path: Path) -> None:
     draw.text((5, 20), "subject fidelity", fill="black")
     for tick in (0.0, 0.5, 1.0):
         draw.text((margin - 30, at(x_lo, tick)[1] - 6), f"{tick:.1f}", fill="black")
-    for tick in np.linspace(x_lo, x_hi, 5):
+    for tick in np.arange(x_lo, x_hi + tick_step / 2, tick_step):
         draw.text((at(tick, 0)[0] - 12, height - margin + 5), f"{tick:.2f}", fill="black")
+    draw.line([at(0, 0), at(0, 1)], fill="#bbbbbb")
+    draw.text((at(0, 1)[0] + 3, at(0, 1)[1]), "base", fill="#888888")
     colours = ["#d62728", "#ff7f0e", "#8c564b", "#1f77b4", "#2ca02c"]
     for i, (method, points) in enumerate(means.items()):
         xy = [at(p[2], p[1]) for p in points]
@@ -428,8 +439,7 @@ def tune(args, common: dict, pool, out: Path) -> None:
         raise SystemExit("--tune_steps must be multiples of the smallest one (they are checkpoints of one run).")
     jobs = [{**common, "kind": "train", "phase": "tune", "subject": args.tune_subject, "seed": seed, "method": m,
              "variant": variant, "variant_index": i, "lr_scale": scale, "steps": steps,
-             "num_images": args.tune_images, "checkpoint_every": every, "checkpoint_images": args.tune_images,
-             "base_fidelity": float(np.mean(base[args.tune_subject]["samples"]["class_prompt_fidelity"]))}
+             "num_images": args.tune_images, "checkpoint_every": every, "checkpoint_images": args.tune_images}
             for seed in args.tune_seeds for m in args.methods for i, variant in enumerate(args.tune_variants)
             for scale in args.lr_scales]
     tuned = run_all(jobs, pool, args.workers, start + args.tune_deadline_s, log, done)
@@ -460,8 +470,7 @@ def confirm(args, subjects: list[str], common: dict, pool, out: Path) -> None:
              "variant": chosen[m]["variant"], "variant_index": variants.index(chosen[m]["variant"]),
              "lr_scale": chosen[m]["lr_scale"], "steps": chosen[m]["steps"], "num_images": args.num_images,
              "checkpoint_every": chosen[m]["steps"] // 3 if args.curve_images else 0,
-             "checkpoint_images": args.curve_images,
-             "base_fidelity": float(np.mean(base[s]["samples"]["class_prompt_fidelity"]))}
+             "checkpoint_images": args.curve_images}
             for seed in args.seeds for s in subjects for m in args.methods]
     runs = run_all(jobs, pool, args.workers, start + args.confirm_deadline_s, log, done)
     if not runs:
@@ -501,8 +510,17 @@ def report(summary: dict, curve_png: str, paired_against: str) -> None:
     if paired_against in args["methods"]:
         print_paired(summary, paired_against)
     if args["curve_images"]:
-        draw_curves({m: [r["curve"] for r in summary["runs"] if r["method"] == m] for m in args["methods"]},
-                    Path(curve_png))
+        curves = {m: [run_curve(r, summary["base"][r["subject"]]["samples"]) for r in summary["runs"]
+                      if r["method"] == m] for m in args["methods"]}
+        print("\nFidelity-vs-drift curve, mean over runs at each checkpoint (step: subject fidelity, drift):\n")
+        for method, runs in curves.items():
+            points = np.mean(np.array(runs, dtype=float), axis=0)
+            mine = [r for r in summary["runs"] if r["method"] == method]
+            _, low, high = paired_bootstrap_ci([summary["base"][r["subject"]]["samples"]["class_prompt_fidelity"]
+                                                for r in mine], [r["samples"]["class_prompt_fidelity"] for r in mine])
+            print(f"{method}: " + "; ".join(f"{int(step)}: {subject:.2f}, {drift:+.3f}" for step, subject, drift in points)
+                  + f" (final drift's interval [{low:+.3f}, {high:+.3f}])")
+        draw_curves(curves, Path(curve_png))
 
 
 if __name__ == "__main__":
