@@ -58,7 +58,8 @@ METHODS = {
 }
 MEASURES = ("subject", "recontext_background", "recontext_subject", "class_prompt_fidelity", "class_subject",
             "class_shape")
-#: The measures compared pair by pair between methods.
+#: The measures compared pair by pair between methods (class leakage and class shape sit at their
+#: ideal for every method, so their differences say nothing).
 PAIRED_MEASURES = ("subject", "recontext_subject", "recontext_background", "class_prompt_fidelity")
 
 
@@ -125,13 +126,18 @@ def checkpoint_samples(run_dir: Path, job: dict, num_images: int) -> dict[int, d
 
 def run_curve(run: dict, base_samples: dict[str, list[float]]) -> list[tuple[int, float, float]]:
     """(step, subject fidelity, drift) at each checkpoint of a run and at its end. Drift is the base
-    model's prompt fidelity minus the adapter's on the same captions and sampling seeds: a checkpoint
-    scores the first of the samples the end and the base model score."""
+    model's prompt fidelity minus the adapter's on the same captions and sampling seeds: checkpoints
+    score only the first ``--curve_images`` seeds (the end scores all ``--num_images``), so the base
+    model's scores are cut to the same prefix."""
     points = sorted((int(step), samples) for step, samples in run["checkpoints"].items())  # str keys in JSON
+    base_fidelity = base_samples["class_prompt_fidelity"]
     curve = []
     for step, samples in [*points, (run["steps"], run["samples"])]:
         fidelity = samples["class_prompt_fidelity"]
-        drift = np.mean(base_samples["class_prompt_fidelity"][:len(fidelity)]) - np.mean(fidelity)
+        if len(fidelity) > len(base_fidelity):
+            raise ValueError(f"step {step} of a {run['method']} run scored {len(fidelity)} samples, the base model "
+                             f"only {len(base_fidelity)}: --curve_images must not exceed --num_images")
+        drift = np.mean(base_fidelity[:len(fidelity)]) - np.mean(fidelity)
         curve.append((step, float(np.mean(samples["subject"])), float(drift)))
     return curve
 
@@ -178,10 +184,13 @@ def execute(job: dict) -> dict:
             "seconds": time.time() - start}
 
 
-def start_worker(threads: int) -> None:
+def start_worker(threads: int, benchmark_pid: int | None = None) -> None:
+    """Threads and logging of the process that runs jobs; a pool worker (``benchmark_pid`` given)
+    also ends with the benchmark."""
     torch.set_num_threads(threads)
     logging.getLogger("boft_diffusion").setLevel(logging.WARNING)
-    threading.Thread(target=exit_with_parent, args=(os.getppid(),), daemon=True).start()
+    if benchmark_pid is not None:
+        threading.Thread(target=exit_with_parent, args=(benchmark_pid,), daemon=True).start()
 
 
 def exit_with_parent(parent: int) -> None:
@@ -341,8 +350,8 @@ def print_paired(summary: dict, baseline: str) -> None:
         if method == baseline or not pairs:
             continue
         cells = []
-        for measure in PAIRED_MEASURES:
-            mean, low, high = paired_bootstrap_ci([a[measure] for a, _ in pairs], [b[measure] for _, b in pairs])
+        for name in PAIRED_MEASURES:
+            mean, low, high = paired_bootstrap_ci([a[name] for a, _ in pairs], [b[name] for _, b in pairs])
             cells.append(f"{mean:+.2f} [{low:+.2f}, {high:+.2f}]")
         print(f"| {method} | {len(pairs)} | " + " | ".join(cells) + " |")
 
@@ -399,7 +408,8 @@ def main() -> None:
     pool = None
     if args.workers > 1:
         pool = ProcessPoolExecutor(args.workers, mp_context=multiprocessing.get_context("spawn"),
-                                   initializer=start_worker, initargs=(max(1, (os.cpu_count() or 1) // args.workers),))
+                                   initializer=start_worker,
+                                   initargs=(max(1, (os.cpu_count() or 1) // args.workers), os.getpid()))
     else:
         start_worker(torch.get_num_threads())
     try:
@@ -509,6 +519,8 @@ def report(summary: dict, curve_png: str, paired_against: str) -> None:
     print_table(summary, list(summary["base"]), args)
     if paired_against in args["methods"]:
         print_paired(summary, paired_against)
+    else:
+        print(f"\nNo paired differences: --paired_against {paired_against} is not among the methods.")
     if args["curve_images"]:
         curves = {m: [run_curve(r, summary["base"][r["subject"]]["samples"]) for r in summary["runs"]
                       if r["method"] == m] for m in args["methods"]}

@@ -2,6 +2,7 @@
 
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from PIL import Image
@@ -9,6 +10,8 @@ from PIL import Image
 import train_dreambooth
 from boft_diffusion.evaluation import cli as evaluation
 from boft_diffusion.evaluation.image_metrics import clip_scores, dino_score, edge_agreement
+from boft_diffusion.evaluation.tiny_world import tiny_world_samples
+from boft_diffusion.models.pipelines import load_pipeline
 from boft_diffusion.tiny import world
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -19,6 +22,20 @@ def test_edge_agreement_separates_matching_and_other_scenes():
     image = world.render(scene[0])
     assert edge_agreement(image, world.render_edges(scene[0])) > 0.6
     assert edge_agreement(image, world.render_edges(scene[1])) < 0.4
+
+
+def test_fewer_samples_are_the_first_of_more():
+    """Checkpoints are scored on fewer samples than a run's end; the benchmark's curve pairs them with
+    the base model's first samples, which holds only if those are the same prompts and images."""
+    pipe = load_pipeline("tiny", dtype=torch.float32)
+    pipe.set_progress_bar_config(disable=True)
+    few, more = (tiny_world_samples(pipe, "a photo of sks ohwx star", "a photo of star", n, seed=100, steps=2)
+                 for n in (2, 3))
+    for measure in ("subject", "recontext", "captions", "class_prompt"):
+        for (prompt, image), (prompt_more, image_more) in zip(getattr(few, measure), getattr(more, measure)[:2],
+                                                               strict=True):
+            assert prompt == prompt_more, measure
+            assert np.array_equal(np.asarray(image), np.asarray(image_more)), measure
 
 
 @pytest.fixture(scope="module")
