@@ -26,16 +26,19 @@ def test_edge_agreement_separates_matching_and_other_scenes():
 
 def test_fewer_samples_are_the_first_of_more():
     """Checkpoints are scored on fewer samples than a run's end; the benchmark's curve pairs them with
-    the base model's first samples, which holds only if those are the same prompts and images."""
+    the base model's first samples, which holds only if those are the same prompts and images (up to
+    the rounding of float math batched differently on several threads)."""
     pipe = load_pipeline("tiny", dtype=torch.float32)
     pipe.set_progress_bar_config(disable=True)
-    few, more = (tiny_world_samples(pipe, "a photo of sks ohwx star", "a photo of star", n, seed=100, steps=2)
-                 for n in (2, 3))
+    few, more, other_seeds = (tiny_world_samples(pipe, "a photo of sks ohwx star", "a photo of star", n, seed=seed,
+                                                 steps=2) for n, seed in ((2, 100), (3, 100), (2, 200)))
     for measure in ("subject", "recontext", "captions", "class_prompt"):
-        for (prompt, image), (prompt_more, image_more) in zip(getattr(few, measure), getattr(more, measure)[:2],
-                                                               strict=True):
+        for (prompt, image), (prompt_more, image_more), (_, image_other) in zip(
+                getattr(few, measure), getattr(more, measure)[:2], getattr(other_seeds, measure), strict=True):
+            image, image_more, image_other = (np.asarray(i, dtype=np.int16) for i in (image, image_more, image_other))
             assert prompt == prompt_more, measure
-            assert np.array_equal(np.asarray(image), np.asarray(image_more)), measure
+            assert np.abs(image - image_more).max() <= 2, measure
+            assert np.abs(image - image_other).mean() > 10, f"{measure}: other seeds must draw other images"
 
 
 @pytest.fixture(scope="module")
