@@ -271,13 +271,12 @@ def pick(tuned: list[dict], base: dict, methods: list[str]) -> dict:
     return {"chosen": chosen, "objective_grid": table}
 
 
-def draw_curves(curves: dict[str, list[list[tuple]]], path: Path) -> None:
-    """Subject fidelity (y) against language drift (x), one line per method through its mean point
-    at each checkpoint step, drawn with Pillow."""
+def draw_curves(means: dict[str, np.ndarray], path: Path) -> None:
+    """Subject fidelity (y) against language drift (x), one line per method through its mean
+    (step, subject fidelity, drift) at each checkpoint, drawn with Pillow."""
     width, height, margin = 640, 420, 60
     image = Image.new("RGB", (width, height), "white")
     draw = ImageDraw.Draw(image)
-    means = {m: np.mean(np.array(runs, dtype=float), axis=0) for m, runs in curves.items()}
     xs = np.concatenate([p[:, 2] for p in means.values()])
     tick_step = next(step for step in (0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0)
                      if (max(0.05, xs.max()) - min(0.0, xs.min())) / step <= 6)
@@ -345,9 +344,11 @@ def print_paired(summary: dict, baseline: str) -> None:
     print("| method | runs | " + " | ".join(PAIRED_MEASURES) + " |")
     print("|---" * (len(PAIRED_MEASURES) + 2) + "|")
     for method in summary["args"]["methods"]:
+        if method == baseline:
+            continue
         pairs = [(samples, runs[(baseline, subject, seed)]) for (m, subject, seed), samples in runs.items()
                  if m == method and (baseline, subject, seed) in runs]
-        if method == baseline or not pairs:
+        if not pairs:
             continue
         cells = []
         for name in PAIRED_MEASURES:
@@ -522,17 +523,18 @@ def report(summary: dict, curve_png: str, paired_against: str) -> None:
     else:
         print(f"\nNo paired differences: --paired_against {paired_against} is not among the methods.")
     if args["curve_images"]:
-        curves = {m: [run_curve(r, summary["base"][r["subject"]]["samples"]) for r in summary["runs"]
-                      if r["method"] == m] for m in args["methods"]}
+        base = {name: scores["samples"] for name, scores in summary["base"].items()}
+        means = {}
         print("\nFidelity-vs-drift curve, mean over runs at each checkpoint (step: subject fidelity, drift):\n")
-        for method, runs in curves.items():
-            points = np.mean(np.array(runs, dtype=float), axis=0)
+        for method in args["methods"]:
             mine = [r for r in summary["runs"] if r["method"] == method]
-            _, low, high = paired_bootstrap_ci([summary["base"][r["subject"]]["samples"]["class_prompt_fidelity"]
-                                                for r in mine], [r["samples"]["class_prompt_fidelity"] for r in mine])
-            print(f"{method}: " + "; ".join(f"{int(step)}: {subject:.2f}, {drift:+.3f}" for step, subject, drift in points)
+            means[method] = np.mean(np.array([run_curve(r, base[r["subject"]]) for r in mine], dtype=float), axis=0)
+            _, low, high = paired_bootstrap_ci([base[r["subject"]]["class_prompt_fidelity"] for r in mine],
+                                               [r["samples"]["class_prompt_fidelity"] for r in mine])
+            print(f"{method}: " + "; ".join(f"{int(step)}: {subject:.2f}, {drift:+.3f}"
+                                            for step, subject, drift in means[method])
                   + f" (final drift's interval [{low:+.3f}, {high:+.3f}])")
-        draw_curves(curves, Path(curve_png))
+        draw_curves(means, Path(curve_png))
 
 
 if __name__ == "__main__":
