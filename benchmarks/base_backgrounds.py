@@ -31,8 +31,7 @@ SAMPLERS: dict[str, tuple[str | None, dict, int]] = {
 
 def background_counts(pipe, prompt: str, count: int, seed: int, steps: int, guidance: float) -> Counter:
     images = sample(pipe, [prompt] * count, seed, steps, guidance)
-    return Counter(metrics.nearest_palette(metrics.background_color(metrics.to_rgb_array(image)))
-                   for image in images)
+    return Counter(metrics.background_name(metrics.to_rgb_array(image)) for image in images)
 
 
 def main() -> None:

@@ -278,10 +278,9 @@ def draw_curves(means: dict[str, np.ndarray], path: Path) -> None:
     image = Image.new("RGB", (width, height), "white")
     draw = ImageDraw.Draw(image)
     xs = np.concatenate([p[:, 2] for p in means.values()])
-    tick_step = next(step for step in (0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0)
-                     if (max(0.05, xs.max()) - min(0.0, xs.min())) / step <= 6)
-    x_lo = np.floor(min(0.0, xs.min()) / tick_step) * tick_step
-    x_hi = np.ceil(max(0.05, xs.max()) / tick_step) * tick_step
+    low, high = min(0.0, xs.min()), max(0.05, xs.max())
+    tick_step = next(step for step in (0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0) if (high - low) / step <= 6)
+    x_lo, x_hi = np.floor(low / tick_step) * tick_step, np.ceil(high / tick_step) * tick_step
 
     def at(x: float, y: float) -> tuple[float, float]:
         return (margin + (x - x_lo) / (x_hi - x_lo) * (width - 2 * margin), height - margin - y * (height - 2 * margin))

@@ -118,6 +118,11 @@ def background_color(arr: np.ndarray) -> np.ndarray:
     return np.median(border, axis=0)
 
 
+def background_name(arr: np.ndarray) -> str:
+    """The palette colour nearest the image's border."""
+    return nearest_palette(background_color(arr))
+
+
 def _largest_component(mask: np.ndarray) -> np.ndarray:
     h, w = mask.shape
     seen = np.zeros_like(mask, bool)
@@ -234,7 +239,7 @@ def analyse(image, region=None) -> dict:
     arr = to_rgb_array(image)
     m = object_mask(arr, region)
     return {
-        "background": nearest_palette(background_color(arr)),
+        "background": background_name(arr),
         "color": object_color(arr, m),
         "colors": object_colors(arr, m),
         "kind": classify_shape(m),
@@ -260,7 +265,7 @@ def prompt_fidelity(image, target) -> dict[str, float]:
     arr = to_rgb_array(image)
     res: dict[str, float] = {}
     if attrs["background"] is not None:
-        res["background"] = float(nearest_palette(background_color(arr)) == attrs["background"])
+        res["background"] = float(background_name(arr) == attrs["background"])
     shapes = attrs["shapes"]
     regions = [None] if len(shapes) <= 1 else [(0, arr.shape[1] // 2), (arr.shape[1] // 2, arr.shape[1])]
     cols, kinds = [], []
