@@ -46,6 +46,7 @@ from boft_diffusion.outputs.read import load_outputs
 from boft_diffusion.recipes.dreambooth import build_parser, ensure_class_images, run
 from boft_diffusion.tiny import world
 from boft_diffusion.training.data import load_images
+from boft_diffusion.training.trainer import FLAGS_JSON
 
 #: train_dreambooth.py flags of each method; LoRA r=6 and OFT b=16 match BOFT m=2's budget. m = 4
 #: needs block size 4 on the tiny UNet's 32-wide layers (8 * 2**3 > 32).
@@ -82,12 +83,12 @@ def instances_of(name: str) -> list[Image.Image]:
     return [image for _, image in load_images(example_subject_dir(name), 64)]
 
 
-def measure(pipe, name: str, num_images: int, eval_seed: int, instance_prompt: str | None = None
-            ) -> dict[str, list[float]]:
+def measure(pipe, name: str, num_images: int, eval_seed: int, guidance: float = GUIDANCE,
+            instance_prompt: str | None = None) -> dict[str, list[float]]:
     """Per-sample tiny-world measures of the pipeline as it is, re-context on the subject's backgrounds."""
     subject = world.SUBJECTS[name]
     drawn = tiny_world_samples(pipe, instance_prompt or subject.instance_prompt, subject.class_prompt, num_images,
-                               eval_seed, guidance=GUIDANCE, backgrounds=subject.backgrounds)
+                               eval_seed, guidance=guidance, backgrounds=subject.backgrounds)
     return sample_scores(drawn, instances_of(name))
 
 
@@ -95,13 +96,13 @@ def loader(method: str):
     return load_adapter if method.startswith("boft") else load_peft_adapter
 
 
-def score_folder(folder: Path, method: str, name: str, num_images: int, eval_seed: int) -> dict:
+def score_folder(folder: Path, method: str, name: str, num_images: int, eval_seed: int, guidance: float) -> dict:
     """Per-sample tiny-world measures of one output folder, and its hyperspherical-energy change."""
     pipe = fresh_pipeline()
     before = {k: v.detach().cpu().clone() for k, v in pipe.unet.state_dict().items()}
     boft = method.startswith("boft")
     load_outputs(pipe, folder, load=loader(method))
-    samples = measure(pipe, name, num_images, eval_seed)
+    samples = measure(pipe, name, num_images, eval_seed, guidance)
     after = merged_state_dict(pipe.unet) if boft else peft_merged_weights(pipe.unet)
     if boft:
         assert base_state_dict(pipe.unet).keys() == after.keys()
@@ -120,7 +121,8 @@ def checkpoint_samples(run_dir: Path, job: dict, num_images: int) -> dict[int, d
     for folder in folders:
         pipe = fresh_pipeline()
         load_outputs(pipe, folder / "adapter", load=loader(job["method"]))
-        scored[int(folder.name.split("-")[1])] = measure(pipe, job["subject"], num_images, job["eval_seed"])
+        scored[int(folder.name.split("-")[1])] = measure(pipe, job["subject"], num_images, job["eval_seed"],
+                                                         job["guidance"])
     return scored
 
 
@@ -159,6 +161,15 @@ def run_flags(job: dict) -> list[str]:
     return [*flags, *shlex.split(job["variant"]), *METHODS[job["method"]], "--report_to", "none", *checkpoints]
 
 
+def finished_run(run_dir: Path, flags: argparse.Namespace) -> bool:
+    """Whether ``run_dir`` holds the finished adapter of a run with exactly these flags, so that
+    scoring it again (at another guidance, or after a killed benchmark) needs no training."""
+    recorded = run_dir / FLAGS_JSON
+    if not (run_dir / WEIGHTS_NAME).is_file() or not recorded.is_file():
+        return False
+    return json.loads(recorded.read_text()) == json.loads(json.dumps(vars(flags), default=str))
+
+
 def execute(job: dict) -> dict:
     """One unit of work in a worker process: class images of a (subject, seed), the base model's
     measures of a subject, or one training run and its scores."""
@@ -172,13 +183,16 @@ def execute(job: dict) -> dict:
         return {**job, "seconds": time.time() - start}
     if job["kind"] == "base":
         instances = instances_of(job["subject"])
-        return {**job, "samples": measure(fresh_pipeline(), job["subject"], job["num_images"], job["eval_seed"]),
+        return {**job, "samples": measure(fresh_pipeline(), job["subject"], job["num_images"], job["eval_seed"],
+                                          job["guidance"]),
                 "instances": instance_self_score(instances), "seconds": time.time() - start}
-    flags = run_flags(job)
-    run(build_parser().parse_args(flags))
-    run_dir = Path(flags[flags.index("--output_dir") + 1])
-    trained = time.time() - start
-    scored = score_folder(run_dir, job["method"], job["subject"], job["num_images"], job["eval_seed"])
+    flags = build_parser().parse_args(run_flags(job))
+    run_dir = Path(flags.output_dir)
+    reused = finished_run(run_dir, flags)
+    if not reused:
+        run(flags)
+    trained = None if reused else time.time() - start
+    scored = score_folder(run_dir, job["method"], job["subject"], job["num_images"], job["eval_seed"], job["guidance"])
     at_checkpoints = checkpoint_samples(run_dir, job, job["checkpoint_images"]) if job["checkpoint_every"] else {}
     return {**job, **scored, "checkpoints": at_checkpoints, "train_seconds": trained,
             "seconds": time.time() - start}
@@ -317,7 +331,7 @@ def print_table(summary: dict, subjects: list[str], args) -> None:
     instances = np.mean([summary["base"][s]["instances"] for s in subjects])
     print(f"\nTiny-world DreamBooth on {summary['device']}: subjects {', '.join(subjects)}; training seeds "
           f"{seeds}; {len(runs) // len(args['methods'])} runs per method; {args['num_images']} samples per measure "
-          f"from sampling seed {args['eval_seed']}; mean [95 % bootstrap interval over subject x seed x sample]; "
+          f"from sampling seed {args['eval_seed']}, guidance {sampling_guidance(args):g}; mean [95 % bootstrap interval over subject x seed x sample]; "
           f"instance images' own score {instances:.2f}.\n")
     print("| method | tuned point | params | " + " | ".join(MEASURES) + " | worst run's subject | energy change "
           "| train s |")
@@ -330,9 +344,10 @@ def print_table(summary: dict, subjects: list[str], args) -> None:
         chosen = summary["chosen"][method]
         point = f"{chosen['variant']}, " if chosen["variant"] else ""
         cells = " | ".join(cell([r["samples"][m] for r in mine]) for m in MEASURES)
+        trained = [r["train_seconds"] for r in mine if r["train_seconds"] is not None]
         print(f"| {method} | {point}lr x{chosen['lr_scale']:g}, {chosen['steps']} steps | {mine[0]['params']:,} | "
               f"{cells} | {worst:.2f} | {np.mean([r['energy_change'] for r in mine]):.2e} "
-              f"| {np.mean([r['train_seconds'] for r in mine]):.0f} |")
+              f"| {f'{np.mean(trained):.0f}' if trained else '-'} |")
 
 
 def print_paired(summary: dict, baseline: str) -> None:
@@ -381,6 +396,9 @@ def main() -> None:
     parser.add_argument("--curve_images", type=int, default=16,
                         help="Samples per measure at each curve checkpoint (0: no curve).")
     parser.add_argument("--eval_seed", type=int, default=100, help="First sampling seed of every score.")
+    parser.add_argument("--guidance_scale", type=float, default=GUIDANCE,
+                        help="Classifier-free guidance of every score (class images keep the model's default). "
+                             "Runs already finished in --output_dir with the same flags are scored, not trained.")
     parser.add_argument("--workers", type=int, default=1,
                         help="Runs at a time, each in its own process (15 on a 16-core GPU machine, with CUDA "
                              "MPS running so that their kernels share the GPU).")
@@ -404,7 +422,7 @@ def main() -> None:
     subjects = list(world.SUBJECTS) if args.subjects == ["all"] else args.subjects
     out = Path(args.output_dir)
     out.mkdir(parents=True, exist_ok=True)
-    common = {"output_dir": str(out), "eval_seed": args.eval_seed}
+    common = {"output_dir": str(out), "eval_seed": args.eval_seed, "guidance": args.guidance_scale}
     pool = None
     if args.workers > 1:
         pool = ProcessPoolExecutor(args.workers, mp_context=multiprocessing.get_context("spawn"),
@@ -492,6 +510,11 @@ def confirm(args, subjects: list[str], common: dict, pool, out: Path) -> None:
     print(f"\nper-sample results: {out / 'summary.json'}")
 
 
+def sampling_guidance(args: dict) -> float:
+    """The guidance a summary was scored at (summaries from before --guidance_scale used the model's)."""
+    return args.get("guidance_scale", GUIDANCE)
+
+
 def merge_summaries(summaries: list[dict]) -> dict:
     """One summary of confirmations run separately, which must share subjects, seeds and sampling (so
     their base-model scores agree) and differ in methods."""
@@ -502,6 +525,9 @@ def merge_summaries(summaries: list[dict]) -> dict:
             if summary["args"][key] != first["args"][key]:
                 raise SystemExit(f"--report: the summaries differ in {key}: {summary['args'][key]} "
                                  f"against {first['args'][key]}")
+        if sampling_guidance(summary["args"]) != sampling_guidance(first["args"]):
+            raise SystemExit(f"--report: the summaries were scored at guidance {sampling_guidance(summary['args'])} "
+                             f"and {sampling_guidance(first['args'])}")
         if any(summary["base"].get(s, {}).get("samples") != first["base"][s]["samples"] for s in first["base"]):
             raise SystemExit("--report: the summaries' base-model scores differ; they were not sampled alike")
         repeated = set(summary["args"]["methods"]) & set(merged["args"]["methods"])

@@ -54,7 +54,7 @@ def train_and_score(job: dict) -> dict:
                                    "--instance_prompt", prompt, "--report_to", "none"]))
     pipe = fresh_pipeline()
     load_outputs(pipe, run_dir, load=loader(METHOD))
-    return {**job, "samples": measure(pipe, name, job["num_images"], job["eval_seed"], prompt)}
+    return {**job, "samples": measure(pipe, name, job["num_images"], job["eval_seed"], instance_prompt=prompt)}
 
 
 def base_of(job: dict) -> dict:

@@ -1,0 +1,46 @@
+"""benchmarks/bench_dreambooth.py scores a finished run again without training it, and only then."""
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
+from bench_dreambooth import finished_run, merge_summaries  # noqa: E402
+
+from boft_diffusion.core.files import WEIGHTS_NAME  # noqa: E402
+from boft_diffusion.demo import GUIDANCE, training_flags  # noqa: E402
+from boft_diffusion.recipes.dreambooth import build_parser  # noqa: E402
+from boft_diffusion.training.trainer import FLAGS_JSON  # noqa: E402
+
+
+def flags_of(run_dir: Path, seed: int = 10):
+    return build_parser().parse_args(training_flags(run_dir, 300, seed, run_dir.parent / "class_images"))
+
+
+def test_a_run_is_reused_only_when_finished_with_the_same_flags(tmp_path):
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    flags = flags_of(run_dir)
+    (run_dir / FLAGS_JSON).write_text(json.dumps(vars(flags), default=str, indent=2))
+    assert not finished_run(run_dir, flags), "no adapter file: the run did not finish"
+    (run_dir / WEIGHTS_NAME).write_bytes(b"")
+    assert finished_run(run_dir, flags)
+    assert not finished_run(run_dir, flags_of(run_dir, seed=11)), "another seed must train again"
+    (run_dir / FLAGS_JSON).unlink()
+    assert not finished_run(run_dir, flags), "without its flags a folder cannot be trusted to match"
+
+
+def summary(guidance: float | None, method: str) -> dict:
+    args = {"seeds": [10], "num_images": 4, "eval_seed": 100, "curve_images": 0, "methods": [method]}
+    if guidance is not None:
+        args["guidance_scale"] = guidance
+    return {"args": args, "base": {"sks_star": {"samples": {"subject": [0.0]}}}, "chosen": {method: {}}, "runs": []}
+
+
+def test_summaries_scored_at_other_guidances_are_not_merged():
+    assert merge_summaries([summary(None, "lora"), summary(GUIDANCE, "boft-m2")])["args"]["methods"] == [
+        "lora", "boft-m2"], "a summary from before the flag was scored at the model's guidance"
+    with pytest.raises(SystemExit, match="guidance"):
+        merge_summaries([summary(GUIDANCE, "lora"), summary(GUIDANCE / 2, "boft-m2")])
