@@ -41,14 +41,14 @@ def failure_mode(image, profile: metrics.SubjectProfile) -> tuple[str, dict[str,
     return ("stripe_colours_missing" if parts["colors"] == 0 else "no_stripes"), parts
 
 
-def run_modes(run_dir: Path, num_images: int, eval_seed: int) -> dict:
+def run_modes(run_dir: Path, num_images: int, eval_seed: int, guidance: float) -> dict:
     subject = run_dir.parent.name
     method = run_dir.name.split("-v")[0]
     pipe = fresh_pipeline()
     load_outputs(pipe, run_dir, load=loader(method))
     profile = metrics.SubjectProfile(instances_of(subject))
     prompt = world.SUBJECTS[subject].instance_prompt
-    counted = [failure_mode(image, profile) for image in sample(pipe, [prompt] * num_images, eval_seed, 25, GUIDANCE)]
+    counted = [failure_mode(image, profile) for image in sample(pipe, [prompt] * num_images, eval_seed, 25, guidance)]
     return {"run": run_dir.name, "subject": subject, "method": method, "modes": [m for m, _ in counted],
             "parts": {p: [parts[p] for _, parts in counted] for p in PARTS}}
 
@@ -72,6 +72,7 @@ def main() -> None:
     parser.add_argument("--runs", type=Path, required=True, help="a bench_dreambooth phase folder (e.g. OUT/confirm)")
     parser.add_argument("--num_images", type=int, default=48)
     parser.add_argument("--eval_seed", type=int, default=100, help="bench_dreambooth's sampling seed")
+    parser.add_argument("--guidance_scale", type=float, default=GUIDANCE, help="bench_dreambooth's guidance")
     parser.add_argument("--json", type=Path, help="write every sample's mode and parts here")
     args = parser.parse_args()
     run_dirs = sorted(p.parent for p in args.runs.glob("*/*/adapter_config.json"))
@@ -79,7 +80,7 @@ def main() -> None:
         parser.error(f"no adapters under {args.runs}/<subject>/<run>/")
     results = []
     for run_dir in run_dirs:
-        results.append(run_modes(run_dir, args.num_images, args.eval_seed))
+        results.append(run_modes(run_dir, args.num_images, args.eval_seed, args.guidance_scale))
         print(f"{run_dir.parent.name}/{run_dir.name}: subject {np.mean(results[-1]['parts']['score']):.2f}", flush=True)
     if args.json:
         args.json.write_text(json.dumps(results, indent=1))
