@@ -331,8 +331,8 @@ def print_table(summary: dict, subjects: list[str], args) -> None:
     instances = np.mean([summary["base"][s]["instances"] for s in subjects])
     print(f"\nTiny-world DreamBooth on {summary['device']}: subjects {', '.join(subjects)}; training seeds "
           f"{seeds}; {len(runs) // len(args['methods'])} runs per method; {args['num_images']} samples per measure "
-          f"from sampling seed {args['eval_seed']}, guidance {sampling_guidance(args):g}; mean [95 % bootstrap interval over subject x seed x sample]; "
-          f"instance images' own score {instances:.2f}.\n")
+          f"from sampling seed {args['eval_seed']}, guidance {sampling_guidance(args):g}; mean [95 % bootstrap "
+          f"interval over subject x seed x sample]; instance images' own score {instances:.2f}.\n")
     print("| method | tuned point | params | " + " | ".join(MEASURES) + " | worst run's subject | energy change "
           "| train s |")
     print("|---" * (len(MEASURES) + 6) + "|")
