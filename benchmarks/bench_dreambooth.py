@@ -46,7 +46,7 @@ from boft_diffusion.outputs.read import load_outputs
 from boft_diffusion.recipes.dreambooth import build_parser, ensure_class_images, run
 from boft_diffusion.tiny import world
 from boft_diffusion.training.data import load_images
-from boft_diffusion.training.trainer import FLAGS_JSON
+from boft_diffusion.training.trainer import FLAGS_JSON, flags_as_json
 
 #: train_dreambooth.py flags of each method; LoRA r=6 and OFT b=16 match BOFT m=2's budget. m = 4
 #: needs block size 4 on the tiny UNet's 32-wide layers (8 * 2**3 > 32).
@@ -167,7 +167,7 @@ def finished_run(run_dir: Path, flags: argparse.Namespace) -> bool:
     recorded = run_dir / FLAGS_JSON
     if not (run_dir / WEIGHTS_NAME).is_file() or not recorded.is_file():
         return False
-    return json.loads(recorded.read_text()) == json.loads(json.dumps(vars(flags), default=str))
+    return json.loads(recorded.read_text()) == flags_as_json(vars(flags))
 
 
 def execute(job: dict) -> dict:

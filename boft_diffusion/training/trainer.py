@@ -511,7 +511,7 @@ class Trainer:
         self.check_replicas_agree()
         acc.wait_for_everyone()
         if acc.is_main_process:
-            flags = json.dumps(json.loads(json.dumps(self.config.hparams, default=str)), indent=2)
+            flags = json.dumps(flags_as_json(self.config.hparams), indent=2)
             try:
                 self.recipe.save_outputs(self.output_dir, self.step)
                 atomic_write(self.output_dir, {FLAGS_JSON: lambda tmp: Path(tmp).write_text(flags)})
@@ -537,9 +537,14 @@ RUN_CONTROL_FLAGS = frozenset({
 FLAGS_JSON = "training_flags.json"
 
 
+def flags_as_json(hparams: dict[str, Any]) -> dict[str, Any]:
+    """The flags as :data:`FLAGS_JSON` holds them (paths and other objects as strings)."""
+    return json.loads(json.dumps(hparams, default=str))
+
+
 def recorded_flags(hparams: dict[str, Any]) -> dict[str, Any]:
     """The flags a checkpoint records, to name the ones a resume changes (JSON values)."""
-    return {k: json.loads(json.dumps(v, default=str)) for k, v in hparams.items() if k not in RUN_CONTROL_FLAGS}
+    return {k: v for k, v in flags_as_json(hparams).items() if k not in RUN_CONTROL_FLAGS}
 
 
 def changed_flags(before: dict[str, Any], now: dict[str, Any]) -> str:
