@@ -101,6 +101,8 @@ def test_clip_and_dino_scores_with_local_models(tmp_path, trained_adapter):
     same = clip_scores(clip, instances, "a photo of sks star", instances)
     other = clip_scores(clip, [Image.new("RGB", (64, 64), "black")] * 2, "a photo of sks star", instances)
     assert -1 <= same["clip_t"] <= 1 and same["clip_i"] > other["clip_i"]
+    long_prompt = clip_scores(clip, instances, "a photo of sks " + "bright " * 200 + "star", instances)
+    assert -1 <= long_prompt["clip_t"] <= 1, "a prompt longer than CLIP's context is truncated, not an error"
     assert dino_score(dino, instances, instances) > dino_score(
         dino, [Image.new("RGB", (64, 64), "black")] * 2, instances)
     report = evaluation.main(["--adapter", str(trained_adapter), "--num_images", "2", "--num_inference_steps", "2",

@@ -54,7 +54,7 @@ def clip_scores(model_path: str, images, prompt: str, instance_images) -> dict[s
     with torch.no_grad():
         generated = _normalise(model.get_image_features(**processor(images=list(images), return_tensors="pt")))
         reference = _normalise(model.get_image_features(**processor(images=list(instance_images), return_tensors="pt")))
-        text_inputs = processor(text=[prompt.replace(" sks", "")], return_tensors="pt", padding=True)
+        text_inputs = processor(text=[prompt.replace(" sks", "")], return_tensors="pt", padding=True, truncation=True)
         text = _normalise(model.get_text_features(**text_inputs))
     return {"clip_t": float((generated @ text.T).mean()), "clip_i": float((generated @ reference.T).mean())}
 
