@@ -28,6 +28,8 @@ import warnings
 
 import torch
 
+from boft_diffusion.tiny.toy import toy_unet_config
+
 ATTENTION = ["to_q", "to_k", "to_v", "to_out.0"]
 METHODS = {
     "none": "no adapter (inputs require grad)",
@@ -72,18 +74,7 @@ SD15_UNET = dict(
     attention_head_dim=8,
 )
 #: The same block types at toy widths (every width a multiple of 64, so that m = 4 fits): smoke tests.
-TINY_UNET = dict(
-    sample_size=8,
-    in_channels=4,
-    out_channels=4,
-    block_out_channels=(64, 128),
-    layers_per_block=1,
-    down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
-    up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
-    cross_attention_dim=64,
-    attention_head_dim=8,
-    norm_num_groups=16,
-)
+TINY_UNET = toy_unet_config(width=64, cross_attention_dim=64, norm_num_groups=16)
 UNETS = {"sd15": SD15_UNET, "tiny": TINY_UNET}
 
 

@@ -39,31 +39,17 @@ from boft_diffusion.models.bundled import EMBEDDED_MODEL_DIR
 from boft_diffusion.models.pipelines import load_pipeline
 from boft_diffusion.outputs.read import load_outputs
 from boft_diffusion.recipes.dreambooth import build_parser, run
+from boft_diffusion.tiny.toy import toy_unet_config
 
 SD15 = {
-    "unet": dict(
-        sample_size=64,
-        block_out_channels=(320, 640, 1280, 1280),
-        down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
-        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
-        cross_attention_dim=768,
-        attention_head_dim=8,
-    ),
+    "unet": bench_train_step.SD15_UNET,
     "vae": dict(block_out_channels=(128, 256, 512, 512), sample_size=512),
     "text_encoder": dict(hidden_size=768, intermediate_size=3072, num_attention_heads=12, num_hidden_layers=12,
                          projection_dim=768),
     "max_length": 77,
 }
 TINY = {
-    "unet": dict(
-        sample_size=8,
-        block_out_channels=(32, 64),
-        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
-        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
-        cross_attention_dim=32,
-        attention_head_dim=4,
-        norm_num_groups=16,
-    ),
+    "unet": toy_unet_config(attention_head_dim=4, norm_num_groups=16, layers_per_block=2),
     "vae": dict(block_out_channels=(16, 32, 32, 32), norm_num_groups=16, sample_size=64),
     "text_encoder": dict(hidden_size=32, intermediate_size=64, num_attention_heads=4, num_hidden_layers=2,
                          projection_dim=32),
@@ -85,7 +71,7 @@ def build_pipeline_folder(folder: Path, sizes: dict, device: str) -> None:
     tokenizer = CLIPTokenizer.from_pretrained(EMBEDDED_MODEL_DIR / "tokenizer", model_max_length=sizes["max_length"])
     torch.manual_seed(0)
     with torch.device(device):
-        unet = UNet2DConditionModel(in_channels=4, out_channels=4, layers_per_block=2, **sizes["unet"])
+        unet = UNet2DConditionModel(**sizes["unet"])
         vae = AutoencoderKL(down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
                             layers_per_block=2, latent_channels=4, **sizes["vae"])
         text_encoder = CLIPTextModel(CLIPTextConfig(

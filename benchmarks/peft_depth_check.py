@@ -22,6 +22,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import boft_diffusion as bd  # noqa: E402
+from boft_diffusion.tiny.toy import toy_unet_config  # noqa: E402
 
 TARGETS = ["to_q", "to_k", "to_v", "to_out.0", "conv1"]
 
@@ -30,11 +31,7 @@ def make_unet(device: str):
     from diffusers import UNet2DConditionModel
 
     torch.manual_seed(0)
-    return UNet2DConditionModel(
-        sample_size=8, in_channels=4, out_channels=4, block_out_channels=(32, 64), layers_per_block=1,
-        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
-        cross_attention_dim=32, attention_head_dim=8, norm_num_groups=8,
-    ).to(device).eval()
+    return UNet2DConditionModel(**toy_unet_config()).to(device).eval()
 
 
 def check(depth: int, device: str) -> dict:

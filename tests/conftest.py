@@ -11,24 +11,15 @@ from pathlib import Path
 import pytest
 import torch
 
+from boft_diffusion.tiny.toy import toy_unet_config
+
 
 def make_tiny_unet(seed: int = 0):
     """A two-level UNet2DConditionModel with cross-attention, random weights, built from a config."""
     from diffusers import UNet2DConditionModel
 
     torch.manual_seed(seed)
-    return UNet2DConditionModel(
-        sample_size=8,
-        in_channels=4,
-        out_channels=4,
-        block_out_channels=(32, 64),
-        layers_per_block=1,
-        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
-        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
-        cross_attention_dim=32,
-        attention_head_dim=8,
-        norm_num_groups=8,
-    ).eval()
+    return UNet2DConditionModel(**toy_unet_config()).eval()
 
 
 def unet_inputs(seed: int = 1, batch: int = 2):
@@ -84,13 +75,12 @@ def make_tiny_sdxl(folder, seed: int = 0):
     text = dict(vocab_size=732, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
                 max_position_embeddings=24, bos_token_id=730, eos_token_id=731, pad_token_id=731, projection_dim=16)
     time_dim = 8
-    unet = UNet2DConditionModel(
-        sample_size=16, in_channels=4, out_channels=4, block_out_channels=(32, 64), layers_per_block=1,
+    unet = UNet2DConditionModel(**toy_unet_config(
+        sample_size=16, cross_attention_dim=64, attention_head_dim=(2, 4), use_linear_projection=True,
         down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"), up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
-        cross_attention_dim=64, attention_head_dim=(2, 4), norm_num_groups=8, use_linear_projection=True,
         addition_embed_type="text_time", addition_time_embed_dim=time_dim,
         projection_class_embeddings_input_dim=6 * time_dim + text["projection_dim"],
-    )
+    ))
     tokenizer = CLIPTokenizer.from_pretrained(EMBEDDED_MODEL_DIR / "tokenizer")
     pipe = StableDiffusionXLPipeline(
         vae=AutoencoderKL.from_pretrained(EMBEDDED_MODEL_DIR / "vae", torch_dtype=torch.float32),
