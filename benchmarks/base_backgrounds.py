@@ -43,7 +43,6 @@ def main() -> None:
     args = parser.parse_args()
 
     pipe = fresh_pipeline()
-    pipe.set_progress_bar_config(disable=True)
     own = pipe.scheduler
     results = {}
     for name, (scheduler, overrides, steps) in SAMPLERS.items():

@@ -20,14 +20,13 @@ from boft_diffusion import load_pipeline
 from boft_diffusion.core.files import count_file_parameters
 from boft_diffusion.evaluation.sampling import base_sampler, control_sampler
 from boft_diffusion.evaluation.tiny_world import tiny_control_scores
+from boft_diffusion.models.pipelines import quiet_progress
 from boft_diffusion.outputs.read import load_outputs
 from boft_diffusion.recipes.control import build_parser, run
 
 
 def tiny_pipeline():
-    pipe = load_pipeline("tiny", dtype=torch.float32)
-    pipe.set_progress_bar_config(disable=True)
-    return pipe
+    return quiet_progress(load_pipeline("tiny", dtype=torch.float32))
 
 
 def main() -> None:

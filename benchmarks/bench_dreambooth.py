@@ -42,6 +42,7 @@ from boft_diffusion.evaluation.statistics import bootstrap_ci, paired_bootstrap_
 from boft_diffusion.evaluation.tiny_world import instance_self_score, sample_scores, tiny_world_samples
 from boft_diffusion.models.bundled import example_subject_dir
 from boft_diffusion.models.peft_baselines import load_peft_adapter
+from boft_diffusion.models.pipelines import quiet_progress
 from boft_diffusion.outputs.read import load_outputs
 from boft_diffusion.recipes.dreambooth import build_parser, ensure_class_images, run
 from boft_diffusion.tiny import world
@@ -65,9 +66,7 @@ PAIRED_MEASURES = ("subject", "recontext_subject", "recontext_background", "clas
 
 
 def fresh_pipeline():
-    pipe = load_pipeline("tiny", dtype=torch.float32)
-    pipe.set_progress_bar_config(disable=True)
-    return pipe
+    return quiet_progress(load_pipeline("tiny", dtype=torch.float32))
 
 
 def peft_merged_weights(model: torch.nn.Module) -> dict[str, torch.Tensor]:

@@ -36,7 +36,7 @@ import torch
 
 from boft_diffusion import demo
 from boft_diffusion.models.bundled import EMBEDDED_MODEL_DIR
-from boft_diffusion.models.pipelines import load_pipeline
+from boft_diffusion.models.pipelines import load_pipeline, quiet_progress
 from boft_diffusion.outputs.read import load_outputs
 from boft_diffusion.recipes.dreambooth import build_parser, run
 from boft_diffusion.tiny.toy import toy_unet_config
@@ -106,8 +106,7 @@ def train(model: Path, output: Path, recipe: list[str], args: argparse.Namespace
 
 def reload_and_sample(model: Path, adapter: Path, device: str) -> dict:
     """The saved adapter loads into a fresh pipeline and changes its output (random weights: any change)."""
-    pipe = load_pipeline(str(model), device=torch.device(device))
-    pipe.set_progress_bar_config(disable=True)
+    pipe = quiet_progress(load_pipeline(str(model), device=torch.device(device)))
 
     def sample() -> torch.Tensor:
         out = pipe(demo.INSTANCE_PROMPT, num_inference_steps=5, generator=torch.Generator().manual_seed(0),

@@ -28,7 +28,7 @@ from .evaluation.tiny_world import (
 )
 from .models.bundled import example_subject_dir
 from .models.images import LabelledRow, labelled_comparison
-from .models.pipelines import load_pipeline, tiny_defaults
+from .models.pipelines import load_pipeline, quiet_progress, tiny_defaults
 from .outputs.read import load_outputs
 from .outputs.write import add_model_card_scores
 from .recipes.dreambooth import build_parser, run
@@ -171,8 +171,7 @@ def main(argv: list[str] | None = None) -> dict:
                                                  output_dir / "class_images")))
     trained = time.time()
 
-    pipe = load_pipeline("tiny", dtype=torch.float32)
-    pipe.set_progress_bar_config(disable=True)
+    pipe = quiet_progress(load_pipeline("tiny", dtype=torch.float32))
     adapter = load_outputs(pipe, adapter_dir)
     instances = [image for _, image in load_images(example_subject_dir(), 64)]
     drawn = compare_samples(adapter, INSTANCE_PROMPT, CLASS_PROMPT, num_images=args.num_images,

@@ -26,7 +26,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from boft_diffusion.models.pipelines import load_pipeline  # noqa: E402
+from boft_diffusion.models.pipelines import load_pipeline, quiet_progress  # noqa: E402
 from boft_diffusion.tiny import metrics as M  # noqa: E402
 from boft_diffusion.tiny import world as W  # noqa: E402
 from boft_diffusion.tiny.evaluate import evaluate_prompt_fidelity, generate  # noqa: E402
@@ -100,8 +100,7 @@ def main(argv=None):
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
 
-    pipe = load_pipeline(args.model, device=args.device)
-    pipe.set_progress_bar_config(disable=True)
+    pipe = quiet_progress(load_pipeline(args.model, device=args.device))
     report = {}
     pipe("a red circle on a blue background", num_inference_steps=3, generator=torch.Generator().manual_seed(0))
     times = []

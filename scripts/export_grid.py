@@ -20,7 +20,7 @@ from boft_diffusion.evaluation.sampling import sample
 from boft_diffusion.export import export_adapter
 from boft_diffusion.models.export_formats import format_report
 from boft_diffusion.models.images import image_grid
-from boft_diffusion.models.pipelines import load_pipeline, tiny_defaults
+from boft_diffusion.models.pipelines import load_pipeline, quiet_progress, tiny_defaults
 from boft_diffusion.outputs.read import load_outputs
 from boft_diffusion.tiny import world
 
@@ -38,9 +38,9 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         result = export_adapter(args.adapter_dir, "lora", Path(tmp) / "lora.safetensors", rank=args.rank)
         print(format_report(result.report))
-        boft = load_pipeline("tiny", dtype=torch.float32, device="cpu")
+        boft = quiet_progress(load_pipeline("tiny", dtype=torch.float32, device="cpu"))
         load_outputs(boft, args.adapter_dir)
-        lora = load_pipeline("tiny", dtype=torch.float32, device="cpu")
+        lora = quiet_progress(load_pipeline("tiny", dtype=torch.float32, device="cpu"))
         lora.load_lora_weights(str(Path(tmp) / "lora.safetensors"))
         words = [path.stem for path in result.paths[1:]]
         for path in result.paths[1:]:
@@ -49,7 +49,6 @@ def main() -> None:
     for prompt in PROMPTS:
         lora_prompt = " ".join(f"<{w}>" if w in words else w for w in prompt.split())
         for pipe, text in ((boft, prompt), (lora, lora_prompt)):
-            pipe.set_progress_bar_config(disable=True)
             rows.append(sample(pipe, [text] * args.seeds, 0, steps, guidance))
     width, height = rows[0][0].size
     image_grid(rows).resize((width * args.seeds * 2, height * len(rows) * 2)).save(args.output)

@@ -18,6 +18,7 @@ import boft_diffusion as bd
 import train_controlnet
 from boft_diffusion.models.control import encoder_for_unet, light_control
 from boft_diffusion.models.images import image_to_tensor
+from boft_diffusion.models.pipelines import quiet_progress
 from boft_diffusion.outputs.read import load_outputs
 from boft_diffusion.training.checkpoints import list_checkpoints
 from conftest import run_two_processes
@@ -55,8 +56,7 @@ def test_train_and_load_back(tmp_path, mode):
     assert f"BOFT control adapter ({mode})" in card and "validation/latest.png" in card
     assert "m = 2: load it with boft-diffusion" in card and "size mismatch for ...boft_R" in card
 
-    pipe = bd.load_pipeline("tiny", dtype=torch.float32)
-    pipe.set_progress_bar_config(disable=True)
+    pipe = quiet_progress(bd.load_pipeline("tiny", dtype=torch.float32))
     control = load_outputs(pipe, out).control
     assert control.mode == mode
     mask = Image.open(DATA / "conditioning" / "0000.png").convert("RGB")

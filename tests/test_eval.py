@@ -11,7 +11,7 @@ import train_dreambooth
 from boft_diffusion.evaluation import cli as evaluation
 from boft_diffusion.evaluation.image_metrics import clip_scores, dino_score, edge_agreement
 from boft_diffusion.evaluation.tiny_world import tiny_world_samples
-from boft_diffusion.models.pipelines import load_pipeline
+from boft_diffusion.models.pipelines import load_pipeline, quiet_progress
 from boft_diffusion.tiny import world
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -28,8 +28,7 @@ def test_fewer_samples_are_the_first_of_more():
     """Checkpoints are scored on fewer samples than a run's end; the benchmark's curve pairs them with
     the base model's first samples, which holds only if those are the same prompts and images (up to
     the rounding of float math batched differently on several threads)."""
-    pipe = load_pipeline("tiny", dtype=torch.float32)
-    pipe.set_progress_bar_config(disable=True)
+    pipe = quiet_progress(load_pipeline("tiny", dtype=torch.float32))
     few, more, other_seeds = (tiny_world_samples(pipe, "a photo of sks ohwx star", "a photo of star", n, seed=seed,
                                                  steps=2) for n, seed in ((2, 100), (3, 100), (2, 200)))
     for measure in ("subject", "recontext", "captions", "class_prompt"):

@@ -18,6 +18,7 @@ from boft_diffusion.models.export_formats import (
     low_rank,
     module_names_by_kohya,
 )
+from boft_diffusion.models.pipelines import quiet_progress
 from boft_diffusion.outputs.write import TEXT_ENCODER_FOLDER
 from conftest import randomize_adapter
 
@@ -69,9 +70,7 @@ def peft_full_rank(adapter_dir, tmp_path_factory):
 
 
 def fresh_pipe():
-    pipe = bd.load_pipeline("tiny", dtype=torch.float32)
-    pipe.set_progress_bar_config(disable=True)
-    return pipe
+    return quiet_progress(bd.load_pipeline("tiny", dtype=torch.float32))
 
 
 def unet_output(pipe, context: torch.Tensor) -> torch.Tensor:

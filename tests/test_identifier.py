@@ -21,6 +21,7 @@ from boft_diffusion.core.identifier import (
     initializer_vectors,
     remove_identifier_embeddings,
 )
+from boft_diffusion.models.pipelines import quiet_progress
 
 
 @pytest.fixture(scope="module")
@@ -180,8 +181,7 @@ def test_half_precision_pipeline_keeps_its_dtype_with_an_identifier(pipe, tmp_pa
         save_identifier_embeddings(pipe.text_encoder, tmp_path)
     finally:
         remove_identifier_embeddings(pipe.text_encoder)
-    half = bd.load_pipeline("tiny", dtype=torch.bfloat16, device="cpu")
-    half.set_progress_bar_config(disable=True)
+    half = quiet_progress(bd.load_pipeline("tiny", dtype=torch.bfloat16, device="cpu"))
     assert load_identifier_embeddings(half.text_encoder, half.tokenizer, tmp_path)
     assert half.text_encoder.dtype == torch.bfloat16
     images = half("a photo of sks star", num_inference_steps=2, output_type="pt",

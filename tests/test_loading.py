@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from boft_diffusion.models.bundled import EMBEDDED_MODEL_DIR
-from boft_diffusion.models.pipelines import ModelLoadError, load_pipeline
+from boft_diffusion.models.pipelines import ModelLoadError, load_pipeline, quiet_progress
 
 
 def _pretrain_module():
@@ -126,8 +126,7 @@ def test_embedded_model_meta_and_size():
 def test_tiny_samples_a_64x64_image_of_the_caption():
     from boft_diffusion.tiny import metrics as M
 
-    pipe = load_pipeline("tiny", device="cpu")
-    pipe.set_progress_bar_config(disable=True)
+    pipe = quiet_progress(load_pipeline("tiny", device="cpu"))
     img = pipe("a red circle on a blue background", num_inference_steps=25, guidance_scale=5.0,
                generator=torch.Generator().manual_seed(0)).images[0]
     assert img.size == (64, 64)
@@ -141,8 +140,7 @@ def test_tiny_prompt_fidelity_on_held_out():
     from boft_diffusion.tiny import world as W
     from boft_diffusion.tiny.evaluate import evaluate_prompt_fidelity
 
-    pipe = load_pipeline("tiny", device="cpu")
-    pipe.set_progress_bar_config(disable=True)
+    pipe = quiet_progress(load_pipeline("tiny", device="cpu"))
     scenes = W.held_out_scenes(16, seed=0)
     d = tiny_defaults()
     res = evaluate_prompt_fidelity(pipe, scenes, seeds=range(16), steps=d["num_inference_steps"],
@@ -161,8 +159,7 @@ def test_tiny_follows_the_prompt_forms_dreambooth_writes():
     from boft_diffusion.tiny import world as W
     from boft_diffusion.tiny.evaluate import generate
 
-    pipe = load_pipeline("tiny", device="cpu")
-    pipe.set_progress_bar_config(disable=True)
+    pipe = quiet_progress(load_pipeline("tiny", device="cpu"))
     d = tiny_defaults()
     colours = ("blue", "white")
     prompts = [f"a photo of {word} {shape} on a {colour} background"

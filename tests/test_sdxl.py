@@ -14,7 +14,7 @@ from safetensors.torch import load_file
 import boft_diffusion as bd
 import train_dreambooth
 from boft_diffusion.app.studio import GenerationRequest, Limits, Studio
-from boft_diffusion.models.pipelines import is_sdxl
+from boft_diffusion.models.pipelines import is_sdxl, quiet_progress
 from boft_diffusion.outputs.read import load_outputs
 from boft_diffusion.training.diffusion import encode_prompts_sdxl, vae_decodes_in_own_dtype
 from conftest import kill_at_checkpoint_and_resume, make_tiny_sdxl
@@ -33,9 +33,7 @@ def sdxl(tmp_path_factory) -> Path:
 
 
 def load(folder: Path):
-    pipe = bd.load_pipeline(folder, dtype=torch.float32, device="cpu")
-    pipe.set_progress_bar_config(disable=True)
-    return pipe
+    return quiet_progress(bd.load_pipeline(folder, dtype=torch.float32, device="cpu"))
 
 
 def train(sdxl: Path, out: Path, *flags) -> int:

@@ -19,6 +19,7 @@ from boft_diffusion.app.uploads import UPLOADS_FOLDER, folder_bytes
 from boft_diffusion.core.adapters import boft_layers
 from boft_diffusion.core.files import CONFIG_NAME, WEIGHTS_NAME, read_adapter_config
 from boft_diffusion.models.control import CONTROLNET, ENCODER_CONFIG, LIGHT, controlnet_from_unet, encoder_for_unet
+from boft_diffusion.models.pipelines import quiet_progress
 from boft_diffusion.outputs.read import load_outputs
 from boft_diffusion.outputs.write import CONTROL_INFO, save_control
 from conftest import make_tiny_unet, randomize_adapter, run_unet, unet_inputs
@@ -105,9 +106,7 @@ def test_trained_biases_are_a_shift_owned_by_the_adapter(tmp_path):
 
 @pytest.fixture(scope="module")
 def tiny_pipe():
-    pipe = bd.load_pipeline("tiny", dtype=torch.float32)
-    pipe.set_progress_bar_config(disable=True)
-    return pipe
+    return quiet_progress(bd.load_pipeline("tiny", dtype=torch.float32))
 
 
 def request(**changes) -> GenerationRequest:

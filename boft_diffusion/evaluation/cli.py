@@ -20,7 +20,7 @@ import torch
 from ..core.files import read_adapter_config
 from ..models.bundled import example_subject_dir
 from ..models.images import open_image
-from ..models.pipelines import TINY_ALIASES, default_guidance, load_pipeline
+from ..models.pipelines import TINY_ALIASES, default_guidance, load_pipeline, quiet_progress
 from ..outputs.read import load_outputs, read_control_info
 from ..tiny import world
 from ..training.cli import HelpFormatter
@@ -70,8 +70,7 @@ def control_report(args: argparse.Namespace, info: dict[str, Any]) -> dict[str, 
     """Base (no control) against the control adapter: tiny-world IoU, or edge agreement on a data folder."""
     base_model = args.pretrained_model_name_or_path or "tiny"
     args.guidance_scale = default_guidance(base_model, args.guidance_scale)
-    pipe = load_pipeline(base_model, dtype=torch.float32)
-    pipe.set_progress_bar_config(disable=True)
+    pipe = quiet_progress(load_pipeline(base_model, dtype=torch.float32))
     base = base_sampler(pipe, args.num_inference_steps, args.guidance_scale)
     scorers = {}
     if str(base_model) in TINY_ALIASES and not args.control_data_dir:
@@ -107,8 +106,7 @@ def dreambooth_report(args: argparse.Namespace) -> dict[str, Any]:
     instance_prompt = args.instance_prompt or config.metadata.get("instance_prompt") or subject.instance_prompt
     class_prompt = args.class_prompt or config.metadata.get("class_prompt") or subject.class_prompt
     args.guidance_scale = default_guidance(base, args.guidance_scale)
-    pipe = load_pipeline(base, dtype=torch.float32)
-    pipe.set_progress_bar_config(disable=True)
+    pipe = quiet_progress(load_pipeline(base, dtype=torch.float32))
     adapter = load_outputs(pipe, args.adapter)
     instance_dir = args.instance_data_dir or example_subject_dir()
     resolution = pipe.unet.config.sample_size * pipe.vae_scale_factor

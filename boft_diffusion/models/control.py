@@ -32,6 +32,7 @@ from torch import nn
 from ..core.adapters import adapter_configs, base_state_dict
 from ..core.files import atomic_write, read_json_object
 from .images import image_to_tensor, to_rgb
+from .pipelines import quiet_progress
 
 ENCODER_CONFIG = "control_encoder_config.json"
 ENCODER_FIELDS = ("out_channels", "downscale", "hidden", "in_channels")
@@ -227,8 +228,7 @@ class Control:
         from diffusers import StableDiffusionControlNetPipeline
 
         components = {k: v for k, v in pipe.components.items() if k != "image_encoder"}
-        control_pipe = StableDiffusionControlNetPipeline(**components, controlnet=controlnet)
-        control_pipe.set_progress_bar_config(disable=True)
+        control_pipe = quiet_progress(StableDiffusionControlNetPipeline(**components, controlnet=controlnet))
         return cls(CONTROLNET, controlnet_pipe=control_pipe)
 
     @property
