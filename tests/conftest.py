@@ -47,6 +47,15 @@ def run_unet(unet, inputs, grad: bool = False) -> torch.Tensor:
         return unet(sample, timestep, encoder_hidden_states=context).sample.detach()
 
 
+def encode(pipe, prompt: str) -> torch.Tensor:
+    """The text encoder's hidden states for one prompt, padded as the pipeline pads: what an
+    identifier embedding or an exported text-encoder adapter changes."""
+    ids = pipe.tokenizer([prompt], padding="max_length", max_length=pipe.tokenizer.model_max_length,
+                         return_tensors="pt").input_ids
+    with torch.no_grad():
+        return pipe.text_encoder(ids)[0]
+
+
 def randomize_adapter(model, adapter_name: str = "default", scale: float = 0.3, seed: int = 0) -> None:
     """Give an adapter non-trivial values, as after training."""
     from boft_diffusion.core.adapters import boft_layers

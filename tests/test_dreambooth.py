@@ -19,7 +19,7 @@ from boft_diffusion.outputs.read import load_outputs
 from boft_diffusion.recipes import dreambooth
 from boft_diffusion.training.checkpoints import list_checkpoints
 from boft_diffusion.training.data import load_images
-from conftest import kill_at_checkpoint_and_resume, run_two_processes
+from conftest import encode, kill_at_checkpoint_and_resume, run_two_processes
 
 ROOT = Path(__file__).resolve().parent.parent
 FAST = ["--max_train_steps", "4", "--num_inference_steps", "2", "--num_validation_images", "1",
@@ -239,13 +239,6 @@ def test_resume_refuses_changed_batch_settings(tmp_path, capsys):
     assert run_main("--output_dir", out, "--resume_from_checkpoint", "latest", "--max_train_steps", "4",
                     "--gradient_accumulation_steps", "2") == 2
     assert "gradient_accumulation_steps 1 -> 2" in capsys.readouterr().err
-
-
-def encode(pipe, prompt: str) -> torch.Tensor:
-    ids = pipe.tokenizer([prompt], padding="max_length", max_length=pipe.tokenizer.model_max_length,
-                         return_tensors="pt").input_ids
-    with torch.no_grad():
-        return pipe.text_encoder(ids)[0]
 
 
 def test_identifier_embedding_is_learned_saved_merged_and_leaves_class_prompts_alone(tmp_path, capsys):

@@ -20,7 +20,7 @@ from boft_diffusion.models.export_formats import (
 )
 from boft_diffusion.models.pipelines import quiet_progress
 from boft_diffusion.outputs.write import TEXT_ENCODER_FOLDER
-from conftest import randomize_adapter
+from conftest import encode, randomize_adapter
 
 UNET_TARGETS = ["to_q", "to_k", "to_v", "to_out.0", "conv1", "conv2", "proj_in", "conv_shortcut", "time_emb_proj"]
 TEXT_TARGETS = ["q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2"]
@@ -78,13 +78,6 @@ def unet_output(pipe, context: torch.Tensor) -> torch.Tensor:
     sample = torch.randn(2, 4, 8, 8, generator=gen)
     with torch.no_grad():
         return pipe.unet(sample, torch.tensor([10, 600]), encoder_hidden_states=context).sample
-
-
-def encode(pipe, prompt: str) -> torch.Tensor:
-    ids = pipe.tokenizer([prompt], padding="max_length", max_length=pipe.tokenizer.model_max_length,
-                         return_tensors="pt").input_ids
-    with torch.no_grad():
-        return pipe.text_encoder(ids)[0]
 
 
 def fixed_context(pipe) -> torch.Tensor:

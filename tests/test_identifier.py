@@ -22,18 +22,12 @@ from boft_diffusion.core.identifier import (
     remove_identifier_embeddings,
 )
 from boft_diffusion.models.pipelines import quiet_progress
+from conftest import encode
 
 
 @pytest.fixture(scope="module")
 def pipe():
     return bd.load_pipeline("tiny", dtype=torch.float32)
-
-
-def encode(pipe, prompt: str) -> torch.Tensor:
-    ids = pipe.tokenizer([prompt], padding="max_length", max_length=pipe.tokenizer.model_max_length,
-                         return_tensors="pt").input_ids
-    with torch.no_grad():
-        return pipe.text_encoder(ids)[0]
 
 
 def random_vector(pipe, seed: int = 0) -> torch.Tensor:
