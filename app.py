@@ -11,11 +11,13 @@ import ipaddress
 import json
 import random
 import tempfile
+from dataclasses import Field, fields
 from pathlib import Path
 
 import gradio as gr
 
 from boft_diffusion.app.studio import (
+    MB,
     MODEL_SCHEDULER,
     NO_ADAPTER,
     SCHEDULERS,
@@ -37,15 +39,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--share", action="store_true", help="Create a public Gradio link.")
     parser.add_argument("--model", default="tiny", help='"tiny", a diffusers folder, a hub id or a .safetensors file.')
     parser.add_argument("--adapters_dir", default="outputs", help="Adapter folders are listed from here only.")
-    parser.add_argument("--max_size", type=int, default=768, help="Largest width/height accepted.")
-    parser.add_argument("--max_steps", type=int, default=100)
-    parser.add_argument("--max_images", type=int, default=4)
-    parser.add_argument("--max_upload_mb", type=int, default=512, help="Largest upload, uncompressed.")
-    parser.add_argument("--max_upload_files", type=int, default=200, help="Most entries in an uploaded zip.")
-    parser.add_argument("--max_upload_ratio", type=float, default=100.0,
-                        help="Largest uncompressed / compressed size of an uploaded zip.")
-    parser.add_argument("--max_uploads_folder_mb", type=int, default=4096,
-                        help="Cap of adapters_dir/uploads; the oldest uploads not in use are evicted beyond it.")
+    add_limit_flags(parser)
     parser.add_argument("--models", nargs="+", default=[],
                         help="Base models visitors may choose when the app is public (--share or a non-loopback "
                              "--host); --model is always one of them.")
@@ -54,13 +48,35 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
+def limit_flag(limit: Field) -> str:
+    """The flag of a Limits field: byte sizes are given in MB on the command line."""
+    return limit.name.removesuffix("_bytes") + "_mb" if limit.name.endswith("_bytes") else limit.name
+
+
+def flag_unit(limit: Field) -> int:
+    """How many of the field's units one unit of its flag is."""
+    return MB if limit.name.endswith("_bytes") else 1
+
+
+def add_limit_flags(parser: argparse.ArgumentParser) -> None:
+    """One flag per Limits field, with the field's default and help."""
+    for limit in fields(Limits):
+        parser.add_argument(f"--{limit_flag(limit)}", type=type(limit.default), default=limit.default // flag_unit(limit),
+                            help=limit.metadata["help"])
+
+
+def limits_from_flags(args: argparse.Namespace) -> Limits:
+    """The studio's Limits from the flags ``add_limit_flags`` declared."""
+    return Limits(**{limit.name: getattr(args, limit_flag(limit)) * flag_unit(limit) for limit in fields(Limits)})
+
+
 def check_app_flags(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
     """Limits must be positive (and the uploads folder hold at least one upload)."""
-    for flag in ("max_size", "max_steps", "max_images", "max_upload_mb", "max_upload_files", "max_uploads_folder_mb"):
-        if getattr(args, flag) < 1:
-            parser.error(f"--{flag} must be at least 1, got {getattr(args, flag)}.")
     if not args.max_upload_ratio >= 1 or args.max_upload_ratio == float("inf"):
         parser.error(f"--max_upload_ratio must be a finite number >= 1, got {args.max_upload_ratio}.")
+    for flag in map(limit_flag, fields(Limits)):
+        if getattr(args, flag) < 1:
+            parser.error(f"--{flag} must be at least 1, got {getattr(args, flag)}.")
     if args.max_uploads_folder_mb < args.max_upload_mb:
         parser.error("--max_uploads_folder_mb must be at least --max_upload_mb.")
 
@@ -194,10 +210,7 @@ def build_app(studio: Studio) -> gr.Blocks:
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
-    limits = Limits(max_size=args.max_size, max_steps=args.max_steps, max_images=args.max_images,
-                    max_upload_bytes=args.max_upload_mb * 2**20, max_upload_files=args.max_upload_files,
-                    max_upload_ratio=args.max_upload_ratio, max_uploads_folder_bytes=args.max_uploads_folder_mb * 2**20)
-    studio = Studio(args.model, args.adapters_dir, limits, offered_models(args))
+    studio = Studio(args.model, args.adapters_dir, limits_from_flags(args), offered_models(args))
     app = build_app(studio)
     app.queue(default_concurrency_limit=1)
     app.launch(server_name=args.host, server_port=args.port, share=args.share,

@@ -314,6 +314,15 @@ def test_uploads_folder_cap_evicts_the_oldest_unused(tmp_path):
     assert first in names and third in names and second not in names
 
 
+def test_app_limit_flags_are_the_studio_limits_with_sizes_in_mb():
+    assert app.limits_from_flags(app.parse_args([])) == Limits()
+    limits = app.limits_from_flags(app.parse_args(["--max_size", "64", "--max_upload_mb", "3",
+                                                   "--max_uploads_folder_mb", "5"]))
+    assert (limits.max_size, limits.max_upload_bytes, limits.max_uploads_folder_bytes) == (64, 3 * 2**20, 5 * 2**20)
+    with pytest.raises(SystemExit):
+        app.parse_args(["--max_uploads_folder_mb", "3", "--max_upload_mb", "5"])
+
+
 # 6. public app ---------------------------------------------------------------------------------------------
 def test_public_app_offers_listed_models_and_hides_server_paths(tmp_path):
     assert app.offered_models(app.parse_args([])) is None

@@ -44,17 +44,27 @@ SCHEDULERS = {
     "UniPC": "UniPCMultistepScheduler",
 }
 
+MB = 2**20
+
+
+def _limit(default: float, help: str) -> Any:
+    """A Limits field carrying the help text of the app.py flag derived from it."""
+    return field(default=default, metadata={"help": help})
+
+
 @dataclass
 class Limits:
-    """What one request and one upload may ask for (command-line flags of app.py)."""
+    """What one request and one upload may ask for: declared here only, app.py derives its flags
+    (defaults and help) from these fields, with sizes in MB there (``--max_upload_mb``)."""
 
-    max_size: int = 768
-    max_steps: int = 100
-    max_images: int = 4
-    max_upload_bytes: int = 512 * 2**20
-    max_upload_files: int = 200
-    max_upload_ratio: float = 100.0
-    max_uploads_folder_bytes: int = 4 * 2**30
+    max_size: int = _limit(768, "Largest width/height accepted.")
+    max_steps: int = _limit(100, "Most sampling steps of one request.")
+    max_images: int = _limit(4, "Most images of one request.")
+    max_upload_bytes: int = _limit(512 * MB, "Largest upload, uncompressed.")
+    max_upload_files: int = _limit(200, "Most entries in an uploaded zip.")
+    max_upload_ratio: float = _limit(100.0, "Largest uncompressed / compressed size of an uploaded zip.")
+    max_uploads_folder_bytes: int = _limit(
+        4096 * MB, "Cap of adapters_dir/uploads; the oldest uploads not in use are evicted beyond it.")
 
     def upload_quota(self) -> UploadQuota:
         return UploadQuota(self.max_upload_bytes, self.max_upload_files, self.max_upload_ratio,

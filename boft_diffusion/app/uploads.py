@@ -25,12 +25,13 @@ CHUNK = 2**20
 
 @dataclass
 class UploadQuota:
-    """Limits of one upload and of the uploads folder (bytes are uncompressed sizes)."""
+    """Limits of one upload and of the uploads folder (bytes are uncompressed sizes); the values
+    come from the studio's Limits."""
 
-    max_bytes: int = 512 * 2**20
-    max_files: int = 200
-    max_ratio: float = 100.0
-    max_folder_bytes: int = 4 * 2**30
+    max_bytes: int
+    max_files: int
+    max_ratio: float
+    max_folder_bytes: int
 
 
 def install_upload(paths: list[str | Path], adapters_dir: Path, quota: UploadQuota,
