@@ -11,7 +11,9 @@ from __future__ import annotations
 import argparse
 import json
 import time
+from collections.abc import Collection
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -33,7 +35,7 @@ from .outputs.read import load_outputs
 from .outputs.write import add_model_card_scores
 from .recipes.dreambooth import build_parser, run
 from .tiny import world
-from .training.cli import HelpFormatter
+from .training.cli import HelpFormatter, config_tokens, read_config_file
 from .training.data import load_images
 
 INSTANCE_PROMPT = world.SUBJECTS[world.DEFAULT_SUBJECT].instance_prompt
@@ -44,29 +46,35 @@ GRID_SEEDS = 6
 GUIDANCE = tiny_defaults()["guidance_scale"]  # the embedded model's sampling default
 
 
-#: Steps of the recipe: BOFT m = 2's pick on the tuning grid (training seeds 0-2 of the star:
-#: 150 and 300 steps, constant and cosine learning rate; benchmarks/bench_dreambooth.py).
-STEPS = 300
-#: Class images of the prior: 160 rather than 40, so that each is seen about 4 times in 300 steps instead
-#: of 15 and a run depends less on which few the base model happened to draw (the eleventh round).
-CLASS_IMAGES = 160
-#: The recipe's train_dreambooth.py flags that do not depend on the subject or the paths: BOFT on the
-#: UNet's attention and ResNet convolutions plus the identifier's embedding, captions naming each
-#: instance image's background, prior loss weight 2, Min-SNR 5, lr 2e-3 decaying on a cosine
-#: (see training_flags).
-RECIPE = [
-    "--boft_target_modules", "to_q", "to_k", "to_v", "to_out.0", "conv1", "conv2",
-    "--train_identifier_embedding", "--identifier_learning_rate", "5e-3",
-    "--caption_extension", ".txt", "--caption_dropout_rate", "0.3",
-    "--prior_loss_weight", "2", "--learning_rate", "2e-3", "--lr_scheduler", "cosine", "--snr_gamma", "5",
-    "--train_batch_size", "2",
-]
+#: The demo's DreamBooth recipe, whose only copy is this --config file of train_dreambooth.py in the
+#: repository's examples/ (the demo runs from a checkout: `make demo` installs the package editable).
+RECIPE_FILE = Path(__file__).resolve().parent.parent / "examples" / "dreambooth_demo.toml"
+#: Keys of RECIPE_FILE that training_flags sets for each subject, output folder, seed and run length;
+#: the file holds them for `make demo`'s run (tests/test_config_file.py checks that the two agree).
+PER_RUN_KEYS = ("output_dir", "instance_data_dir", "instance_prompt", "class_prompt", "class_data_dir",
+                "max_train_steps", "seed", "guidance_scale", "validation_prompt")
+
+
+def read_recipe() -> dict[str, Any]:
+    """The table of RECIPE_FILE; a missing file says where the demo looked for it and why there."""
+    if not RECIPE_FILE.is_file():
+        raise FileNotFoundError(f"{RECIPE_FILE} is missing: the demo reads its recipe from the repository's "
+                                "examples/ folder, so run it from a checkout (`make demo` installs the package "
+                                "editable).")
+    return read_config_file(RECIPE_FILE)
+
+
+def recipe_flags(leave_out: Collection[str] = ()) -> list[str]:
+    """The subject-independent part of the recipe as train_dreambooth.py flags, less the keys
+    ``leave_out`` (for a run that sets those itself)."""
+    recipe = {key: value for key, value in read_recipe().items() if key not in (*PER_RUN_KEYS, *leave_out)}
+    return config_tokens(build_parser(), recipe, str(RECIPE_FILE))
 
 
 def training_flags(adapter_dir: Path, steps: int, seed: int, class_dir: Path,
                    subject: str = world.DEFAULT_SUBJECT) -> list[str]:
     """The demo's DreamBooth recipe for the tiny model, as train_dreambooth.py flags, for one of
-    the bundled subjects.
+    the bundled subjects: the recipe file's flags, with the subject's data and prompts.
 
     Each instance image is captioned with its background (the bundled ``.txt`` sidecars), so the
     identifier learns the subject rather than the photos' backgrounds; caption dropout trains the
@@ -77,14 +85,12 @@ def training_flags(adapter_dir: Path, steps: int, seed: int, class_dir: Path,
     bundled = world.SUBJECTS[subject]
     instance, recontext = bundled.instance_prompt, recontext_prompts(bundled.instance_prompt, bundled.backgrounds)
     return [
-        "--output_dir", str(adapter_dir), "--overwrite_output_dir",
+        "--output_dir", str(adapter_dir),
         "--instance_data_dir", str(example_subject_dir(subject)), "--instance_prompt", instance,
-        "--with_prior_preservation", "--class_prompt", bundled.class_prompt,
-        "--class_data_dir", str(class_dir), "--num_class_images", str(CLASS_IMAGES),
-        "--max_train_steps", str(steps), *RECIPE,
+        "--class_prompt", bundled.class_prompt, "--class_data_dir", str(class_dir),
+        "--max_train_steps", str(steps), *recipe_flags(),
         "--seed", str(seed), "--guidance_scale", str(GUIDANCE),
         "--validation_prompt", instance, recontext[1][0], bundled.class_prompt,
-        "--num_validation_images", "4",
     ]
 
 
@@ -156,7 +162,7 @@ def print_scores(scores: dict) -> None:
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     parser.add_argument("--output_dir", default="outputs/demo")
-    parser.add_argument("--max_train_steps", type=int, default=STEPS)
+    parser.add_argument("--max_train_steps", type=int, default=read_recipe()["max_train_steps"])
     parser.add_argument("--num_images", type=int, default=48,
                         help="Samples per measure (48: eight per re-context colour).")
     parser.add_argument("--seed", type=int, default=0, help="Training seed.")

@@ -7,7 +7,7 @@ import pytest
 
 import train_controlnet
 import train_dreambooth
-from boft_diffusion.demo import STEPS, training_flags
+from boft_diffusion import demo
 from boft_diffusion.models.bundled import example_subject_dir
 from boft_diffusion.recipes import dreambooth
 from boft_diffusion.training.cli import parse_args
@@ -101,10 +101,19 @@ def test_run_records_resolved_flags_and_resume_names_a_changed_config(tmp_path, 
 
 
 def test_the_demo_config_file_holds_the_demos_flags():
-    """examples/dreambooth_demo.toml must follow boft_diffusion/demo.py's recipe when it changes."""
-    from_file = vars(parse("--config", ROOT / "examples" / "dreambooth_demo.toml"))
-    demo = vars(parse(*training_flags(Path("outputs/demo/adapter"), STEPS, 0, Path("outputs/demo/class_images"))))
-    assert demo.pop("instance_data_dir") == str(example_subject_dir())
+    """demo.py takes its recipe from examples/dreambooth_demo.toml and sets the per-run keys itself:
+    for `make demo`'s run (the default subject, paths and seed) its flags are the file's, read as a
+    --config file."""
+    from_file = vars(parse("--config", demo.RECIPE_FILE))
+    steps = demo.read_recipe()["max_train_steps"]
+    flags = vars(parse(*demo.training_flags(Path("outputs/demo/adapter"), steps, 0, Path("outputs/demo/class_images"))))
+    assert flags.pop("instance_data_dir") == str(example_subject_dir())
     assert from_file.pop("instance_data_dir") is None  # the default: the bundled subject
-    assert from_file.pop("config").endswith("dreambooth_demo.toml") and demo.pop("config") is None
-    assert from_file == demo
+    assert from_file.pop("config").endswith("dreambooth_demo.toml") and flags.pop("config") is None
+    assert from_file == flags
+
+
+def test_the_demo_without_its_recipe_file_says_where_it_looked(tmp_path, monkeypatch):
+    monkeypatch.setattr(demo, "RECIPE_FILE", tmp_path / "dreambooth_demo.toml")
+    with pytest.raises(FileNotFoundError, match="dreambooth_demo.toml is missing.*run it from a checkout"):
+        demo.training_flags(tmp_path / "adapter", 1, 0, tmp_path / "class_images")
