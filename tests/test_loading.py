@@ -145,10 +145,13 @@ def test_tiny_prompt_fidelity_on_held_out():
     d = tiny_defaults()
     res = evaluate_prompt_fidelity(pipe, scenes, seeds=range(16), steps=d["num_inference_steps"],
                                    guidance=d["guidance_scale"])
-    # the shipped model reaches 1.00 / 1.00 / 0.89 on 64 held-out samples (README)
-    assert res["background"] >= 0.85
-    assert res["shape_color"] >= 0.75
-    assert res["shape_class"] >= 0.6
+    # These 16 samples (fixed seeds) score 16/16, 16/16 and 14/16 on a CPU; each bound lets one more
+    # sample miss, as float rounding on another CPU may flip a borderline one. Sampling at guidance
+    # 1.5 instead of the model's 4 draws the right shape 12 times: below the bound.
+    assert res["n"] == 16
+    assert res["background"] >= 15 / 16
+    assert res["shape_color"] >= 15 / 16
+    assert res["shape_class"] >= 13 / 16
 
 
 @pytest.mark.slow
@@ -167,9 +170,9 @@ def test_tiny_follows_the_prompt_forms_dreambooth_writes():
     prompts += [f"a photo of {shape}" for shape in W.SHAPES]
     images = generate(pipe, prompts, list(range(len(prompts))), d["num_inference_steps"], d["guidance_scale"])
     scores = [M.prompt_fidelity(im, p) for im, p in zip(images, prompts, strict=True)]
-    # the shipped model: 1.00 background and 0.97 to 0.98 shape class on 64 samples per form (README)
-    assert np.mean([s["background"] for s in scores[:14]]) >= 0.85
-    assert np.mean([s["shape_class"] for s in scores]) >= 0.7
+    # These samples score 13/14 backgrounds and 19/21 shapes on a CPU; each bound lets one more miss.
+    assert np.mean([s["background"] for s in scores[:14]]) >= 12 / 14
+    assert np.mean([s["shape_class"] for s in scores]) >= 18 / 21
     assert scores[14 + W.SHAPES.index("star")]["shape_class"] == 1.0, "'a photo of star' draws a star"
 
 
