@@ -187,7 +187,7 @@ def build_app(studio: Studio) -> gr.Blocks:
                     width = gr.Slider(8, limits.max_size, value=default_size, step=8, label="Width")
                     height = gr.Slider(8, limits.max_size, value=default_size, step=8, label="Height")
                 count = gr.Slider(1, limits.max_images, value=1, step=1, label="Images")
-                compare = gr.Checkbox(label="Compare with base (same seed)")
+                compare = gr.Checkbox(label="Compare with base (same seed)", elem_id="compare")
                 with gr.Group(visible=False) as control_group:
                     control_image = gr.Image(type="pil", label="Control image")
                     control_strength = gr.Slider(0.0, 2.0, value=1.0, step=0.05, label="Control strength")

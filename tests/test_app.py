@@ -1,5 +1,6 @@
 """The app: generation callback, safety of uploads and paths, the HTTP API, and a real browser."""
 
+import base64
 import io
 import json
 import os
@@ -8,6 +9,7 @@ import socket
 import subprocess
 import sys
 import time
+import urllib.request
 import zipfile
 from pathlib import Path
 
@@ -220,8 +222,24 @@ def browser_paths() -> tuple[str, str]:
     pytest.skip(message)
 
 
+def image_from_src(src: str) -> Image.Image:
+    """The picture an <img> shows: a data: URL decoded, or the app's file URL fetched."""
+    if src.startswith("data:"):
+        return Image.open(io.BytesIO(base64.b64decode(src.split(",", 1)[1]))).convert("RGB")
+    with urllib.request.urlopen(src, timeout=30) as response:
+        return Image.open(io.BytesIO(response.read())).convert("RGB")
+
+
+def gallery_images(driver) -> list[Image.Image] | bool:
+    """The gallery's base and adapter pictures, once both are shown; False before."""
+    sources = [img.get_attribute("src") for img in driver.find_elements("css selector", "#gallery img")]
+    return [image_from_src(src) for src in sources] if len(sources) == 2 and all(sources) else False
+
+
 @pytest.mark.slow
 def test_browser_picks_adapter_and_generates(server, tmp_path):
+    """In a real browser: pick the adapter, ask for the base beside it, and see two generated
+    pictures (decoded from the page's <img>s) that the adapter tells apart."""
     chromium, chromedriver = browser_paths()
     from selenium import webdriver
     from selenium.webdriver.common.by import By
@@ -246,9 +264,13 @@ def test_browser_picks_adapter_and_generates(server, tmp_path):
 
         wait.until(star_option).click()
         wait.until(lambda d: d.find_element(By.CSS_SELECTOR, "#adapter input").get_attribute("value") == "star")
+        driver.find_element(By.CSS_SELECTOR, "#compare input").click()
         driver.find_element(By.CSS_SELECTOR, "#generate").click()
-        image = wait.until(expected_conditions.presence_of_element_located((By.CSS_SELECTOR, "#gallery img")))
-        assert image.get_attribute("src")
+        shown = wait.until(gallery_images)
+        base, adapted = (np.asarray(image, dtype=float) for image in shown)
+        assert base.shape == adapted.shape == (64, 64, 3), "the tiny model's default size"
+        assert min(base.std(), adapted.std()) > 20, "a generated picture, not a blank one"
+        assert np.abs(base - adapted).mean() > 10, "the adapter changes the picture drawn from the same seed"
         driver.execute_script("window.scrollTo(0, 0)")
         driver.save_screenshot(str(tmp_path / "app.png"))
         if os.environ.get("BOFT_SAVE_SCREENSHOT"):
