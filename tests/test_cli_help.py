@@ -8,13 +8,14 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
+#: Per command, flags whose own --help entry must show their default.
 COMMANDS = {
-    "train_dreambooth.py": ["--learning_rate LEARNING_RATE", "(default: 0.001)", "(default: a photo of sks ohwx star)",
-                            "(default: to_q to_k to_v to_out.0)", "--lora_rank LORA_RANK"],
-    "train_controlnet.py": ["(default: light)", "(default: outputs/controlnet)", "(default: 25)"],
-    "app.py": ["(default: 7860)", "(default: 512)", "(default: outputs)"],
-    "-m boft_diffusion.evaluation": ["(default: 16)", "(default: 25)"],
-    "-m boft_diffusion.demo": ["(default: outputs/demo)", "(default: 300)"],
+    "train_dreambooth.py": {"--learning_rate": "0.001", "--instance_prompt": "a photo of sks ohwx star",
+                            "--boft_target_modules": "to_q to_k to_v to_out.0", "--lora_rank": "4"},
+    "train_controlnet.py": {"--control": "light", "--output_dir": "outputs/controlnet", "--num_inference_steps": "25"},
+    "app.py": {"--port": "7860", "--max_size": "768", "--max_upload_mb": "512", "--adapters_dir": "outputs"},
+    "-m boft_diffusion.evaluation": {"--num_images": "16", "--num_inference_steps": "25"},
+    "-m boft_diffusion.demo": {"--output_dir": "outputs/demo", "--max_train_steps": "300"},
 }
 
 
@@ -26,11 +27,29 @@ def help_text(command: str) -> str:
     return result.stdout + result.stderr
 
 
+def help_entries(text: str) -> dict[str, str]:
+    """Each option's own part of a --help text, by its first long flag, whitespace collapsed: an
+    entry starts at a line "  -..." and runs over the lines indented deeper."""
+    entries: dict[str, list[str]] = {}
+    entry: list[str] | None = None
+    for line in text.splitlines():
+        if line.startswith("  -"):
+            entry = entries.setdefault(re.search(r"--[\w-]+", line).group(), [])
+        elif not line.startswith("   "):
+            entry = None
+        if entry is not None:
+            entry.append(line)
+    return {flag: " ".join(" ".join(lines).split()) for flag, lines in entries.items()}
+
+
 @pytest.mark.parametrize("command", COMMANDS)
 def test_help_shows_defaults_and_no_library_noise(command):
-    text = " ".join(help_text(command).split())
-    for expected in COMMANDS[command]:
-        assert expected in text, f"{command} --help lacks {expected!r}"
+    text = help_text(command)
+    entries = help_entries(text)
+    for flag, default in COMMANDS[command].items():
+        assert flag in entries, f"{command} --help lists no {flag}"
+        assert f"(default: {default})" in entries[flag], f"{command} --help: {entries[flag]!r} lacks its default"
+    text = " ".join(text.split())
     assert "(default: None)" not in text and "(default: False)" not in text
     assert "Warning" not in text and "torchvision" not in text
 
