@@ -73,10 +73,11 @@ def save_control(folder: str | os.PathLike, mode: str, unet_adapter: nn.Module |
 
 
 def save_latest_validation(output_dir: str | os.PathLike) -> None:
-    """Copy the newest validation grid to ``validation/latest.png``, the picture the model card shows."""
+    """Copy the newest validation grid to ``validation/latest.png``, the picture the model card
+    shows, atomically: an interrupted copy leaves the previous picture whole."""
     grids = sorted((Path(output_dir) / "validation").glob("step-*.png"))
     if grids:
-        shutil.copyfile(grids[-1], grids[-1].parent / "latest.png")
+        atomic_write(grids[-1].parent, {"latest.png": lambda tmp: shutil.copyfile(grids[-1], tmp)})
 
 
 def peft_interop_note(n_butterfly_factor: int) -> str:

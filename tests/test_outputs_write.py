@@ -1,0 +1,31 @@
+"""Output folders are written atomically: an interrupted write leaves the previous file whole."""
+
+import shutil
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+from boft_diffusion.outputs.write import save_latest_validation
+
+
+def test_latest_validation_grid_is_replaced_atomically(tmp_path, monkeypatch):
+    grids = tmp_path / "validation"
+    grids.mkdir()
+    for step, colour in ((1, "red"), (2, "blue")):
+        Image.new("RGB", (8, 8), colour).save(grids / f"step-{step:06d}.png")
+    save_latest_validation(tmp_path)
+    assert (grids / "latest.png").read_bytes() == (grids / "step-000002.png").read_bytes()
+
+    Image.new("RGB", (8, 8), "green").save(grids / "step-000003.png")
+
+    def killed_midway(source, target):
+        Path(target).write_bytes(b"half a png")
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(shutil, "copyfile", killed_midway)
+    with pytest.raises(KeyboardInterrupt):
+        save_latest_validation(tmp_path)
+    assert (grids / "latest.png").read_bytes() == (grids / "step-000002.png").read_bytes()
+    assert sorted(p.name for p in grids.iterdir()) == ["latest.png", "step-000001.png", "step-000002.png",
+                                                      "step-000003.png"]
