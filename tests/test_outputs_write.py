@@ -6,6 +6,7 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
+from boft_diffusion.core.files import atomic_write_text
 from boft_diffusion.outputs.write import save_latest_validation
 
 
@@ -29,3 +30,18 @@ def test_latest_validation_grid_is_replaced_atomically(tmp_path, monkeypatch):
     assert (grids / "latest.png").read_bytes() == (grids / "step-000002.png").read_bytes()
     assert sorted(p.name for p in grids.iterdir()) == ["latest.png", "step-000001.png", "step-000002.png",
                                                       "step-000003.png"]
+
+
+def test_text_is_replaced_atomically(tmp_path, monkeypatch):
+    card = atomic_write_text(tmp_path / "out" / "README.md", "# first ✓\n")
+    assert card.read_text(encoding="utf-8") == "# first ✓\n"
+
+    def killed_midway(self, text, **kwargs):
+        Path.write_bytes(self, b"# sec")
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(Path, "write_text", killed_midway)
+    with pytest.raises(KeyboardInterrupt):
+        atomic_write_text(card, "# second\n")
+    assert card.read_text(encoding="utf-8") == "# first ✓\n"
+    assert [p.name for p in card.parent.iterdir()] == ["README.md"]

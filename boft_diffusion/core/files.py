@@ -138,6 +138,13 @@ def atomic_write(folder: str | os.PathLike, files: dict[str, Callable[[str], obj
     return folder
 
 
+def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
+    """Replace the text file ``path`` (UTF-8) as ``atomic_write`` does: readers see the old text or the new."""
+    path = Path(path)
+    atomic_write(path.parent, {path.name: lambda tmp: Path(tmp).write_text(text, encoding="utf-8")})
+    return path
+
+
 def remove_folder(folder: str | os.PathLike) -> None:
     """Delete a folder so that a kill midway never leaves it half deleted under its own name:
     rename it to a hidden tombstone first (``remove_stale_temporaries`` finishes a killed delete)."""

@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from ..core.files import read_adapter_config
+from ..core.files import atomic_write_text, read_adapter_config
 from ..models.bundled import example_subject_dir
 from ..models.images import open_image
 from ..models.pipelines import TINY_ALIASES, default_guidance, load_pipeline, quiet_progress
@@ -62,7 +62,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     text = json.dumps(report, indent=2)
     print(text)
     if args.output_json:
-        Path(args.output_json).write_text(text + "\n")
+        atomic_write_text(args.output_json, text + "\n")
     return report
 
 

@@ -19,7 +19,7 @@ from typing import Any
 from safetensors.torch import save_file
 from torch import nn
 
-from ..core.files import atomic_write, save_adapter, save_identifier_embeddings
+from ..core.files import atomic_write, atomic_write_text, save_adapter, save_identifier_embeddings
 from ..models.control import ControlEncoder, controlnet_trainable_parameters
 
 TEXT_ENCODER_FOLDER = "text_encoder"
@@ -69,7 +69,7 @@ def save_control(folder: str | os.PathLike, mode: str, unet_adapter: nn.Module |
             CONTROLNET_TRAINABLE: lambda tmp: save_file(tensors, tmp),
             CONTROLNET_CONFIG: lambda tmp: Path(tmp).write_text(json.dumps(config, indent=2, default=list)),
         })
-    atomic_write(folder, {CONTROL_INFO: lambda tmp: Path(tmp).write_text(json.dumps(info, indent=2))})
+    atomic_write_text(folder / CONTROL_INFO, json.dumps(info, indent=2))
 
 
 def save_latest_validation(output_dir: str | os.PathLike) -> None:
@@ -103,4 +103,4 @@ def add_model_card_scores(folder: str | os.PathLike, rows: list[tuple[str, str]]
     text = text.split(SCORES_HEADING)[0].rstrip() + "\n\n"
     table = "\n".join(f"| {measure} | {value} |" for measure, value in rows)
     text += f"{SCORES_HEADING}\n\n| measure | value |\n|---|---|\n{table}\n\n{note}\n"
-    atomic_write(folder, {"README.md": lambda path: Path(path).write_text(text)})
+    atomic_write_text(card, text)
