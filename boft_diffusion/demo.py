@@ -31,7 +31,7 @@ from .models.images import LabelledRow, labelled_comparison
 from .models.pipelines import load_pipeline, tiny_defaults
 from .outputs.read import load_outputs
 from .outputs.write import add_model_card_scores
-from .recipes.dreambooth import build_parser, run
+from .recipes.dreambooth import DreamBoothConfig, train
 from .tiny import world
 from .training.cli import HelpFormatter
 from .training.data import load_images
@@ -167,8 +167,8 @@ def main(argv: list[str] | None = None) -> dict:
     output_dir = Path(args.output_dir)
     start = time.time()
     adapter_dir = output_dir / "adapter"
-    run(build_parser().parse_args(training_flags(adapter_dir, args.max_train_steps, args.seed,
-                                                 output_dir / "class_images")))
+    train(DreamBoothConfig.from_flags(training_flags(adapter_dir, args.max_train_steps, args.seed,
+                                                     output_dir / "class_images")))
     trained = time.time()
 
     pipe = load_pipeline("tiny", dtype=torch.float32)

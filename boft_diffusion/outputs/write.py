@@ -13,12 +13,14 @@ import json
 import os
 import shutil
 from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 from typing import Any
 
 from safetensors.torch import save_file
 from torch import nn
 
+from ..core.config import BOFTConfig
 from ..core.files import atomic_write, save_adapter, save_identifier_embeddings
 from ..models.control import ControlEncoder, controlnet_trainable_parameters
 
@@ -31,23 +33,20 @@ CONTROLNET_TRAINABLE = "controlnet_trainable.safetensors"
 
 
 def save_dreambooth(
-    folder: str | os.PathLike, unet: nn.Module, metadata: dict[str, Any], text_encoder: nn.Module | None = None,
-    text_encoder_adapter: bool = False, identifier: bool = False,
-    save: Callable[..., object] = save_adapter, text_encoder_2: nn.Module | None = None,
+    folder: str | os.PathLike, denoiser: nn.Module, metadata: dict[str, Any], encoders: dict[str, nn.Module],
+    text_encoder_adapter: bool = False, identifier: bool = False, save: Callable[..., object] = save_adapter,
 ) -> None:
-    """The UNet's adapter, and the text encoders' adapters and learned identifiers when they
-    trained (SDXL's second encoder in ``text_encoder_2/``); ``save`` writes one adapter folder
-    (BOFT by default)."""
+    """The denoiser's adapter at the folder's root, and, when they trained, each text encoder's
+    adapter in a subfolder of its component name (``text_encoder/``, ``text_encoder_2/``) and its
+    learned identifier (the first encoder's at the root, as textual-inversion files are); ``save``
+    writes one adapter folder (BOFT by default)."""
     folder = Path(folder)
-    save(unet, folder, metadata=metadata)
-    if text_encoder_adapter:
-        save(text_encoder, folder / TEXT_ENCODER_FOLDER, metadata=metadata)
-        if text_encoder_2 is not None:
-            save(text_encoder_2, folder / TEXT_ENCODER_2_FOLDER, metadata=metadata)
-    if identifier:
-        save_identifier_embeddings(text_encoder, folder)
-        if text_encoder_2 is not None:
-            save_identifier_embeddings(text_encoder_2, folder / TEXT_ENCODER_2_FOLDER)
+    save(denoiser, folder, metadata=metadata)
+    for number, (name, encoder) in enumerate(encoders.items()):
+        if text_encoder_adapter:
+            save(encoder, folder / name, metadata=metadata)
+        if identifier:
+            save_identifier_embeddings(encoder, folder if number == 0 else folder / name)
 
 
 def save_control(folder: str | os.PathLike, mode: str, unet_adapter: nn.Module | None, controlnet: Any = None,
@@ -89,6 +88,22 @@ def peft_interop_note(n_butterfly_factor: int) -> str:
                 f"`PeftModel.from_pretrained(pipe.unet, folder)`. {measured}")
     return (f"This adapter has butterfly depth m = {n_butterfly_factor}: load it with boft-diffusion "
             f"(`bd.load_adapter` or `load_outputs`, any depth, any device). {measured}")
+
+
+def boft_summary(boft: BOFTConfig, trainable: int) -> str:
+    """The model card's BOFT lines: geometry, depth, dropout, targets and what trains."""
+    return (f"BOFT: block size {boft.block_size or '-'}, block number {boft.block_num or '-'},\n"
+            f"butterfly factors m = {boft.n_butterfly_factor}, dropout {boft.dropout},\n"
+            f"targets {', '.join(boft.target_modules)}; {trainable:,} trainable parameters.")
+
+
+def write_model_card(folder: str | os.PathLike, text: str) -> None:
+    """The folder's README.md, written atomically."""
+    atomic_write(folder, {"README.md": partial(_write_text, text=text)})
+
+
+def _write_text(path: str, text: str) -> None:
+    Path(path).write_text(text)
 
 
 SCORES_HEADING = "## Scores"
