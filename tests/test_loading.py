@@ -170,7 +170,7 @@ def test_tiny_follows_the_prompt_forms_dreambooth_writes():
     prompts += [f"a photo of {shape}" for shape in W.SHAPES]
     images = generate(pipe, prompts, list(range(len(prompts))), d["num_inference_steps"], d["guidance_scale"])
     scores = [M.prompt_fidelity(im, p) for im, p in zip(images, prompts, strict=True)]
-    # the shipped model: 1.00 background and 0.97 to 0.98 shape class on 64 samples per form (README)
+    # the shipped model: 1.00 background, 0.97 to 0.98 shape class, 64 samples per form (docs/research/tiny_model_v3.md)
     assert np.mean([s["background"] for s in scores[:14]]) >= 0.85
     assert np.mean([s["shape_class"] for s in scores]) >= 0.7
     assert scores[14 + W.SHAPES.index("star")]["shape_class"] == 1.0, "'a photo of star' draws a star"

@@ -79,7 +79,7 @@ def save_latest_validation(output_dir: str | os.PathLike) -> None:
 
 
 def peft_interop_note(n_butterfly_factor: int) -> str:
-    """What Hugging Face PEFT can do with an adapter of this depth, as measured (README, "Interop with PEFT")."""
+    """What Hugging Face PEFT can do with an adapter of this depth, as measured (docs/adapter_format.md)."""
     measured = ("PEFT runs m > 1 only through its CUDA extension; without it (on CPU, and where the extension "
                 "fails to compile, as measured on an H200 with PEFT 0.21.2) PEFT builds m = 1 layers and refuses "
                 "m > 1 files with `size mismatch for ...boft_R`.")
