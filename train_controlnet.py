@@ -19,13 +19,14 @@ model. For real data:
 from __future__ import annotations
 
 import sys
+from functools import partial
 
-from boft_diffusion.recipes.control import build_parser, run
+from boft_diffusion.recipes.control import ControlConfig, train
 from boft_diffusion.training.cli import run_cli
 
 
 def main(argv: list[str] | None = None) -> int:
-    return run_cli(build_parser, run, __doc__, argv)
+    return run_cli(partial(ControlConfig.from_flags, description=__doc__), train, argv)
 
 
 if __name__ == "__main__":

@@ -12,13 +12,14 @@ on a laptop CPU. Point --pretrained_model_name_or_path at a real checkpoint for 
 from __future__ import annotations
 
 import sys
+from functools import partial
 
-from boft_diffusion.recipes.dreambooth import build_parser, run
+from boft_diffusion.recipes.dreambooth import DreamBoothConfig, train
 from boft_diffusion.training.cli import run_cli
 
 
 def main(argv: list[str] | None = None) -> int:
-    return run_cli(build_parser, run, __doc__, argv)
+    return run_cli(partial(DreamBoothConfig.from_flags, description=__doc__), train, argv)
 
 
 if __name__ == "__main__":

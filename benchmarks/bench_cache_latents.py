@@ -15,7 +15,7 @@ import json
 import tempfile
 from pathlib import Path
 
-from boft_diffusion.recipes.dreambooth import build_parser, run
+from boft_diffusion.recipes.dreambooth import DreamBooth, DreamBoothConfig
 
 
 def train(output: Path, args: argparse.Namespace, cached: bool) -> dict:
@@ -26,7 +26,7 @@ def train(output: Path, args: argparse.Namespace, cached: bool) -> dict:
         "--center_crop", "--max_train_steps", str(args.max_train_steps), "--train_batch_size", "2",
         "--report_to", "none", "--seed", "0", *(["--cache_latents"] if cached else []),
     ]
-    return run(build_parser().parse_args(flags))
+    return DreamBooth(DreamBoothConfig.from_flags(flags)).train()
 
 
 def main() -> None:

@@ -22,7 +22,7 @@ from boft_diffusion.evaluation.sampling import base_sampler, control_sampler
 from boft_diffusion.evaluation.tiny_world import tiny_control_scores
 from boft_diffusion.models.pipelines import quiet_progress
 from boft_diffusion.outputs.read import load_outputs
-from boft_diffusion.recipes.control import build_parser, run
+from boft_diffusion.recipes.control import ControlConfig, train
 
 
 def tiny_pipeline():
@@ -49,9 +49,9 @@ def main() -> None:
                  "--train_batch_size", str(args.train_batch_size), "--report_to", "none",
                  "--proportion_empty_prompts", "0.1", "--num_validation_images", "1",
                  "--snr_gamma", str(args.snr_gamma)]
-        parsed = build_parser().parse_args(flags)
+        config = ControlConfig.from_flags(flags)
         start = time.time()
-        run(parsed)
+        train(config)
         seconds = time.time() - start
         sampler = control_sampler(load_outputs(tiny_pipeline(), out / mode), steps=args.steps)
         params = sum(count_file_parameters(p) for p in (out / mode).rglob("*.safetensors") if "checkpoint-" not in str(p))

@@ -44,7 +44,7 @@ from boft_diffusion.models.bundled import example_subject_dir
 from boft_diffusion.models.peft_baselines import load_peft_adapter
 from boft_diffusion.models.pipelines import quiet_progress
 from boft_diffusion.outputs.read import load_outputs
-from boft_diffusion.recipes.dreambooth import build_parser, ensure_class_images, run
+from boft_diffusion.recipes.dreambooth import DreamBoothConfig, ensure_class_images, train
 from boft_diffusion.tiny import world
 from boft_diffusion.training.data import load_images
 from boft_diffusion.training.trainer import FLAGS_JSON, flags_as_json
@@ -160,13 +160,13 @@ def run_flags(job: dict) -> list[str]:
     return [*flags, *shlex.split(job["variant"]), *METHODS[job["method"]], "--report_to", "none", *checkpoints]
 
 
-def finished_run(run_dir: Path, flags: argparse.Namespace) -> bool:
+def finished_run(run_dir: Path, config: DreamBoothConfig) -> bool:
     """Whether ``run_dir`` holds the finished adapter of a run with exactly these flags, so that
     scoring it again (at another guidance, or after a killed benchmark) needs no training."""
     recorded = run_dir / FLAGS_JSON
     if not (run_dir / WEIGHTS_NAME).is_file() or not recorded.is_file():
         return False
-    return json.loads(recorded.read_text()) == flags_as_json(vars(flags))
+    return json.loads(recorded.read_text()) == flags_as_json(config.run.trainer.hparams)
 
 
 def execute(job: dict) -> dict:
@@ -174,22 +174,22 @@ def execute(job: dict) -> dict:
     measures of a subject, or one training run and its scores."""
     start = time.time()
     if job["kind"] == "class_images":
-        flags = build_parser().parse_args(training_flags(Path(job["output_dir"]) / "unused", 1, job["seed"],
+        config = DreamBoothConfig.from_flags(training_flags(Path(job["output_dir"]) / "unused", 1, job["seed"],
                                                          class_dir(Path(job["output_dir"]), job["subject"], job["seed"]),
                                                          job["subject"]))
         from accelerate import PartialState
-        ensure_class_images(fresh_pipeline(), flags, PartialState())
+        ensure_class_images(fresh_pipeline(), config, PartialState())
         return {**job, "seconds": time.time() - start}
     if job["kind"] == "base":
         instances = instances_of(job["subject"])
         return {**job, "samples": measure(fresh_pipeline(), job["subject"], job["num_images"], job["eval_seed"],
                                           job["guidance"]),
                 "instances": instance_self_score(instances), "seconds": time.time() - start}
-    flags = build_parser().parse_args(run_flags(job))
-    run_dir = Path(flags.output_dir)
-    reused = finished_run(run_dir, flags)
+    config = DreamBoothConfig.from_flags(run_flags(job))
+    run_dir = Path(config.run.trainer.output_dir)
+    reused = finished_run(run_dir, config)
     if not reused:
-        run(flags)
+        train(config)
     trained = None if reused else time.time() - start
     scored = score_folder(run_dir, job["method"], job["subject"], job["num_images"], job["eval_seed"], job["guidance"])
     at_checkpoints = checkpoint_samples(run_dir, job, job["checkpoint_images"]) if job["checkpoint_every"] else {}

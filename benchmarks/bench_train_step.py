@@ -102,21 +102,24 @@ def adapt(unet, method: str) -> dict:
     info: dict = {}
     if method == "none":
         unet.requires_grad_(False)
-    elif method.startswith("peft_"):
+    elif method in ("peft_lora", "peft_oft"):
+        # the baselines as every recipe and benchmark trains them (models/adapter_kinds.py): LoRA r=8, OFT
+        # block 8 with the exact Cayley transform
+        from boft_diffusion.models.adapter_kinds import AdapterSpec, adapter_kind
+
+        kind = method.removeprefix("peft_")
+        unet.requires_grad_(False)
+        adapter_kind(kind).apply(unet, AdapterSpec(kind, list(ATTENTION), lora_rank=8, oft_block_size=8))
+    elif method == "peft_boft":
         import peft
 
-        configs = {
-            "peft_lora": lambda: peft.LoraConfig(r=8, lora_alpha=8, target_modules=ATTENTION),
-            "peft_oft": lambda: peft.OFTConfig(r=0, oft_block_size=8, target_modules=ATTENTION),
-            "peft_boft": lambda: peft.BOFTConfig(boft_block_size=8, boft_n_butterfly_factor=2, target_modules=ATTENTION),
-        }
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            unet = peft.get_peft_model(unet, configs[method]())
-        if method == "peft_boft":
-            shapes = {m.boft_R["default"].shape[0] for m in unet.modules() if hasattr(m, "boft_R") and "default" in m.boft_R}
-            info["m_requested"] = 2
-            info["m_ran"] = sorted(shapes)
+            unet = peft.get_peft_model(unet, peft.BOFTConfig(boft_block_size=8, boft_n_butterfly_factor=2,
+                                                            target_modules=ATTENTION))
+        shapes = {m.boft_R["default"].shape[0] for m in unet.modules() if hasattr(m, "boft_R") and "default" in m.boft_R}
+        info["m_requested"] = 2
+        info["m_ran"] = sorted(shapes)
     else:
         import boft_diffusion as bd
 

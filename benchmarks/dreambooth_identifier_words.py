@@ -29,7 +29,7 @@ from boft_diffusion.evaluation.statistics import bootstrap_ci
 from boft_diffusion.evaluation.tiny_world import instance_self_score
 from boft_diffusion.models.bundled import example_subject_dir
 from boft_diffusion.outputs.read import load_outputs
-from boft_diffusion.recipes.dreambooth import build_parser, run
+from boft_diffusion.recipes.dreambooth import DreamBoothConfig, train
 from boft_diffusion.tiny import world
 
 METHOD = "boft-m2"  # the recipe's adapter
@@ -50,8 +50,8 @@ def train_and_score(job: dict) -> dict:
     prompt = world.SUBJECTS[name].instance_prompt.replace(world.SUBJECTS[name].identifier, words)
     run_dir = out / name / f"seed{seed}"
     flags = training_flags(run_dir, 300, seed, class_dir(out, name, seed), name)
-    run(build_parser().parse_args([*flags, "--instance_data_dir", str(renamed_subject(out, name, words)),
-                                   "--instance_prompt", prompt, "--report_to", "none"]))
+    train(DreamBoothConfig.from_flags([*flags, "--instance_data_dir", str(renamed_subject(out, name, words)),
+                                       "--instance_prompt", prompt, "--report_to", "none"]))
     pipe = fresh_pipeline()
     load_outputs(pipe, run_dir, load=loader(METHOD))
     return {**job, "samples": measure(pipe, name, job["num_images"], job["eval_seed"], instance_prompt=prompt)}

@@ -38,7 +38,7 @@ from boft_diffusion import demo
 from boft_diffusion.models.bundled import EMBEDDED_MODEL_DIR
 from boft_diffusion.models.pipelines import load_pipeline, quiet_progress
 from boft_diffusion.outputs.read import load_outputs
-from boft_diffusion.recipes.dreambooth import build_parser, run
+from boft_diffusion.recipes.dreambooth import DreamBooth, DreamBoothConfig
 from boft_diffusion.tiny.toy import toy_unet_config
 
 SD15 = {
@@ -100,7 +100,7 @@ def train(model: Path, output: Path, recipe: list[str], args: argparse.Namespace
         "--report_to", "tensorboard", "--seed", "0", *recipe,
     ]
     start = time.perf_counter()
-    result = run(build_parser().parse_args(flags))
+    result = DreamBooth(DreamBoothConfig.from_flags(flags)).train()
     result["wall_seconds"] = time.perf_counter() - start
     result["validation_grid"] = (output / "validation" / "latest.png").exists()
     return result

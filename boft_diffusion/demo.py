@@ -33,7 +33,7 @@ from .models.images import LabelledRow, labelled_comparison
 from .models.pipelines import load_pipeline, quiet_progress, tiny_defaults
 from .outputs.read import load_outputs
 from .outputs.write import add_model_card_scores
-from .recipes.dreambooth import build_parser, run
+from .recipes.dreambooth import DreamBoothConfig, build_parser, train
 from .tiny import world
 from .training.cli import HelpFormatter, config_tokens, read_config_file
 from .training.data import load_images
@@ -173,8 +173,8 @@ def main(argv: list[str] | None = None) -> dict:
     output_dir = Path(args.output_dir)
     start = time.time()
     adapter_dir = output_dir / "adapter"
-    run(build_parser().parse_args(training_flags(adapter_dir, args.max_train_steps, args.seed,
-                                                 output_dir / "class_images")))
+    train(DreamBoothConfig.from_flags(training_flags(adapter_dir, args.max_train_steps, args.seed,
+                                                     output_dir / "class_images")))
     trained = time.time()
 
     pipe = quiet_progress(load_pipeline("tiny", dtype=torch.float32))

@@ -11,19 +11,19 @@ from bench_dreambooth import finished_run, merge_summaries  # noqa: E402
 
 from boft_diffusion.core.files import WEIGHTS_NAME  # noqa: E402
 from boft_diffusion.demo import GUIDANCE, training_flags  # noqa: E402
-from boft_diffusion.recipes.dreambooth import build_parser  # noqa: E402
+from boft_diffusion.recipes.dreambooth import DreamBoothConfig  # noqa: E402
 from boft_diffusion.training.trainer import FLAGS_JSON, flags_as_json  # noqa: E402
 
 
 def flags_of(run_dir: Path, seed: int = 10):
-    return build_parser().parse_args(training_flags(run_dir, 300, seed, run_dir.parent / "class_images"))
+    return DreamBoothConfig.from_flags(training_flags(run_dir, 300, seed, run_dir.parent / "class_images"))
 
 
 def test_a_run_is_reused_only_when_finished_with_the_same_flags(tmp_path):
     run_dir = tmp_path / "run"
     run_dir.mkdir()
     flags = flags_of(run_dir)
-    (run_dir / FLAGS_JSON).write_text(json.dumps(flags_as_json(vars(flags)), indent=2))
+    (run_dir / FLAGS_JSON).write_text(json.dumps(flags_as_json(flags.run.trainer.hparams), indent=2))
     assert not finished_run(run_dir, flags), "no adapter file: the run did not finish"
     (run_dir / WEIGHTS_NAME).write_bytes(b"")
     assert finished_run(run_dir, flags)

@@ -8,10 +8,11 @@ import torch
 from PIL import Image
 
 import train_dreambooth
+from boft_diffusion.families import StableDiffusion, StableDiffusionXL
+from boft_diffusion.families.denoising import DenoisingObjective
 from boft_diffusion.recipes import dreambooth
 from boft_diffusion.training import trainer as trainer_module
 from boft_diffusion.training.data import bucket_sizes, nearest_bucket
-from boft_diffusion.training.diffusion import noise_posterior
 from boft_diffusion.training.trainer import batches_per_epoch, epoch_batches, grouped_batch_indices
 
 FAST = ["--num_inference_steps", "2", "--num_validation_images", "1", "--report_to", "none",
@@ -55,8 +56,7 @@ def write_images(folder, sizes):
 def test_bucketed_training_keeps_each_images_aspect_and_batches_one_bucket(tmp_path, monkeypatch):
     folder = write_images(tmp_path / "images", [(640, 480), (480, 640), (512, 512)] * 2)
     sets, batches, time_ids = [], [], []
-    real_from_folder, real_augment, real_ids = dreambooth.ImageSet.from_folder.__func__, dreambooth.augment_batch, \
-        dreambooth.add_time_ids
+    real_from_folder, real_augment = dreambooth.ImageSet.from_folder.__func__, dreambooth.augment_batch
 
     def recording_from_folder(cls, *args, **kwargs):
         sets.append(real_from_folder(cls, *args, **kwargs))
@@ -67,13 +67,13 @@ def test_bucketed_training_keeps_each_images_aspect_and_batches_one_bucket(tmp_p
         batches.append(([tuple(image.shape[1:]) for image in images], kwargs["size"], crops))
         return batch, crops
 
-    def recording_ids(originals, crops, target, device):
+    def recording_ids(self, originals, crops, target, device):
         time_ids.append((originals, crops, target))
-        return real_ids(originals, crops, target, device)
+        return StableDiffusionXL.size_ids(self, originals, crops, target, device)
 
     monkeypatch.setattr(dreambooth.ImageSet, "from_folder", classmethod(recording_from_folder))
     monkeypatch.setattr(dreambooth, "augment_batch", recording_augment)
-    monkeypatch.setattr(dreambooth, "add_time_ids", recording_ids)
+    monkeypatch.setattr(StableDiffusion, "size_ids", recording_ids)  # SD has none: record what SDXL would get
     assert run_main("--output_dir", tmp_path / "out", "--instance_data_dir", folder, "--bucket", "--resolution", "64",
                     "--train_batch_size", "2", "--max_train_steps", "6") == 0
 
@@ -99,13 +99,13 @@ def test_bucketed_prior_images_of_several_buckets_train_in_one_step(tmp_path, mo
     instances = write_images(tmp_path / "images", [(640, 480)] * 2)
     classes = write_images(tmp_path / "class", [(480, 640), (512, 512)])
     shapes = []
-    real_noised = dreambooth.noised_latents
+    real_noised = DenoisingObjective.noise_pixels
 
-    def recording_noised(vae, scheduler, pixels, *args, **kwargs):
+    def recording_noised(self, vae, pixels, *args, **kwargs):
         shapes.append(tuple(pixels.shape))
-        return real_noised(vae, scheduler, pixels, *args, **kwargs)
+        return real_noised(self, vae, pixels, *args, **kwargs)
 
-    monkeypatch.setattr(dreambooth, "noised_latents", recording_noised)
+    monkeypatch.setattr(DenoisingObjective, "noise_pixels", recording_noised)
     assert run_main("--output_dir", tmp_path / "out", "--instance_data_dir", instances, "--bucket", "--resolution", "64",
                     "--train_batch_size", "2", "--max_train_steps", "1", "--with_prior_preservation", "--class_data_dir",
                     classes, "--class_prompt", "a photo of star", "--num_class_images", "2") == 0
@@ -114,7 +114,7 @@ def test_bucketed_prior_images_of_several_buckets_train_in_one_step(tmp_path, mo
 
 def loss_curve(monkeypatch, *flags) -> tuple[list[float], int]:
     losses, encodes = [], []
-    real_step, real_noised = trainer_module.Trainer._micro_step, dreambooth.noised_latents
+    real_step, real_noised = trainer_module.Trainer._micro_step, DenoisingObjective.noise_pixels
 
     def recording_step(self, micro, last):
         logs = real_step(self, micro, last)
@@ -127,7 +127,7 @@ def loss_curve(monkeypatch, *flags) -> tuple[list[float], int]:
 
     with monkeypatch.context() as patch:
         patch.setattr(trainer_module.Trainer, "_micro_step", recording_step)
-        patch.setattr(dreambooth, "noised_latents", counting_noised)
+        patch.setattr(DenoisingObjective, "noise_pixels", counting_noised)
         assert run_main(*map(str, flags)) == 0
     return losses, len(encodes)
 
@@ -156,7 +156,8 @@ def test_noise_offset_shifts_each_channel_of_the_noise():
     mean, std = torch.randn(2, 4, 8, 8), torch.rand(2, 4, 8, 8)
 
     def noised(offset):
-        return noise_posterior(mean, std, 0.18, scheduler, torch.Generator().manual_seed(3), "cpu", offset)
+        return DenoisingObjective(scheduler, 0.18).noise_posterior(mean, std, torch.Generator().manual_seed(3), "cpu",
+                                                                   offset)
 
     plain, offset = noised(0.0), noised(0.1)
     replay = torch.Generator().manual_seed(3)

@@ -5,11 +5,10 @@ from pathlib import Path
 
 import pytest
 
-import train_controlnet
 import train_dreambooth
 from boft_diffusion import demo
 from boft_diffusion.models.bundled import example_subject_dir
-from boft_diffusion.recipes import dreambooth
+from boft_diffusion.recipes import control, dreambooth
 from boft_diffusion.training.cli import parse_args
 from boft_diffusion.training.trainer import FLAGS_JSON, TrainingError
 
@@ -81,7 +80,7 @@ def test_config_file_kinds_and_values_are_checked(tmp_path, capsys):
     assert "--mixed_precision: invalid choice: 'fp8'" in capsys.readouterr().err
     (tmp_path / "other.toml").write_text('instance_data_dir = "x"')
     with pytest.raises(TrainingError, match="unknown key 'instance_data_dir'"):  # not a ControlNet flag
-        parse_args(train_controlnet.build_parser(), ["--config", str(tmp_path / "other.toml")])
+        parse_args(control.build_parser(), ["--config", str(tmp_path / "other.toml")])
 
 
 def test_run_records_resolved_flags_and_resume_names_a_changed_config(tmp_path, capsys):

@@ -14,6 +14,7 @@ from PIL import Image
 from safetensors.torch import load_file
 
 import train_dreambooth
+from boft_diffusion.families import StableDiffusion
 from boft_diffusion.models.images import image_to_tensor
 from boft_diffusion.outputs.read import load_outputs
 from boft_diffusion.recipes import dreambooth
@@ -320,18 +321,18 @@ def test_sidecar_captions_are_the_prompts_of_their_images(tmp_path, capsys, capl
     assert len(mean_to_stem) == 5, "the test tells images apart by their mean"
     pairs: list[tuple[str, str]] = []
     batches: list[list[str]] = []
-    real_augment, real_encode = dreambooth.augment_batch, dreambooth.encode_prompts
+    real_augment, real_encode = dreambooth.augment_batch, StableDiffusion.encode_prompts
 
     def recording_augment(images, **kwargs):
         batches.append([mean_to_stem[round(float(image[:3].mean()), 4)] for image in images])
         return real_augment(images, **kwargs)
 
-    def recording_encode(tokenizer, text_encoder, prompts, device):
+    def recording_encode(self, encoders, prompts, device):
         pairs.extend(zip(batches.pop(0), prompts, strict=True))
-        return real_encode(tokenizer, text_encoder, prompts, device)
+        return real_encode(self, encoders, prompts, device)
 
     monkeypatch.setattr(dreambooth, "augment_batch", recording_augment)
-    monkeypatch.setattr(dreambooth, "encode_prompts", recording_encode)
+    monkeypatch.setattr(StableDiffusion, "encode_prompts", recording_encode)
     common = ["--instance_data_dir", instances, "--caption_extension", ".txt", "--train_batch_size", "5",
               "--train_identifier_embedding", "--class_prompt", "a photo of star", "--max_train_steps", "1"]
     with caplog.at_level("WARNING", logger="boft_diffusion"):
@@ -365,13 +366,13 @@ def test_class_images_are_drawn_and_trained_on_the_instance_captions(tmp_path, c
     assert len(set(instance_captions)) == 5 and all(" sks ohwx star " in c for c in instance_captions)
     class_dir = tmp_path / "class"
     encoded: list[list[str]] = []
-    real_encode = dreambooth.encode_prompts
+    real_encode = StableDiffusion.encode_prompts
 
-    def recording_encode(tokenizer, text_encoder, prompts, device):
+    def recording_encode(self, encoders, prompts, device):
         encoded.append(list(prompts))
-        return real_encode(tokenizer, text_encoder, prompts, device)
+        return real_encode(self, encoders, prompts, device)
 
-    monkeypatch.setattr(dreambooth, "encode_prompts", recording_encode)
+    monkeypatch.setattr(StableDiffusion, "encode_prompts", recording_encode)
     common = ["--instance_data_dir", subject, "--caption_extension", ".txt", "--with_prior_preservation",
               "--class_prompt", "a photo of star", "--class_data_dir", class_dir, "--num_class_images", "6",
               "--sample_batch_size", "4", "--train_batch_size", "6", "--max_train_steps", "1",
@@ -396,8 +397,8 @@ def test_class_images_are_drawn_and_trained_on_the_instance_captions(tmp_path, c
     Image.new("RGB", (64, 64), "red").save(plain_dir / "class_00000.png")
     assert run_main("--output_dir", tmp_path / "c", *common, "--class_data_dir", plain_dir) == 2
     assert "already holds class images without .txt captions (class_00000.png" in capsys.readouterr().err
-    args = dreambooth.build_parser().parse_args(["--class_prompt", "a photo of star"])
-    assert dreambooth.class_captions(args, ["a photo of SKS ohwx star, on a red background", "sks ohwx star",
+    config = dreambooth.DreamBoothConfig.from_flags(["--class_prompt", "a photo of star"])
+    assert dreambooth.class_captions(config, ["a photo of SKS ohwx star, on a red background", "sks ohwx star",
                                             "a photo of sks ohwx star, on a red background"]) == [
         "a photo of star, on a red background", "star"]
     assert run_main("--output_dir", tmp_path / "d", "--with_prior_preservation", "--class_prompt", "a photo of star",

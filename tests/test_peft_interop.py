@@ -1,7 +1,7 @@
 """Files interchange with Hugging Face PEFT's BOFT at butterfly depths m = 1, 2 and 4.
 
 PEFT runs m > 1 only through its CUDA extension (fbd_cuda, compiled at run time); without it,
-PEFT builds m = 1 layers whatever its config says. What the README and the model cards state is
+PEFT builds m = 1 layers whatever its config says. What docs/adapter_format.md and the model cards state is
 checked here: PEFT loads our m = 1 folders and gives our outputs; it refuses our m > 1 folders
 with a size mismatch on ``boft_R``; we load the folders PEFT writes at every depth, holding the
 depth PEFT actually ran (m = 1 without the extension), with PEFT's outputs.

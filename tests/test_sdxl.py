@@ -14,9 +14,10 @@ from safetensors.torch import load_file
 import boft_diffusion as bd
 import train_dreambooth
 from boft_diffusion.app.studio import GenerationRequest, Limits, Studio
+from boft_diffusion.families import StableDiffusionXL
 from boft_diffusion.models.pipelines import is_sdxl, quiet_progress
 from boft_diffusion.outputs.read import load_outputs
-from boft_diffusion.training.diffusion import encode_prompts_sdxl, vae_decodes_in_own_dtype
+from boft_diffusion.training.sampling import vae_decodes_in_own_dtype
 from conftest import kill_at_checkpoint_and_resume, make_tiny_sdxl
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -55,8 +56,9 @@ def test_sdxl_folder_loads_as_sdxl_and_training_encodes_as_sampling(sdxl):
     assert not is_sdxl(bd.load_pipeline("tiny", dtype=torch.float32, device="cpu"))
     prompts = ["a photo of sks star", "a photo of star"]
     with torch.no_grad():
-        hidden, pooled = encode_prompts_sdxl([pipe.tokenizer, pipe.tokenizer_2], [pipe.text_encoder, pipe.text_encoder_2],
-                                             prompts, "cpu")
+        family = StableDiffusionXL()
+        encoded = family.encode_prompts(family.text_encoders(pipe), prompts, torch.device("cpu"))
+        hidden, pooled = encoded.hidden, encoded.pooled
         expected, _, expected_pooled, _ = pipe.encode_prompt(prompts, device="cpu", do_classifier_free_guidance=False)
     assert torch.equal(hidden, expected) and torch.equal(pooled, expected_pooled)
 
@@ -208,8 +210,9 @@ def test_sdxl_merged_export_is_a_plain_sdxl_pipeline_with_the_adapter_folded_in(
     outputs = []
     for pipe in (merged, adapted, base):
         with torch.no_grad():
-            hidden, pooled = encode_prompts_sdxl([pipe.tokenizer, pipe.tokenizer_2],
-                                                 [pipe.text_encoder, pipe.text_encoder_2], prompts, "cpu")
+            encoded = StableDiffusionXL().encode_prompts(StableDiffusionXL().text_encoders(pipe), prompts,
+                                                         torch.device("cpu"))
+            hidden, pooled = encoded.hidden, encoded.pooled
             outputs.append(pipe.unet(latents, 10, hidden, added_cond_kwargs={"text_embeds": pooled,
                                                                               "time_ids": time_ids}).sample)
     assert torch.allclose(outputs[0], outputs[1], atol=1e-5)
@@ -258,14 +261,14 @@ def test_sdxl_unet_sees_each_images_size_and_crop(sdxl, tmp_path, monkeypatch):
     top-left and its bucket: SDXL's size conditioning reaches the model."""
     import numpy as np
 
-    from boft_diffusion.recipes import dreambooth
+    from boft_diffusion.recipes import base as recipe_base
 
     images = tmp_path / "images"
     images.mkdir()
     for width, height in [(96, 64), (64, 96)]:
         Image.fromarray(np.full((height, width, 3), 128, dtype=np.uint8)).save(images / f"{width}x{height}.png")
     seen = []
-    real_load = dreambooth.load_pipeline
+    real_load = recipe_base.load_pipeline
 
     def recording_load(*args, **kwargs):
         pipe = real_load(*args, **kwargs)
@@ -274,7 +277,7 @@ def test_sdxl_unet_sees_each_images_size_and_crop(sdxl, tmp_path, monkeypatch):
             with_kwargs=True)
         return pipe
 
-    monkeypatch.setattr(dreambooth, "load_pipeline", recording_load)
+    monkeypatch.setattr(recipe_base, "load_pipeline", recording_load)
     assert train(sdxl, tmp_path / "out", "--instance_data_dir", images, "--bucket", "--center_crop",
                  "--max_train_steps", "2", "--validation_steps", "0", "--num_validation_images", "1") == 0
     training = {tuple(row) for rows in seen for row in rows if row[:2] != [64.0, 64.0]}

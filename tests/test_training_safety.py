@@ -19,7 +19,7 @@ from test_dreambooth import FAST, ROOT, adapter_tensors, launch, subprocess_env
 import train_controlnet
 import train_dreambooth
 from boft_diffusion.core.files import remove_stale_temporaries, save_adapter
-from boft_diffusion.recipes import control, dreambooth
+from boft_diffusion.recipes import base as recipe_base
 from boft_diffusion.training import checkpoints
 from boft_diffusion.training.checkpoints import COMPLETE_JSON, list_checkpoints, resolve_checkpoint
 
@@ -112,7 +112,7 @@ def test_kill_during_rotation_resumes_from_a_complete_checkpoint(tmp_path):
 
 # 8. half precision on CPU ---------------------------------------------------------------------------------
 def test_controlnet_half_precision_on_cpu_is_refused_up_front(tmp_path, capsys, monkeypatch):
-    monkeypatch.setattr(control, "load_pipeline", lambda *a, **k: pytest.fail("a model was loaded"))
+    monkeypatch.setattr(recipe_base, "load_pipeline", lambda *a, **k: pytest.fail("a model was loaded"))
     for precision in ("fp16", "bf16"):
         assert train_controlnet.main(["--control", "controlnet", "--mixed_precision", precision, "--report_to", "none",
                                       "--output_dir", str(tmp_path / precision)]) == 2
@@ -139,7 +139,7 @@ def test_light_control_trains_in_half_precision_on_cpu(tmp_path):
     ("--num_inference_steps", "0", "must be >= 1"),
 ])
 def test_numeric_flags_are_refused_before_any_model_loads(tmp_path, capsys, monkeypatch, flag, value, message):
-    monkeypatch.setattr(dreambooth, "load_pipeline", lambda *a, **k: pytest.fail("a model was loaded"))
+    monkeypatch.setattr(recipe_base, "load_pipeline", lambda *a, **k: pytest.fail("a model was loaded"))
     assert run_main("--output_dir", tmp_path / "out", flag, value) == 2
     err = capsys.readouterr().err
     assert flag in err and value in err and message.replace("\\", "") in err.replace("\\", "")
@@ -189,7 +189,7 @@ def test_resume_without_checkpoint_refuses_a_folder_of_another_run(tmp_path, cap
     out.mkdir()
     (out / "control.json").write_text(json.dumps({"mode": "light"}))
     (out / "adapter_model.safetensors").write_bytes(b"weights of the light run")
-    monkeypatch.setattr(dreambooth, "load_pipeline", lambda *a, **k: pytest.fail("a model was loaded"))
+    monkeypatch.setattr(recipe_base, "load_pipeline", lambda *a, **k: pytest.fail("a model was loaded"))
     assert run_main("--output_dir", out, "--resume_from_checkpoint", "latest") == 2
     err = capsys.readouterr().err
     assert "holds the outputs of another run" in err and "no checkpoint to resume" in err

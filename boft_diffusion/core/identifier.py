@@ -156,7 +156,7 @@ def initializer_vectors(text_encoder: nn.Module, tokenizer, words: Sequence[str]
 
     Textual inversion's initializer token: an identifier that starts as a word the model already
     draws (the class, say) may have less to learn than a rare token. On the tiny model, starting
-    from the subject's colour did worse than the token's own row (BENCHMARKS.md, fifth round).
+    from the subject's colour did worse than the token's own row (docs/research/benchmarks_history.md, fifth round).
     """
     embedding = text_encoder.get_input_embeddings()
     base = embedding.base_layer if isinstance(embedding, IdentifierEmbedding) else embedding

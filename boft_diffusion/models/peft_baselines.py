@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import json
 import os
 import types
@@ -104,3 +105,15 @@ def load_peft_adapter(model: nn.Module, folder: str | os.PathLike) -> None:
     result = peft.set_peft_model_state_dict(model, load_file(str(folder / WEIGHTS_NAME)))
     if getattr(result, "unexpected_keys", None):
         raise ValueError(f"{folder}: {kind} tensors this model lacks: {result.unexpected_keys[:3]}")
+
+
+def peft_merged_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The model's plain state dict (original key names) with the baseline merged into its
+    weights, by PEFT's own merge on a copy: the model itself stays unmerged."""
+    peft = _peft()
+    merged = copy.deepcopy(model)
+    for module in merged.modules():
+        if isinstance(module, peft.tuners.tuners_utils.BaseTunerLayer):
+            module.merge()
+    marker = TRAINED_NAMES[_kind(model._boft_peft_config)]
+    return {key.replace(".base_layer.", "."): value for key, value in merged.state_dict().items() if marker not in key}

@@ -249,12 +249,11 @@ def guidance_kwargs(guidance_scale: float | None) -> dict[str, Any]:
     return {} if guidance_scale is None else {"guidance_scale": guidance_scale}
 
 
-__all__ = ["default_guidance", "guidance_kwargs", "ModelLoadError", "load_pipeline", "check_pipeline_folder", "tiny_defaults",
-           "is_sdxl", "is_sdxl_spec"]
-
-
 def quiet_progress(pipe: Any) -> Any:
-    """Turn off ``pipe``'s per-call progress bar, which floods logs and test output when sampling
-    in a loop; returns ``pipe``, so that it can wrap the load."""
+    """``pipe`` with its per-call progress bar off (training, scoring and the app sample many times)."""
     pipe.set_progress_bar_config(disable=True)
     return pipe
+
+
+__all__ = ["default_guidance", "guidance_kwargs", "ModelLoadError", "load_pipeline", "check_pipeline_folder", "tiny_defaults",
+           "is_sdxl", "is_sdxl_spec"]

@@ -19,6 +19,7 @@ from typing import Any
 from safetensors.torch import save_file
 from torch import nn
 
+from ..core.config import BOFTConfig
 from ..core.files import atomic_write, atomic_write_text, save_adapter, save_identifier_embeddings
 from ..models.control import ControlEncoder, controlnet_trainable_parameters
 
@@ -31,23 +32,20 @@ CONTROLNET_TRAINABLE = "controlnet_trainable.safetensors"
 
 
 def save_dreambooth(
-    folder: str | os.PathLike, unet: nn.Module, metadata: dict[str, Any], text_encoder: nn.Module | None = None,
-    text_encoder_adapter: bool = False, identifier: bool = False,
-    save: Callable[..., object] = save_adapter, text_encoder_2: nn.Module | None = None,
+    folder: str | os.PathLike, denoiser: nn.Module, metadata: dict[str, Any], encoders: dict[str, nn.Module],
+    text_encoder_adapter: bool = False, identifier: bool = False, save: Callable[..., object] = save_adapter,
 ) -> None:
-    """The UNet's adapter, and the text encoders' adapters and learned identifiers when they
-    trained (SDXL's second encoder in ``text_encoder_2/``); ``save`` writes one adapter folder
-    (BOFT by default)."""
+    """The denoiser's adapter at the folder's root, and, when they trained, each text encoder's
+    adapter in a subfolder of its component name (``text_encoder/``, ``text_encoder_2/``) and its
+    learned identifier (the first encoder's at the root, as textual-inversion files are); ``save``
+    writes one adapter folder (BOFT by default)."""
     folder = Path(folder)
-    save(unet, folder, metadata=metadata)
-    if text_encoder_adapter:
-        save(text_encoder, folder / TEXT_ENCODER_FOLDER, metadata=metadata)
-        if text_encoder_2 is not None:
-            save(text_encoder_2, folder / TEXT_ENCODER_2_FOLDER, metadata=metadata)
-    if identifier:
-        save_identifier_embeddings(text_encoder, folder)
-        if text_encoder_2 is not None:
-            save_identifier_embeddings(text_encoder_2, folder / TEXT_ENCODER_2_FOLDER)
+    save(denoiser, folder, metadata=metadata)
+    for number, (name, encoder) in enumerate(encoders.items()):
+        if text_encoder_adapter:
+            save(encoder, folder / name, metadata=metadata)
+        if identifier:
+            save_identifier_embeddings(encoder, folder if number == 0 else folder / name)
 
 
 def save_control(folder: str | os.PathLike, mode: str, unet_adapter: nn.Module | None, controlnet: Any = None,
@@ -81,7 +79,7 @@ def save_latest_validation(output_dir: str | os.PathLike) -> None:
 
 
 def peft_interop_note(n_butterfly_factor: int) -> str:
-    """What Hugging Face PEFT can do with an adapter of this depth, as measured (README, "Interop with PEFT")."""
+    """What Hugging Face PEFT can do with an adapter of this depth, as measured (docs/adapter_format.md)."""
     measured = ("PEFT runs m > 1 only through its CUDA extension; without it (on CPU, and where the extension "
                 "fails to compile, as measured on an H200 with PEFT 0.21.2) PEFT builds m = 1 layers and refuses "
                 "m > 1 files with `size mismatch for ...boft_R`.")
@@ -90,6 +88,18 @@ def peft_interop_note(n_butterfly_factor: int) -> str:
                 f"`PeftModel.from_pretrained(pipe.unet, folder)`. {measured}")
     return (f"This adapter has butterfly depth m = {n_butterfly_factor}: load it with boft-diffusion "
             f"(`bd.load_adapter` or `load_outputs`, any depth, any device). {measured}")
+
+
+def boft_summary(boft: BOFTConfig, trainable: int) -> str:
+    """The model card's BOFT lines: geometry, depth, dropout, targets and what trains."""
+    return (f"BOFT: block size {boft.block_size or '-'}, block number {boft.block_num or '-'},\n"
+            f"butterfly factors m = {boft.n_butterfly_factor}, dropout {boft.dropout},\n"
+            f"targets {', '.join(boft.target_modules)}; {trainable:,} trainable parameters.")
+
+
+def write_model_card(folder: str | os.PathLike, text: str) -> None:
+    """The folder's README.md, written atomically."""
+    atomic_write_text(Path(folder) / "README.md", text)
 
 
 SCORES_HEADING = "## Scores"

@@ -1,12 +1,16 @@
-"""DreamBooth with BOFT: subject data, prior preservation, the loss, and the run itself."""
+"""DreamBooth with BOFT: the run's typed config, its flags, and the recipe's steps.
+
+The recipe learns a subject from a few instance images, optionally keeping the class prior with
+class images the base model draws (prior preservation), captions, subject masks, aspect-ratio
+buckets, a latent cache, text-encoder adapters and a learned identifier embedding.
+"""
 
 from __future__ import annotations
 
 import argparse
 import logging
-import os
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -14,251 +18,92 @@ from typing import Any
 import torch
 from PIL import Image
 
-from ..core.adapters import apply_boft, count_trainable_parameters, disable_adapters, enable_adapters
-from ..core.config import DEFAULT_TARGET_MODULES, BOFTConfig
-from ..core.files import EMBEDDINGS_NAME, atomic_write, save_adapter
+from ..core.files import EMBEDDINGS_NAME, atomic_write
 from ..core.identifier import IdentifierEmbedding, add_identifier_embeddings, identifier_words, initializer_vectors
-from ..models.bundled import example_subject_dir
+from ..families import EncodedPrompts, ModelFamily
+from ..families.denoising import NoisedBatch
+from ..models.adapter_kinds import ADAPTER_KINDS, adapter_kind, set_adapters_enabled
+from ..models.bundled import DEFAULT_INSTANCE_PROMPT, example_subject_dir
 from ..models.export import export_merged_pipeline
-from ..models.images import image_to_tensor
-from ..models.peft_baselines import apply_lora, apply_oft, save_peft_adapter
-from ..models.pipelines import default_guidance, guidance_kwargs, is_sdxl, load_pipeline
-from ..outputs.write import peft_interop_note, save_dreambooth, save_latest_validation
-from ..tiny import world
-from ..training.cli import (
-    HelpFormatter,
-    add_boft_args,
-    add_model_args,
-    add_training_args,
-    boft_config_from_args,
-    check_resolution,
-    latent_multiple,
-)
-from ..training.config import TrainerConfig
-from ..training.data import (
-    augment_batch,
-    bucket_sizes,
-    caption_path,
-    center_crop_tensor,
-    center_offset,
-    decode_images,
-    list_images,
-    load_masks,
-    nearest_bucket,
-    read_captions,
-    resize_to_cover,
-    warn_small,
-)
-from ..training.diffusion import (
-    add_time_ids,
-    denoising_loss,
-    denoising_target,
-    encode_prompts,
-    encode_prompts_sdxl,
-    noise_posterior,
-    noised_latents,
-    posterior,
-    vae_decodes_in_own_dtype,
-    vae_dtype,
-)
-from ..training.trainer import Recipe, Trainer, TrainingError, check_output_dir, make_accelerator, place, weight_dtype
+from ..models.pipelines import guidance_kwargs
+from ..outputs.write import boft_summary, peft_interop_note, save_dreambooth
+from ..training.cli import add_flag, parse_recipe_flags, recipe_parser, run_config
+from ..training.config import RunConfig, config_from_flags
+from ..training.data import augment_batch, bucket_sizes, caption_path, list_images, read_captions
+from ..training.losses import denoising_loss, dreambooth_loss
+from ..training.sampling import vae_decodes_in_own_dtype
+from ..training.subject_data import ImageSet, Part, Segment, bucket_groups, cache_latents, segments_of
+from ..training.trainer import Recipe, TrainingError, place
+from .base import DiffusionRecipe
 
 logger = logging.getLogger("boft_diffusion")
 
-TEXT_ENCODER_TARGETS = ("q_proj", "k_proj", "v_proj", "out_proj")
 DEFAULT_BACKGROUND_LOSS_WEIGHT = 0.1
 
 
 @dataclass
-class ImageSet:
-    """Preprocessed training images: one ``[3, H, W]`` tensor each (``[4, H, W]`` with a mask),
-    covering its target size, and what SDXL's size conditioning records of each: the file's size
-    and the top-left of a crop made while loading (``--center_crop``)."""
+class SubjectConfig:
+    """The instance images and how they are read and augmented."""
 
-    tensors: list[torch.Tensor]
-    paths: list[Path]
-    original_sizes: list[tuple[int, int]] = field(default_factory=list)  # (height, width) of each file
-    targets: list[tuple[int, int]] = field(default_factory=list)  # (height, width) each is cropped to
-    offsets: list[tuple[int, int]] = field(default_factory=list)  # (top, left) of the load-time crop
+    instance_data_dir: str | None
+    instance_prompt: str
+    caption_extension: str | None
+    caption_dropout_rate: float
+    instance_mask_dir: str | None
+    background_loss_weight: float | None
+    center_crop: bool
+    bucket: bool
+    cache_latents: bool
+    random_flip: bool
+
+
+@dataclass
+class PriorConfig:
+    """Prior preservation: class images (drawn by the base model when short) and their loss weight."""
+
+    with_prior_preservation: bool
+    class_data_dir: str | None
+    class_prompt: str | None
+    class_prompts_from_captions: bool
+    prior_loss_weight: float
+    num_class_images: int
+    sample_batch_size: int
+
+
+@dataclass
+class TextConfig:
+    """What trains on the text side: encoder adapters and the identifier's embedding."""
+
+    train_text_encoder: bool
+    text_encoder_target_modules: list[str]
+    train_identifier_embedding: bool
+    identifier_token: list[str] | None
+    initializer_token: list[str] | None
+    identifier_learning_rate: float
+
+
+@dataclass
+class DreamBoothConfig:
+    run: RunConfig
+    subject: SubjectConfig
+    prior: PriorConfig
+    text: TextConfig
+    save_merged: bool
 
     @classmethod
-    def from_folder(cls, folder: str | os.PathLike, resolution: int, crop: bool, workers: int, what: str,
-                    caption_extension: str | None = None, mask_dir: str | os.PathLike | None = None,
-                    buckets: list[tuple[int, int]] | None = None) -> ImageSet:
-        """Each image is resized to cover its target: its aspect-ratio bucket (``(width, height)``
-        sizes, see ``bucket_sizes``) when given, else a ``resolution`` square. With ``mask_dir``,
-        each tensor carries its subject mask as a fourth channel, so crops and flips move image and
-        mask together."""
-        decoded = decode_images(folder, workers, what, caption_extension)
-        targets = [(resolution, resolution)] * len(decoded)
-        if buckets:
-            targets = [nearest_bucket(image.width, image.height, buckets)[::-1] for _, image in decoded]
-        warn_small(decoded, targets)
-        loaded = [(path, resize_to_cover(image, width, height))
-                  for (path, image), (height, width) in zip(decoded, targets, strict=True)]
-        tensors = [image_to_tensor(image) for _, image in loaded]
-        if mask_dir is not None:
-            masks = load_masks(loaded, mask_dir)
-            tensors = [torch.cat([image, mask]) for image, mask in zip(tensors, masks, strict=True)]
-        offsets = [(0, 0)] * len(tensors)
-        if crop:
-            offsets = [center_offset(t.shape[1], t.shape[2], target) for t, target in zip(tensors, targets, strict=True)]
-            tensors = [center_crop_tensor(t, target) for t, target in zip(tensors, targets, strict=True)]
-        return cls(tensors, [p for p, _ in loaded], [(image.height, image.width) for _, image in decoded],
-                   targets, offsets)
-
-
-@dataclass
-class Segment:
-    """Consecutive examples of a micro-batch from one image set and of one target size."""
-
-    images: ImageSet
-    picks: list[int]
-    rows: list[int]  # prompt rows
-    instance: bool
-
-
-def segments_of(images: ImageSet, picks: list[int], rows: list[int], instance: bool) -> list[Segment]:
-    """``picks`` cut where the target size changes (prior images of several buckets)."""
-    segments: list[Segment] = []
-    for pick, row in zip(picks, rows, strict=True):
-        if segments and images.targets[segments[-1].picks[0]] == images.targets[pick]:
-            segments[-1].picks.append(pick)
-            segments[-1].rows.append(row)
-        else:
-            segments.append(Segment(images, [pick], [row], instance))
-    return segments
-
-
-@dataclass
-class Part:
-    """Examples of a micro-batch that go through the VAE, the noise and the UNet together: one
-    segment after crops and flips, or several of one size joined (instances first)."""
-
-    pixels: torch.Tensor
-    masks: torch.Tensor  # the instances' subject masks, [k, 0 or 1, H, W]
-    time_ids: torch.Tensor  # SDXL's size conditioning, [n, 6]
-    rows: list[int]  # prompt rows
-    instances: int  # the first ``instances`` examples are instance images, the rest prior images
-    posterior: tuple[torch.Tensor, torch.Tensor] | None = None  # cached (mean, std) with --cache_latents
+    def from_flags(cls, argv: list[str] | None = None, description: str | None = None) -> DreamBoothConfig:
+        """The config of ``train_dreambooth.py`` flags (and the ``--config`` file they name), with the
+        defaults that depend on other flags resolved, so the run records what it used."""
+        parser = build_parser(description)
+        args = parse_recipe_flags(parser, argv)
+        if args.instance_mask_dir and args.background_loss_weight is None:
+            args.background_loss_weight = DEFAULT_BACKGROUND_LOSS_WEIGHT
+        return config_from_flags(cls, vars(args), run=run_config(parser, args))
 
     @property
-    def count(self) -> int:
-        return len(self.rows)
-
-    @classmethod
-    def join(cls, parts: list[Part]) -> Part:
-        posterior = None
-        if parts[0].posterior is not None:
-            posterior = tuple(torch.cat([part.posterior[k] for part in parts]) for k in range(2))
-        return cls(torch.cat([part.pixels for part in parts]),
-                   torch.cat([part.masks for part in parts if part.instances]),
-                   torch.cat([part.time_ids for part in parts]), [row for part in parts for row in part.rows],
-                   sum(part.instances for part in parts), posterior)
-
-
-def bucket_groups(images: ImageSet, dataset_len: int) -> list[list[int]]:
-    """Example indices ``0 .. dataset_len - 1`` (example ``i`` is image ``i % n``) by target size."""
-    groups: dict[tuple[int, int], list[int]] = {}
-    for index in range(dataset_len):
-        groups.setdefault(images.targets[index % len(images.tensors)], []).append(index)
-    return [groups[target] for target in sorted(groups)]
-
-
-def subject_words(args: argparse.Namespace) -> list[str]:
-    """The identifier's words: --identifier_token, else the instance prompt's words the class prompt lacks."""
-    return args.identifier_token or identifier_words(args.instance_prompt, args.class_prompt)
-
-
-def class_captions(args: argparse.Namespace, instance_prompts: list[str]) -> list[str]:
-    """The instance captions with the identifier's words taken out ("a photo of sks star on a red
-    background" -> "a photo of star on a red background"), each once, in order."""
-    pattern = re.compile(r"\b(?:" + "|".join(map(re.escape, subject_words(args))) + r")\b", re.IGNORECASE)
-    return list(dict.fromkeys(" ".join(pattern.sub("", prompt).split()) for prompt in instance_prompts))
-
-
-def ensure_class_images(pipe, args: argparse.Namespace, accelerator, captions: list[str] | None = None) -> None:
-    """Generate class images with the base model until the folder holds ``num_class_images``.
-
-    Without ``captions`` every image is drawn from --class_prompt. With them, image ``i`` is drawn
-    from ``captions[i % len(captions)]`` and that caption is written beside it (before it, so an
-    image never lacks its caption). Files are numbered and written atomically, so an interrupted
-    generation resumes where it stopped and never leaves a half-written image behind.
-    """
-    folder = Path(args.class_data_dir)
-    if accelerator.is_main_process:
-        folder.mkdir(parents=True, exist_ok=True)
-        existing = list_images(folder, args.caption_extension)
-        if captions:
-            uncaptioned = [p.name for p in existing if not caption_path(p, args.caption_extension).is_file()]
-            if uncaptioned:
-                raise TrainingError(f"--class_prompts_from_captions: {folder} already holds class images without "
-                                    f"{args.caption_extension} captions ({', '.join(uncaptioned[:3])}...); give a "
-                                    "new --class_data_dir.")
-        missing = args.num_class_images - len(existing)
-        if missing > 0:
-            logger.info("generating %d class images for %r in %s", missing, captions or args.class_prompt, folder)
-            pipe.set_progress_bar_config(disable=True)
-            index = len(existing)
-            while index < args.num_class_images:
-                count = min(args.sample_batch_size, args.num_class_images - index)
-                generators = [torch.Generator().manual_seed(args.seed + 7919 * (index + i)) for i in range(count)]
-                prompts = [captions[i % len(captions)] if captions else args.class_prompt
-                           for i in range(index, index + count)]
-                with torch.no_grad():
-                    images = pipe(
-                        prompts,
-                        num_inference_steps=args.num_inference_steps,
-                        generator=generators,
-                        **guidance_kwargs(args.guidance_scale),
-                    ).images
-                for prompt, image in zip(prompts, images, strict=True):
-                    files = {f"class_{index:05d}{args.caption_extension}":
-                             lambda path, text=prompt: Path(path).write_text(text, encoding="utf-8")} if captions else {}
-                    files[f"class_{index:05d}.png"] = partial(image.save, format="PNG")
-                    atomic_write(folder, files)
-                    index += 1
-    accelerator.wait_for_everyone()
-
-
-def model_card(args: argparse.Namespace, boft: BOFTConfig, trainable: int, steps: int) -> str:
-    """The output folder's README; the BOFT line comes from the adapter's own config, so it shows
-    the block size the adapter was built with (the default included)."""
-    load_line = (f'load_outputs(pipe, "{args.output_dir}")' if args.adapter_type == "boft" else
-                 'from boft_diffusion.models.peft_baselines import load_peft_adapter\n'
-                 f'load_outputs(pipe, "{args.output_dir}", load=load_peft_adapter)')
-    identifier = (f"\nThe identifier's learned token embedding is in `{EMBEDDINGS_NAME}` (`{{word: vector}}`); "
-                  "`load_outputs` installs it.\n" if args.train_identifier_embedding else "")
-    return f"""---
-library_name: boft-diffusion
-base_model: {args.pretrained_model_name_or_path}
-tags: [boft, dreambooth, stable-diffusion, peft]
-instance_prompt: {args.instance_prompt}
----
-# {args.adapter_type.upper()} DreamBooth adapter
-
-Trained with `train_dreambooth.py` from boft-diffusion on **{args.pretrained_model_name_or_path}**
-for {steps} steps. Trigger prompt: `{args.instance_prompt}`.
-
-BOFT: block size {boft.block_size or '-'}, block number {boft.block_num or '-'},
-butterfly factors m = {boft.n_butterfly_factor}, dropout {boft.dropout},
-targets {', '.join(boft.target_modules)}; {trainable:,} trainable parameters.
-Prior preservation: {'yes, weight ' + str(args.prior_loss_weight) if args.with_prior_preservation else 'no'}.
-{identifier}
-![validation samples](validation/latest.png)
-
-## Use
-
-```python
-import boft_diffusion as bd
-from boft_diffusion.outputs.read import load_outputs
-pipe = bd.load_pipeline("{args.pretrained_model_name_or_path}")
-{load_line}
-image = pipe("{args.instance_prompt}").images[0]
-```
-
-{peft_interop_note(boft.n_butterfly_factor) if args.adapter_type == "boft" else ""}
-"""
+    def identifier(self) -> list[str]:
+        """The identifier's words: --identifier_token, else the instance prompt's words the class prompt lacks."""
+        return self.text.identifier_token or identifier_words(self.subject.instance_prompt, self.prior.class_prompt)
 
 
 def dotted_suffix(text: str) -> str:
@@ -268,375 +113,477 @@ def dotted_suffix(text: str) -> str:
 
 def build_parser(description: str | None = None) -> argparse.ArgumentParser:
     """The flags of train_dreambooth.py (diffusers' names), shared with the demo."""
-    parser = argparse.ArgumentParser(description=description, formatter_class=HelpFormatter)
-    add_model_args(parser)
+    return recipe_parser(description, add_dreambooth_args, default_output_dir="outputs/dreambooth", default_steps=300)
+
+
+def add_dreambooth_args(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("subject and prior")
-    group.add_argument("--instance_data_dir", default=None,
-                       help="Images of the subject (default: the bundled striped star, boft_diffusion/tiny/subjects/sks_star).")
-    group.add_argument("--instance_prompt", default=world.SUBJECTS[world.DEFAULT_SUBJECT].instance_prompt,
-                       help="Names the subject: the bundled subjects use two rare words, each given a learned "
-                            "embedding by --train_identifier_embedding.")
-    group.add_argument("--caption_extension", default=None, type=dotted_suffix,
-                       help="e.g. .txt: an instance image's sidecar file (photo.png -> photo.txt) is its prompt; "
-                            "images without one use --instance_prompt. Describe what is not the subject "
-                            "(\"a photo of sks star on a red background\") so the identifier does not absorb it.")
-    group.add_argument("--caption_dropout_rate", type=float, default=0.0,
-                       help="Probability of training a captioned image on --instance_prompt instead, so the "
-                            "plain prompt keeps working.")
-    group.add_argument("--instance_mask_dir", default=None,
-                       help="Subject masks (white: the subject), one per instance image with the same file stem. "
-                            "The instance loss outside the mask is weighted by --background_loss_weight, so "
-                            "the identifier learns the subject rather than the photos' backgrounds.")
-    group.add_argument("--background_loss_weight", type=float, default=None,
-                       help=f"Weight of the instance loss outside the subject mask (with --instance_mask_dir; "
-                            f"default {DEFAULT_BACKGROUND_LOSS_WEIGHT}).")
-    group.add_argument("--class_data_dir", default=None, help="Class images; generated with the base model if short.")
-    group.add_argument("--class_prompt", default=None, help='e.g. "a photo of star".')
-    group.add_argument("--class_prompts_from_captions", action="store_true",
-                       help="With --caption_extension: draw the class images from the instance captions with the "
-                            "identifier taken out (\"a photo of star on a red background\"), each written beside "
-                            "its image, so the prior is kept in the subject's contexts. With --caption_extension, "
-                            "a class image's caption file is its prompt (else --class_prompt), and "
-                            "--caption_dropout_rate drops it to --class_prompt.")
-    group.add_argument("--with_prior_preservation", action="store_true")
-    group.add_argument("--prior_loss_weight", type=float, default=1.0)
-    group.add_argument("--num_class_images", type=int, default=50)
-    group.add_argument("--sample_batch_size", type=int, default=8, help="Batch size for class image generation.")
-    group.add_argument("--center_crop", action="store_true", help="Centre crop instead of random crop.")
-    group.add_argument("--bucket", action="store_true",
-                       help="Aspect-ratio buckets: sizes of about --resolution² pixels, each image resized to the "
-                            "bucket nearest its aspect ratio and cropped only by what the grid leaves over; every "
-                            "batch comes from one bucket. Default: a --resolution square crop.")
-    group.add_argument("--cache_latents", action="store_true",
-                       help="Encode every instance and class image with the VAE once, in memory (needs "
-                            "--center_crop and no --random_flip: each step must see the same pixels).")
-    group.add_argument("--random_flip", action="store_true")
-    group.add_argument("--train_text_encoder", action="store_true", help="Also put BOFT adapters on the text encoder.")
-    group.add_argument("--text_encoder_target_modules", nargs="+", default=list(TEXT_ENCODER_TARGETS))
-    group.add_argument("--train_identifier_embedding", action="store_true",
-                       help="Also learn the identifier word's token embedding (pivotal tuning), saved as "
-                            "learned_embeds.safetensors; prompts without the identifier encode exactly as before.")
-    group.add_argument("--identifier_token", nargs="+", default=None,
-                       help="The identifier word(s) (default: the instance prompt's words the class prompt lacks).")
-    group.add_argument("--initializer_token", nargs="+", default=None,
-                       help="With --train_identifier_embedding: start each identifier from this word's embedding "
-                            "instead of its own, one word per identifier (e.g. the subject's colour).")
-    group.add_argument("--identifier_learning_rate", type=float, default=5e-3,
-                       help="Learning rate of the identifier embedding.")
-    group.add_argument("--adapter_type", default="boft", choices=["boft", "lora", "oft"],
-                       help="lora / oft: PEFT LoRA or PEFT OFT instead of BOFT, as same-budget baselines (need peft).")
-    group.add_argument("--lora_rank", type=int, default=4)
-    group.add_argument("--oft_block_size", type=int, default=16, help="Block size of --adapter_type oft.")
-    group.add_argument("--save_merged", action="store_true",
-                       help="Also export a full diffusers pipeline with the adapter merged, in output_dir/merged.")
-    add_training_args(parser, default_output_dir="outputs/dreambooth", default_steps=300)
-    add_boft_args(parser, DEFAULT_TARGET_MODULES)
-    return parser
+    add_subject_args(group)
+    add_prior_args(group)
+    add_text_args(group)
+    add_baseline_args(group)
 
 
-def warn_captions_without_identifier(args: argparse.Namespace, paths: list[Path], prompts: list[str]) -> None:
+def add_subject_args(group: Any) -> None:
+    add_flag(group, "--instance_data_dir", default=None,
+             help="Images of the subject (default: the bundled striped star, boft_diffusion/tiny/subjects/sks_star).")
+    add_flag(group, "--instance_prompt", default=DEFAULT_INSTANCE_PROMPT,
+             help="Names the subject: the bundled subjects use two rare words, each given a learned "
+                  "embedding by --train_identifier_embedding.")
+    add_flag(group, "--caption_extension", default=None, type=dotted_suffix,
+             help="e.g. .txt: an instance image's sidecar file (photo.png -> photo.txt) is its prompt; "
+                  "images without one use --instance_prompt. Describe what is not the subject "
+                  "(\"a photo of sks star on a red background\") so the identifier does not absorb it.")
+    add_flag(group, "--caption_dropout_rate", type=float, default=0.0,
+             help="Probability of training a captioned image on --instance_prompt instead, so the "
+                  "plain prompt keeps working.")
+    add_flag(group, "--instance_mask_dir", default=None,
+             help="Subject masks (white: the subject), one per instance image with the same file stem. "
+                  "The instance loss outside the mask is weighted by --background_loss_weight, so "
+                  "the identifier learns the subject rather than the photos' backgrounds.")
+    add_flag(group, "--background_loss_weight", type=float, default=None,
+             help=f"Weight of the instance loss outside the subject mask (with --instance_mask_dir; "
+                  f"default {DEFAULT_BACKGROUND_LOSS_WEIGHT}).")
+
+
+def add_prior_args(group: Any) -> None:
+    add_flag(group, "--class_data_dir", default=None, help="Class images; generated with the base model if short.")
+    add_flag(group, "--class_prompt", default=None, help='e.g. "a photo of star".')
+    add_flag(group, "--class_prompts_from_captions", action="store_true",
+             help="With --caption_extension: draw the class images from the instance captions with the "
+                  "identifier taken out (\"a photo of star on a red background\"), each written beside "
+                  "its image, so the prior is kept in the subject's contexts. With --caption_extension, "
+                  "a class image's caption file is its prompt (else --class_prompt), and "
+                  "--caption_dropout_rate drops it to --class_prompt.")
+    add_flag(group, "--with_prior_preservation", action="store_true")
+    add_flag(group, "--prior_loss_weight", bounds=(0, None), type=float, default=1.0)
+    add_flag(group, "--num_class_images", bounds=(0, None), type=int, default=50)
+    add_flag(group, "--sample_batch_size", bounds=(1, None), type=int, default=8, help="Batch size for class image generation.")
+    add_flag(group, "--center_crop", action="store_true", help="Centre crop instead of random crop.")
+    add_flag(group, "--bucket", action="store_true",
+             help="Aspect-ratio buckets: sizes of about --resolution² pixels, each image resized to the "
+                  "bucket nearest its aspect ratio and cropped only by what the grid leaves over; every "
+                  "batch comes from one bucket. Default: a --resolution square crop.")
+    add_flag(group, "--cache_latents", action="store_true",
+             help="Encode every instance and class image with the VAE once, in memory (needs "
+                  "--center_crop and no --random_flip: each step must see the same pixels).")
+    add_flag(group, "--random_flip", action="store_true")
+
+
+def add_text_args(group: Any) -> None:
+    add_flag(group, "--train_text_encoder", action="store_true", help="Also put BOFT adapters on the text encoder.")
+    add_flag(group, "--text_encoder_target_modules", nargs="+", default=list(ModelFamily.text_encoder_target_modules))
+    add_flag(group, "--train_identifier_embedding", action="store_true",
+             help="Also learn the identifier word's token embedding (pivotal tuning), saved as "
+                  "learned_embeds.safetensors; prompts without the identifier encode exactly as before.")
+    add_flag(group, "--identifier_token", nargs="+", default=None,
+             help="The identifier word(s) (default: the instance prompt's words the class prompt lacks).")
+    add_flag(group, "--initializer_token", nargs="+", default=None,
+             help="With --train_identifier_embedding: start each identifier from this word's embedding "
+                  "instead of its own, one word per identifier (e.g. the subject's colour).")
+    add_flag(group, "--identifier_learning_rate", bounds=(0, None), type=float, default=5e-3,
+             help="Learning rate of the identifier embedding.")
+
+
+def add_baseline_args(group: Any) -> None:
+    add_flag(group, "--adapter_type", default="boft", choices=list(ADAPTER_KINDS),
+             help="lora / oft: PEFT LoRA or PEFT OFT instead of BOFT, as same-budget baselines (need peft).")
+    add_flag(group, "--lora_rank", bounds=(1, None), type=int, default=4)
+    add_flag(group, "--oft_block_size", bounds=(2, None), type=int, default=16, help="Block size of --adapter_type oft.")
+    add_flag(group, "--save_merged", run_control=True, action="store_true",
+             help="Also export a full diffusers pipeline with the adapter merged, in output_dir/merged.")
+
+
+
+
+def class_captions(config: DreamBoothConfig, instance_prompts: list[str]) -> list[str]:
+    """The instance captions with the identifier's words taken out ("a photo of sks star on a red
+    background" -> "a photo of star on a red background"), each once, in order."""
+    pattern = re.compile(r"\b(?:" + "|".join(map(re.escape, config.identifier)) + r")\b", re.IGNORECASE)
+    return list(dict.fromkeys(" ".join(pattern.sub("", prompt).split()) for prompt in instance_prompts))
+
+
+def check_config(config: DreamBoothConfig) -> None:
+    """Refuse settings that would be ignored, contradict each other or are out of range, before
+    anything loads."""
+    subject, prior, text = config.subject, config.prior, config.text
+    refusals = [
+        (text.initializer_token and not text.train_identifier_embedding,
+         "--initializer_token needs --train_identifier_embedding (it starts the learned embedding)."),
+        (not 0 <= subject.caption_dropout_rate <= 1,
+         f"--caption_dropout_rate {subject.caption_dropout_rate} is not a probability."),
+        (subject.caption_dropout_rate and not subject.caption_extension,
+         "--caption_dropout_rate needs --caption_extension (there are no captions to drop)."),
+        (prior.class_prompts_from_captions and not (subject.caption_extension and prior.with_prior_preservation),
+         "--class_prompts_from_captions needs --caption_extension and --with_prior_preservation."),
+        (subject.background_loss_weight is not None and not subject.instance_mask_dir,
+         "--background_loss_weight needs --instance_mask_dir."),
+        (subject.background_loss_weight is not None and subject.background_loss_weight < 0,
+         f"--background_loss_weight {subject.background_loss_weight} is negative."),
+        (subject.cache_latents and (subject.random_flip or not subject.center_crop),
+         "--cache_latents encodes each image once, so every step must see the same pixels: "
+         "pass --center_crop and leave out --random_flip."),
+        (prior.with_prior_preservation and (not prior.class_data_dir or not prior.class_prompt),
+         "--with_prior_preservation needs --class_data_dir and --class_prompt."),
+        (config.run.adapter.adapter_type != "boft" and config.save_merged, "--save_merged is for BOFT adapters."),
+    ]
+    for refused, message in refusals:
+        if refused:
+            raise TrainingError(message)
+
+
+def warn_captions_without_identifier(config: DreamBoothConfig, paths: list[Path], prompts: list[str]) -> None:
     """A caption that never names the subject teaches its image as the class, not the subject."""
-    if not args.identifier_token and not args.class_prompt:
+    if not config.text.identifier_token and not config.prior.class_prompt:
         return  # no way to tell which words name the subject
-    identifier = {w.lower() for w in subject_words(args)}
+    identifier = {w.lower() for w in config.identifier}
     unnamed = [path.name for path, prompt in zip(paths, prompts, strict=True)
                if not identifier & set(re.findall(r"[\w']+", prompt.lower()))]
     if unnamed:
         logger.warning("captions without the identifier %s: %s", " ".join(sorted(identifier)), ", ".join(unnamed))
 
 
-def check_instance_flags(args: argparse.Namespace) -> None:
-    """Refuse caption, mask and identifier settings that would be ignored or are out of range."""
-    if args.initializer_token and not args.train_identifier_embedding:
-        raise TrainingError("--initializer_token needs --train_identifier_embedding (it starts the learned embedding).")
-    if not 0 <= args.caption_dropout_rate <= 1:
-        raise TrainingError(f"--caption_dropout_rate {args.caption_dropout_rate} is not a probability.")
-    if args.caption_dropout_rate and not args.caption_extension:
-        raise TrainingError("--caption_dropout_rate needs --caption_extension (there are no captions to drop).")
-    if args.class_prompts_from_captions and not (args.caption_extension and args.with_prior_preservation):
-        raise TrainingError("--class_prompts_from_captions needs --caption_extension and --with_prior_preservation.")
-    if args.background_loss_weight is not None and not args.instance_mask_dir:
-        raise TrainingError("--background_loss_weight needs --instance_mask_dir.")
-    if args.instance_mask_dir and args.background_loss_weight is None:
-        args.background_loss_weight = DEFAULT_BACKGROUND_LOSS_WEIGHT
-    if args.background_loss_weight is not None and args.background_loss_weight < 0:
-        raise TrainingError(f"--background_loss_weight {args.background_loss_weight} is negative.")
-    if args.cache_latents and (args.random_flip or not args.center_crop):
-        raise TrainingError("--cache_latents encodes each image once, so every step must see the same pixels: "
-                            "pass --center_crop and leave out --random_flip.")
+def drop_captions(rows: list[int], plain: int, rate: float, generator: torch.Generator) -> list[int]:
+    """Each caption's row, or with probability ``rate`` the plain prompt's (no draw at rate 0)."""
+    if rate == 0:
+        return rows
+    dropped = (torch.rand(len(rows), generator=generator) < rate).tolist()
+    return [plain if drop else row for row, drop in zip(rows, dropped, strict=True)]
 
 
-def add_adapters(model: torch.nn.Module, args: argparse.Namespace, targets: list[str]) -> None:
-    if args.adapter_type == "lora":
-        apply_lora(model, args.lora_rank, targets)
-    elif args.adapter_type == "oft":
-        apply_oft(model, args.oft_block_size, targets)
-    else:
-        apply_boft(model, boft_config_from_args(args, targets))
-
-
-def add_identifier(text_encoder: torch.nn.Module, tokenizer, args: argparse.Namespace) -> None:
-    if not args.identifier_token and not args.class_prompt:
+def identifier_vectors(config: DreamBoothConfig, encoder: torch.nn.Module, tokenizer: Any) -> list[torch.Tensor] | None:
+    """The starting embeddings of the identifier words (--initializer_token), or None for their own."""
+    text, words = config.text, config.identifier
+    if not text.identifier_token and not config.prior.class_prompt:
         raise TrainingError("--train_identifier_embedding: name the identifier with --identifier_token "
                             "(or give --class_prompt: the identifier is then the word it lacks).")
-    words = subject_words(args)
     if not words:
         raise TrainingError("--train_identifier_embedding: every word of the instance prompt is in the class "
                             "prompt; name the identifier with --identifier_token.")
-    if args.initializer_token and len(args.initializer_token) != len(words):
-        raise TrainingError(f"--initializer_token: {len(args.initializer_token)} words for {len(words)} identifier "
+    if not text.initializer_token:
+        return None
+    if len(text.initializer_token) != len(words):
+        raise TrainingError(f"--initializer_token: {len(text.initializer_token)} words for {len(words)} identifier "
                             f"words ({' '.join(words)}); give one per identifier.")
     try:
-        vectors = initializer_vectors(text_encoder, tokenizer, args.initializer_token) if args.initializer_token else None
+        return initializer_vectors(encoder, tokenizer, text.initializer_token)
     except ValueError as error:
         raise TrainingError(f"--initializer_token: {error}") from error
-    try:
-        add_identifier_embeddings(text_encoder, tokenizer, words, vectors)
-    except ValueError as error:
-        raise TrainingError(f"--train_identifier_embedding: {error}") from error
-    start = f", starting from {', '.join(repr(w) for w in args.initializer_token)}" if args.initializer_token else ""
-    logger.info("learning the embedding of %s%s", ", ".join(repr(w) for w in words), start)
 
 
-def pooled_mean(losses: list[tuple[torch.Tensor, int]]) -> torch.Tensor:
-    """The mean over examples of per-part mean losses ``(loss, examples)``; one part is returned as is."""
-    if len(losses) == 1:
-        return losses[0][0]
-    return sum(loss * count for loss, count in losses) / sum(count for _, count in losses)
+def _write_text(path: str, text: str) -> None:
+    Path(path).write_text(text, encoding="utf-8")
 
 
-def cache_latents(image_sets: list[ImageSet], vae, device) -> list[list[tuple[torch.Tensor, torch.Tensor]]]:
-    """Each image's VAE posterior (mean, std), encoded once (--cache_latents). The crops are
-    centred and nothing is flipped (``check_instance_flags`` makes sure), so every step would
-    encode exactly these pixels again."""
-    cache = []
-    for images in image_sets:
-        entries = []
-        for tensor, target in zip(images.tensors, images.targets, strict=True):
-            pixels = center_crop_tensor(tensor[:3], target).unsqueeze(0).to(device)
-            mean, std = posterior(vae, pixels)
-            entries.append((mean[0], std[0]))
-        cache.append(entries)
-    logger.info("cached the latents of %d images", sum(len(entries) for entries in cache))
-    return cache
+def ensure_class_images(pipe: Any, config: DreamBoothConfig, accelerator: Any, captions: list[str] | None = None) -> None:
+    """Generate class images with the base model until the folder holds ``num_class_images``.
+
+    Without ``captions`` every image is drawn from --class_prompt. With them, image ``i`` is drawn
+    from ``captions[i % len(captions)]`` and that caption is written beside it (before it, so an
+    image never lacks its caption). Files are numbered and written atomically, so an interrupted
+    generation resumes where it stopped and never leaves a half-written image behind.
+    """
+    prior, extension = config.prior, config.subject.caption_extension
+    folder = Path(prior.class_data_dir)
+    if accelerator.is_main_process:
+        folder.mkdir(parents=True, exist_ok=True)
+        existing = list_images(folder, extension)
+        uncaptioned = [p.name for p in existing if captions and not caption_path(p, extension).is_file()]
+        if uncaptioned:
+            raise TrainingError(f"--class_prompts_from_captions: {folder} already holds class images without "
+                                f"{extension} captions ({', '.join(uncaptioned[:3])}...); give a new --class_data_dir.")
+        if len(existing) < prior.num_class_images:
+            logger.info("generating %d class images for %r in %s", prior.num_class_images - len(existing),
+                        captions or prior.class_prompt, folder)
+            draw_class_images(pipe, config, folder, len(existing), captions)
+    accelerator.wait_for_everyone()
 
 
-def run(args: argparse.Namespace) -> dict[str, Any]:
-    """Train a DreamBooth BOFT adapter as described by parsed ``train_dreambooth.py`` flags."""
-    args.guidance_scale = default_guidance(args.pretrained_model_name_or_path, args.guidance_scale)
-    check_instance_flags(args)
-    config = TrainerConfig.from_args(args)
-    check_output_dir(config, ["adapter_model.safetensors"])
-    if args.with_prior_preservation and (not args.class_data_dir or not args.class_prompt):
-        raise TrainingError("--with_prior_preservation needs --class_data_dir and --class_prompt.")
-    accelerator = make_accelerator(config)
-    dtype = weight_dtype(accelerator)
-    if args.adapter_type != "boft" and args.save_merged:
-        raise TrainingError("--save_merged is for BOFT adapters.")
-    pipe = load_pipeline(args.pretrained_model_name_or_path, dtype=torch.float32, device=accelerator.device,
-                         revision=args.revision, variant=args.variant)
-    pipe.set_progress_bar_config(disable=True)
-    resolution = check_resolution(args.resolution, pipe)
-    buckets = bucket_sizes(resolution, latent_multiple(pipe)) if args.bucket else None
-    instance_dir = args.instance_data_dir or example_subject_dir()
-    instances = ImageSet.from_folder(instance_dir, resolution, args.center_crop, args.dataloader_num_workers,
-                                     "instance images", args.caption_extension, args.instance_mask_dir, buckets)
-    logger.info("%d instance images from %s", len(instances.tensors), instance_dir)
-    instance_prompts = [args.instance_prompt] * len(instances.paths)
-    if args.caption_extension:
-        instance_prompts = read_captions(instances.paths, args.caption_extension, args.instance_prompt)
-        captioned = sum(caption_path(p, args.caption_extension).is_file() for p in instances.paths)
-        logger.info("%d of %d instance images have their own caption", captioned, len(instance_prompts))
-        warn_captions_without_identifier(args, instances.paths, instance_prompts)
-
-    # Build the adapters first: invalid block sizes must fail before minutes of class generation.
-    sdxl = is_sdxl(pipe)
-    unet, text_encoder, vae, tokenizer = pipe.unet, pipe.text_encoder, pipe.vae, pipe.tokenizer
-    # every text encoder by its module name, with its tokenizer (SDXL has two)
-    encoders = {"text_encoder": (text_encoder, tokenizer)}
-    if sdxl:
-        encoders["text_encoder_2"] = (pipe.text_encoder_2, pipe.tokenizer_2)
-        logger.info("SDXL: both text encoders condition the UNet, with pooled embeddings and size ids")
-    for module in (unet, vae, *(encoder for encoder, _ in encoders.values())):
-        module.requires_grad_(False)
-    place(unet, dtype=dtype)
-    add_adapters(unet, args, args.boft_target_modules)
-    modules: dict[str, torch.nn.Module] = {"unet": unet}
-    if args.train_text_encoder or args.train_identifier_embedding:
-        for name, (encoder, encoder_tokenizer) in encoders.items():
-            place(encoder, dtype=dtype)
-            if args.train_text_encoder:
-                add_adapters(encoder, args, args.text_encoder_target_modules)
-            if args.train_identifier_embedding:
-                add_identifier(encoder, encoder_tokenizer, args)
-            modules[name] = encoder
-
-    classes, class_prompts = None, []
-    if args.with_prior_preservation:
-        boft = args.adapter_type == "boft"  # a fresh LoRA or OFT is the identity already
-        for module in modules.values():
-            if boft:
-                disable_adapters(module)
-        with accelerator.autocast(), vae_decodes_in_own_dtype(vae):  # the UNet may already be in half precision
-            ensure_class_images(pipe, args, accelerator,
-                                class_captions(args, instance_prompts) if args.class_prompts_from_captions else None)
-        for module in modules.values():
-            if boft:
-                enable_adapters(module)
-        classes = ImageSet.from_folder(args.class_data_dir, resolution, args.center_crop, args.dataloader_num_workers,
-                                       "class images", args.caption_extension, buckets=buckets)
-        class_prompts = (read_captions(classes.paths, args.caption_extension, args.class_prompt)
-                         if args.caption_extension else [args.class_prompt] * len(classes.paths))
-
-    device = accelerator.device
-    place(vae, device, vae_dtype(vae, dtype, sdxl))
-    for encoder, _ in encoders.values():
-        place(encoder, device, dtype)
-    if args.gradient_checkpointing:
-        unet.enable_gradient_checkpointing()
-        if args.train_text_encoder:
-            for encoder, _ in encoders.values():
-                encoder.gradient_checkpointing_enable()
-
-    from diffusers import DDPMScheduler
-
-    noise_scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
-    prompts = list(dict.fromkeys([args.instance_prompt] + instance_prompts
-                                 + ([args.class_prompt] if classes else []) + class_prompts))
-    instance_rows = [prompts.index(prompt) for prompt in instance_prompts]
-    plain_row = prompts.index(args.instance_prompt)
-    class_rows = [prompts.index(prompt) for prompt in class_prompts]
-    plain_class_row = prompts.index(args.class_prompt) if classes else None
-    class_captioned = any(row != plain_class_row for row in class_rows)
-
-    def encode(models: dict[str, torch.nn.Module], texts: list[str]) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """Hidden states (and SDXL's pooled embeddings) of ``texts``, through the prepared encoders
-        in ``models`` where they train."""
-        current = [models.get(name, encoder) for name, (encoder, _) in encoders.items()]
-        if sdxl:
-            return encode_prompts_sdxl([t for _, t in encoders.values()], current, texts, device)
-        return encode_prompts(tokenizer, current[0], texts, device), None
-
-    cached_embeddings = None
-    if not set(encoders) & set(modules):
+def draw_class_images(pipe: Any, config: DreamBoothConfig, folder: Path, start: int, captions: list[str] | None) -> None:
+    """Class images ``start`` .. ``num_class_images - 1``, image ``i`` from seed ``seed + 7919 i``."""
+    prior, validation, extension = config.prior, config.run.validation, config.subject.caption_extension
+    seed = config.run.trainer.seed
+    for first in range(start, prior.num_class_images, prior.sample_batch_size):
+        numbers = range(first, min(first + prior.sample_batch_size, prior.num_class_images))
+        generators = [torch.Generator().manual_seed(seed + 7919 * i) for i in numbers]
+        prompts = [captions[i % len(captions)] if captions else prior.class_prompt for i in numbers]
         with torch.no_grad():
-            cached_embeddings = encode({}, prompts)
-    dataset_len = max(len(instances.tensors), len(classes.tensors) if classes else 0)
-    image_sets = [instances, classes] if classes else [instances]
-    latent_cache = cache_latents(image_sets, vae, device) if args.cache_latents else None
+            images = pipe(prompts, num_inference_steps=validation.num_inference_steps, generator=generators,
+                          **guidance_kwargs(validation.guidance_scale)).images
+        for number, prompt, image in zip(numbers, prompts, images, strict=True):
+            files = {f"class_{number:05d}{extension}": partial(_write_text, text=prompt)} if captions else {}
+            files[f"class_{number:05d}.png"] = partial(image.save, format="PNG")
+            atomic_write(folder, files)
 
-    def subject_weight(masks: torch.Tensor, size: torch.Size) -> torch.Tensor | None:
-        """Per-latent-pixel loss weight: 1 on the subject, --background_loss_weight elsewhere."""
-        if masks.shape[1] == 0:
-            return None
-        coverage = torch.nn.functional.interpolate(masks.float(), size=tuple(size), mode="area").to(device)
-        return args.background_loss_weight + (1 - args.background_loss_weight) * coverage
 
-    def prepare(segment: Segment, generator: torch.Generator) -> Part:
+class DreamBooth(DiffusionRecipe):
+    """A DreamBooth run: ``DreamBooth(DreamBoothConfig.from_flags(argv)).train()``."""
+
+    run_name = "boft-dreambooth"
+
+    def __init__(self, config: DreamBoothConfig) -> None:
+        super().__init__(config)
+        self.config: DreamBoothConfig = config
+        self.kind = adapter_kind(config.run.adapter.adapter_type)
+        self.classes: ImageSet | None = None
+        self.class_prompts: list[str] = []
+        self.cached_prompts: EncodedPrompts | None = None
+        self.latent_cache: list[list[tuple[torch.Tensor, torch.Tensor]]] | None = None
+
+    def setup(self) -> None:
+        check_config(self.config)
+        self.setup_run()
+        self.load_model()
+        self.setup_instances()  # before the adapters: unreadable images must fail first
+        self.setup_adapters()  # before class images: invalid block sizes must fail first
+        self.setup_prior()
+        self.place_frozen()
+        self.setup_gradient_checkpointing()
+        self.setup_prompts()
+        self.image_sets = [self.instances, self.classes] if self.classes else [self.instances]
+        self.dataset_len = max(len(images.tensors) for images in self.image_sets)
+        if self.config.subject.cache_latents:
+            self.latent_cache = cache_latents(self.image_sets, self.pipe.vae, self.device)
+
+    def read_images(self, folder: str | Path, what: str, mask_dir: str | None = None) -> ImageSet:
+        subject = self.config.subject
+        buckets = bucket_sizes(self.resolution, self.latent_multiple()) if subject.bucket else None
+        return ImageSet.from_folder(folder, self.resolution, subject.center_crop, self.run.dataloader_num_workers,
+                                    what, subject.caption_extension, mask_dir, buckets)
+
+    def latent_multiple(self) -> int:
+        """What every image side must be a multiple of: the VAE's downsampling times the UNet's."""
+        return self.pipe.vae_scale_factor * 2 ** (len(self.denoiser.config.down_block_types) - 1)
+
+    def setup_instances(self) -> None:
+        subject = self.config.subject
+        folder = subject.instance_data_dir or example_subject_dir()
+        self.instances = self.read_images(folder, "instance images", subject.instance_mask_dir)
+        logger.info("%d instance images from %s", len(self.instances.tensors), folder)
+        self.instance_prompts = [subject.instance_prompt] * len(self.instances.paths)
+        if subject.caption_extension:
+            paths = self.instances.paths
+            self.instance_prompts = read_captions(paths, subject.caption_extension, subject.instance_prompt)
+            captioned = sum(caption_path(p, subject.caption_extension).is_file() for p in paths)
+            logger.info("%d of %d instance images have their own caption", captioned, len(paths))
+            warn_captions_without_identifier(self.config, paths, self.instance_prompts)
+
+    def setup_adapters(self) -> None:
+        """Adapters on the denoiser, and on the text encoders (or their identifier embedding) when
+        those train; the modules that train, denoiser first."""
+        text = self.config.text
+        place(self.denoiser, dtype=self.dtype)
+        self.add_adapters(self.denoiser, self.run.adapter.boft_target_modules)
+        self.modules = {self.family.denoiser_name: self.denoiser}
+        if len(self.encoders) > 1:
+            logger.info("%s: %d text encoders condition the denoiser", self.family.name, len(self.encoders))
+        if not (text.train_text_encoder or text.train_identifier_embedding):
+            return
+        for encoder in self.encoders:
+            place(encoder.module, dtype=self.dtype)
+            if text.train_text_encoder:
+                self.add_adapters(encoder.module, text.text_encoder_target_modules)
+            if text.train_identifier_embedding:
+                self.add_identifier(encoder.module, encoder.tokenizer)
+            self.modules[encoder.name] = encoder.module
+
+    def add_identifier(self, encoder: torch.nn.Module, tokenizer: Any) -> None:
+        vectors = identifier_vectors(self.config, encoder, tokenizer)
+        words = self.config.identifier
+        try:
+            add_identifier_embeddings(encoder, tokenizer, words, vectors)
+        except ValueError as error:
+            raise TrainingError(f"--train_identifier_embedding: {error}") from error
+        initializers = self.config.text.initializer_token
+        start = f", starting from {', '.join(repr(w) for w in initializers)}" if initializers else ""
+        logger.info("learning the embedding of %s%s", ", ".join(repr(w) for w in words), start)
+
+    def setup_prior(self) -> None:
+        """Class images drawn by the base model (adapters off) where the folder is short, then read."""
+        prior, subject = self.config.prior, self.config.subject
+        if not prior.with_prior_preservation:
+            return
+        captions = class_captions(self.config, self.instance_prompts) if prior.class_prompts_from_captions else None
+        switch = self.kind.switch_off_for_base
+        if switch:
+            set_adapters_enabled(self.modules.values(), False)
+        with self.accelerator.autocast(), vae_decodes_in_own_dtype(self.pipe.vae):  # the UNet may be half already
+            ensure_class_images(self.pipe, self.config, self.accelerator, captions)
+        if switch:
+            set_adapters_enabled(self.modules.values(), True)
+        self.classes = self.read_images(prior.class_data_dir, "class images")
+        self.class_prompts = [prior.class_prompt] * len(self.classes.paths)
+        if subject.caption_extension:
+            self.class_prompts = read_captions(self.classes.paths, subject.caption_extension, prior.class_prompt)
+
+    def setup_gradient_checkpointing(self) -> None:
+        if not self.run.model.gradient_checkpointing:
+            return
+        self.denoiser.enable_gradient_checkpointing()
+        if self.config.text.train_text_encoder:
+            for encoder in self.encoders:
+                encoder.module.gradient_checkpointing_enable()
+
+    def setup_prompts(self) -> None:
+        """Every distinct prompt once, each example's row among them, and the prompts encoded once
+        when no text encoder trains."""
+        instance_prompt, class_prompt = self.config.subject.instance_prompt, self.config.prior.class_prompt
+        classes = [class_prompt] if self.classes else []
+        self.prompts = list(dict.fromkeys([instance_prompt, *self.instance_prompts, *classes, *self.class_prompts]))
+        self.instance_rows = [self.prompts.index(prompt) for prompt in self.instance_prompts]
+        self.plain_row = self.prompts.index(instance_prompt)
+        self.class_rows = [self.prompts.index(prompt) for prompt in self.class_prompts]
+        self.plain_class_row = self.prompts.index(class_prompt) if self.classes else None
+        self.class_captioned = any(row != self.plain_class_row for row in self.class_rows)
+        if not {encoder.name for encoder in self.encoders} & set(self.modules):
+            with torch.no_grad():
+                self.cached_prompts = self.encode({}, self.prompts)
+
+    def trainer_recipe(self) -> Recipe:
+        subject = self.config.subject
+        recipe = super().trainer_recipe()
+        recipe.learning_rates = {IdentifierEmbedding.PARAMETER_SUFFIX: self.config.text.identifier_learning_rate}
+        recipe.schedule = {"caption_dropout_rate": subject.caption_dropout_rate, "bucket": subject.bucket}
+        recipe.groups = bucket_groups(self.instances, self.dataset_len) if subject.bucket else None
+        return recipe
+
+    # one micro-batch ---------------------------------------------------------------------------------
+    def segments(self, indices: list[int], generator: torch.Generator) -> list[Segment]:
+        """The micro-batch's instance examples, then its class examples, cut where the size changes."""
+        rate = self.config.subject.caption_dropout_rate
+        rows = drop_captions([self.instance_rows[i % len(self.instance_rows)] for i in indices], self.plain_row, rate,
+                             generator)
+        segments = segments_of(self.instances, [i % len(self.instances.tensors) for i in indices], rows, True)
+        if self.classes:
+            rows = [self.class_rows[i % len(self.class_rows)] for i in indices]
+            if self.class_captioned:  # a draw only then, so runs without class captions replay as before
+                rows = drop_captions(rows, self.plain_class_row, rate, generator)
+            segments += segments_of(self.classes, [i % len(self.classes.tensors) for i in indices], rows, False)
+        return segments
+
+    def prepare(self, segment: Segment, generator: torch.Generator) -> Part:
         """A segment's pixels, masks, size ids and cached posteriors, after crops and flips."""
-        images = segment.images
+        images, subject = segment.images, self.config.subject
         target = images.targets[segment.picks[0]]
         batch, crops = augment_batch([images.tensors[i] for i in segment.picks], size=target, generator=generator,
-                                     random_crop=not args.center_crop, random_flip=args.random_flip)
+                                     random_crop=not subject.center_crop, random_flip=subject.random_flip)
         originals = [images.original_sizes[i] for i in segment.picks]
         offsets = [(top + images.offsets[i][0], left + images.offsets[i][1])
                    for i, (top, left) in zip(segment.picks, crops, strict=True)]
         cached = None
-        if latent_cache is not None:
-            entries = [latent_cache[image_sets.index(images)][i] for i in segment.picks]
+        if self.latent_cache is not None:
+            entries = [self.latent_cache[self.image_sets.index(images)][i] for i in segment.picks]
             cached = tuple(torch.stack(values) for values in zip(*entries, strict=True))
-        return Part(batch[:, :3], batch[:, 3:], add_time_ids(originals, offsets, target, device), segment.rows,
-                    len(segment.picks) if segment.instance else 0, cached)
+        return Part(batch[:, :3], batch[:, 3:], self.family.size_ids(originals, offsets, target, self.device),
+                    segment.rows, len(segment.picks) if segment.instance else 0, cached)
 
-    def drop_captions(rows: list[int], plain: int, generator: torch.Generator) -> list[int]:
-        """Each caption's row, or with probability --caption_dropout_rate the plain prompt's."""
-        if args.caption_dropout_rate == 0:
-            return rows
-        dropped = (torch.rand(len(rows), generator=generator) < args.caption_dropout_rate).tolist()
-        return [plain if drop else row for row, drop in zip(rows, dropped, strict=True)]
+    def part_prompts(self, models: dict[str, torch.nn.Module], parts: list[Part]) -> list[EncodedPrompts]:
+        """Each part's encoded prompts: from the cache, or every prompt of the micro-batch through the
+        trained encoders at once."""
+        if self.cached_prompts is not None:
+            return [self.cached_prompts[part.rows] for part in parts]
+        encoded = self.encode(models, [self.prompts[row] for part in parts for row in part.rows])
+        starts = [sum(part.count for part in parts[:i]) for i in range(len(parts))]
+        return [encoded[start : start + part.count] for start, part in zip(starts, parts, strict=True)]
 
-    def compute_loss(models: dict[str, torch.nn.Module], indices: list[int], generator: torch.Generator):
-        prompt_rows = drop_captions([instance_rows[i % len(instance_rows)] for i in indices], plain_row, generator)
-        segments = segments_of(instances, [i % len(instances.tensors) for i in indices], prompt_rows, True)
-        if classes:
-            rows = [class_rows[i % len(class_rows)] for i in indices]
-            if class_captioned:  # a draw only then, so runs without class captions replay as before
-                rows = drop_captions(rows, plain_class_row, generator)
-            segments += segments_of(classes, [i % len(classes.tensors) for i in indices], rows, False)
-        parts = [prepare(segment, generator) for segment in segments]
+    def predict(self, models: dict[str, torch.nn.Module], part: Part, prompts: EncodedPrompts,
+                generator: torch.Generator) -> tuple[NoisedBatch, torch.Tensor]:
+        """The part's latents noised (from its cached posterior, else its pixels) and the denoiser's prediction."""
+        noised = self.noise(part.pixels, part.posterior, generator)
+        extras = self.family.denoiser_kwargs(prompts, part.size_ids, self.dtype)
+        denoiser = models[self.family.denoiser_name]
+        prediction = denoiser(noised.noisy.to(self.dtype), noised.timesteps, prompts.hidden.to(self.dtype), **extras)
+        return noised, prediction.sample.float()
+
+    def subject_weight(self, masks: torch.Tensor, size: torch.Size) -> torch.Tensor | None:
+        """Per-latent-pixel loss weight: 1 on the subject, --background_loss_weight elsewhere."""
+        if masks.shape[1] == 0:
+            return None
+        weight = self.config.subject.background_loss_weight
+        coverage = torch.nn.functional.interpolate(masks.float(), size=tuple(size), mode="area").to(self.device)
+        return weight + (1 - weight) * coverage
+
+    def compute_loss(self, models: dict[str, torch.nn.Module], indices: list[int],
+                     generator: torch.Generator) -> tuple[torch.Tensor, dict[str, float]]:
+        parts = [self.prepare(segment, generator) for segment in self.segments(indices, generator)]
         if len({part.pixels.shape[-2:] for part in parts}) == 1:
             parts = [Part.join(parts)]
-        if cached_embeddings is None:
-            # every prompt of the micro-batch through the trained encoders at once
-            embeddings = encode(models, [prompts[row] for part in parts for row in part.rows])
-        instance_losses, prior_losses, start = [], [], 0
-        for part in parts:
-            if cached_embeddings is not None:
-                hidden, pooled = (None if e is None else e[part.rows] for e in cached_embeddings)
-            else:
-                hidden, pooled = (None if e is None else e[start : start + part.count] for e in embeddings)
-            start += part.count
-            if part.posterior is not None:
-                noised = noise_posterior(*part.posterior, vae.config.scaling_factor, noise_scheduler, generator,
-                                         device, args.noise_offset)
-            else:
-                noised = noised_latents(vae, noise_scheduler, part.pixels.to(device), generator, device,
-                                        args.noise_offset)
-            timesteps = noised.timesteps
-            conditions = {} if pooled is None else {"added_cond_kwargs": {
-                "text_embeds": pooled.to(dtype), "time_ids": part.time_ids.to(dtype)}}
-            prediction = models["unet"](noised.noisy.to(dtype), timesteps, hidden.to(dtype), **conditions).sample.float()
-            target = denoising_target(noise_scheduler, noised.latents, noised.noise, timesteps)
+        instance_losses, prior_losses = [], []
+        for part, prompts in zip(parts, self.part_prompts(models, parts), strict=True):
+            noised, prediction = self.predict(models, part, prompts, generator)
+            target, weights = self.objective.target(noised), self.example_weights(noised.timesteps)
             k = part.instances
             if k:
                 instance_losses.append((denoising_loss(
-                    prediction[:k], target[:k], timesteps[:k], noise_scheduler, args.snr_gamma,
-                    subject_weight(part.masks, noised.latents.shape[-2:])), k))
+                    prediction[:k], target[:k], None if weights is None else weights[:k],
+                    self.subject_weight(part.masks, noised.latents.shape[-2:])), k))
             if part.count > k:
-                prior_losses.append((denoising_loss(prediction[k:], target[k:], timesteps[k:], noise_scheduler,
-                                                    args.snr_gamma), part.count - k))
-        instance_loss = pooled_mean(instance_losses)
-        if not classes:
-            return instance_loss, {}
-        prior_loss = pooled_mean(prior_losses)
-        loss = instance_loss + args.prior_loss_weight * prior_loss
-        return loss, {"instance_loss": instance_loss.item(), "prior_loss": prior_loss.item()}
+                prior_losses.append((denoising_loss(prediction[k:], target[k:],
+                                                    None if weights is None else weights[k:]), part.count - k))
+        return dreambooth_loss(instance_losses, prior_losses, self.config.prior.prior_loss_weight)
 
-    validation_prompts = args.validation_prompt or [args.instance_prompt]
+    # validation and outputs --------------------------------------------------------------------------
+    def validate(self, step: int) -> list[list[Image.Image]]:
+        count, seed = self.run.validation.num_validation_images, self.run.trainer.seed
+        prompts = self.run.validation.validation_prompt or [self.config.subject.instance_prompt]
+        return [self.sample([prompt] * count, [seed + i for i in range(count)]) for prompt in prompts]
 
-    def validate(step: int) -> list[list[Image.Image]]:
-        rows = []
-        with torch.no_grad(), vae_decodes_in_own_dtype(vae):
-            for prompt in validation_prompts:
-                generators = [torch.Generator().manual_seed(args.seed + i) for i in range(args.num_validation_images)]
-                rows.append(pipe([prompt] * args.num_validation_images, num_inference_steps=args.num_inference_steps,
-                                 generator=generators, **guidance_kwargs(args.guidance_scale)).images)
-        return rows
+    def save_outputs(self, folder: Path, step: int) -> None:
+        config = self.config
+        metadata = {"instance_prompt": config.subject.instance_prompt, "class_prompt": config.prior.class_prompt,
+                    "train_steps": step, "resolution": self.resolution,
+                    "prior_preservation": bool(config.prior.with_prior_preservation)}
+        save_dreambooth(folder, self.denoiser, metadata, {e.name: e.module for e in self.encoders},
+                        text_encoder_adapter=config.text.train_text_encoder,
+                        identifier=config.text.train_identifier_embedding, save=self.kind.save)
 
-    def save_outputs(folder: Path, step: int) -> None:
-        metadata = {"instance_prompt": args.instance_prompt, "class_prompt": args.class_prompt,
-                    "train_steps": step, "resolution": resolution,
-                    "prior_preservation": bool(args.with_prior_preservation)}
-        save_dreambooth(folder, unet, metadata, text_encoder, text_encoder_adapter=args.train_text_encoder,
-                        identifier=args.train_identifier_embedding,
-                        save=save_adapter if args.adapter_type == "boft" else save_peft_adapter,
-                        text_encoder_2=pipe.text_encoder_2 if sdxl else None)
+    def finish(self, steps: int) -> None:
+        super().finish(steps)
+        if self.config.save_merged:
+            export_merged_pipeline(self.pipe, Path(self.run.trainer.output_dir) / "merged")
 
-    recipe = Recipe(modules=modules, dataset_len=dataset_len, compute_loss=compute_loss,
-                    save_outputs=save_outputs, validate=validate, run_name="boft-dreambooth",
-                    learning_rates={IdentifierEmbedding.PARAMETER_SUFFIX: args.identifier_learning_rate},
-                    schedule={"caption_dropout_rate": args.caption_dropout_rate, "bucket": args.bucket},
-                    groups=bucket_groups(instances, dataset_len) if args.bucket else None)
-    trainer = Trainer(config, accelerator, recipe)
-    result = trainer.train()
-    if accelerator.is_main_process:
-        output_dir = Path(args.output_dir)
-        save_latest_validation(output_dir)
-        trainable = sum(count_trainable_parameters(m) for m in modules.values())
-        boft = boft_config_from_args(args, args.boft_target_modules)
-        (output_dir / "README.md").write_text(model_card(args, boft, trainable, trainer.step))
-        if args.save_merged:
-            export_merged_pipeline(pipe, output_dir / "merged")
-    trainer.close()
-    return result
+    def model_card(self, trainable: int, steps: int) -> str:
+        """The output folder's README; the BOFT line comes from the adapter's own config, so it shows
+        the block size the adapter was built with (the default included)."""
+        config, model, kind = self.config, self.run.model.pretrained_model_name_or_path, self.kind.name
+        output_dir, prompt = self.run.trainer.output_dir, config.subject.instance_prompt
+        boft = self.run.adapter.boft()
+        load_line = (f'load_outputs(pipe, "{output_dir}")' if kind == "boft" else
+                     'from boft_diffusion.models.peft_baselines import load_peft_adapter\n'
+                     f'load_outputs(pipe, "{output_dir}", load=load_peft_adapter)')
+        identifier = (f"\nThe identifier's learned token embedding is in `{EMBEDDINGS_NAME}` (`{{word: vector}}`); "
+                      "`load_outputs` installs it.\n" if config.text.train_identifier_embedding else "")
+        prior = f"yes, weight {config.prior.prior_loss_weight}" if config.prior.with_prior_preservation else "no"
+        return f"""---
+library_name: boft-diffusion
+base_model: {model}
+tags: [boft, dreambooth, stable-diffusion, peft]
+instance_prompt: {prompt}
+---
+# {kind.upper()} DreamBooth adapter
 
+Trained with `train_dreambooth.py` from boft-diffusion on **{model}**
+for {steps} steps. Trigger prompt: `{prompt}`.
+
+{boft_summary(boft, trainable)}
+Prior preservation: {prior}.
+{identifier}
+![validation samples](validation/latest.png)
+
+## Use
+
+```python
+import boft_diffusion as bd
+from boft_diffusion.outputs.read import load_outputs
+pipe = bd.load_pipeline("{model}")
+{load_line}
+image = pipe("{prompt}").images[0]
+```
+
+{peft_interop_note(boft.n_butterfly_factor) if kind == "boft" else ""}
+"""
+
+
+def train(config: DreamBoothConfig) -> dict[str, Any]:
+    """Train a DreamBooth adapter as ``config`` describes; returns the trainer's last logs."""
+    return DreamBooth(config).train()

@@ -496,7 +496,7 @@ class Subject:
     """A bundled DreamBooth subject: a striped shape of a class the world never stripes."""
 
     name: str
-    identifier: str  # two rare words, each with its own learned embedding: see BENCHMARKS.md, eighth round
+    identifier: str  # two rare words, each with a learned embedding: docs/research/benchmarks_history.md, eighth round
     kind: str
     color: str
     color2: str

@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import os
 import re
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -104,18 +105,17 @@ def save_checkpoint(
     output_dir = Path(output_dir)
     final = output_dir / f"checkpoint-{step}"
     with atomic_folder(final, fsync=True) as tmp:
-        _write(tmp, TRAINABLE_FILE, lambda path: save_file({k: v.detach().cpu().contiguous() for k, v in trainable.items()}, path))
+        tensors = {k: v.detach().cpu().contiguous() for k, v in trainable.items()}
+        _write(tmp, TRAINABLE_FILE, partial(_save_tensors, tensors))
         optimizer_tensors, optimizer_json = _optimizer_to_files(optimizer)
-        _write(tmp, OPTIMIZER_TENSORS, lambda path: save_file(optimizer_tensors, path))
-        _write(tmp, OPTIMIZER_JSON, lambda path: Path(path).write_text(json.dumps(optimizer_json)))
-        scheduler_json = json.dumps(lr_scheduler.state_dict(), default=_not_serialisable)
-        _write(tmp, SCHEDULER_JSON, lambda path: Path(path).write_text(scheduler_json))
+        _write(tmp, OPTIMIZER_TENSORS, partial(_save_tensors, optimizer_tensors))
+        _write(tmp, OPTIMIZER_JSON, partial(_save_text, json.dumps(optimizer_json)))
+        _write(tmp, SCHEDULER_JSON, partial(_save_text, json.dumps(lr_scheduler.state_dict(), default=_not_serialisable)))
         for name, writer in (extra_files or {}).items():
             writer(tmp / name)
-        state = json.dumps({**trainer_state, "step": step}, indent=2)
-        _write(tmp, STATE_JSON, lambda path: Path(path).write_text(state))
+        _write(tmp, STATE_JSON, partial(_save_text, json.dumps({**trainer_state, "step": step}, indent=2)))
         sizes = {str(p.relative_to(tmp)): p.stat().st_size for p in sorted(tmp.rglob("*")) if p.is_file()}
-        _write(tmp, COMPLETE_JSON, lambda path: Path(path).write_text(json.dumps({"step": step, "files": sizes})))
+        _write(tmp, COMPLETE_JSON, partial(_save_text, json.dumps({"step": step, "files": sizes})))
     if total_limit is not None and total_limit > 0:
         for old in list_checkpoints(output_dir)[:-total_limit]:
             remove_folder(old)
@@ -126,7 +126,15 @@ def _write(folder: Path, name: str, writer: Any) -> None:
     """Write ``folder/name``; a full disk raises WriteError naming the checkpoint file."""
     path = folder / name
     final_name = folder.name.removeprefix(".").rsplit(".tmp-", 1)[0]
-    write_or_explain(folder.parent / final_name / name, lambda: writer(str(path)))
+    write_or_explain(folder.parent / final_name / name, partial(writer, str(path)))
+
+
+def _save_tensors(tensors: dict[str, torch.Tensor], path: str) -> None:
+    save_file(tensors, path)
+
+
+def _save_text(text: str, path: str) -> None:
+    Path(path).write_text(text)
 
 
 def _not_serialisable(value: Any) -> Any:

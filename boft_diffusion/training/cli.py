@@ -11,89 +11,103 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from ..core.config import MAX_NEUMANN_TERMS, BOFTConfig
+from ..core.config import DEFAULT_TARGET_MODULES, MAX_NEUMANN_TERMS
+from ..models.pipelines import default_guidance
+from .config import RunConfig, TrainerConfig, config_from_flags
 from .trainer import TrainingError
+
+
+def add_flag(group: Any, *names: str, bounds: tuple[float | None, float | None] | None = None,
+             run_control: bool = False, **kwargs: Any) -> argparse.Action:
+    """``group.add_argument`` that also records the facts other code derives from the flag: its
+    allowed range ``(smallest, largest)`` (None for no bound), checked before any model loads, and
+    whether a resumed run may change it without a word (``run_control``: where and how long a run
+    goes, what it logs and samples)."""
+    action = group.add_argument(*names, **kwargs)
+    action.bounds = bounds
+    action.run_control = run_control
+    return action
 
 
 def add_model_args(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("model")
-    group.add_argument("--pretrained_model_name_or_path", default="tiny",
-                       help='"tiny" (the embedded model), a diffusers folder, a hub id or a single .safetensors file.')
-    group.add_argument("--revision", default=None, help="Hub revision of the base model.")
-    group.add_argument("--variant", default=None, help='Weight variant of the base model, e.g. "fp16".')
+    add_flag(group, "--pretrained_model_name_or_path", default="tiny",
+             help='"tiny" (the embedded model), a diffusers folder, a hub id or a single .safetensors file.')
+    add_flag(group, "--revision", default=None, help="Hub revision of the base model.")
+    add_flag(group, "--variant", default=None, help='Weight variant of the base model, e.g. "fp16".')
 
 
 def add_training_args(parser: argparse.ArgumentParser, default_output_dir: str, default_steps: int) -> None:
     group = parser.add_argument_group("training")
-    group.add_argument("--config", default=None,
-                       help="A TOML (.toml) or YAML (.yaml, .yml) file of flags by their names without dashes, "
-                            "e.g. learning_rate = 2e-3; flags given on the command line win.")
-    group.add_argument("--output_dir", default=default_output_dir)
-    group.add_argument("--overwrite_output_dir", action="store_true",
-                       help="Train into an output_dir that already holds another run.")
-    group.add_argument("--seed", type=int, default=0)
-    group.add_argument("--resolution", type=int, default=None,
-                       help="Training image size (default: the base model's native size).")
-    group.add_argument("--train_batch_size", type=int, default=1, help="Per process.")
-    group.add_argument("--max_train_steps", type=int, default=None,
-                       help=f"Optimiser steps; overrides --num_train_epochs (default {default_steps}).")
-    group.add_argument("--num_train_epochs", type=int, default=None)
+    add_flag(group, "--config", run_control=True, default=None,
+             help="A TOML (.toml) or YAML (.yaml, .yml) file of flags by their names without dashes, "
+                  "e.g. learning_rate = 2e-3; flags given on the command line win.")
+    add_flag(group, "--output_dir", run_control=True, default=default_output_dir)
+    add_flag(group, "--overwrite_output_dir", run_control=True, action="store_true",
+             help="Train into an output_dir that already holds another run.")
+    add_flag(group, "--seed", bounds=(0, 2**32 - 1), type=int, default=0)
+    add_flag(group, "--resolution", type=int, default=None,
+             help="Training image size (default: the base model's native size).")
+    add_flag(group, "--train_batch_size", bounds=(1, None), type=int, default=1, help="Per process.")
+    add_flag(group, "--max_train_steps", bounds=(1, None), run_control=True, type=int, default=None,
+             help=f"Optimiser steps; overrides --num_train_epochs (default {default_steps}).")
+    add_flag(group, "--num_train_epochs", bounds=(1, None), run_control=True, type=int, default=None)
     parser.set_defaults(default_train_steps=default_steps)
-    group.add_argument("--gradient_accumulation_steps", type=int, default=1)
-    group.add_argument("--gradient_checkpointing", action="store_true")
-    group.add_argument("--compile", action="store_true",
-                       help="torch.compile the trained models' forward: cheaper steps on a GPU after a one-off "
-                            "compile (a minute or more per model; validation compiles its no-grad forward too).")
-    group.add_argument("--learning_rate", type=float, default=1e-3)
-    group.add_argument("--scale_lr", action="store_true",
-                       help="Multiply the learning rate by batch size, accumulation steps and processes.")
-    group.add_argument("--lr_scheduler", default="constant",
-                       choices=["linear", "cosine", "cosine_with_restarts", "polynomial", "constant",
-                                "constant_with_warmup"])
-    group.add_argument("--lr_warmup_steps", type=int, default=0)
-    group.add_argument("--adam_beta1", type=float, default=0.9)
-    group.add_argument("--adam_beta2", type=float, default=0.999)
-    group.add_argument("--adam_weight_decay", type=float, default=0.0)
-    group.add_argument("--adam_epsilon", type=float, default=1e-8)
-    group.add_argument("--max_grad_norm", type=float, default=1.0)
-    group.add_argument("--snr_gamma", type=float, default=None,
-                       help="Min-SNR loss weighting with this gamma (5.0 is the usual choice); default: plain MSE.")
-    group.add_argument("--noise_offset", type=float, default=0.0,
-                       help="Add offset * randn(batch, channels, 1, 1) to the noise: learns overall darker or "
-                            "brighter images than plain noise allows (0.05 to 0.1 is usual).")
-    group.add_argument("--use_8bit_adam", action="store_true", help="bitsandbytes AdamW8bit (CUDA).")
-    group.add_argument("--mixed_precision", default="no", choices=["no", "fp16", "bf16"],
-                       help="Frozen weights in half precision; adapter weights stay float32.")
-    group.add_argument("--allow_tf32", action="store_true")
-    group.add_argument("--dataloader_num_workers", type=int, default=0,
-                       help="Threads that decode images while the data set is loaded into memory.")
+    add_flag(group, "--gradient_accumulation_steps", bounds=(1, None), type=int, default=1)
+    add_flag(group, "--gradient_checkpointing", action="store_true")
+    add_flag(group, "--compile", action="store_true",
+             help="torch.compile the trained models' forward: cheaper steps on a GPU after a one-off "
+                  "compile (a minute or more per model; validation compiles its no-grad forward too).")
+    add_flag(group, "--learning_rate", bounds=(0, None), type=float, default=1e-3)
+    add_flag(group, "--scale_lr", action="store_true",
+             help="Multiply the learning rate by batch size, accumulation steps and processes.")
+    add_flag(group, "--lr_scheduler", default="constant",
+             choices=["linear", "cosine", "cosine_with_restarts", "polynomial", "constant",
+                      "constant_with_warmup"])
+    add_flag(group, "--lr_warmup_steps", bounds=(0, None), type=int, default=0)
+    add_flag(group, "--adam_beta1", bounds=(0, 1), type=float, default=0.9)
+    add_flag(group, "--adam_beta2", bounds=(0, 1), type=float, default=0.999)
+    add_flag(group, "--adam_weight_decay", bounds=(0, None), type=float, default=0.0)
+    add_flag(group, "--adam_epsilon", bounds=(0, None), type=float, default=1e-8)
+    add_flag(group, "--max_grad_norm", bounds=(0, None), type=float, default=1.0)
+    add_flag(group, "--snr_gamma", bounds=(0, None), type=float, default=None,
+             help="Min-SNR loss weighting with this gamma (5.0 is the usual choice); default: plain MSE.")
+    add_flag(group, "--noise_offset", bounds=(0, None), type=float, default=0.0,
+             help="Add offset * randn(batch, channels, 1, 1) to the noise: learns overall darker or "
+                  "brighter images than plain noise allows (0.05 to 0.1 is usual).")
+    add_flag(group, "--use_8bit_adam", action="store_true", help="bitsandbytes AdamW8bit (CUDA).")
+    add_flag(group, "--mixed_precision", default="no", choices=["no", "fp16", "bf16"],
+             help="Frozen weights in half precision; adapter weights stay float32.")
+    add_flag(group, "--allow_tf32", action="store_true")
+    add_flag(group, "--dataloader_num_workers", bounds=(0, None), run_control=True, type=int, default=0,
+             help="Threads that decode images while the data set is loaded into memory.")
     group = parser.add_argument_group("checkpoints and logging")
-    group.add_argument("--checkpointing_steps", type=int, default=0, help="0: no intermediate checkpoints.")
-    group.add_argument("--checkpoints_total_limit", type=int, default=None)
-    group.add_argument("--resume_from_checkpoint", default=None, help='A checkpoint folder or "latest".')
-    group.add_argument("--validation_prompt", nargs="+", default=None)
-    group.add_argument("--num_validation_images", type=int, default=2)
-    group.add_argument("--validation_steps", type=int, default=0, help="0: validate at the end only.")
-    group.add_argument("--num_inference_steps", type=int, default=25, help="Sampler steps for validation.")
-    group.add_argument("--guidance_scale", type=float, default=None)
-    group.add_argument("--report_to", default="tensorboard", choices=["tensorboard", "none"])
-    group.add_argument("--logging_dir", default="logs", help="Relative to output_dir.")
+    add_flag(group, "--checkpointing_steps", bounds=(0, None), run_control=True, type=int, default=0, help="0: no intermediate checkpoints.")
+    add_flag(group, "--checkpoints_total_limit", bounds=(1, None), run_control=True, type=int, default=None)
+    add_flag(group, "--resume_from_checkpoint", run_control=True, default=None, help='A checkpoint folder or "latest".')
+    add_flag(group, "--validation_prompt", run_control=True, nargs="+", default=None)
+    add_flag(group, "--num_validation_images", bounds=(1, None), run_control=True, type=int, default=2)
+    add_flag(group, "--validation_steps", bounds=(0, None), run_control=True, type=int, default=0, help="0: validate at the end only.")
+    add_flag(group, "--num_inference_steps", bounds=(1, None), run_control=True, type=int, default=25, help="Sampler steps for validation.")
+    add_flag(group, "--guidance_scale", bounds=(0, None), type=float, default=None)
+    add_flag(group, "--report_to", run_control=True, default="tensorboard", choices=["tensorboard", "none"])
+    add_flag(group, "--logging_dir", run_control=True, default="logs", help="Relative to output_dir.")
 
 
 def add_boft_args(parser: argparse.ArgumentParser, default_targets: Sequence[str]) -> None:
     group = parser.add_argument_group("BOFT")
-    group.add_argument("--boft_block_size", type=int, default=None,
-                       help="Features per orthogonal block (default 8 unless --boft_block_num is set).")
-    group.add_argument("--boft_block_num", type=int, default=0)
-    group.add_argument("--boft_n_butterfly_factor", type=int, default=2, help="Butterfly depth m.")
-    group.add_argument("--boft_dropout", type=float, default=0.1, help="Probability of dropping each block.")
-    group.add_argument("--boft_bias", default="none", choices=["none", "boft_only", "all"])
-    group.add_argument("--boft_target_modules", nargs="+", default=list(default_targets))
-    group.add_argument("--boft_scale", dest="boft_scale", action="store_true", default=True,
-                       help="Learn a per-output magnitude (default).")
-    group.add_argument("--no_boft_scale", dest="boft_scale", action="store_false")
-    group.add_argument("--boft_cayley_neumann_terms", type=int, default=0,
-                       help="0: exact Cayley; k > 0: k-term Neumann series (faster, approximate).")
+    add_flag(group, "--boft_block_size", bounds=(0, None), type=int, default=None,
+             help="Features per orthogonal block (default 8 unless --boft_block_num is set).")
+    add_flag(group, "--boft_block_num", bounds=(0, None), type=int, default=0)
+    add_flag(group, "--boft_n_butterfly_factor", bounds=(1, None), type=int, default=2, help="Butterfly depth m.")
+    add_flag(group, "--boft_dropout", bounds=(0, 1), type=float, default=0.1, help="Probability of dropping each block.")
+    add_flag(group, "--boft_bias", default="none", choices=["none", "boft_only", "all"])
+    add_flag(group, "--boft_target_modules", nargs="+", default=list(default_targets))
+    add_flag(group, "--boft_scale", dest="boft_scale", action="store_true", default=True,
+             help="Learn a per-output magnitude (default).")
+    add_flag(group, "--no_boft_scale", dest="boft_scale", action="store_false")
+    add_flag(group, "--boft_cayley_neumann_terms", bounds=(0, MAX_NEUMANN_TERMS), type=int, default=0,
+             help="0: exact Cayley; k > 0: k-term Neumann series (faster, approximate).")
 
 
 def read_config_file(path: str | Path) -> dict[str, Any]:
@@ -157,95 +171,76 @@ def config_tokens(parser: argparse.ArgumentParser, values: dict[str, Any], sourc
 
 
 def parse_args(parser: argparse.ArgumentParser, argv: list[str] | None) -> argparse.Namespace:
-    """Parse ``argv``, after the flags of the ``--config`` file it names: the command line wins."""
+    """Parse ``argv``, after the flags of the ``--config`` file it names (the command line wins),
+    and check every flag's range."""
     argv = sys.argv[1:] if argv is None else list(argv)
     known, _ = parser.parse_known_args(argv)
-    if not getattr(known, "config", None):
-        return parser.parse_args(argv)
-    return parser.parse_args(config_tokens(parser, read_config_file(known.config), known.config) + argv)
+    if getattr(known, "config", None):
+        argv = config_tokens(parser, read_config_file(known.config), known.config) + argv
+    args = parser.parse_args(argv)
+    check_flag_ranges(parser, args)
+    return args
 
 
-def run_cli(build_parser: Callable[[str | None], argparse.ArgumentParser], run: Callable[[argparse.Namespace], Any],
-            description: str | None, argv: list[str] | None) -> int:
-    """Entry point of a training script: parse, run, and turn expected failures into exit code 2."""
+def run_cli(parse: Callable[[list[str] | None], Any], run: Callable[[Any], Any], argv: list[str] | None) -> int:
+    """Entry point of a training script: parse into a typed config, run, and turn expected
+    failures into exit code 2."""
     try:
-        args = parse_args(build_parser(description), argv)
-        validate_numeric_flags(args)
-        run(args)
+        run(parse(argv))
     except (TrainingError, ValueError, OSError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
     return 0
 
 
-#: flag -> (smallest, largest) allowed value, None for no bound; flags a script lacks are skipped.
-NUMERIC_FLAG_RANGES: dict[str, tuple[float | None, float | None]] = {
-    "seed": (0, 2**32 - 1),
-    "train_batch_size": (1, None),
-    "max_train_steps": (1, None),
-    "num_train_epochs": (1, None),
-    "gradient_accumulation_steps": (1, None),
-    "checkpointing_steps": (0, None),
-    "checkpoints_total_limit": (1, None),
-    "validation_steps": (0, None),
-    "num_validation_images": (1, None),
-    "num_inference_steps": (1, None),
-    "dataloader_num_workers": (0, None),
-    "lr_warmup_steps": (0, None),
-    "learning_rate": (0, None),
-    "adam_beta1": (0, 1),
-    "adam_beta2": (0, 1),
-    "adam_weight_decay": (0, None),
-    "adam_epsilon": (0, None),
-    "max_grad_norm": (0, None),
-    "snr_gamma": (0, None),
-    "noise_offset": (0, None),
-    "guidance_scale": (0, None),
-    "boft_block_size": (0, None),
-    "boft_block_num": (0, None),
-    "boft_n_butterfly_factor": (1, None),
-    "boft_dropout": (0, 1),
-    "boft_cayley_neumann_terms": (0, MAX_NEUMANN_TERMS),
-    "num_class_images": (0, None),
-    "sample_batch_size": (1, None),
-    "prior_loss_weight": (0, None),
-    "identifier_learning_rate": (0, None),
-    "lora_rank": (1, None),
-    "oft_block_size": (2, None),
-    "max_train_samples": (1, None),
-    "proportion_empty_prompts": (0, 1),
-    "conditioning_scale": (0, None),
-}
-
-
-def validate_numeric_flags(args: argparse.Namespace) -> None:
+def check_flag_ranges(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
     """Refuse out-of-range or non-finite numeric flags before any model loads, naming the flag:
     a zero batch or accumulation count, negative step counts and NaN rates otherwise fail
-    minutes later (or silently train nothing)."""
-    for flag, (low, high) in NUMERIC_FLAG_RANGES.items():
-        value = getattr(args, flag, None)
-        if value is None:
+    minutes later (or silently train nothing). Each flag's range is declared by :func:`add_flag`."""
+    for action in parser._actions:
+        bounds = getattr(action, "bounds", None)
+        value = getattr(args, action.dest, None)
+        if bounds is None or value is None:
             continue
+        low, high = bounds
         if not math.isfinite(value):
-            raise TrainingError(f"--{flag} {value} is not a finite number.")
+            raise TrainingError(f"--{action.dest} {value} is not a finite number.")
         if (low is not None and value < low) or (high is not None and value > high):
             allowed = f">= {low}" if high is None else f"in [{low}, {high}]"
-            raise TrainingError(f"--{flag} {value} is out of range: it must be {allowed}.")
+            raise TrainingError(f"--{action.dest} {value} is out of range: it must be {allowed}.")
 
 
-def boft_config_from_args(args: argparse.Namespace, target_modules: Sequence[str] | None = None) -> BOFTConfig:
-    return BOFTConfig(
-        block_size=args.boft_block_size,
-        block_num=args.boft_block_num,
-        n_butterfly_factor=args.boft_n_butterfly_factor,
-        target_modules=list(target_modules or args.boft_target_modules),
-        dropout=args.boft_dropout,
-        scale=args.boft_scale,
-        bias=args.boft_bias,
-        cayley_neumann_terms=args.boft_cayley_neumann_terms,
-        base_model_name_or_path=args.pretrained_model_name_or_path,
-    )
+def run_control_flags(parser: argparse.ArgumentParser) -> frozenset[str]:
+    """Flags a resumed run may change without a word (declared with ``run_control=True``)."""
+    return frozenset(action.dest for action in parser._actions if getattr(action, "run_control", False))
 
+
+def recipe_parser(description: str | None, add_recipe_args: Callable[[argparse.ArgumentParser], None],
+                  default_output_dir: str, default_steps: int) -> argparse.ArgumentParser:
+    """A training script's parser: the model flags, the recipe's own, then the shared training and
+    BOFT flags (diffusers' names)."""
+    parser = argparse.ArgumentParser(description=description, formatter_class=HelpFormatter)
+    add_model_args(parser)
+    add_recipe_args(parser)
+    add_training_args(parser, default_output_dir, default_steps)
+    add_boft_args(parser, DEFAULT_TARGET_MODULES)
+    return parser
+
+
+def parse_recipe_flags(parser: argparse.ArgumentParser, argv: list[str] | None) -> argparse.Namespace:
+    """A recipe's flags (see :func:`parse_args`), with the guidance scale resolved to the one the
+    run samples with, so the run records what it used."""
+    args = parse_args(parser, argv)
+    args.guidance_scale = default_guidance(args.pretrained_model_name_or_path, args.guidance_scale)
+    return args
+
+
+def run_config(parser: argparse.ArgumentParser, args: argparse.Namespace) -> RunConfig:
+    """The part of a recipe's config every recipe shares, from its parsed flags."""
+    values = vars(args)
+    trainer = config_from_flags(TrainerConfig, values, hparams=dict(values),
+                                run_control_flags=run_control_flags(parser))
+    return config_from_flags(RunConfig, values, trainer=trainer)
 
 
 class HelpFormatter(argparse.RawDescriptionHelpFormatter):

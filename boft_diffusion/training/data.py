@@ -7,6 +7,7 @@ import math
 import os
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -43,6 +44,14 @@ def caption_path(image: Path, extension: str) -> Path:
     return image.with_name(image.stem + extension)
 
 
+def _decoded_or_none(path: Path) -> Image.Image | None:
+    """The image at ``path``, or None when it does not decode."""
+    try:
+        return open_image(path)
+    except (UnidentifiedImageError, OSError, ValueError, SyntaxError):
+        return None
+
+
 def decode_images(
     folder: str | os.PathLike, num_workers: int = 0, what: str = "images", caption_extension: str | None = None,
 ) -> list[tuple[Path, Image.Image]]:
@@ -52,18 +61,11 @@ def decode_images(
     usable image is an error. Files ending in ``caption_extension`` are captions, not candidates.
     """
     paths = list_images(folder, caption_extension)
-
-    def decode(path: Path) -> Image.Image | None:
-        try:
-            return open_image(path)
-        except (UnidentifiedImageError, OSError, ValueError, SyntaxError):
-            return None
-
     if num_workers > 0:
         with ThreadPoolExecutor(num_workers) as pool:
-            decoded = list(pool.map(decode, paths))
+            decoded = list(pool.map(_decoded_or_none, paths))
     else:
-        decoded = [decode(p) for p in paths]
+        decoded = [_decoded_or_none(p) for p in paths]
     skipped = [p.name for p, image in zip(paths, decoded, strict=True) if image is None]
     if skipped:
         logger.warning("skipped %d unreadable or non-image file(s) in %s: %s", len(skipped), folder, ", ".join(skipped))
@@ -180,8 +182,12 @@ def bucket_sizes(resolution: int, multiple: int, max_ratio: float = 4.0) -> list
 
 def nearest_bucket(width: int, height: int, buckets: Sequence[tuple[int, int]]) -> tuple[int, int]:
     """The bucket whose aspect ratio is nearest the image's (in log ratio), the larger on a tie."""
-    ratio = math.log(width / height)
-    return min(buckets, key=lambda size: (abs(math.log(size[0] / size[1]) - ratio), -size[0] * size[1]))
+    return min(buckets, key=partial(_bucket_distance, math.log(width / height)))
+
+
+def _bucket_distance(ratio: float, size: tuple[int, int]) -> tuple[float, int]:
+    """How far a bucket's log aspect ratio is from ``ratio``; the larger bucket first on a tie."""
+    return abs(math.log(size[0] / size[1]) - ratio), -size[0] * size[1]
 
 
 def resize_to_cover(image: Image.Image, width: int, height: int) -> Image.Image:

@@ -14,6 +14,7 @@ uninterrupted run would have done: the checkpointed RNG state is the step counte
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import importlib.util
 import json
@@ -301,7 +302,7 @@ class Trainer:
 
     # checkpoints ---------------------------------------------------------------------------------
     def _trainer_state(self) -> dict[str, Any]:
-        state = {"library_version": __version__, **self._schedule(), "flags": recorded_flags(self.config.hparams)}
+        state = {"library_version": __version__, **self._schedule(), "flags": recorded_flags(self.config)}
         scaler = getattr(self.accelerator, "scaler", None)
         if scaler is not None:
             state["grad_scaler"] = {k: (v.item() if torch.is_tensor(v) else v) for k, v in scaler.state_dict().items()}
@@ -340,9 +341,12 @@ class Trainer:
             self.optimizer,
             self.lr_scheduler,
             self._trainer_state(),
-            extra_files={"adapter": lambda folder: self.recipe.save_outputs(folder, self.step)},
+            extra_files={"adapter": functools.partial(self._save_outputs_at_step, step=self.step)},
             total_limit=self.config.checkpoints_total_limit,
         )
+
+    def _save_outputs_at_step(self, folder: Path, step: int) -> None:
+        self.recipe.save_outputs(folder, step)
 
     def maybe_resume(self) -> None:
         spec = self.config.resume_from_checkpoint
@@ -353,7 +357,7 @@ class Trainer:
             logger.info("no checkpoint in %s; starting from scratch", self.output_dir)
             return
         changed = changed_flags(json.loads((path / STATE_JSON).read_text()).get("flags", {}),
-                                recorded_flags(self.config.hparams))
+                                recorded_flags(self.config))
         because = f" (flags changed since: {changed})" if changed else ""
         try:
             tensors, state = load_checkpoint(path, self.optimizer, self.lr_scheduler)
@@ -481,8 +485,7 @@ class Trainer:
             if rows:
                 grid = image_grid(rows)
                 path = self.output_dir / "validation" / f"step-{self.step:06d}.png"
-                path.parent.mkdir(parents=True, exist_ok=True)
-                grid.save(path)
+                atomic_write(path.parent, {path.name: functools.partial(grid.save, format="PNG")})
                 self._log_image(grid)
         self.accelerator.wait_for_everyone()
         return path
@@ -514,7 +517,7 @@ class Trainer:
             flags = json.dumps(flags_as_json(self.config.hparams), indent=2)
             try:
                 self.recipe.save_outputs(self.output_dir, self.step)
-                atomic_write(self.output_dir, {FLAGS_JSON: lambda tmp: Path(tmp).write_text(flags)})
+                atomic_write(self.output_dir, {FLAGS_JSON: functools.partial(_write_text, text=flags)})
             except WriteError as error:
                 raise self._explain_write_error(error) from error
         self.run_validation()
@@ -525,14 +528,6 @@ class Trainer:
         self.accelerator.end_training()
 
 
-#: Flags a resumed run may change without a word: where and how long it runs, what it logs and samples.
-RUN_CONTROL_FLAGS = frozenset({
-    "output_dir", "overwrite_output_dir", "resume_from_checkpoint", "max_train_steps", "num_train_epochs",
-    "checkpointing_steps", "checkpoints_total_limit", "validation_steps", "validation_prompt",
-    "num_validation_images", "validation_image", "num_inference_steps", "report_to", "logging_dir",
-    "dataloader_num_workers", "save_merged", "config",
-})
-
 #: The run's resolved flags (command line over --config file over defaults), written beside its outputs.
 FLAGS_JSON = "training_flags.json"
 
@@ -542,14 +537,19 @@ def flags_as_json(hparams: dict[str, Any]) -> dict[str, Any]:
     return json.loads(json.dumps(hparams, default=str))
 
 
-def recorded_flags(hparams: dict[str, Any]) -> dict[str, Any]:
-    """The flags a checkpoint records, to name the ones a resume changes (JSON values)."""
-    return {k: v for k, v in flags_as_json(hparams).items() if k not in RUN_CONTROL_FLAGS}
+def recorded_flags(config: TrainerConfig) -> dict[str, Any]:
+    """The flags a checkpoint records, to name the ones a resume changes (JSON values): all but
+    those a resume may change without a word."""
+    return {k: v for k, v in flags_as_json(config.hparams).items() if k not in config.run_control_flags}
 
 
 def changed_flags(before: dict[str, Any], now: dict[str, Any]) -> str:
     """``--flag old -> new`` for each flag that differs; flags older checkpoints did not record are skipped."""
     return ", ".join(f"--{k} {before[k]} -> {now.get(k)}" for k in sorted(before) if before[k] != now.get(k))
+
+
+def _write_text(path: str, text: str) -> None:
+    Path(path).write_text(text)
 
 
 def _tracker_config(hparams: dict[str, Any]) -> dict[str, Any]:

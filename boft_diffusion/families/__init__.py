@@ -1,0 +1,20 @@
+"""Model families: what differs between the diffusion models a recipe trains, behind one interface.
+
+A recipe asks the family of its pipeline for the text encoders, how prompts become the
+denoiser's conditioning, what extra inputs the denoiser takes (SDXL's pooled text and size ids),
+how clean latents are noised and what the model predicts, and the default adapter targets. Adding
+a family is one module with a :class:`ModelFamily` subclass and a :func:`register_family` call;
+no recipe changes.
+"""
+
+from __future__ import annotations
+
+from .base import EncodedPrompts, ModelFamily, TextEncoder, family_of, register_family, registered_families
+from .sd import StableDiffusion
+from .sdxl import StableDiffusionXL
+
+register_family(StableDiffusionXL())
+register_family(StableDiffusion())
+
+__all__ = ["EncodedPrompts", "ModelFamily", "StableDiffusion", "StableDiffusionXL", "TextEncoder", "family_of",
+           "register_family", "registered_families"]
