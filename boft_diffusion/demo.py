@@ -12,6 +12,7 @@ import argparse
 import json
 import time
 from collections.abc import Collection
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -19,6 +20,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from .core.files import atomic_write, atomic_write_text
 from .evaluation.tiny_world import (
     Prompted,
     TinyWorldSamples,
@@ -186,12 +188,13 @@ def main(argv: list[str] | None = None) -> dict:
               **{m: score_samples(samples, instances) for m, samples in drawn.items()}}
     scores["recontext_by_colour"] = {m: background_by_colour(drawn[m].recontext) for m in MODELS}
     grids = {"overview": output_dir / "base_vs_adapter.png", "recontext": output_dir / "recontext_by_colour.png"}
-    labelled_comparison(overview_rows(drawn, scores, scores["recontext_by_colour"]), MODELS).save(grids["overview"])
-    labelled_comparison(recontext_rows(drawn, scores["recontext_by_colour"]), MODELS).save(grids["recontext"])
+    pictures = {grids["overview"]: labelled_comparison(overview_rows(drawn, scores, scores["recontext_by_colour"]), MODELS),
+                grids["recontext"]: labelled_comparison(recontext_rows(drawn, scores["recontext_by_colour"]), MODELS)}
+    atomic_write(output_dir, {path.name: partial(picture.save, format="PNG") for path, picture in pictures.items()})
     scores["grids"] = {name: str(path) for name, path in grids.items()}
     scores["train_seconds"] = round(trained - start, 1)
     scores["total_seconds"] = round(time.time() - start, 1)
-    (output_dir / "scores.json").write_text(json.dumps(scores, indent=2) + "\n")
+    atomic_write_text(output_dir / "scores.json", json.dumps(scores, indent=2) + "\n")
     add_model_card_scores(adapter_dir, card_rows(scores), f"`make demo` (boft_diffusion/demo.py): {args.num_images} "
                           f"samples per measure from sampling seed {args.eval_seed}, guidance {GUIDANCE}; the base "
                           f"model's values in parentheses.")

@@ -8,6 +8,7 @@ Only JSON and safetensors are ever read.
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import os
 import re
@@ -141,8 +142,13 @@ def atomic_write(folder: str | os.PathLike, files: dict[str, Callable[[str], obj
 def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
     """Replace the text file ``path`` (UTF-8) as ``atomic_write`` does: readers see the old text or the new."""
     path = Path(path)
-    atomic_write(path.parent, {path.name: lambda tmp: Path(tmp).write_text(text, encoding="utf-8")})
+    atomic_write(path.parent, {path.name: functools.partial(write_text, text=text)})
     return path
+
+
+def write_text(path: str | os.PathLike, text: str) -> None:
+    """A writer for :func:`atomic_write`: ``text`` to ``path`` in UTF-8."""
+    Path(path).write_text(text, encoding="utf-8")
 
 
 def remove_folder(folder: str | os.PathLike) -> None:

@@ -18,7 +18,7 @@ from typing import Any
 import torch
 from PIL import Image
 
-from ..core.files import EMBEDDINGS_NAME, atomic_write
+from ..core.files import EMBEDDINGS_NAME, atomic_write, write_text
 from ..core.identifier import IdentifierEmbedding, add_identifier_embeddings, identifier_words, initializer_vectors
 from ..families import EncodedPrompts, ModelFamily
 from ..families.denoising import NoisedBatch
@@ -271,10 +271,6 @@ def identifier_vectors(config: DreamBoothConfig, encoder: torch.nn.Module, token
         raise TrainingError(f"--initializer_token: {error}") from error
 
 
-def _write_text(path: str, text: str) -> None:
-    Path(path).write_text(text, encoding="utf-8")
-
-
 def ensure_class_images(pipe: Any, config: DreamBoothConfig, accelerator: Any, captions: list[str] | None = None) -> None:
     """Generate class images with the base model until the folder holds ``num_class_images``.
 
@@ -311,7 +307,7 @@ def draw_class_images(pipe: Any, config: DreamBoothConfig, folder: Path, start: 
             images = pipe(prompts, num_inference_steps=validation.num_inference_steps, generator=generators,
                           **guidance_kwargs(validation.guidance_scale)).images
         for number, prompt, image in zip(numbers, prompts, images, strict=True):
-            files = {f"class_{number:05d}{extension}": partial(_write_text, text=prompt)} if captions else {}
+            files = {f"class_{number:05d}{extension}": partial(write_text, text=prompt)} if captions else {}
             files[f"class_{number:05d}.png"] = partial(image.save, format="PNG")
             atomic_write(folder, files)
 

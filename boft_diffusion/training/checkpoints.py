@@ -19,7 +19,7 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 
-from ..core.files import atomic_folder, remove_folder, write_or_explain
+from ..core.files import atomic_folder, remove_folder, write_or_explain, write_text
 
 CHECKPOINT_PATTERN = re.compile(r"^checkpoint-(\d+)$")
 TRAINABLE_FILE = "trainable.safetensors"
@@ -109,13 +109,13 @@ def save_checkpoint(
         _write(tmp, TRAINABLE_FILE, partial(_save_tensors, tensors))
         optimizer_tensors, optimizer_json = _optimizer_to_files(optimizer)
         _write(tmp, OPTIMIZER_TENSORS, partial(_save_tensors, optimizer_tensors))
-        _write(tmp, OPTIMIZER_JSON, partial(_save_text, json.dumps(optimizer_json)))
-        _write(tmp, SCHEDULER_JSON, partial(_save_text, json.dumps(lr_scheduler.state_dict(), default=_not_serialisable)))
+        _write(tmp, OPTIMIZER_JSON, partial(write_text, text=json.dumps(optimizer_json)))
+        _write(tmp, SCHEDULER_JSON, partial(write_text, text=json.dumps(lr_scheduler.state_dict(), default=_not_serialisable)))
         for name, writer in (extra_files or {}).items():
             writer(tmp / name)
-        _write(tmp, STATE_JSON, partial(_save_text, json.dumps({**trainer_state, "step": step}, indent=2)))
+        _write(tmp, STATE_JSON, partial(write_text, text=json.dumps({**trainer_state, "step": step}, indent=2)))
         sizes = {str(p.relative_to(tmp)): p.stat().st_size for p in sorted(tmp.rglob("*")) if p.is_file()}
-        _write(tmp, COMPLETE_JSON, partial(_save_text, json.dumps({"step": step, "files": sizes})))
+        _write(tmp, COMPLETE_JSON, partial(write_text, text=json.dumps({"step": step, "files": sizes})))
     if total_limit is not None and total_limit > 0:
         for old in list_checkpoints(output_dir)[:-total_limit]:
             remove_folder(old)
@@ -132,9 +132,6 @@ def _write(folder: Path, name: str, writer: Any) -> None:
 def _save_tensors(tensors: dict[str, torch.Tensor], path: str) -> None:
     save_file(tensors, path)
 
-
-def _save_text(text: str, path: str) -> None:
-    Path(path).write_text(text)
 
 
 def _not_serialisable(value: Any) -> Any:

@@ -34,7 +34,7 @@ from tqdm.auto import tqdm
 
 from ..core import __version__
 from ..core.adapters import compile_adapted
-from ..core.files import WriteError, atomic_write, remove_stale_temporaries
+from ..core.files import WriteError, atomic_write, atomic_write_text, remove_stale_temporaries
 from ..models.images import image_grid
 from .checkpoints import STATE_JSON, list_checkpoints, load_checkpoint, resolve_checkpoint, save_checkpoint
 from .config import TrainerConfig
@@ -517,7 +517,7 @@ class Trainer:
             flags = json.dumps(flags_as_json(self.config.hparams), indent=2)
             try:
                 self.recipe.save_outputs(self.output_dir, self.step)
-                atomic_write(self.output_dir, {FLAGS_JSON: functools.partial(_write_text, text=flags)})
+                atomic_write_text(self.output_dir / FLAGS_JSON, flags)
             except WriteError as error:
                 raise self._explain_write_error(error) from error
         self.run_validation()
@@ -546,10 +546,6 @@ def recorded_flags(config: TrainerConfig) -> dict[str, Any]:
 def changed_flags(before: dict[str, Any], now: dict[str, Any]) -> str:
     """``--flag old -> new`` for each flag that differs; flags older checkpoints did not record are skipped."""
     return ", ".join(f"--{k} {before[k]} -> {now.get(k)}" for k in sorted(before) if before[k] != now.get(k))
-
-
-def _write_text(path: str, text: str) -> None:
-    Path(path).write_text(text)
 
 
 def _tracker_config(hparams: dict[str, Any]) -> dict[str, Any]:
