@@ -27,7 +27,7 @@ from boft_diffusion.app.studio import (
     StudioError,
     png_with_parameters,
 )
-from boft_diffusion.models.pipelines import default_guidance
+from boft_diffusion.families.loading import default_guidance
 from boft_diffusion.tiny import world
 from boft_diffusion.training.cli import HelpFormatter
 

@@ -20,7 +20,7 @@ from boft_diffusion import load_pipeline
 from boft_diffusion.core.files import count_file_parameters
 from boft_diffusion.evaluation.sampling import base_sampler, control_sampler
 from boft_diffusion.evaluation.tiny_world import tiny_control_scores
-from boft_diffusion.models.pipelines import quiet_progress
+from boft_diffusion.families.loading import quiet_progress
 from boft_diffusion.outputs.read import load_outputs
 from boft_diffusion.recipes.control import ControlConfig, train
 

@@ -40,12 +40,12 @@ from boft_diffusion.demo import GUIDANCE, training_flags
 from boft_diffusion.evaluation.energy import energy_change
 from boft_diffusion.evaluation.statistics import bootstrap_ci, paired_bootstrap_ci
 from boft_diffusion.evaluation.tiny_world import instance_self_score, sample_scores, tiny_world_samples
-from boft_diffusion.models.bundled import example_subject_dir
-from boft_diffusion.models.peft_baselines import load_peft_adapter
-from boft_diffusion.models.pipelines import quiet_progress
+from boft_diffusion.families.loading import quiet_progress
+from boft_diffusion.kinds.peft_baselines import load_peft_adapter
 from boft_diffusion.outputs.read import load_outputs
 from boft_diffusion.recipes.dreambooth import DreamBoothConfig, ensure_class_images, train
 from boft_diffusion.tiny import world
+from boft_diffusion.tiny.bundled import example_subject_dir
 from boft_diffusion.training.data import load_images
 from boft_diffusion.training.trainer import FLAGS_JSON, flags_as_json
 

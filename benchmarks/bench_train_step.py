@@ -103,9 +103,9 @@ def adapt(unet, method: str) -> dict:
     if method == "none":
         unet.requires_grad_(False)
     elif method in ("peft_lora", "peft_oft"):
-        # the baselines as every recipe and benchmark trains them (models/adapter_kinds.py): LoRA r=8, OFT
+        # the baselines as every recipe and benchmark trains them (kinds/registry.py): LoRA r=8, OFT
         # block 8 with the exact Cayley transform
-        from boft_diffusion.models.adapter_kinds import AdapterSpec, adapter_kind
+        from boft_diffusion.kinds.registry import AdapterSpec, adapter_kind
 
         kind = method.removeprefix("peft_")
         unet.requires_grad_(False)

@@ -27,10 +27,10 @@ from bench_dreambooth import MEASURES, class_dir, fresh_pipeline, instances_of, 
 from boft_diffusion.demo import training_flags
 from boft_diffusion.evaluation.statistics import bootstrap_ci
 from boft_diffusion.evaluation.tiny_world import instance_self_score
-from boft_diffusion.models.bundled import example_subject_dir
 from boft_diffusion.outputs.read import load_outputs
 from boft_diffusion.recipes.dreambooth import DreamBoothConfig, train
 from boft_diffusion.tiny import world
+from boft_diffusion.tiny.bundled import example_subject_dir
 
 METHOD = "boft-m2"  # the recipe's adapter
 

@@ -35,10 +35,10 @@ import bench_train_step
 import torch
 
 from boft_diffusion import demo
-from boft_diffusion.models.bundled import EMBEDDED_MODEL_DIR
-from boft_diffusion.models.pipelines import load_pipeline, quiet_progress
+from boft_diffusion.families.loading import load_pipeline, quiet_progress
 from boft_diffusion.outputs.read import load_outputs
 from boft_diffusion.recipes.dreambooth import DreamBooth, DreamBoothConfig
+from boft_diffusion.tiny.bundled import EMBEDDED_MODEL_DIR
 from boft_diffusion.tiny.toy import toy_unet_config
 
 SD15 = {

@@ -19,7 +19,7 @@ from .core.adapters import (
 )
 from .core.config import BOFTConfig
 from .core.files import load_adapter, save_adapter
-from .models.pipelines import load_pipeline
+from .families.loading import load_pipeline
 
 __all__ = [
     "BOFTConfig",

@@ -21,6 +21,7 @@ import torch
 from PIL import Image
 
 from .core.files import atomic_write, atomic_write_text
+from .core.images import LabelledRow, labelled_comparison
 from .evaluation.tiny_world import (
     Prompted,
     TinyWorldSamples,
@@ -30,13 +31,12 @@ from .evaluation.tiny_world import (
     recontext_prompts,
     score_samples,
 )
-from .models.bundled import example_subject_dir
-from .models.images import LabelledRow, labelled_comparison
-from .models.pipelines import load_pipeline, quiet_progress, tiny_defaults
+from .families.loading import load_pipeline, quiet_progress, tiny_defaults
 from .outputs.read import load_outputs
 from .outputs.write import add_model_card_scores
 from .recipes.dreambooth import DreamBoothConfig, build_parser, train
 from .tiny import world
+from .tiny.bundled import example_subject_dir
 from .training.cli import HelpFormatter, config_tokens, read_config_file
 from .training.data import load_images
 

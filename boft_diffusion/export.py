@@ -22,7 +22,8 @@ from pathlib import Path
 
 import torch
 
-from .models.export import (
+from .exports.layouts import KOHYA_PREFIXES, LoraReport, format_report
+from .exports.writers import (
     AdaptedPipeline,
     check_rank_choice,
     dropped_biases,
@@ -35,8 +36,7 @@ from .models.export import (
     lora_report,
     module_deltas,
 )
-from .models.export_formats import KOHYA_PREFIXES, LoraReport, format_report
-from .models.pipelines import is_sdxl, load_pipeline
+from .families.loading import is_sdxl, load_pipeline
 from .outputs.read import load_outputs
 
 FORMATS = ("diff", "lora", "peft-lora", "merged")

@@ -26,7 +26,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from boft_diffusion.models.pipelines import load_pipeline, quiet_progress  # noqa: E402
+from boft_diffusion.families.loading import load_pipeline, quiet_progress  # noqa: E402
 from boft_diffusion.tiny import metrics as M  # noqa: E402
 from boft_diffusion.tiny import world as W  # noqa: E402
 from boft_diffusion.tiny.evaluate import evaluate_prompt_fidelity, generate  # noqa: E402

@@ -16,11 +16,11 @@ from pathlib import Path
 import torch
 
 from boft_diffusion import demo
+from boft_diffusion.core.images import image_grid
 from boft_diffusion.evaluation.sampling import sample
 from boft_diffusion.export import export_adapter
-from boft_diffusion.models.export_formats import format_report
-from boft_diffusion.models.images import image_grid
-from boft_diffusion.models.pipelines import load_pipeline, quiet_progress, tiny_defaults
+from boft_diffusion.exports.layouts import format_report
+from boft_diffusion.families.loading import load_pipeline, quiet_progress, tiny_defaults
 from boft_diffusion.outputs.read import load_outputs
 from boft_diffusion.tiny import world
 

@@ -78,7 +78,7 @@ def make_tiny_sdxl(folder, seed: int = 0):
     from diffusers import AutoencoderKL, EulerDiscreteScheduler, StableDiffusionXLPipeline, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
-    from boft_diffusion.models.bundled import EMBEDDED_MODEL_DIR
+    from boft_diffusion.tiny.bundled import EMBEDDED_MODEL_DIR
 
     torch.manual_seed(seed)
     text = dict(vocab_size=732, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,

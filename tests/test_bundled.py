@@ -2,8 +2,7 @@
 
 import pytest
 
-from boft_diffusion.models import bundled
-from boft_diffusion.tiny import world
+from boft_diffusion.tiny import bundled, world
 
 
 def test_example_subject_comes_from_package_data(tmp_path, monkeypatch):

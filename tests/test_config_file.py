@@ -7,8 +7,8 @@ import pytest
 
 import train_dreambooth
 from boft_diffusion import demo
-from boft_diffusion.models.bundled import example_subject_dir
 from boft_diffusion.recipes import control, dreambooth
+from boft_diffusion.tiny.bundled import example_subject_dir
 from boft_diffusion.training.cli import parse_args
 from boft_diffusion.training.trainer import FLAGS_JSON, TrainingError
 

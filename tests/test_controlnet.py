@@ -16,9 +16,9 @@ from safetensors.torch import load_file
 
 import boft_diffusion as bd
 import train_controlnet
-from boft_diffusion.models.control import encoder_for_unet, light_control
-from boft_diffusion.models.images import image_to_tensor
-from boft_diffusion.models.pipelines import quiet_progress
+from boft_diffusion.control.networks import encoder_for_unet, light_control
+from boft_diffusion.core.images import image_to_tensor
+from boft_diffusion.families.loading import quiet_progress
 from boft_diffusion.outputs.read import load_outputs
 from boft_diffusion.training.checkpoints import list_checkpoints
 from conftest import run_two_processes

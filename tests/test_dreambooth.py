@@ -14,8 +14,8 @@ from PIL import Image
 from safetensors.torch import load_file
 
 import train_dreambooth
+from boft_diffusion.core.images import image_to_tensor
 from boft_diffusion.families import StableDiffusion
-from boft_diffusion.models.images import image_to_tensor
 from boft_diffusion.outputs.read import load_outputs
 from boft_diffusion.recipes import dreambooth
 from boft_diffusion.training.checkpoints import list_checkpoints

@@ -11,7 +11,7 @@ import train_dreambooth
 from boft_diffusion.evaluation import cli as evaluation
 from boft_diffusion.evaluation.image_metrics import clip_scores, dino_score, edge_agreement
 from boft_diffusion.evaluation.tiny_world import tiny_world_samples
-from boft_diffusion.models.pipelines import load_pipeline, quiet_progress
+from boft_diffusion.families.loading import load_pipeline, quiet_progress
 from boft_diffusion.tiny import world
 
 ROOT = Path(__file__).resolve().parent.parent

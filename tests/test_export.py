@@ -9,8 +9,7 @@ from boft_diffusion.core.adapters import base_state_dict, boft_layers, merged_st
 from boft_diffusion.core.files import save_identifier_embeddings
 from boft_diffusion.core.identifier import add_identifier_embeddings
 from boft_diffusion.export import export_adapter, load_for_export, main
-from boft_diffusion.models.export import PEFT_LORA_WEIGHTS
-from boft_diffusion.models.export_formats import (
+from boft_diffusion.exports.layouts import (
     KOHYA_PREFIXES,
     checkpoint_prefix,
     choose_rank,
@@ -18,7 +17,8 @@ from boft_diffusion.models.export_formats import (
     low_rank,
     module_names_by_kohya,
 )
-from boft_diffusion.models.pipelines import quiet_progress
+from boft_diffusion.exports.writers import PEFT_LORA_WEIGHTS
+from boft_diffusion.families.loading import quiet_progress
 from boft_diffusion.outputs.write import TEXT_ENCODER_FOLDER
 from conftest import encode, randomize_adapter
 

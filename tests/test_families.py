@@ -18,7 +18,7 @@ from boft_diffusion.families import (
     registered_families,
 )
 from boft_diffusion.families import base as family_base
-from boft_diffusion.models.pipelines import load_pipeline
+from boft_diffusion.families.loading import load_pipeline
 
 
 class StubTextFamily(ModelFamily):

@@ -21,7 +21,7 @@ from boft_diffusion.core.identifier import (
     initializer_vectors,
     remove_identifier_embeddings,
 )
-from boft_diffusion.models.pipelines import quiet_progress
+from boft_diffusion.families.loading import quiet_progress
 from conftest import encode
 
 

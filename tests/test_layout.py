@@ -8,8 +8,8 @@ from pathlib import Path
 PACKAGE = Path(__file__).resolve().parent.parent / "boft_diffusion"
 #: Folder -> level. A module may import its own folder and folders of a lower level only; folders
 #: of one level (training and outputs; recipes, evaluation and app) never import each other.
-LEVELS = {"core": 0, "tiny": 0, "models": 1, "families": 2, "outputs": 3, "training": 3, "recipes": 4, "evaluation": 4,
-          "app": 4}
+LEVELS = {"core": 0, "tiny": 0, "families": 1, "kinds": 1, "exports": 1, "control": 2, "outputs": 3, "training": 3,
+          "recipes": 4, "evaluation": 4, "app": 4}
 
 
 def package_imports() -> dict[str, set[str]]:

@@ -5,8 +5,8 @@ import numpy as np
 import pytest
 import torch
 
-from boft_diffusion.models.bundled import EMBEDDED_MODEL_DIR
-from boft_diffusion.models.pipelines import ModelLoadError, load_pipeline, quiet_progress
+from boft_diffusion.families.loading import ModelLoadError, load_pipeline, quiet_progress
+from boft_diffusion.tiny.bundled import EMBEDDED_MODEL_DIR
 
 
 def _pretrain_module():
@@ -136,7 +136,7 @@ def test_tiny_samples_a_64x64_image_of_the_caption():
 
 @pytest.mark.slow
 def test_tiny_prompt_fidelity_on_held_out():
-    from boft_diffusion.models.pipelines import tiny_defaults
+    from boft_diffusion.families.loading import tiny_defaults
     from boft_diffusion.tiny import world as W
     from boft_diffusion.tiny.evaluate import evaluate_prompt_fidelity
 
@@ -157,7 +157,7 @@ def test_tiny_prompt_fidelity_on_held_out():
 @pytest.mark.slow
 def test_tiny_follows_the_prompt_forms_dreambooth_writes():
     """A word in the identifier slot, trained or never seen, and the bare class prompts."""
-    from boft_diffusion.models.pipelines import tiny_defaults
+    from boft_diffusion.families.loading import tiny_defaults
     from boft_diffusion.tiny import metrics as M
     from boft_diffusion.tiny import world as W
     from boft_diffusion.tiny.evaluate import generate

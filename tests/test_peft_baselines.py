@@ -8,7 +8,7 @@ from safetensors.torch import load_file
 
 import boft_diffusion as bd
 import train_dreambooth
-from boft_diffusion.models.peft_baselines import (
+from boft_diffusion.kinds.peft_baselines import (
     apply_lora,
     apply_oft,
     load_peft_adapter,

@@ -15,7 +15,7 @@ import boft_diffusion as bd
 import train_dreambooth
 from boft_diffusion.app.studio import GenerationRequest, Limits, Studio
 from boft_diffusion.families import StableDiffusionXL
-from boft_diffusion.models.pipelines import is_sdxl, quiet_progress
+from boft_diffusion.families.loading import is_sdxl, quiet_progress
 from boft_diffusion.outputs.read import load_outputs
 from boft_diffusion.training.sampling import vae_decodes_in_own_dtype
 from conftest import kill_at_checkpoint_and_resume, make_tiny_sdxl
@@ -314,7 +314,7 @@ def test_a_cached_hub_id_of_an_sdxl_model_loads_as_sdxl(sdxl, tmp_path, monkeypa
 def test_single_file_checkpoints_are_told_apart_by_the_second_text_encoder(tmp_path):
     from safetensors.torch import save_file
 
-    from boft_diffusion.models.pipelines import _file_is_sdxl
+    from boft_diffusion.families.loading import _file_is_sdxl
 
     save_file({"conditioner.embedders.1.model.ln_final.weight": torch.ones(2)}, tmp_path / "xl.safetensors")
     save_file({"cond_stage_model.transformer.text_model.final_layer_norm.weight": torch.ones(2)},

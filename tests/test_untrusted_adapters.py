@@ -16,10 +16,10 @@ import app
 import boft_diffusion as bd
 from boft_diffusion.app.studio import NO_ADAPTER, GenerationRequest, Limits, Studio, StudioError
 from boft_diffusion.app.uploads import UPLOADS_FOLDER, folder_bytes
+from boft_diffusion.control.networks import CONTROLNET, ENCODER_CONFIG, LIGHT, controlnet_from_unet, encoder_for_unet
 from boft_diffusion.core.adapters import boft_layers
 from boft_diffusion.core.files import CONFIG_NAME, WEIGHTS_NAME, read_adapter_config
-from boft_diffusion.models.control import CONTROLNET, ENCODER_CONFIG, LIGHT, controlnet_from_unet, encoder_for_unet
-from boft_diffusion.models.pipelines import quiet_progress
+from boft_diffusion.families.loading import quiet_progress
 from boft_diffusion.outputs.read import load_outputs
 from boft_diffusion.outputs.write import CONTROL_INFO, save_control
 from conftest import make_tiny_unet, randomize_adapter, run_unet, unet_inputs

@@ -25,7 +25,7 @@ from PIL import Image, PngImagePlugin
 from ..core.adapters import adapter_configs, delete_adapter, disable_adapters, enable_adapters
 from ..core.files import CONFIG_NAME, WEIGHTS_NAME, adapter_name_from, count_file_parameters, read_adapter_config
 from ..core.identifier import remove_identifier_embeddings
-from ..models.pipelines import load_pipeline, quiet_progress
+from ..families.loading import load_pipeline, quiet_progress
 from ..outputs.read import TrainedAdapter, load_outputs, read_control_info, text_encoders
 from ..outputs.write import CONTROL_INFO, CONTROLNET_FOLDER, TEXT_ENCODER_2_FOLDER, TEXT_ENCODER_FOLDER
 from .errors import StudioError

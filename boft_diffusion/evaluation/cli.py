@@ -18,11 +18,11 @@ import numpy as np
 import torch
 
 from ..core.files import atomic_write_text, read_adapter_config
-from ..models.bundled import example_subject_dir
-from ..models.images import open_image
-from ..models.pipelines import TINY_ALIASES, default_guidance, load_pipeline, quiet_progress
+from ..core.images import open_image
+from ..families.loading import TINY_ALIASES, default_guidance, load_pipeline, quiet_progress
 from ..outputs.read import load_outputs, read_control_info
 from ..tiny import world
+from ..tiny.bundled import example_subject_dir
 from ..training.cli import HelpFormatter
 from ..training.data import load_images
 from .image_metrics import clip_scores, dino_score, edge_agreement

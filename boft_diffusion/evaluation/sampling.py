@@ -8,7 +8,7 @@ from collections.abc import Callable, Sequence
 import torch
 from PIL import Image
 
-from ..models.pipelines import guidance_kwargs
+from ..families.loading import guidance_kwargs
 from ..outputs.read import TrainedAdapter
 from ..tiny.evaluate import generate
 

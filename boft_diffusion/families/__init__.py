@@ -10,8 +10,11 @@ no recipe changes.
 from __future__ import annotations
 
 from .base import EncodedPrompts, ModelFamily, TextEncoder, family_of, register_family, registered_families
+from .quiet import quiet_library_messages
 from .sd import StableDiffusion
 from .sdxl import StableDiffusionXL
+
+quiet_library_messages()
 
 register_family(StableDiffusionXL())
 register_family(StableDiffusion())

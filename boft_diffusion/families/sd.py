@@ -6,8 +6,8 @@ from typing import Any
 
 import torch
 
-from ..models.pipelines import is_sdxl
 from .base import EncodedPrompts, ModelFamily, TextEncoder
+from .loading import is_sdxl
 
 
 def token_ids(tokenizer: Any, prompts: list[str], device: torch.device) -> torch.Tensor:

@@ -7,8 +7,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..models.pipelines import is_sdxl
 from .base import EncodedPrompts, ModelFamily, TextEncoder
+from .loading import is_sdxl
 from .sd import token_ids
 
 

@@ -19,6 +19,15 @@ from PIL import Image
 from safetensors.torch import load_file
 from torch import nn
 
+from ..control.networks import (
+    CONTROLNET,
+    LIGHT,
+    Control,
+    ControlEncoder,
+    check_controlnet_config,
+    check_finite,
+    controlnet_from_unet,
+)
 from ..core.adapters import (
     adapter_configs,
     disable_adapters,
@@ -34,16 +43,7 @@ from ..core.files import (
     read_json_object,
 )
 from ..core.identifier import remove_identifier_embeddings
-from ..models.control import (
-    CONTROLNET,
-    LIGHT,
-    Control,
-    ControlEncoder,
-    check_controlnet_config,
-    check_finite,
-    controlnet_from_unet,
-)
-from ..models.pipelines import is_sdxl
+from ..families.loading import is_sdxl
 from .write import (
     CONTROL_INFO,
     CONTROLNET_CONFIG,

@@ -19,9 +19,9 @@ from typing import Any
 from safetensors.torch import save_file
 from torch import nn
 
+from ..control.networks import ControlEncoder, controlnet_trainable_parameters
 from ..core.config import BOFTConfig
 from ..core.files import atomic_write, atomic_write_text, save_adapter, save_identifier_embeddings
-from ..models.control import ControlEncoder, controlnet_trainable_parameters
 
 TEXT_ENCODER_FOLDER = "text_encoder"
 TEXT_ENCODER_2_FOLDER = "text_encoder_2"

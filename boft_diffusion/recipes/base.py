@@ -21,8 +21,8 @@ from torch import nn
 from ..core.adapters import count_trainable_parameters
 from ..families import EncodedPrompts, ModelFamily, family_of
 from ..families.denoising import NoisedBatch
-from ..models.adapter_kinds import AdapterSpec, adapter_kind
-from ..models.pipelines import guidance_kwargs, load_pipeline, quiet_progress
+from ..families.loading import guidance_kwargs, load_pipeline, quiet_progress
+from ..kinds.registry import AdapterSpec, adapter_kind
 from ..outputs.write import save_latest_validation, write_model_card
 from ..training.cli import check_resolution
 from ..training.config import RunConfig

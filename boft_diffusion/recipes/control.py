@@ -13,10 +13,7 @@ from typing import Any
 import torch
 from PIL import Image
 
-from ..families import EncodedPrompts
-from ..models.adapter_kinds import set_adapters_enabled
-from ..models.bundled import EXAMPLE_CONTROL_DATA, control_validation_pairs
-from ..models.control import (
+from ..control.networks import (
     CONTROLNET,
     LIGHT,
     Control,
@@ -25,9 +22,12 @@ from ..models.control import (
     encoder_for_unet,
     light_control,
 )
-from ..models.images import open_image
-from ..models.pipelines import guidance_kwargs
+from ..core.images import open_image
+from ..families import EncodedPrompts
+from ..families.loading import guidance_kwargs
+from ..kinds.registry import set_adapters_enabled
 from ..outputs.write import boft_summary, peft_interop_note, save_control
+from ..tiny.bundled import EXAMPLE_CONTROL_DATA, control_validation_pairs
 from ..training.cli import add_flag, parse_recipe_flags, recipe_parser, run_config
 from ..training.config import RunConfig, config_from_flags
 from ..training.control_data import ControlDataConfig, ControlExample, load_control_examples

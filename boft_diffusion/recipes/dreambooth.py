@@ -20,13 +20,13 @@ from PIL import Image
 
 from ..core.files import EMBEDDINGS_NAME, atomic_write, write_text
 from ..core.identifier import IdentifierEmbedding, add_identifier_embeddings, identifier_words, initializer_vectors
+from ..exports.writers import export_merged_pipeline
 from ..families import EncodedPrompts, ModelFamily
 from ..families.denoising import NoisedBatch
-from ..models.adapter_kinds import ADAPTER_KINDS, adapter_kind, set_adapters_enabled
-from ..models.bundled import DEFAULT_INSTANCE_PROMPT, example_subject_dir
-from ..models.export import export_merged_pipeline
-from ..models.pipelines import guidance_kwargs
+from ..families.loading import guidance_kwargs
+from ..kinds.registry import ADAPTER_KINDS, adapter_kind, set_adapters_enabled
 from ..outputs.write import boft_summary, peft_interop_note, save_dreambooth
+from ..tiny.bundled import DEFAULT_INSTANCE_PROMPT, example_subject_dir
 from ..training.cli import add_flag, parse_recipe_flags, recipe_parser, run_config
 from ..training.config import RunConfig, config_from_flags
 from ..training.data import augment_batch, bucket_sizes, caption_path, list_images, read_captions
@@ -545,7 +545,7 @@ class DreamBooth(DiffusionRecipe):
         output_dir, prompt = self.run.trainer.output_dir, config.subject.instance_prompt
         boft = self.run.adapter.boft()
         load_line = (f'load_outputs(pipe, "{output_dir}")' if kind == "boft" else
-                     'from boft_diffusion.models.peft_baselines import load_peft_adapter\n'
+                     'from boft_diffusion.kinds.peft_baselines import load_peft_adapter\n'
                      f'load_outputs(pipe, "{output_dir}", load=load_peft_adapter)')
         identifier = (f"\nThe identifier's learned token embedding is in `{EMBEDDINGS_NAME}` (`{{word: vector}}`); "
                       "`load_outputs` installs it.\n" if config.text.train_identifier_embedding else "")

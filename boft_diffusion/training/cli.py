@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from ..core.config import DEFAULT_TARGET_MODULES, MAX_NEUMANN_TERMS
-from ..models.pipelines import default_guidance
+from ..families.loading import default_guidance
 from .config import RunConfig, TrainerConfig, config_from_flags
 from .trainer import TrainingError
 

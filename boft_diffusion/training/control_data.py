@@ -13,7 +13,7 @@ from typing import Any
 import torch
 from PIL import Image, UnidentifiedImageError
 
-from ..models.images import image_to_tensor, open_image, to_rgb
+from ..core.images import image_to_tensor, open_image, to_rgb
 from .data import DataError, center_crop, center_offset, resize_shorter_side
 
 logger = logging.getLogger("boft_diffusion")

@@ -14,7 +14,7 @@ import numpy as np
 import torch
 from PIL import Image, UnidentifiedImageError
 
-from ..models.images import open_image, to_rgb
+from ..core.images import open_image, to_rgb
 
 logger = logging.getLogger("boft_diffusion")
 

@@ -10,8 +10,8 @@ from pathlib import Path
 
 import torch
 
+from ..core.images import image_to_tensor
 from ..families.denoising import posterior
-from ..models.images import image_to_tensor
 from .data import (
     center_crop_tensor,
     center_offset,

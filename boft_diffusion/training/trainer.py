@@ -35,7 +35,7 @@ from tqdm.auto import tqdm
 from ..core import __version__
 from ..core.adapters import compile_adapted
 from ..core.files import WriteError, atomic_write, atomic_write_text, remove_stale_temporaries
-from ..models.images import image_grid
+from ..core.images import image_grid
 from .checkpoints import STATE_JSON, list_checkpoints, load_checkpoint, resolve_checkpoint, save_checkpoint
 from .config import TrainerConfig
 

@@ -23,7 +23,7 @@ from ..core.adapters import (
 )
 from ..core.files import atomic_folder, atomic_write
 from ..core.identifier import identifier_embedding
-from .export_formats import (
+from .layouts import (
     KOHYA_PREFIXES,
     Delta,
     LoraReport,

@@ -31,8 +31,8 @@ from torch import nn
 
 from ..core.adapters import adapter_configs, base_state_dict
 from ..core.files import atomic_write, read_json_object
-from .images import image_to_tensor, to_rgb
-from .pipelines import quiet_progress
+from ..core.images import image_to_tensor, to_rgb
+from ..families.loading import quiet_progress
 
 ENCODER_CONFIG = "control_encoder_config.json"
 ENCODER_FIELDS = ("out_channels", "downscale", "hidden", "in_channels")

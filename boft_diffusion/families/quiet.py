@@ -1,5 +1,5 @@
 """Library messages that are not ours and that a user cannot act on, dropped where we import the
-libraries (``models/`` wraps diffusers and transformers; importing it installs the filters)."""
+libraries (``families/`` loads diffusers pipelines; importing it installs the filters)."""
 
 from __future__ import annotations
 

@@ -10,7 +10,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-from .bundled import EMBEDDED_MODEL_DIR
+from ..tiny.bundled import EMBEDDED_MODEL_DIR
 
 #: Names accepted for the embedded model.
 TINY_ALIASES = ("tiny", "embedded", "tiny-sd")
