@@ -245,8 +245,8 @@ def run_config(parser: argparse.ArgumentParser, args: argparse.Namespace) -> Run
 
 class HelpFormatter(argparse.RawDescriptionHelpFormatter):
     """``--help`` that shows each flag's default, also for flags without help text, and keeps the
-    description's examples as written. Defaults of None and on/off switches are left out: their
-    help says what happens without them."""
+    description's examples as written. Defaults of None, empty lists and on/off switches are left
+    out: their help says what happens without them."""
 
     def _format_action(self, action: argparse.Action) -> str:
         default = self._default_text(action)
@@ -257,7 +257,7 @@ class HelpFormatter(argparse.RawDescriptionHelpFormatter):
 
     @staticmethod
     def _default_text(action: argparse.Action) -> str:
-        if not action.option_strings or action.nargs == 0 or action.default in (None, argparse.SUPPRESS):
+        if not action.option_strings or action.nargs == 0 or action.default in (None, argparse.SUPPRESS, []):
             return ""
         if action.help and "%(default)" in action.help:
             return ""
