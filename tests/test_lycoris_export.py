@@ -5,6 +5,7 @@ included; and such files, ours or LyCORIS's own, load back into our pipelines.""
 
 import pytest
 import torch
+from foreign_loaders import a1111_patch, comfyui_patch
 from lycoris.wrapper import LycorisNetwork, create_lycoris_from_weights
 from safetensors.torch import load_file, save_file
 
@@ -14,7 +15,6 @@ from boft_diffusion.core.lycoris import COMPONENT_PREFIXES, lycoris_modules, mod
 from boft_diffusion.export import export_adapter
 from boft_diffusion.outputs.read import load_outputs
 from conftest import make_tiny_sdxl, randomize_adapter
-from foreign_loaders import a1111_patch, comfyui_patch
 
 UNET_TARGETS = ["to_q", "to_k", "to_v", "to_out.0", "conv1", "conv2"]
 TEXT_TARGETS = ["q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2"]
