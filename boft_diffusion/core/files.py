@@ -45,11 +45,10 @@ from .layers import (
     check_adapter_name,
     rotated_dim,
 )
-from .lycoris import PREFIXES, peft_layout
+from .lycoris import PEFT_PREFIX, PREFIXES, peft_layout
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
-PEFT_PREFIX = "base_model.model."
 #: The learned identifier vectors, one per word (``{"sks": tensor[hidden_size]}``): the file name
 #: diffusers gives textual-inversion embeddings.
 EMBEDDINGS_NAME = "learned_embeds.safetensors"

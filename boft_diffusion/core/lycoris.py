@@ -113,6 +113,7 @@ PREFIXES = ("lora_unet", "lora_te", "lora_te1", "lora_te2", "lycoris")
 #: The prefixes that name each component of a pipeline.
 COMPONENT_PREFIXES = {"unet": ("lora_unet", "lycoris"), "text_encoder": ("lora_te", "lora_te1"),
                       "text_encoder_2": ("lora_te2",)}
+#: What PEFT puts before a module path in an adapter file's keys.
 PEFT_PREFIX = "base_model.model."
 
 
