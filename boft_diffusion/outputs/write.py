@@ -86,7 +86,10 @@ def peft_interop_note(boft: BOFTConfig) -> str:
                 "read: `python -m boft_diffusion.export <folder> --format lycoris --output boft.safetensors` writes "
                 "a small exact file that ComfyUI and A1111 load natively"
                 + (", and LyCORIS itself (full-butterfly geometry)." if boft.full_butterfly else
-                   "; LyCORIS itself needs the full-butterfly geometry (`--boft_full_butterfly`)."))
+                   "; LyCORIS itself needs the full-butterfly geometry (`--boft_full_butterfly`).")
+                + " At strength 1 every tool gives this adapter exactly; at another strength w, ComfyUI blends each "
+                  "butterfly factor with the identity and scales the change by w again (w counts twice), A1111 "
+                  "scales the weight change by w, and LyCORIS blends the factors only.")
     n_butterfly_factor = boft.n_butterfly_factor
     measured = ("PEFT runs m > 1 only through its CUDA extension; without it (on CPU, and where the extension "
                 "fails to compile, as measured on an H200 with PEFT 0.21.2) PEFT builds m = 1 layers and refuses "
