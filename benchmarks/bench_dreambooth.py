@@ -50,10 +50,12 @@ from boft_diffusion.training.data import load_images
 from boft_diffusion.training.trainer import FLAGS_JSON, flags_as_json
 
 #: train_dreambooth.py flags of each method; LoRA r=6 and OFT b=16 match BOFT m=2's budget. m = 4
-#: needs block size 4 on the tiny UNet's 32-wide layers (8 * 2**3 > 32).
+#: needs block size 4 on the tiny UNet's 32-wide layers (8 * 2**3 > 32). boft-m2-output is the
+#: recipe with the rotation on each weight's output side (LyCORIS's convention).
 METHODS = {
     "boft-m1": ["--adapter_type", "boft", "--boft_n_butterfly_factor", "1"],
     "boft-m2": ["--adapter_type", "boft", "--boft_n_butterfly_factor", "2"],
+    "boft-m2-output": ["--adapter_type", "boft", "--boft_n_butterfly_factor", "2", "--boft_side", "output"],
     "boft-m4": ["--adapter_type", "boft", "--boft_n_butterfly_factor", "4", "--boft_block_size", "4"],
     "lora": ["--adapter_type", "lora", "--lora_rank", "6"],
     "oft": ["--adapter_type", "oft", "--oft_block_size", "16"],

@@ -1,7 +1,10 @@
-"""``python -m boft_diffusion.export ADAPTER_DIR --format {diff,lora,peft-lora,merged}
-[--rank R | --energy 0.99] --output PATH``: an adapter for tools that do not read BOFT.
+"""``python -m boft_diffusion.export ADAPTER_DIR --format {lycoris,diff,lora,peft-lora,merged}
+[--rank R | --energy 0.99] --output PATH``: an adapter for tools that do not read our folders.
 
-- ``diff``: the exact weight difference ``diag(s) W R^T - W`` per adapted module (LyCORIS "full").
+- ``lycoris``: LyCORIS BOFT (``oft_blocks``, ``rescale``, ``alpha``), small and exact, for adapters
+  trained with ``--boft_side output``; ComfyUI and A1111 read it natively, LyCORIS itself when the
+  adapter has the full-butterfly geometry (``--boft_full_butterfly``).
+- ``diff``: the exact weight difference ``W' - W`` per adapted module (LyCORIS "full").
 - ``lora``: that difference by truncated SVD, as a kohya LoRA; prints how much of it is lost.
 - ``peft-lora``: the same LoRA in diffusers/PEFT naming, for ``pipe.load_lora_weights(folder)``.
 - ``merged``: a diffusers folder with the adapter folded in.
@@ -22,7 +25,7 @@ from pathlib import Path
 
 import torch
 
-from .exports.layouts import KOHYA_PREFIXES, LoraReport, format_report
+from .exports.layouts import KOHYA_PREFIXES, KOHYA_PREFIXES_SDXL, LoraReport, format_report
 from .exports.writers import (
     AdaptedPipeline,
     check_rank_choice,
@@ -30,6 +33,7 @@ from .exports.writers import (
     export_diff,
     export_identifiers,
     export_lora,
+    export_lycoris,
     export_merged_pipeline,
     identifier_vectors,
     lora_factors,
@@ -39,7 +43,7 @@ from .exports.writers import (
 from .families.loading import is_sdxl, load_pipeline
 from .outputs.read import load_outputs
 
-FORMATS = ("diff", "lora", "peft-lora", "merged")
+FORMATS = ("lycoris", "diff", "lora", "peft-lora", "merged")
 
 
 def _base_model_of(folder: Path) -> str:
@@ -54,14 +58,15 @@ def load_for_export(adapter_dir: str | os.PathLike, base_model: str | None = Non
     if not (folder / "adapter_config.json").is_file():
         raise FileNotFoundError(f"{folder} is not an adapter folder: adapter_config.json not found.")
     pipe = load_pipeline(base_model or _base_model_of(folder), dtype=torch.float32, device="cpu")
+    prefixes = KOHYA_PREFIXES_SDXL if is_sdxl(pipe) else KOHYA_PREFIXES
     base_biases = {name: {key: value.clone() for key, value in getattr(pipe, name).state_dict().items()
-                          if key.endswith(".bias")} for name in KOHYA_PREFIXES}
+                          if key.endswith(".bias")} for name in prefixes}
     try:
         models = load_outputs(pipe, folder).models
     except ValueError as error:
         raise ValueError(f"{folder}: {error}") from error
-    components = {name: getattr(pipe, name) for name in KOHYA_PREFIXES if getattr(pipe, name) in models}
-    return AdaptedPipeline(pipe, components, base_biases)
+    components = {name: getattr(pipe, name) for name in prefixes if getattr(pipe, name) in models}
+    return AdaptedPipeline(pipe, components, base_biases, dict(prefixes))
 
 
 @dataclass
@@ -77,14 +82,14 @@ def _check_request(adapter_dir: Path, fmt: str, output: Path, rank: int | None, 
     if not adapter_dir.is_dir():
         raise FileNotFoundError(f"adapter folder {adapter_dir} does not exist.")
     check_rank_choice(rank, energy)
-    if fmt in ("diff", "merged") and (rank is not None or energy is not None):
+    if fmt in ("lycoris", "diff", "merged") and (rank is not None or energy is not None):
         raise ValueError(f"--rank and --energy apply to the LoRA formats only, not to {fmt!r}.")
     if fmt == "peft-lora" and output.suffix == ".safetensors":
         raise ValueError(f"{output}: a peft-lora export is a folder (diffusers loads it with load_lora_weights(folder)).")
     if fmt == "merged" and output.suffix in (".safetensors", ".ckpt"):
         raise ValueError(f"{output}: diffusers cannot write a single-file Stable Diffusion checkpoint; give a "
                          "folder, or export --format diff / lora and apply it to the base checkpoint in your UI.")
-    if fmt in ("diff", "lora") and output.suffix != ".safetensors":
+    if fmt in ("lycoris", "diff", "lora") and output.suffix != ".safetensors":
         raise ValueError(f"{output}: a {fmt} export is one file; name it *.safetensors.")
 
 
@@ -100,6 +105,8 @@ def export_adapter(adapter_dir: str | os.PathLike, fmt: str, output: str | os.Pa
     adapted = load_for_export(adapter_dir, base_model)
     if fmt == "merged":
         return ExportResult([export_merged_pipeline(adapted.pipe, output)])
+    if fmt == "lycoris":
+        return ExportResult([export_lycoris(adapted, output), *export_identifiers(adapted, output.parent)])
     if is_sdxl(adapted.pipe):
         raise ValueError(f"{adapter_dir} is an SDXL adapter: only --format merged exports it so far (the diff and "
                          "LoRA formats write SD 1.x / 2.x key layouts, which have no second text encoder).")
@@ -126,7 +133,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("adapter_dir", help="A train_dreambooth.py output folder (or any adapter folder).")
     parser.add_argument("--format", required=True, choices=FORMATS)
     parser.add_argument("--output", required=True,
-                        help="A .safetensors file for diff and lora, a folder for peft-lora and merged.")
+                        help="A .safetensors file for lycoris, diff and lora, a folder for peft-lora and merged.")
     choice = parser.add_mutually_exclusive_group()
     choice.add_argument("--rank", type=int, help="LoRA rank of every module (capped at its full rank).")
     choice.add_argument("--energy", type=float,

@@ -8,15 +8,9 @@ import boft_diffusion as bd
 from boft_diffusion.core.adapters import base_state_dict, boft_layers, merged_state_dict
 from boft_diffusion.core.files import save_identifier_embeddings
 from boft_diffusion.core.identifier import add_identifier_embeddings
+from boft_diffusion.core.lycoris import checkpoint_prefix, kohya_names, module_names_by_kohya
 from boft_diffusion.export import export_adapter, load_for_export, main
-from boft_diffusion.exports.layouts import (
-    KOHYA_PREFIXES,
-    checkpoint_prefix,
-    choose_rank,
-    kohya_names,
-    low_rank,
-    module_names_by_kohya,
-)
+from boft_diffusion.exports.layouts import KOHYA_PREFIXES, choose_rank, low_rank
 from boft_diffusion.exports.writers import PEFT_LORA_WEIGHTS
 from boft_diffusion.families.loading import quiet_progress
 from boft_diffusion.outputs.write import TEXT_ENCODER_FOLDER

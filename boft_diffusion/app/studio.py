@@ -23,7 +23,14 @@ import torch
 from PIL import Image, PngImagePlugin
 
 from ..core.adapters import adapter_configs, delete_adapter, disable_adapters, enable_adapters
-from ..core.files import CONFIG_NAME, WEIGHTS_NAME, adapter_name_from, count_file_parameters, read_adapter_config
+from ..core.files import (
+    CONFIG_NAME,
+    WEIGHTS_NAME,
+    adapter_name_from,
+    count_file_parameters,
+    is_lycoris_file,
+    read_adapter_config,
+)
 from ..core.identifier import remove_identifier_embeddings
 from ..families.loading import load_pipeline, quiet_progress
 from ..outputs.read import TrainedAdapter, load_outputs, read_control_info, text_encoders
@@ -155,7 +162,8 @@ class Studio:
 
     # adapters ----------------------------------------------------------------------------------------
     def list_adapters(self) -> list[str]:
-        """Adapter folders under adapters_dir (a config or control file), as relative names."""
+        """Adapter folders under adapters_dir (a config or control file) and LyCORIS BOFT files
+        (``--format lycoris`` exports, SimpleTuner's), as relative names."""
         if not self.adapters_dir.is_dir():
             return [NO_ADAPTER]
         found = set()
@@ -169,6 +177,12 @@ class Studio:
                 if folder.name in (TEXT_ENCODER_FOLDER, TEXT_ENCODER_2_FOLDER) and (folder.parent / CONFIG_NAME).exists():
                     continue
                 found.add(str(folder.relative_to(self.adapters_dir)) if folder != self.adapters_dir else ".")
+        for path in self.adapters_dir.rglob("*.safetensors"):
+            relative = path.relative_to(self.adapters_dir)
+            if any(part.startswith((".", "checkpoint-")) for part in relative.parts) or \
+                    (path.parent / CONFIG_NAME).exists() or not is_lycoris_file(path):
+                continue
+            found.add(str(relative))
         return [NO_ADAPTER, *sorted(found)]
 
     def resolve(self, name: str) -> Path:
@@ -176,7 +190,7 @@ class Studio:
         path = (self.adapters_dir / name).resolve()
         if path != self.adapters_dir and self.adapters_dir not in path.parents:
             raise StudioError(f"adapter {name!r} is outside the adapters folder.")
-        if not path.is_dir():
+        if not (path.is_dir() or (path.suffix == ".safetensors" and is_lycoris_file(path))):
             raise StudioError(f"adapter {name!r} not found in the adapters folder.")
         return path
 
@@ -190,6 +204,8 @@ class Studio:
         if not name or name == NO_ADAPTER:
             return {"adapter": None, "base_model": self.model_name}
         folder = self.resolve(name)
+        if folder.is_file():
+            return {"adapter": name, "control": None, "base_model": self.model_name, "format": "lycoris"}
         control = read_control_info(folder)
         config_folder = folder if (folder / CONFIG_NAME).is_file() else folder / CONTROLNET_FOLDER
         info: dict[str, Any] = {"adapter": name, "control": control["mode"] if control else None}

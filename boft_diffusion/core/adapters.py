@@ -14,7 +14,7 @@ from typing import Any, get_args
 import torch
 from torch import nn
 
-from .butterfly import BlockGeometry, resolve_geometry
+from .butterfly import BlockGeometry, full_butterfly_geometry, resolve_geometry
 from .config import BOFTConfig
 from .identifier import IdentifierEmbedding
 from .layers import (
@@ -132,16 +132,20 @@ def apply_boft(model: nn.Module, config: BOFTConfig, adapter_name: str = "defaul
     if adapter_name in configs:
         raise ValueError(f"adapter {adapter_name!r} already exists; delete_adapter it or choose another name.")
     targets = _find_targets(model, config)
-    geometries = {
-        name: resolve_geometry(
-            rotated_dim(module), config.block_size, config.block_num, config.n_butterfly_factor, name
-        )
-        for name, module in targets
-    }
+    geometries = {name: _geometry(module, config, name) for name, module in targets}
     add_adapter_layers(model, adapter_name, config, geometries)
     configs[adapter_name] = config
     set_adapter(model, adapter_name)
     return model
+
+
+def _geometry(module: nn.Module, config: BOFTConfig, name: str) -> BlockGeometry:
+    dim = rotated_dim(module, config.side)
+    if config.full_butterfly:
+        if not config.block_size:
+            raise ValueError("full_butterfly derives each layer's block number: give a block_size, not a block_num.")
+        return full_butterfly_geometry(dim, config.block_size, name)
+    return resolve_geometry(dim, config.block_size, config.block_num, config.n_butterfly_factor, name)
 
 
 def add_adapter_layers(
@@ -149,7 +153,8 @@ def add_adapter_layers(
 ) -> None:
     for name, geometry in geometries.items():
         layer = _wrap(model, name)
-        layer.add_adapter(adapter_name, geometry, config.dropout, config.cayley_neumann_terms, config.scale)
+        layer.add_adapter(adapter_name, geometry, config.dropout, config.cayley_neumann_terms, config.scale,
+                          config.side)
     install_rotation_bank(model)
 
 

@@ -25,6 +25,7 @@ import torch
 __all__ = [
     "BlockGeometry",
     "resolve_geometry",
+    "full_butterfly_geometry",
     "valid_block_sizes",
     "max_butterfly_factors",
     "butterfly_permutation",
@@ -114,6 +115,28 @@ def resolve_geometry(
             f"block_size * 2**(m-1)); {factor_hint}; valid block sizes for m={n_factors}: {sizes}."
         )
     return BlockGeometry(block_size, dim // block_size, n_factors)
+
+
+def full_butterfly_block_sizes(dim: int) -> list[int]:
+    """Even block sizes that cut ``dim`` into a power-of-two number of blocks."""
+    return [b for b in range(2, dim + 1, 2) if dim % b == 0 and (dim // b).bit_count() == 1]
+
+
+def full_butterfly_geometry(dim: int, block_size: int, module_name: str = "module") -> BlockGeometry:
+    """LyCORIS's BOFT geometry for ``dim`` features and a block size of at most ``block_size``: the
+    largest even block size ``b`` that cuts ``dim`` into a power-of-two number ``N`` of blocks, at
+    the full depth ``m = log2(N) + 1`` (a dense rotation). LyCORIS derives this geometry from the
+    layer and refuses a file of any other shape, so only such adapters load there."""
+    sizes = [b for b in full_butterfly_block_sizes(dim) if b <= block_size]
+    if not sizes:
+        raise ValueError(
+            f"{module_name}: no full butterfly of block size at most {block_size} fits its dimension {dim} (it needs "
+            f"an even block size that cuts {dim} into a power-of-two number of blocks; LyCORIS says 'impossible to "
+            f"decompose'); block sizes that do: {full_butterfly_block_sizes(dim)}. Without the full butterfly, "
+            "ComfyUI and A1111 still read any even block size at any depth."
+        )
+    block_num = dim // sizes[-1]
+    return BlockGeometry(sizes[-1], block_num, block_num.bit_length())
 
 
 def butterfly_permutation(dim: int, block_size: int, factor: int) -> torch.Tensor:

@@ -30,6 +30,11 @@ class BOFTConfig:
     block is replaced by the identity in a training step. ``scale`` adds a learned per-output
     magnitude. ``bias`` picks which biases train: "none", "boft_only" (adapted layers) or "all".
     ``cayley_neumann_terms > 0`` swaps the exact Cayley solve for a truncated series.
+    ``side`` is the side of each weight the rotation acts on: "input" (``W R^T``, PEFT's
+    convention) or "output" (``R W``, LyCORIS's, which ComfyUI and A1111 read natively).
+    ``full_butterfly`` gives each layer LyCORIS's geometry instead (see ``full_butterfly_geometry``):
+    the largest even block size up to ``block_size`` with a power-of-two block count, at full depth,
+    so that LyCORIS itself loads the exported file; ``n_butterfly_factor`` is then ignored.
     """
 
     block_size: int | None = None
@@ -41,6 +46,8 @@ class BOFTConfig:
     bias: str = "none"
     cayley_neumann_terms: int = 0
     base_model_name_or_path: str | None = None
+    side: str = "input"
+    full_butterfly: bool = False
     metadata: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -55,6 +62,8 @@ class BOFTConfig:
             raise ValueError(f"n_butterfly_factor must be >= 1, got {self.n_butterfly_factor}.")
         if not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"dropout must be in [0, 1), got {self.dropout}.")
+        if self.side not in ("input", "output"):
+            raise ValueError(f"side must be 'input' or 'output', got {self.side!r}.")
         if self.bias not in BIAS_MODES:
             raise ValueError(f"bias must be one of {BIAS_MODES}, got {self.bias!r}.")
         if not 0 <= self.cayley_neumann_terms <= MAX_NEUMANN_TERMS:
@@ -73,6 +82,8 @@ class BOFTConfig:
             "library_version": __version__,
             "scale": self.scale,
             "cayley_neumann_terms": self.cayley_neumann_terms,
+            "side": self.side,
+            "full_butterfly": self.full_butterfly,
         }
         return {
             "peft_type": "BOFT",
@@ -111,6 +122,9 @@ class BOFTConfig:
         neumann = _integer(ours, "cayley_neumann_terms", 0)
         ours.pop("cayley_neumann_terms", None)
         scale = _boolean(ours.pop("scale", True), "scale")
+        side = _text(ours, "side", "input")
+        ours.pop("side", None)
+        full_butterfly = _boolean(ours.pop("full_butterfly", False), "full_butterfly")
         targets = data.get("target_modules") or list(DEFAULT_TARGET_MODULES)
         if not (isinstance(targets, str) or (isinstance(targets, list) and all(isinstance(t, str) for t in targets))):
             raise ValueError("target_modules must be a string or a list of strings.")
@@ -124,6 +138,8 @@ class BOFTConfig:
             bias=_text(data, "bias", "none"),
             cayley_neumann_terms=neumann,
             base_model_name_or_path=data.get("base_model_name_or_path"),
+            side=side,
+            full_butterfly=full_butterfly,
             metadata=ours,
         )
 

@@ -15,7 +15,7 @@ import re
 import shutil
 import tempfile
 import warnings
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -45,10 +45,10 @@ from .layers import (
     check_adapter_name,
     rotated_dim,
 )
+from .lycoris import PEFT_PREFIX, PREFIXES, peft_layout
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
-PEFT_PREFIX = "base_model.model."
 #: The learned identifier vectors, one per word (``{"sks": tensor[hidden_size]}``): the file name
 #: diffusers gives textual-inversion embeddings.
 EMBEDDINGS_NAME = "learned_embeds.safetensors"
@@ -345,8 +345,9 @@ def _base_module(module: nn.Module) -> nn.Module:
     return module.base_layer if isinstance(module, BOFTLayer) else module
 
 
-def _check_boft_tensors(module_name: str, module: nn.Module | None, parts: dict[str, torch.Tensor]) -> BlockGeometry:
-    """The geometry the file's tensors give this module, checked against its shapes."""
+def _check_boft_tensors(module_name: str, module: nn.Module | None, parts: dict[str, torch.Tensor],
+                        side: str = "input") -> BlockGeometry:
+    """The geometry the file's tensors give this module on ``side``, checked against its shapes."""
     if module is None or wrapper_class(module) is None:
         raise ValueError(
             f"adapter module {module_name!r} does not exist in this model as a Linear or Conv2d; "
@@ -356,10 +357,10 @@ def _check_boft_tensors(module_name: str, module: nn.Module | None, parts: dict[
         raise ValueError(f"adapter file has no boft_R for module {module_name!r}.")
     base = _base_module(module)
     boft_r = parts["boft_R"]
-    dim, out = rotated_dim(base), base.weight.shape[0]
+    dim, out = rotated_dim(base, side), base.weight.shape[0]
     if boft_r.dim() != 4 or boft_r.shape[2] != boft_r.shape[3] or boft_r.shape[1] * boft_r.shape[2] != dim:
         raise ValueError(
-            f"{module_name}: adapter boft_R has shape {list(boft_r.shape)} but the module's rotated "
+            f"{module_name}: adapter boft_R has shape {list(boft_r.shape)} but the module's rotated ({side} side) "
             f"dimension is {dim} (expected [m, N, b, b] with N * b = {dim}); the adapter was made for another model."
         )
     m, _, b, _ = boft_r.shape
@@ -397,12 +398,13 @@ def load_adapter_state_dict(
         raise ValueError(f"adapter {adapter_name!r} already exists; delete_adapter it or choose another name.")
     adapter_file = _sort_tensors(tensors, config)
     modules = dict(model.named_modules())
-    geometries = {name: _check_boft_tensors(name, modules.get(name), parts) for name, parts in adapter_file.boft.items()}
+    geometries = {name: _check_boft_tensors(name, modules.get(name), parts, config.side)
+                  for name, parts in adapter_file.boft.items()}
     for name, bias in adapter_file.biases.items():
         _check_bias(name, modules.get(name), bias)
 
     depths = {g.n_factors for g in geometries.values()}
-    if depths != {config.n_butterfly_factor}:
+    if depths != {config.n_butterfly_factor} and not config.full_butterfly:
         warnings.warn(
             f"adapter config says n_butterfly_factor={config.n_butterfly_factor} but its tensors hold "
             f"{sorted(depths)} factors; using the tensors' depth.",
@@ -425,12 +427,16 @@ def adapter_name_from(text: str) -> str:
 
 
 def load_adapter(model: nn.Module, path: str | os.PathLike, adapter_name: str | None = None) -> str:
-    """Load an adapter folder saved by us or by PEFT's BOFT, make it active and return its name.
+    """Load an adapter folder saved by us or by PEFT's BOFT, or a LyCORIS BOFT ``.safetensors`` file
+    (``oft_blocks``, as SimpleTuner and LyCORIS train them, or our ``--format lycoris`` export: its
+    keys that name modules of ``model``), make it active and return its name.
 
     Reads JSON and safetensors only. A file for another model (missing module, wrong shape)
     raises ValueError naming the module and both shapes, and leaves the model unchanged.
     """
     folder = Path(path)
+    if folder.is_file() and folder.suffix == ".safetensors":
+        return load_lycoris_adapter(model, folder, adapter_name)
     if not folder.is_dir():
         raise FileNotFoundError(f"adapter folder {folder} does not exist.")
     config = read_adapter_config(folder)
@@ -440,6 +446,45 @@ def load_adapter(model: nn.Module, path: str | os.PathLike, adapter_name: str | 
     set_adapter(model, name)
     return name
 
+
+
+def is_lycoris_file(path: str | os.PathLike) -> bool:
+    """Whether ``path`` is a safetensors file with LyCORIS BOFT keys (reads its header only)."""
+    try:
+        with safe_open(str(path), framework="pt") as handle:
+            return any(key.endswith(".oft_blocks") for key in handle.keys())
+    except Exception:  # noqa: BLE001 - any unreadable file is simply not one
+        return False
+
+
+def read_lycoris_file(path: str | os.PathLike) -> dict[str, torch.Tensor]:
+    """The tensors of a LyCORIS BOFT safetensors file; any other file is an error naming it."""
+    path = Path(path)
+    try:
+        tensors = load_file(str(path))
+    except (SafetensorError, OSError, ValueError) as error:
+        raise ValueError(f"{path} is not a readable safetensors file: {error}") from error
+    if not any(key.endswith(".oft_blocks") for key in tensors):
+        raise ValueError(f"{path} holds no LyCORIS BOFT tensors (<module>.oft_blocks).")
+    return tensors
+
+
+def load_lycoris_adapter(model: nn.Module, path: str | os.PathLike, adapter_name: str | None = None,
+                         prefixes: Iterable[str] = PREFIXES) -> str:
+    """Load the LyCORIS BOFT keys of the file ``path`` that name modules of ``model`` (under one of
+    ``prefixes``) as an output-side adapter (see ``lycoris.peft_layout``), make it active and
+    return its name."""
+    path = Path(path)
+    tensors = read_lycoris_file(path)
+    peft, fields = peft_layout(model, tensors, prefixes)
+    if not peft:
+        raise ValueError(f"no oft_blocks key of {path} names a module of this {type(model).__name__} (keys look like "
+                         f"{sorted(tensors)[0]!r}); the file was made for another model or component.")
+    config = BOFTConfig(**fields, metadata={"format": "lycoris", "file": path.name})
+    name = adapter_name or ("default" if "default" not in adapter_configs(model) else adapter_name_from(path.stem))
+    load_adapter_state_dict(model, peft, config, name)
+    set_adapter(model, name)
+    return name
 
 
 def count_file_parameters(path: str | os.PathLike) -> int | None:

@@ -52,9 +52,15 @@ def check_adapter_name(name: str) -> None:
         raise ValueError(f"invalid adapter name {name!r}: start with a letter or '_', then letters, digits, '_' or '-'.")
 
 
-def rotated_dim(layer: nn.Module) -> int:
-    """Length of the axis R acts on: in_features, or in_channels/groups * kh * kw."""
-    return layer.weight[0].numel()
+#: Which side of a weight an adapter rotates: the input features (``W R^T``, PEFT's convention) or
+#: the output features (``R W``, LyCORIS's, which ComfyUI and A1111 read natively).
+SIDES = ("input", "output")
+
+
+def rotated_dim(layer: nn.Module, side: str = "input") -> int:
+    """Length of the axis R acts on: in_features (in_channels/groups * kh * kw) for the input
+    side, out_features (out_channels) for the output side."""
+    return layer.weight[0].numel() if side == "input" else layer.weight.shape[0]
 
 
 def _memory_format(weight: torch.Tensor) -> torch.memory_format:
@@ -72,6 +78,7 @@ class AdapterSpec:
     dropout: float = 0.0
     neumann_terms: int = 0
     strength: float = 1.0
+    side: str = "input"
 
 
 class RotationGroup(NamedTuple):
@@ -122,6 +129,9 @@ class BOFTLayer(nn.Module):
     def rotated_dim(self) -> int:
         return rotated_dim(self.base_layer)
 
+    def rotates_output(self, name: str) -> bool:
+        return self.specs[name].side == "output"
+
     @property
     def out_features(self) -> int:
         return self.weight.shape[0]
@@ -134,14 +144,21 @@ class BOFTLayer(nn.Module):
         dropout: float = 0.0,
         neumann_terms: int = 0,
         scale: bool = True,
+        side: str = "input",
     ) -> None:
         check_adapter_name(name)
         if name in self.specs:
             raise ValueError(f"{self.module_name}: adapter {name!r} already exists.")
-        if geometry.block_size * geometry.block_num != self.rotated_dim:
+        if side not in SIDES:
+            raise ValueError(f"{self.module_name}: side must be one of {SIDES}, got {side!r}.")
+        if side == "output" and getattr(self.base_layer, "groups", 1) != 1:
+            raise ValueError(f"{self.module_name}: an output-side rotation would mix the groups of a grouped "
+                             "convolution; adapt its input side.")
+        dim = rotated_dim(self.base_layer, side)
+        if geometry.block_size * geometry.block_num != dim:
             raise ValueError(
                 f"{self.module_name}: blocks {geometry.block_num} x {geometry.block_size} do not cover "
-                f"its dimension {self.rotated_dim}."
+                f"its {side} dimension {dim}."
             )
         device = self.weight.device
         self.boft_skew[name] = nn.Parameter(
@@ -154,7 +171,7 @@ class BOFTLayer(nn.Module):
         )
         if scale:
             self.boft_s[name] = nn.Parameter(torch.ones(self.out_features, device=device))
-        self.specs[name] = AdapterSpec(geometry, dropout, neumann_terms)
+        self.specs[name] = AdapterSpec(geometry, dropout, neumann_terms, side=side)
 
     def delete_adapter(self, name: str) -> None:
         if self.merged and self.merged[0] == name:
@@ -213,14 +230,18 @@ class BOFTLayer(nn.Module):
         return s.sign() * s.abs().pow(strength)
 
     def folded_weight(self, name: str, apply_dropout: bool = False, blocks: torch.Tensor | None = None) -> torch.Tensor:
-        """``diag(s) W R^T`` computed in float32 (differentiable), cast to the weight's dtype.
+        """``diag(s) W R^T`` (input side) or ``diag(s) R W`` (output side) computed in float32
+        (differentiable), cast to the weight's dtype.
 
         ``blocks``: adapter ``name``'s rotation blocks when already built (by a RotationBank).
         """
         weight = self.weight
         if blocks is None:
             blocks = self.rotation_blocks(name, apply_dropout)
-        flat = butterfly_matmul(upcast(weight).flatten(1), blocks, transpose=True)
+        if self.rotates_output(name):
+            flat = butterfly_matmul(upcast(weight).flatten(1).t(), blocks, transpose=True).t()
+        else:
+            flat = butterfly_matmul(upcast(weight).flatten(1), blocks, transpose=True)
         s = self.magnitude(name)
         if s is not None:
             flat = flat * upcast(s)[:, None]
@@ -301,7 +322,8 @@ class BOFTLayer(nn.Module):
         self._forget_fold()
 
     def unmerge(self) -> None:
-        """Undo ``merge`` with ``W = diag(1/s) W' R`` (R is orthogonal: no inverse needed)."""
+        """Undo ``merge`` with ``W = diag(1/s) W' R`` (input side) or ``W = R^T diag(1/s) W'``
+        (output side): R is orthogonal, so no inverse is needed."""
         if self.merged is None:
             return
         name, merged_strength = self.merged
@@ -314,7 +336,10 @@ class BOFTLayer(nn.Module):
                 s = self.magnitude(name)
                 if s is not None:
                     flat = flat / upcast(s)[:, None]
-                flat = butterfly_matmul(flat, self.rotation_blocks(name))
+                if self.rotates_output(name):
+                    flat = butterfly_matmul(flat.t(), self.rotation_blocks(name)).t()
+                else:
+                    flat = butterfly_matmul(flat, self.rotation_blocks(name))
                 weight.copy_(flat.reshape(weight.shape))
         finally:
             spec.strength = current_strength
@@ -334,7 +359,7 @@ class BOFTLayer(nn.Module):
 
     def extra_repr(self) -> str:
         adapters = ", ".join(
-            f"{n}(b={s.geometry.block_size}, N={s.geometry.block_num}, m={s.geometry.n_factors})"
+            f"{n}(b={s.geometry.block_size}, N={s.geometry.block_num}, m={s.geometry.n_factors}, {s.side} side)"
             for n, s in self.specs.items()
         )
         return f"adapters=[{adapters}], active={self.active_adapter!r}, merged={self.merged is not None}"
@@ -354,8 +379,23 @@ def _apply_magnitude(y: torch.Tensor, s: torch.Tensor | None, bias: torch.Tensor
     return torch.addcmul(y, (s.float() - 1).to(y.dtype).view(shape), pre_bias)
 
 
+def _rotated_output(y: torch.Tensor, blocks: torch.Tensor, s: torch.Tensor | None, bias: torch.Tensor | None,
+                    channel_dim: int) -> torch.Tensor:
+    """``s * (R y) + b`` for the bias-free output ``y`` of a layer, rotated along ``channel_dim``."""
+    if channel_dim == 1:
+        rotated = rotate_features_first(y.flatten(2), blocks, transpose=True).reshape(y.shape)
+    else:
+        rotated = butterfly_matmul(y, blocks, transpose=True)
+    shape = [1] * y.dim()
+    shape[channel_dim] = -1
+    if s is not None:
+        rotated = rotated * s.to(y.dtype).view(shape)
+    return rotated if bias is None else rotated + bias.to(y.dtype).view(shape)
+
+
 class BOFTLinear(BOFTLayer):
-    """nn.Linear with butterfly-orthogonal adapters: ``y = s * (W (R^T x)) + b``."""
+    """nn.Linear with butterfly-orthogonal adapters: ``y = s * (W (R^T x)) + b`` (input side) or
+    ``y = s * (R (W x)) + b`` (output side)."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         name = self.live_adapter()
@@ -365,6 +405,9 @@ class BOFTLinear(BOFTLayer):
             return F.linear(x, self._inference_weight(name), self.bias)
         if self.lent_train_weight is not None:
             return F.linear(x, self.lent_train_weight, self.bias)
+        if self.rotates_output(name):
+            return _rotated_output(F.linear(x, self.weight), self._training_blocks(name), self.magnitude(name),
+                                   self.bias, channel_dim=-1)
         rotated = butterfly_matmul(x, self._training_blocks(name))
         y = F.linear(rotated, self.weight, self.bias)
         return _apply_magnitude(y, self.magnitude(name), self.bias, channel_dim=-1)
@@ -393,6 +436,9 @@ class BOFTConv2d(BOFTLayer):
         if self.uses_folded_weight(name):
             return conv._conv_forward(x, self._inference_weight(name), self.bias)
         blocks = self._training_blocks(name)
+        if self.rotates_output(name):
+            return _rotated_output(conv._conv_forward(x, self.weight, None), blocks, self.magnitude(name), self.bias,
+                                   channel_dim=1)
         if self.rotates_input:
             rotated = rotate_features_first(x.flatten(2), blocks).reshape(x.shape)
             y = conv._conv_forward(rotated, self.weight, self.bias)
@@ -508,23 +554,30 @@ def fold_batch_key(layer: BOFTLayer, name: str) -> tuple | None:
     None for layers that do not (convolutions)."""
     if not isinstance(layer, BOFTLinear):
         return None
-    weight = layer.weight
-    return weight.shape, weight.dtype, layer.specs[name].geometry.n_factors, layer.magnitude(name) is not None
+    weight, spec = layer.weight, layer.specs[name]
+    return weight.shape, weight.dtype, spec.geometry.n_factors, layer.magnitude(name) is not None, spec.side
 
 
 def fold_training_weights(members: list[Member], blocks: torch.Tensor) -> tuple[torch.Tensor, ...]:
-    """``diag(s) W R^T`` of Linear layers of one ``fold_batch_key``, from their blocks ``[L, m, N, b, b]``.
+    """``diag(s) W R^T`` (input side) or ``diag(s) R W`` (output side) of Linear layers of one
+    ``fold_batch_key``, from their blocks ``[L, m, N, b, b]``.
 
     Computed in float32 outside autocast with one batched product per butterfly factor for all
-    ``L`` layers (weights stacked transposed, so the features lead and factor 0 moves nothing),
-    differentiable into the blocks and magnitudes; each weight is returned in its base weight's
-    layout and dtype, so a fresh adapter runs the base layer's very product.
+    ``L`` layers (the rotated features lead: input-side weights are stacked transposed, output-side
+    ones as they are, so factor 0 moves nothing), differentiable into the blocks and magnitudes;
+    each weight is returned in its base weight's layout and dtype, so a fresh adapter runs the base
+    layer's very product.
     """
-    weight = members[0][0].weight
+    first, name = members[0]
+    weight, output_side = first.weight, first.rotates_output(name)
     with torch.autocast(device_type=weight.device.type, enabled=False):
-        stacked = upcast(torch.stack([layer.weight.t() for layer, _ in members]))
+        stacked = upcast(torch.stack([layer.weight if output_side else layer.weight.t() for layer, _ in members]))
         folded = rotate_features_first(stacked, blocks, transpose=True)
         scales = [layer.magnitude(name) for layer, name in members]
+        if output_side:
+            if scales[0] is not None:
+                folded = folded * upcast(torch.stack(scales))[:, :, None]
+            return folded.to(weight.dtype).contiguous().unbind(0)
         if scales[0] is not None:
             folded = folded * upcast(torch.stack(scales))[:, None, :]
         return folded.transpose(1, 2).to(weight.dtype).contiguous().unbind(0)

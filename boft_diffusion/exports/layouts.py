@@ -1,20 +1,23 @@
 """The layouts an exported adapter is written in, as plain tensor dictionaries.
 
-kohya key names computed from the model, LyCORIS "full" weight differences, LoRA by truncated
-SVD (kohya and diffusers/PEFT naming), textual-inversion embeddings, and how much a truncated
-LoRA loses. Nothing here loads models or writes files: ``export.py`` does.
+kohya key names computed from the model, LyCORIS "full" weight differences, LyCORIS BOFT
+(``oft_blocks``) for output-side rotations, LoRA by truncated SVD (kohya and diffusers/PEFT
+naming), textual-inversion embeddings, and how much a truncated LoRA loses. Nothing here loads
+models or writes files: ``export.py`` does.
 """
 
 from __future__ import annotations
 
-from collections import defaultdict
-from collections.abc import Iterable
 from dataclasses import dataclass
 
 import torch
 
+from ..core.lycoris import lycoris_oft_blocks
+
 #: kohya's prefix for each adapted pipeline component (SD 1.x / 2.x naming).
 KOHYA_PREFIXES = {"unet": "lora_unet", "text_encoder": "lora_te"}
+#: The same for SDXL, whose two text encoders are ``lora_te1`` and ``lora_te2``.
+KOHYA_PREFIXES_SDXL = {"unet": "lora_unet", "text_encoder": "lora_te1", "text_encoder_2": "lora_te2"}
 
 
 @dataclass
@@ -46,47 +49,6 @@ class LowRank:
         """The rank-r weight difference, in the module's weight shape."""
         flat = self.up.flatten(1) @ self.down.flatten(1)
         return flat.reshape(self.up.shape[0], *self.down.shape[1:])
-
-
-def checkpoint_prefix(model: torch.nn.Module) -> str:
-    """What the model's module paths lack against the original checkpoints that kohya, A1111 and
-    ComfyUI name keys after: transformers >= 5 flattens CLIPTextModel (no ``text_model`` child)
-    and strips ``text_model.`` from the checkpoints it loads."""
-    if type(model).__name__ == "CLIPTextModel" and not hasattr(model, "text_model"):
-        return "text_model."
-    return ""
-
-
-def kohya_name(prefix: str, module_name: str) -> str:
-    return f"{prefix}_{module_name.replace('.', '_')}"
-
-
-def kohya_names(prefix: str, module_names: Iterable[str], all_module_names: Iterable[str]) -> dict[str, str]:
-    """Module name -> kohya name for ``module_names``, refusing any name two modules would share.
-
-    Replacing "." by "_" cannot be undone from the string alone ("to_out.0" has both), so the
-    inverse exists only against the model's own module list: each exported name must belong to
-    exactly one module of ``all_module_names``, which makes the mapping a bijection.
-    """
-    owners: dict[str, list[str]] = defaultdict(list)
-    for name in dict.fromkeys(all_module_names):
-        owners[kohya_name(prefix, name)].append(name)
-    names = {}
-    for name in module_names:
-        key = kohya_name(prefix, name)
-        if owners.get(key) != [name]:
-            raise ValueError(f"kohya key {key!r} does not name module {name!r} alone: it is shared by "
-                             f"{owners.get(key) or 'no module of the model'}.")
-        names[name] = key
-    return names
-
-
-def module_names_by_kohya(prefix: str, all_module_names: Iterable[str]) -> dict[str, str]:
-    """Kohya name -> module name over every module whose kohya name is unambiguous."""
-    owners: dict[str, list[str]] = defaultdict(list)
-    for name in dict.fromkeys(all_module_names):
-        owners[kohya_name(prefix, name)].append(name)
-    return {key: names[0] for key, names in owners.items() if len(names) == 1}
 
 
 def choose_rank(singular_values: torch.Tensor, rank: int | None, energy: float | None) -> int:
@@ -142,6 +104,18 @@ def peft_lora_state_dict(factors: dict[str, LowRank]) -> dict[str, torch.Tensor]
     for name, factor in factors.items():
         tensors[f"{name}.lora_A.weight"] = factor.down
         tensors[f"{name}.lora_B.weight"] = factor.up
+    return tensors
+
+
+def lycoris_boft_state_dict(key: str, skew: torch.Tensor, scale: torch.Tensor | None,
+                            weight_dim: int) -> dict[str, torch.Tensor]:
+    """One module's LyCORIS BOFT tensors: ``oft_blocks``, ``rescale`` shaped like the weight's rows
+    (``[out, 1]``, ``[out, 1, 1, 1]`` for a convolution) when a magnitude trained, and ``alpha`` 0
+    (no norm cap: the only value every reader applies the same way)."""
+    tensors = {f"{key}.oft_blocks": lycoris_oft_blocks(skew.float()).contiguous(),
+               f"{key}.alpha": torch.tensor(0.0)}
+    if scale is not None:
+        tensors[f"{key}.rescale"] = scale.float().reshape(-1, *[1] * (weight_dim - 1)).contiguous()
     return tensors
 
 

@@ -21,19 +21,20 @@ from ..core.adapters import (
     has_adapters,
     merged_state_dict,
 )
+from ..core.butterfly import skew_from_params
 from ..core.files import atomic_folder, atomic_write
 from ..core.identifier import identifier_embedding
+from ..core.lycoris import checkpoint_prefix, kohya_names
 from .layouts import (
     KOHYA_PREFIXES,
     Delta,
     LoraReport,
     LowRank,
     approximation_report,
-    checkpoint_prefix,
     diff_state_dict,
     kohya_lora_state_dict,
-    kohya_names,
     low_rank,
+    lycoris_boft_state_dict,
     peft_lora_state_dict,
     textual_inversion_state_dict,
 )
@@ -76,6 +77,7 @@ class AdaptedPipeline:
     pipe: object
     components: dict[str, nn.Module]
     base_biases: dict[str, dict[str, torch.Tensor]] = field(default_factory=dict)
+    prefixes: dict[str, str] = field(default_factory=lambda: dict(KOHYA_PREFIXES))
 
 
 def module_deltas(adapted: AdaptedPipeline, component: str) -> dict[str, Delta]:
@@ -99,7 +101,7 @@ def _kohya_keys(adapted: AdaptedPipeline, component: str, modules) -> dict[str, 
     model = adapted.components[component]
     path = checkpoint_prefix(model)
     all_modules = (path + key.rpartition(".")[0] for key in base_state_dict(model))
-    keys = kohya_names(KOHYA_PREFIXES[component], [path + name for name in modules], all_modules)
+    keys = kohya_names(adapted.prefixes[component], [path + name for name in modules], all_modules)
     return {name: keys[path + name] for name in modules}
 
 
@@ -120,6 +122,38 @@ def export_diff(adapted: AdaptedPipeline, output: str | os.PathLike) -> Path:
         keys = _kohya_keys(adapted, component, deltas)
         tensors.update(diff_state_dict({keys[name]: delta for name, delta in deltas.items()}))
     metadata = {"ss_network_module": "lycoris.kohya", "ss_network_args": json.dumps({"algo": "full"})}
+    return _write_safetensors(tensors, Path(output), metadata)
+
+
+def export_lycoris(adapted: AdaptedPipeline, output: str | os.PathLike) -> Path:
+    """One safetensors of LyCORIS BOFT tensors (``oft_blocks``, ``rescale``, ``alpha``) under kohya
+    keys, exact for output-side adapters at their current strength; trained biases go in as
+    ``diff_b``. Input-side adapters have no such form and are refused."""
+    tensors = {}
+    for component, model in adapted.components.items():
+        layers = {name: layer for name, layer in boft_layers(model) if layer.live_adapter() is not None}
+        input_side = [name for name, layer in layers.items() if not layer.rotates_output(layer.active_adapter)]
+        if input_side:
+            raise ValueError(f"{component}.{input_side[0]} rotates the input side (W R^T), which LyCORIS, ComfyUI and "
+                             "A1111 cannot express exactly (they rotate the output side): export it with --format "
+                             "diff (exact, the size of the weights) or lora (small, approximate), or train with "
+                             "--boft_side output.")
+        keys = _kohya_keys(adapted, component, layers)
+        for name, layer in layers.items():
+            adapter = layer.active_adapter
+            spec = layer.specs[adapter]
+            if spec.geometry.block_size % 2:
+                raise ValueError(f"{component}.{name} has block size {spec.geometry.block_size}: LyCORIS's butterfly "
+                                 "pairs rows in halves of a block, so it needs an even block size.")
+            skew = skew_from_params(layer.boft_skew[adapter].detach().float() * spec.strength,
+                                    spec.geometry.block_size)
+            scale = layer.magnitude(adapter)
+            tensors.update(lycoris_boft_state_dict(keys[name], skew, None if scale is None else scale.detach(),
+                                                   layer.weight.dim()))
+        biases = {name: delta for name, delta in module_deltas(adapted, component).items() if delta.bias is not None}
+        tensors.update(diff_state_dict({key: Delta(bias=biases[name].bias)
+                                        for name, key in _kohya_keys(adapted, component, biases).items()}))
+    metadata = {"ss_network_module": "lycoris.kohya", "ss_network_args": json.dumps({"algo": "boft"})}
     return _write_safetensors(tensors, Path(output), metadata)
 
 

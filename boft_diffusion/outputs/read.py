@@ -39,10 +39,13 @@ from ..core.files import (
     CONFIG_NAME,
     install_identifier_embeddings,
     load_adapter,
+    load_lycoris_adapter,
     read_identifier_embeddings,
     read_json_object,
+    read_lycoris_file,
 )
 from ..core.identifier import remove_identifier_embeddings
+from ..core.lycoris import COMPONENT_PREFIXES, lycoris_modules, modules_named_by
 from ..families.loading import is_sdxl
 from .write import (
     CONTROL_INFO,
@@ -145,6 +148,8 @@ def load_outputs(pipe, folder: str | os.PathLike, adapter_name: str | None = Non
     describe a copy of the pipeline's UNet.
     """
     folder = Path(folder)
+    if folder.is_file() and folder.suffix == ".safetensors":
+        return load_lycoris_outputs(pipe, folder, adapter_name)
     pairs = text_pairs(pipe)
     if len(pairs) == 1 and (folder / TEXT_ENCODER_2_FOLDER).is_dir():
         raise ValueError(f"{folder} was trained on SDXL ({TEXT_ENCODER_2_FOLDER}/ holds the second text encoder's "
@@ -178,6 +183,24 @@ def load_outputs(pipe, folder: str | os.PathLike, adapter_name: str | None = Non
         identifiers.append(identifier)
     return TrainedAdapter(pipe, folder, name, models, identifiers[0], control,
                           identifiers[1] if len(identifiers) > 1 else None)
+
+
+def load_lycoris_outputs(pipe, path: Path, adapter_name: str | None = None) -> TrainedAdapter:
+    """A LyCORIS BOFT file (kohya keys, e.g. trained by SimpleTuner or exported by us) onto the
+    pipeline's UNet and text encoders, each component from its own key prefixes; a key that names
+    no module of the pipeline is an error naming it."""
+    tensors = read_lycoris_file(path)
+    components = {name: getattr(pipe, name) for name in COMPONENT_PREFIXES if getattr(pipe, name, None) is not None}
+    groups = lycoris_modules(tensors)
+    named = {name: modules_named_by(model, groups, COMPONENT_PREFIXES[name]) for name, model in components.items()}
+    unknown = sorted(set(groups) - {key for keys in named.values() for key in keys})
+    if unknown:
+        raise ValueError(f"{path}: {len(unknown)} key(s) name no module of this pipeline ({unknown[0]!r}); "
+                         "the file was made for another model.")
+    loaded = [model for name, model in components.items() if any("oft_blocks" in groups[key] for key in named[name])]
+    names = [load_lycoris_adapter(model, path, adapter_name, COMPONENT_PREFIXES[name])
+             for name, model in components.items() if model in loaded]
+    return TrainedAdapter(pipe, path, names[0] if names else adapter_name, loaded)
 
 
 def _load_control(pipe, folder: Path, info: dict[str, Any], untrusted: bool) -> Control:

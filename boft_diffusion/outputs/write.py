@@ -78,8 +78,19 @@ def save_latest_validation(output_dir: str | os.PathLike) -> None:
         atomic_write(grids[-1].parent, {"latest.png": lambda tmp: shutil.copyfile(grids[-1], tmp)})
 
 
-def peft_interop_note(n_butterfly_factor: int) -> str:
-    """What Hugging Face PEFT can do with an adapter of this depth, as measured (docs/adapter_format.md)."""
+def peft_interop_note(boft: BOFTConfig) -> str:
+    """What Hugging Face PEFT (or, for an output-side adapter, ComfyUI, A1111 and LyCORIS) can do
+    with an adapter of this depth, as measured (docs/adapter_format.md, docs/export.md)."""
+    if boft.side == "output":
+        return ("This adapter rotates the output side of each weight (LyCORIS's convention), which PEFT does not "
+                "read: `python -m boft_diffusion.export <folder> --format lycoris --output boft.safetensors` writes "
+                "a small exact file that ComfyUI and A1111 load natively"
+                + (", and LyCORIS itself (full-butterfly geometry)." if boft.full_butterfly else
+                   "; LyCORIS itself needs the full-butterfly geometry (`--boft_full_butterfly`).")
+                + " At strength 1 every tool gives this adapter exactly; at another strength w, ComfyUI blends each "
+                  "butterfly factor with the identity and scales the change by w again (w counts twice), A1111 "
+                  "scales the weight change by w, and LyCORIS blends the factors only.")
+    n_butterfly_factor = boft.n_butterfly_factor
     measured = ("PEFT runs m > 1 only through its CUDA extension; without it (on CPU, and where the extension "
                 "fails to compile, as measured on an H200 with PEFT 0.21.2) PEFT builds m = 1 layers and refuses "
                 "m > 1 files with `size mismatch for ...boft_R`.")
@@ -92,8 +103,10 @@ def peft_interop_note(n_butterfly_factor: int) -> str:
 
 def boft_summary(boft: BOFTConfig, trainable: int) -> str:
     """The model card's BOFT lines: geometry, depth, dropout, targets and what trains."""
+    depth = ("the full butterfly of each layer (LyCORIS's geometry)" if boft.full_butterfly
+             else f"butterfly factors m = {boft.n_butterfly_factor}")
     return (f"BOFT: block size {boft.block_size or '-'}, block number {boft.block_num or '-'},\n"
-            f"butterfly factors m = {boft.n_butterfly_factor}, dropout {boft.dropout},\n"
+            f"{depth}, {boft.side} side, dropout {boft.dropout},\n"
             f"targets {', '.join(boft.target_modules)}; {trainable:,} trainable parameters.")
 
 

@@ -277,7 +277,7 @@ image = adapter.sample(condition=Image.open("control.png"), prompt="a red star o
 ```
 
 `control.json` names the mode; the fully trained control parts are boft-diffusion's own files, so
-`load_outputs` is the way to load the whole folder. {peft_interop_note(boft.n_butterfly_factor)}
+`load_outputs` is the way to load the whole folder. {peft_interop_note(boft)}
 """
 
 

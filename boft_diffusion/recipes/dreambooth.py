@@ -576,7 +576,7 @@ pipe = bd.load_pipeline("{model}")
 image = pipe("{prompt}").images[0]
 ```
 
-{peft_interop_note(boft.n_butterfly_factor) if kind == "boft" else ""}
+{peft_interop_note(boft) if kind == "boft" else ""}
 """
 
 

@@ -106,6 +106,14 @@ def add_boft_args(parser: argparse.ArgumentParser, default_targets: Sequence[str
     add_flag(group, "--boft_scale", dest="boft_scale", action="store_true", default=True,
              help="Learn a per-output magnitude (default).")
     add_flag(group, "--no_boft_scale", dest="boft_scale", action="store_false")
+    add_flag(group, "--boft_side", default="input", choices=["input", "output"],
+             help="Which side of each weight the rotation acts on: input (W R^T, PEFT's convention) or output "
+                  "(R W, LyCORIS's: boft_diffusion.export's lycoris format then writes a small exact file that "
+                  "ComfyUI, A1111 and LyCORIS load natively).")
+    add_flag(group, "--boft_full_butterfly", action="store_true",
+             help="Each layer gets LyCORIS's geometry: the largest even block size up to --boft_block_size that "
+                  "cuts it into a power-of-two number of blocks, at full depth (--boft_n_butterfly_factor is "
+                  "ignored); with --boft_side output, LyCORIS itself then loads the exported file.")
     add_flag(group, "--boft_cayley_neumann_terms", bounds=(0, MAX_NEUMANN_TERMS), type=int, default=0,
              help="0: exact Cayley; k > 0: k-term Neumann series (faster, approximate).")
 

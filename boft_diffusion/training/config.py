@@ -119,6 +119,8 @@ class AdapterConfig:
     boft_target_modules: list[str]
     boft_scale: bool
     boft_cayley_neumann_terms: int
+    boft_side: str
+    boft_full_butterfly: bool
     adapter_type: str = "boft"
     lora_rank: int | None = None
     oft_block_size: int | None = None
@@ -135,6 +137,8 @@ class AdapterConfig:
             bias=self.boft_bias,
             cayley_neumann_terms=self.boft_cayley_neumann_terms,
             base_model_name_or_path=base_model,
+            side=self.boft_side,
+            full_butterfly=self.boft_full_butterfly,
         )
 
 
