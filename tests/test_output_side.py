@@ -140,3 +140,25 @@ def test_output_side_adapter_saves_and_loads_with_its_side(tmp_path):
     assert read_adapter_config(tmp_path / "adapter").side == "output"
     with torch.no_grad():
         assert torch.allclose(fresh(sample, timestep, encoder_hidden_states=context).sample, expected, atol=1e-6)
+
+
+def test_adapters_of_both_sides_live_on_one_model_and_switch():
+    """An input-side and an output-side adapter on the same layers: each, when active, gives its own
+    reference weight, and deleting one leaves the other as it was."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(16, 16), nn.Conv2d(16, 8, 3, padding=1))
+    bd.apply_boft(model, bd.BOFTConfig(block_size=4, target_modules=["0", "1"]), adapter_name="inp")
+    bd.apply_boft(model, bd.BOFTConfig(block_size=4, target_modules=["0", "1"], side="output"), adapter_name="out")
+    for name in ("inp", "out"):
+        randomize_adapter(model, name, seed={"inp": 1, "out": 2}[name])
+    expected = {}
+    for name in ("inp", "out"):
+        bd.set_adapter(model, name)
+        expected[name] = {i: model[i].folded_weight(name).detach().clone() for i in (0, 1)}
+        assert all(model[i].rotates_output(name) == (name == "out") for i in (0, 1))
+    assert not torch.allclose(expected["inp"][0], expected["out"][0])
+    reference = reference_weight(model[0], "out").float()
+    assert torch.allclose(expected["out"][0], reference, atol=1e-5)
+    bd.delete_adapter(model, "inp")
+    bd.set_adapter(model, "out")
+    assert all(torch.equal(model[i].folded_weight("out"), expected["out"][i]) for i in (0, 1))
