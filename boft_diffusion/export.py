@@ -106,6 +106,9 @@ def export_adapter(adapter_dir: str | os.PathLike, fmt: str, output: str | os.Pa
     if fmt == "merged":
         return ExportResult([export_merged_pipeline(adapted.pipe, output)])
     if fmt == "lycoris":
+        if is_sdxl(adapted.pipe) and identifier_vectors(adapted):
+            raise ValueError(f"{adapter_dir} has learned identifier embeddings on SDXL, whose two-encoder "
+                             "textual-inversion files are not written yet: export --format merged.")
         return ExportResult([export_lycoris(adapted, output), *export_identifiers(adapted, output.parent)])
     if is_sdxl(adapted.pipe):
         raise ValueError(f"{adapter_dir} is an SDXL adapter: only --format merged exports it so far (the diff and "

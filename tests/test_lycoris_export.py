@@ -193,3 +193,35 @@ def test_the_app_lists_and_samples_a_lycoris_file_as_its_folder(tmp_path):
     from_file, from_folder, base = generate("exports/star_boft.safetensors"), generate("star"), generate(NO_ADAPTER)
     assert (from_file - from_folder).abs().max() <= 2  # 8-bit pixels, float rounding apart
     assert (from_file - base).abs().mean() > 1
+
+
+def test_damaged_or_foreign_oft_blocks_are_refused_naming_the_key(tmp_path):
+    pipe = bd.load_pipeline("tiny", dtype=torch.float32)
+    name = next(n for n, _ in pipe.unet.named_modules() if n.endswith("attn1.to_q"))
+    key = "lora_unet_" + name.replace(".", "_")
+    out = pipe.unet.get_submodule(name).weight.shape[0]
+    for blocks in (torch.zeros(2, out // 8 + 1, 8, 8), torch.zeros(8, out // 8, 8, 8), torch.zeros(out // 8, 8, 8)):
+        path = tmp_path / "bad.safetensors"
+        save_file({f"{key}.oft_blocks": blocks, f"{key}.alpha": torch.tensor(0.0)}, path)
+        with pytest.raises(ValueError, match=key):
+            bd.load_adapter(pipe.unet, path)
+        assert not list(boft_layers(pipe.unet)), "nothing was installed"
+
+
+def test_one_name_for_every_component_and_nothing_left_on_failure(models, tmp_path):
+    folder = output_side_adapter(models["sd"], tmp_path / "adapter", "m2")
+    exported = export_adapter(folder, "lycoris", tmp_path / "boft.safetensors").paths[0]
+    pipe = bd.load_pipeline("tiny", dtype=torch.float32)
+    bd.apply_boft(pipe.unet, bd.BOFTConfig(block_size=8, target_modules=["to_q"]))  # "default" taken on the UNet
+    loaded = load_outputs(pipe, exported)
+    assert loaded.adapter_name == "boft"
+    assert {layer.active_adapter for _, layer in boft_layers(pipe.unet) if "boft" in layer.specs} == {"boft"}
+    assert all("boft" in layer.specs for _, layer in boft_layers(pipe.text_encoder))
+    tensors = load_file(exported)
+    broken = {k: (v[:, :-1].contiguous() if k.startswith("lora_te") and k.endswith("oft_blocks") else v)
+              for k, v in tensors.items()}
+    save_file(broken, tmp_path / "broken.safetensors")
+    fresh = bd.load_pipeline("tiny", dtype=torch.float32)
+    with pytest.raises(ValueError, match="lora_te"):
+        load_outputs(fresh, tmp_path / "broken.safetensors")
+    assert not list(boft_layers(fresh.unet)) and not list(boft_layers(fresh.text_encoder))

@@ -162,3 +162,15 @@ def test_adapters_of_both_sides_live_on_one_model_and_switch():
     bd.delete_adapter(model, "inp")
     bd.set_adapter(model, "out")
     assert all(torch.equal(model[i].folded_weight("out"), expected["out"][i]) for i in (0, 1))
+
+
+def test_peft_refuses_an_output_side_folder_instead_of_misreading_it(tmp_path):
+    """PEFT would read output-side blocks as input-side ones (silently wrong on square layers), so the
+    folder's peft_type is one PEFT does not know."""
+    peft = pytest.importorskip("peft")
+    unet = make_tiny_unet()
+    bd.apply_boft(unet, bd.BOFTConfig(block_size=4, target_modules=["to_q"], side="output"))
+    bd.save_adapter(unet, tmp_path / "adapter")
+    with pytest.raises(Exception, match="BOFT_OUTPUT_SIDE"):
+        peft.PeftModel.from_pretrained(make_tiny_unet(), tmp_path / "adapter")
+    assert read_adapter_config(tmp_path / "adapter").side == "output"

@@ -29,6 +29,7 @@ from ..core.files import (
     adapter_name_from,
     count_file_parameters,
     is_lycoris_file,
+    is_lycoris_path,
     read_adapter_config,
 )
 from ..core.identifier import remove_identifier_embeddings
@@ -186,11 +187,11 @@ class Studio:
         return [NO_ADAPTER, *sorted(found)]
 
     def resolve(self, name: str) -> Path:
-        """The folder of adapter ``name``; never a path outside adapters_dir."""
+        """The folder (or LyCORIS BOFT file) of adapter ``name``; never a path outside adapters_dir."""
         path = (self.adapters_dir / name).resolve()
         if path != self.adapters_dir and self.adapters_dir not in path.parents:
             raise StudioError(f"adapter {name!r} is outside the adapters folder.")
-        if not (path.is_dir() or (path.suffix == ".safetensors" and is_lycoris_file(path))):
+        if not (path.is_dir() or (is_lycoris_path(path) and is_lycoris_file(path))):
             raise StudioError(f"adapter {name!r} not found in the adapters folder.")
         return path
 
@@ -204,8 +205,8 @@ class Studio:
         if not name or name == NO_ADAPTER:
             return {"adapter": None, "base_model": self.model_name}
         folder = self.resolve(name)
-        if folder.is_file():
-            return {"adapter": name, "control": None, "base_model": self.model_name, "format": "lycoris"}
+        if is_lycoris_path(folder):  # a LyCORIS file names no base model
+            return {"adapter": name, "control": None, "base_model": None, "format": "lycoris"}
         control = read_control_info(folder)
         config_folder = folder if (folder / CONFIG_NAME).is_file() else folder / CONTROLNET_FOLDER
         info: dict[str, Any] = {"adapter": name, "control": control["mode"] if control else None}

@@ -183,8 +183,8 @@ def folder_bytes(folder: Path) -> int:
 
 
 def evict_uploads(root: Path, max_bytes: int, keep: Collection[Path]) -> list[Path]:
-    """Delete the oldest uploads (by modification time) outside ``keep`` until ``root`` holds at
-    most ``max_bytes``; returns the deleted folders."""
+    """Delete the oldest uploads (by modification time) that hold nothing of ``keep`` (adapter folders
+    or files in use) until ``root`` holds at most ``max_bytes``; returns the deleted folders."""
     folders = sorted((p for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")),
                      key=lambda p: p.stat().st_mtime)
     sizes = {folder: folder_bytes(folder) for folder in folders}
@@ -194,7 +194,8 @@ def evict_uploads(root: Path, max_bytes: int, keep: Collection[Path]) -> list[Pa
     for folder in folders:
         if total <= max_bytes:
             break
-        if folder.resolve() in kept:
+        resolved = folder.resolve()
+        if any(path == resolved or resolved in path.parents for path in kept):
             continue
         shutil.rmtree(folder)
         total -= sizes[folder]

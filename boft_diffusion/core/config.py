@@ -9,6 +9,9 @@ from typing import Any
 from . import __version__
 
 BIAS_MODES = ("none", "boft_only", "all")
+#: Which side of a weight an adapter rotates: the input features (``W R^T``, PEFT's convention) or
+#: the output features (``R W``, LyCORIS's, which ComfyUI and A1111 read natively).
+SIDES = ("input", "output")
 DEFAULT_TARGET_MODULES = ("to_q", "to_k", "to_v", "to_out.0")
 METADATA_KEY = "boft_diffusion"
 DEFAULT_BLOCK_SIZE = 8
@@ -17,6 +20,10 @@ DEFAULT_BLOCK_SIZE = 8
 MAX_NEUMANN_TERMS = 32
 #: Deeper than log2 of any layer width Stable Diffusion has; each factor is one more product per forward.
 MAX_BUTTERFLY_FACTORS = 16
+
+
+#: ``peft_type`` of an output-side adapter: PEFT refuses it (it would read the blocks as input-side ones).
+OUTPUT_SIDE_PEFT_TYPE = "BOFT_OUTPUT_SIDE"
 
 
 @dataclass
@@ -62,8 +69,10 @@ class BOFTConfig:
             raise ValueError(f"n_butterfly_factor must be >= 1, got {self.n_butterfly_factor}.")
         if not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"dropout must be in [0, 1), got {self.dropout}.")
-        if self.side not in ("input", "output"):
-            raise ValueError(f"side must be 'input' or 'output', got {self.side!r}.")
+        if self.side not in SIDES:
+            raise ValueError(f"side must be one of {SIDES}, got {self.side!r}.")
+        if self.full_butterfly and self.block_num:
+            raise ValueError("full_butterfly derives each layer's block number: give a block_size, not a block_num.")
         if self.bias not in BIAS_MODES:
             raise ValueError(f"bias must be one of {BIAS_MODES}, got {self.bias!r}.")
         if not 0 <= self.cayley_neumann_terms <= MAX_NEUMANN_TERMS:
@@ -82,11 +91,11 @@ class BOFTConfig:
             "library_version": __version__,
             "scale": self.scale,
             "cayley_neumann_terms": self.cayley_neumann_terms,
-            "side": self.side,
             "full_butterfly": self.full_butterfly,
         }
         return {
-            "peft_type": "BOFT",
+            # PEFT reads "BOFT" as input-side rotations: an output-side file must fail there, not load wrong
+            "peft_type": "BOFT" if self.side == "input" else OUTPUT_SIDE_PEFT_TYPE,
             "task_type": None,
             "auto_mapping": None,
             "base_model_name_or_path": self.base_model_name_or_path,
@@ -110,7 +119,7 @@ class BOFTConfig:
     @classmethod
     def from_peft_dict(cls, data: dict[str, Any]) -> BOFTConfig:
         """Read an ``adapter_config.json`` written by us or by PEFT."""
-        if data.get("peft_type") != "BOFT":
+        if data.get("peft_type") not in ("BOFT", OUTPUT_SIDE_PEFT_TYPE):
             raise ValueError(f"not a BOFT adapter config (peft_type={data.get('peft_type')!r}).")
         if data.get("fan_in_fan_out"):
             raise ValueError("fan_in_fan_out=True adapters (Conv1D models) are not supported.")
@@ -122,7 +131,7 @@ class BOFTConfig:
         neumann = _integer(ours, "cayley_neumann_terms", 0)
         ours.pop("cayley_neumann_terms", None)
         scale = _boolean(ours.pop("scale", True), "scale")
-        side = _text(ours, "side", "input")
+        side = "output" if data["peft_type"] == OUTPUT_SIDE_PEFT_TYPE else "input"
         ours.pop("side", None)
         full_butterfly = _boolean(ours.pop("full_butterfly", False), "full_butterfly")
         targets = data.get("target_modules") or list(DEFAULT_TARGET_MODULES)

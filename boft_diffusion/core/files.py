@@ -435,7 +435,7 @@ def load_adapter(model: nn.Module, path: str | os.PathLike, adapter_name: str | 
     raises ValueError naming the module and both shapes, and leaves the model unchanged.
     """
     folder = Path(path)
-    if folder.is_file() and folder.suffix == ".safetensors":
+    if is_lycoris_path(folder):
         return load_lycoris_adapter(model, folder, adapter_name)
     if not folder.is_dir():
         raise FileNotFoundError(f"adapter folder {folder} does not exist.")
@@ -457,6 +457,12 @@ def is_lycoris_file(path: str | os.PathLike) -> bool:
         return False
 
 
+def is_lycoris_path(path: str | os.PathLike) -> bool:
+    """Whether an adapter path is a single file (a LyCORIS BOFT ``.safetensors``), not a folder."""
+    path = Path(path)
+    return path.suffix == ".safetensors" and path.is_file()
+
+
 def read_lycoris_file(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     """The tensors of a LyCORIS BOFT safetensors file; any other file is an error naming it."""
     path = Path(path)
@@ -469,20 +475,31 @@ def read_lycoris_file(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     return tensors
 
 
-def load_lycoris_adapter(model: nn.Module, path: str | os.PathLike, adapter_name: str | None = None,
-                         prefixes: Iterable[str] = PREFIXES) -> str:
-    """Load the LyCORIS BOFT keys of the file ``path`` that name modules of ``model`` (under one of
-    ``prefixes``) as an output-side adapter (see ``lycoris.peft_layout``), make it active and
-    return its name."""
-    path = Path(path)
-    tensors = read_lycoris_file(path)
+def free_adapter_name(models: Iterable[nn.Module], source: str | os.PathLike) -> str:
+    """"default" if none of ``models`` has an adapter of that name, else one made from ``source``."""
+    taken = {name for model in models for name in adapter_configs(model)}
+    return "default" if "default" not in taken else adapter_name_from(Path(source).stem or Path(source).name)
+
+
+def install_lycoris_tensors(model: nn.Module, tensors: dict[str, torch.Tensor], adapter_name: str, source: Path,
+                            prefixes: Iterable[str] = PREFIXES) -> None:
+    """Adapter ``adapter_name`` from the LyCORIS BOFT tensors that name modules of ``model`` (under
+    one of ``prefixes``), as an output-side adapter (see ``lycoris.peft_layout``); none is an error."""
     peft, fields = peft_layout(model, tensors, prefixes)
     if not peft:
-        raise ValueError(f"no oft_blocks key of {path} names a module of this {type(model).__name__} (keys look like "
-                         f"{sorted(tensors)[0]!r}); the file was made for another model or component.")
-    config = BOFTConfig(**fields, metadata={"format": "lycoris", "file": path.name})
-    name = adapter_name or ("default" if "default" not in adapter_configs(model) else adapter_name_from(path.stem))
-    load_adapter_state_dict(model, peft, config, name)
+        raise ValueError(f"no oft_blocks key of {source} names a module of this {type(model).__name__} (keys look "
+                         f"like {sorted(tensors)[0]!r}); the file was made for another model or component.")
+    load_adapter_state_dict(model, peft, BOFTConfig(**fields, metadata={"format": "lycoris", "file": source.name}),
+                            adapter_name)
+
+
+def load_lycoris_adapter(model: nn.Module, path: str | os.PathLike, adapter_name: str | None = None,
+                         prefixes: Iterable[str] = PREFIXES) -> str:
+    """Load the LyCORIS BOFT keys of the file ``path`` that name modules of ``model`` as an
+    output-side adapter, make it active and return its name."""
+    path = Path(path)
+    name = adapter_name or free_adapter_name([model], path)
+    install_lycoris_tensors(model, read_lycoris_file(path), name, path, prefixes)
     set_adapter(model, name)
     return name
 

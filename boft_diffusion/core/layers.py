@@ -40,6 +40,7 @@ from .butterfly import (
     split_blocks,
     upcast,
 )
+from .config import SIDES
 
 #: How training applies a Linear layer's rotation; see ``RotationBank``.
 TrainingFold = Literal["auto", "fold", "rotate"]
@@ -50,11 +51,6 @@ ADAPTER_NAME_PATTERN = re.compile(r"^[A-Za-z_][A-Za-z0-9_\-]*$")
 def check_adapter_name(name: str) -> None:
     if not ADAPTER_NAME_PATTERN.match(name):
         raise ValueError(f"invalid adapter name {name!r}: start with a letter or '_', then letters, digits, '_' or '-'.")
-
-
-#: Which side of a weight an adapter rotates: the input features (``W R^T``, PEFT's convention) or
-#: the output features (``R W``, LyCORIS's, which ComfyUI and A1111 read natively).
-SIDES = ("input", "output")
 
 
 def rotated_dim(layer: nn.Module, side: str = "input") -> int:

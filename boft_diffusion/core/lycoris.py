@@ -98,6 +98,20 @@ def skew_from_lycoris(oft_blocks: torch.Tensor) -> torch.Tensor:
     return skew
 
 
+def check_oft_blocks(key: str, blocks: torch.Tensor, out_dim: int) -> None:
+    """Refuse an ``oft_blocks`` tensor that is no butterfly over ``out_dim`` rows, naming its key."""
+    shape = list(blocks.shape)
+    if blocks.dim() != 4:
+        raise ValueError(f"{key}.oft_blocks has shape {shape}: a 3-D tensor is diagonal OFT, which this reads only "
+                         "as BOFT ([m, N, b, b]).")
+    m, count, size, other = shape
+    if size != other or size % 2 or count * size != out_dim or out_dim % (size * 2 ** (m - 1)) or m < 1:
+        raise ValueError(f"{key}.oft_blocks has shape {shape}, no butterfly of even {size} x {size} blocks over the "
+                         f"module's {out_dim} outputs; the file was made for another model or is damaged.")
+    if not torch.isfinite(blocks).all():
+        raise ValueError(f"{key}.oft_blocks holds NaN or infinite values.")
+
+
 def capped_lycoris_blocks(oft_blocks: torch.Tensor, alpha: float, out_dim: int) -> torch.Tensor:
     """``oft_blocks`` with LyCORIS's norm cap applied (``alpha * out_dim`` on the Frobenius norm of
     ``A - A^T`` over the whole tensor), as LyCORIS and A1111 apply ``alpha``; 0 leaves them as they are."""
@@ -164,9 +178,7 @@ def peft_layout(model: torch.nn.Module, tensors: dict[str, torch.Tensor],
         base = getattr(module, "base_layer", module)
         if "oft_blocks" in parts:
             blocks = parts["oft_blocks"].float()
-            if blocks.dim() != 4:
-                raise ValueError(f"{key}.oft_blocks has shape {list(blocks.shape)}: a 3-D tensor is diagonal OFT, "
-                                 "which this reads only as BOFT ([m, N, b, b]).")
+            check_oft_blocks(key, blocks, base.weight.shape[0])
             alpha = float(parts["alpha"]) if "alpha" in parts else 0.0
             peft[f"{PEFT_PREFIX}{name}.boft_R"] = skew_from_lycoris(capped_lycoris_blocks(blocks, alpha, blocks.shape[1] * blocks.shape[2]))
             if "rescale" in parts:

@@ -142,6 +142,10 @@ def export_lycoris(adapted: AdaptedPipeline, output: str | os.PathLike) -> Path:
         for name, layer in layers.items():
             adapter = layer.active_adapter
             spec = layer.specs[adapter]
+            if spec.neumann_terms:
+                raise ValueError(f"{component}.{name} builds its blocks with a {spec.neumann_terms}-term Neumann "
+                                 "series; LyCORIS, ComfyUI and A1111 apply the exact Cayley transform, so the file "
+                                 "would not be this adapter: export --format diff.")
             if spec.geometry.block_size % 2:
                 raise ValueError(f"{component}.{name} has block size {spec.geometry.block_size}: LyCORIS's butterfly "
                                  "pairs rows in halves of a block, so it needs an even block size.")

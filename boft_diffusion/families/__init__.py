@@ -1,8 +1,9 @@
 """Model families: what differs between the diffusion models a recipe trains, behind one interface.
 
-A recipe asks the family of its pipeline for the text encoders, how prompts become the
-denoiser's conditioning, what extra inputs the denoiser takes (SDXL's pooled text and size ids),
-how clean latents are noised and what the model predicts, and the default adapter targets. Adding
+A recipe asks the family of its pipeline for the denoiser, the text encoders, how prompts become
+the denoiser's conditioning, what extra inputs the denoiser takes (SDXL's pooled text and size
+ids), how clean latents are noised and what the model predicts, and the text encoders' adapter
+targets. Adding
 a family is one module with a :class:`ModelFamily` subclass and a :func:`register_family` call;
 no recipe changes.
 """

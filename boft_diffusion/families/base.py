@@ -8,7 +8,6 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..core.config import DEFAULT_TARGET_MODULES
 from .denoising import DenoisingObjective
 
 
@@ -39,8 +38,6 @@ class ModelFamily:
     name = "abstract"
     #: The pipeline component that predicts the noise, and the key its module trains under.
     denoiser_name = "unet"
-    #: Adapter targets of the denoiser when the user names none.
-    default_target_modules: tuple[str, ...] = tuple(DEFAULT_TARGET_MODULES)
     #: Whether a diffusers ControlNet copied from the denoiser conditions it (--control controlnet).
     supports_controlnet = False
     #: Adapter targets of the text encoders (--train_text_encoder).
@@ -87,13 +84,10 @@ class ModelFamily:
 _REGISTRY: list[ModelFamily] = []
 
 
-def register_family(family: ModelFamily, first: bool = False) -> None:
-    """Make ``family`` known to :func:`family_of`; families registered earlier are asked first,
-    unless ``first`` puts this one before them (a more specific family)."""
-    if first:
-        _REGISTRY.insert(0, family)
-    else:
-        _REGISTRY.append(family)
+def register_family(family: ModelFamily) -> None:
+    """Make ``family`` known to :func:`family_of`; families registered earlier are asked first, so
+    register a more specific family before a general one."""
+    _REGISTRY.append(family)
 
 
 def registered_families() -> list[ModelFamily]:

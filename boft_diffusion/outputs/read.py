@@ -30,6 +30,7 @@ from ..control.networks import (
 )
 from ..core.adapters import (
     adapter_configs,
+    delete_adapter,
     disable_adapters,
     enable_adapters,
     set_adapter,
@@ -37,9 +38,11 @@ from ..core.adapters import (
 )
 from ..core.files import (
     CONFIG_NAME,
+    free_adapter_name,
     install_identifier_embeddings,
+    install_lycoris_tensors,
+    is_lycoris_path,
     load_adapter,
-    load_lycoris_adapter,
     read_identifier_embeddings,
     read_json_object,
     read_lycoris_file,
@@ -148,7 +151,7 @@ def load_outputs(pipe, folder: str | os.PathLike, adapter_name: str | None = Non
     describe a copy of the pipeline's UNet.
     """
     folder = Path(folder)
-    if folder.is_file() and folder.suffix == ".safetensors":
+    if is_lycoris_path(folder):
         return load_lycoris_outputs(pipe, folder, adapter_name)
     pairs = text_pairs(pipe)
     if len(pairs) == 1 and (folder / TEXT_ENCODER_2_FOLDER).is_dir():
@@ -197,10 +200,19 @@ def load_lycoris_outputs(pipe, path: Path, adapter_name: str | None = None) -> T
     if unknown:
         raise ValueError(f"{path}: {len(unknown)} key(s) name no module of this pipeline ({unknown[0]!r}); "
                          "the file was made for another model.")
-    loaded = [model for name, model in components.items() if any("oft_blocks" in groups[key] for key in named[name])]
-    names = [load_lycoris_adapter(model, path, adapter_name, COMPONENT_PREFIXES[name])
-             for name, model in components.items() if model in loaded]
-    return TrainedAdapter(pipe, path, names[0] if names else adapter_name, loaded)
+    targets = {name: components[name] for name in components if any("oft_blocks" in groups[k] for k in named[name])}
+    adapter_name = adapter_name or free_adapter_name(targets.values(), path)
+    loaded: list[nn.Module] = []
+    try:
+        for name, model in targets.items():
+            install_lycoris_tensors(model, tensors, adapter_name, path, COMPONENT_PREFIXES[name])
+            loaded.append(model)
+            set_adapter(model, adapter_name)
+    except Exception:
+        for model in loaded:
+            delete_adapter(model, adapter_name)
+        raise
+    return TrainedAdapter(pipe, path, adapter_name, loaded)
 
 
 def _load_control(pipe, folder: Path, info: dict[str, Any], untrusted: bool) -> Control:

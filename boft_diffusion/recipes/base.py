@@ -84,7 +84,9 @@ class DiffusionRecipe:
 
     # shared steps ------------------------------------------------------------------------------------
     def setup_run(self) -> None:
-        """Refuse an output folder holding another run, then start accelerate (seeded)."""
+        """Refuse an adapter configuration that cannot be built and an output folder holding another
+        run, then start accelerate (seeded)."""
+        self.run.adapter.boft()
         check_output_dir(self.run.trainer, self.adapter_files)
         self.accelerator = make_accelerator(self.run.trainer)
         self.dtype = weight_dtype(self.accelerator)

@@ -27,7 +27,7 @@ from ..families.loading import guidance_kwargs
 from ..kinds.registry import ADAPTER_KINDS, adapter_kind, set_adapters_enabled
 from ..outputs.write import boft_summary, peft_interop_note, save_dreambooth
 from ..tiny.bundled import DEFAULT_INSTANCE_PROMPT, example_subject_dir
-from ..training.cli import add_flag, parse_recipe_flags, recipe_parser, run_config
+from ..training.cli import add_flag, latent_multiple, parse_recipe_flags, recipe_parser, run_config
 from ..training.config import RunConfig, config_from_flags
 from ..training.data import augment_batch, bucket_sizes, caption_path, list_images, read_captions
 from ..training.losses import denoising_loss, dreambooth_loss
@@ -343,13 +343,9 @@ class DreamBooth(DiffusionRecipe):
 
     def read_images(self, folder: str | Path, what: str, mask_dir: str | None = None) -> ImageSet:
         subject = self.config.subject
-        buckets = bucket_sizes(self.resolution, self.latent_multiple()) if subject.bucket else None
+        buckets = bucket_sizes(self.resolution, latent_multiple(self.pipe)) if subject.bucket else None
         return ImageSet.from_folder(folder, self.resolution, subject.center_crop, self.run.dataloader_num_workers,
                                     what, subject.caption_extension, mask_dir, buckets)
-
-    def latent_multiple(self) -> int:
-        """What every image side must be a multiple of: the VAE's downsampling times the UNet's."""
-        return self.pipe.vae_scale_factor * 2 ** (len(self.denoiser.config.down_block_types) - 1)
 
     def setup_instances(self) -> None:
         subject = self.config.subject

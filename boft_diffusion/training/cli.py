@@ -11,7 +11,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from ..core.config import DEFAULT_TARGET_MODULES, MAX_NEUMANN_TERMS
+from ..core.config import DEFAULT_TARGET_MODULES, MAX_NEUMANN_TERMS, SIDES
 from ..families.loading import default_guidance
 from .config import RunConfig, TrainerConfig, config_from_flags
 from .trainer import TrainingError
@@ -106,7 +106,7 @@ def add_boft_args(parser: argparse.ArgumentParser, default_targets: Sequence[str
     add_flag(group, "--boft_scale", dest="boft_scale", action="store_true", default=True,
              help="Learn a per-output magnitude (default).")
     add_flag(group, "--no_boft_scale", dest="boft_scale", action="store_false")
-    add_flag(group, "--boft_side", default="input", choices=["input", "output"],
+    add_flag(group, "--boft_side", default="input", choices=list(SIDES),
              help="Which side of each weight the rotation acts on: input (W R^T, PEFT's convention) or output "
                   "(R W, LyCORIS's: boft_diffusion.export's lycoris format then writes a small exact file that "
                   "ComfyUI, A1111 and LyCORIS load natively).")

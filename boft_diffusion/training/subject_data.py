@@ -25,7 +25,7 @@ from .data import (
 logger = logging.getLogger("boft_diffusion")
 
 
-@dataclass
+@dataclass(eq=False)  # compared by identity: two sets of equal images stay two sets
 class ImageSet:
     """Preprocessed training images: one ``[3, H, W]`` tensor each (``[4, H, W]`` with a mask),
     covering its target size, and what SDXL's size conditioning records of each: the file's size
@@ -125,7 +125,7 @@ def bucket_groups(images: ImageSet, dataset_len: int) -> list[list[int]]:
 
 def cache_latents(image_sets: list[ImageSet], vae: torch.nn.Module, device: torch.device) -> list[list[tuple[torch.Tensor, torch.Tensor]]]:
     """Each image's VAE posterior (mean, std), encoded once (--cache_latents). The crops are
-    centred and nothing is flipped (``check_instance_flags`` makes sure), so every step would
+    centred and nothing is flipped (``recipes.dreambooth.check_config`` makes sure), so every step would
     encode exactly these pixels again."""
     cache = []
     for images in image_sets:
