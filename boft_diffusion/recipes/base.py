@@ -28,7 +28,15 @@ from ..training.cli import check_resolution
 from ..training.config import RunConfig
 from ..training.losses import min_snr_weights
 from ..training.sampling import vae_decodes_in_own_dtype
-from ..training.trainer import Recipe, Trainer, check_output_dir, make_accelerator, place, weight_dtype
+from ..training.trainer import (
+    Recipe,
+    Trainer,
+    check_compile_backend,
+    check_output_dir,
+    make_accelerator,
+    place,
+    weight_dtype,
+)
 
 
 class DiffusionRecipe:
@@ -91,6 +99,7 @@ class DiffusionRecipe:
         self.accelerator = make_accelerator(self.run.trainer)
         self.dtype = weight_dtype(self.accelerator)
         self.device = self.accelerator.device
+        check_compile_backend(self.run.trainer, self.device)
 
     def load_model(self) -> None:
         """The base pipeline in float32 on the run's device, its family, the training resolution

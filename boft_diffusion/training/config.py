@@ -63,6 +63,7 @@ class TrainerConfig:
     default_train_steps: int
     gradient_accumulation_steps: int
     compile: bool
+    compile_backend: str
     mixed_precision: str
     allow_tf32: bool
     overwrite_output_dir: bool

@@ -69,6 +69,15 @@ def check_output_dir(config: TrainerConfig, adapter_files: Sequence[str]) -> Non
         )
 
 
+def check_compile_backend(config: TrainerConfig, device: torch.device) -> None:
+    """Refuse ``--compile`` with inductor on the CPU: there it trains a different adapter than eager
+    (up to 0.095 after one step of the tiny model, 2026-11-27) while aot_eager matches to 1e-7, and
+    a flag that silently trains something else is worse than none."""
+    if config.compile and config.compile_backend == "inductor" and device.type == "cpu":
+        raise TrainingError("--compile with the inductor backend trains a different adapter than eager on the CPU "
+                            "(cause not found yet); pass --compile_backend aot_eager, or leave --compile out.")
+
+
 def make_accelerator(config: TrainerConfig):
     from accelerate import Accelerator
     from accelerate.state import AcceleratorState
@@ -293,7 +302,7 @@ class Trainer:
         )
         if config.compile:
             for module in recipe.modules.values():
-                compile_adapted(module)
+                compile_adapted(module, backend=config.compile_backend)
         prepared = accelerator.prepare(*recipe.modules.values(), optimizer)
         self.wrapped = dict(zip(recipe.modules, prepared[:-1], strict=True))
         self.optimizer = prepared[-1]
