@@ -73,6 +73,11 @@ def add_training_args(parser: argparse.ArgumentParser, default_output_dir: str, 
     add_flag(group, "--adam_beta2", bounds=(0, 1), type=float, default=0.999)
     add_flag(group, "--adam_weight_decay", bounds=(0, None), type=float, default=0.0)
     add_flag(group, "--adam_epsilon", bounds=(0, None), type=float, default=1e-8)
+    add_flag(group, "--use_ema", action="store_true",
+             help="Keep an exponential moving average of the adapter; the output folder's adapter is the "
+                  "average, the last step's weights are in output_dir/raw, checkpoints hold both.")
+    add_flag(group, "--ema_decay", bounds=(0, 1), type=float, default=0.99,
+             help="Decay of --use_ema per optimiser step (0.99: about the last 100 steps).")
     add_flag(group, "--max_grad_norm", bounds=(0, None), type=float, default=1.0)
     add_flag(group, "--snr_gamma", bounds=(0, None), type=float, default=None,
              help="Min-SNR loss weighting with this gamma (5.0 is the usual choice); default: plain MSE.")
@@ -85,6 +90,10 @@ def add_training_args(parser: argparse.ArgumentParser, default_output_dir: str, 
     add_flag(group, "--allow_tf32", action="store_true")
     add_flag(group, "--dataloader_num_workers", bounds=(0, None), run_control=True, type=int, default=0,
              help="Threads that decode images while the data set is loaded into memory.")
+    add_checkpoint_and_logging_args(parser)
+
+
+def add_checkpoint_and_logging_args(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("checkpoints and logging")
     add_flag(group, "--checkpointing_steps", bounds=(0, None), run_control=True, type=int, default=0, help="0: no intermediate checkpoints.")
     add_flag(group, "--checkpoints_total_limit", bounds=(1, None), run_control=True, type=int, default=None)

@@ -74,6 +74,8 @@ class TrainerConfig:
     report_to: str
     logging_dir: str
     optimizer: OptimizerConfig
+    use_ema: bool
+    ema_decay: float
     hparams: dict[str, Any] = field(default_factory=dict)
     run_control_flags: frozenset[str] = frozenset()
 

@@ -38,6 +38,7 @@ from ..core.files import WriteError, atomic_write, atomic_write_text, remove_sta
 from ..core.images import image_grid
 from .checkpoints import STATE_JSON, list_checkpoints, load_checkpoint, resolve_checkpoint, save_checkpoint
 from .config import TrainerConfig
+from .ema import AdapterEMA
 
 logger = logging.getLogger("boft_diffusion")
 
@@ -308,6 +309,7 @@ class Trainer:
         self.optimizer = prepared[-1]
         self.step = 0
         self.output_dir = Path(config.output_dir)
+        self.ema = AdapterEMA(self.params, config.ema_decay) if config.use_ema else None
 
     # checkpoints ---------------------------------------------------------------------------------
     def _trainer_state(self) -> dict[str, Any]:
@@ -350,7 +352,8 @@ class Trainer:
             self.optimizer,
             self.lr_scheduler,
             self._trainer_state(),
-            extra_files={"adapter": functools.partial(self._save_outputs_at_step, step=self.step)},
+            extra_files={"adapter": functools.partial(self._save_outputs_at_step, step=self.step),
+                         **({EMA_FOLDER: self.ema.save} if self.ema else {})},
             total_limit=self.config.checkpoints_total_limit,
         )
 
@@ -387,6 +390,11 @@ class Trainer:
                         f"{path}: {name} has shape {list(tensors[name].shape)}, this run {list(param.shape)}{because}."
                     )
                 param.copy_(tensors[name])
+        if self.ema is not None:
+            try:
+                self.ema.load(path / EMA_FOLDER)
+            except ValueError as error:
+                raise TrainingError(f"{error} Resume with the flags it was written with{because}.") from error
         if changed:
             logger.warning("resuming %s with changed flags: %s", path, changed)
         scaler = getattr(self.accelerator, "scaler", None)
@@ -461,6 +469,8 @@ class Trainer:
                         accumulated[key] = accumulated.get(key, 0.0) + value / config.gradient_accumulation_steps
                 self._check_gradients()
                 self.optimizer.step()
+                if self.ema is not None:
+                    self.ema.update()
                 self.lr_scheduler.step()
                 self.optimizer.zero_grad(set_to_none=True)
                 self.step += 1
@@ -523,6 +533,14 @@ class Trainer:
         self.check_replicas_agree()
         acc.wait_for_everyone()
         if acc.is_main_process:
+            try:
+                if self.ema is not None:  # the last step's weights beside the average
+                    self.recipe.save_outputs(self.output_dir / RAW_FOLDER, self.step)
+            except WriteError as error:
+                raise self._explain_write_error(error) from error
+        if self.ema is not None:
+            self.ema.copy_to_params()  # from here on the run's adapter is the average, on every process
+        if acc.is_main_process:
             flags = json.dumps(flags_as_json(self.config.hparams), indent=2)
             try:
                 self.recipe.save_outputs(self.output_dir, self.step)
@@ -536,6 +554,10 @@ class Trainer:
         self.accelerator.wait_for_everyone()
         self.accelerator.end_training()
 
+
+#: With --use_ema: a checkpoint's folder of the average, and the output folder's of the last step's weights.
+EMA_FOLDER = "ema"
+RAW_FOLDER = "raw"
 
 #: The run's resolved flags (command line over --config file over defaults), written beside its outputs.
 FLAGS_JSON = "training_flags.json"

@@ -1,0 +1,47 @@
+"""--use_ema: the saved adapter is the exponential moving average of the trained tensors (checked by
+hand from the checkpoints' raw tensors), the last step's weights sit in raw/, and a resumed run
+continues the average bit for bit."""
+
+import torch
+from safetensors.torch import load_file
+from test_dreambooth import FAST
+
+import train_dreambooth
+from boft_diffusion.training.checkpoints import TRAINABLE_FILE
+from boft_diffusion.training.ema import EMA_FILE
+
+DECAY = 0.5
+EMA = ["--use_ema", "--ema_decay", str(DECAY), "--boft_dropout", "0", "--learning_rate", "0.05"]
+
+
+def train(out, *flags) -> int:
+    return train_dreambooth.main([*FAST, "--output_dir", str(out), *EMA, *map(str, flags)])
+
+
+def unet_skews(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    return {key: value for key, value in tensors.items() if key.startswith("unet.") and "boft_skew" in key}
+
+
+def test_the_adapter_is_the_average_and_raw_holds_the_last_step(tmp_path):
+    out = tmp_path / "out"
+    assert train(out, "--max_train_steps", "3", "--checkpointing_steps", "1") == 0
+    steps = [unet_skews(load_file(out / f"checkpoint-{k}" / TRAINABLE_FILE)) for k in (1, 2)]
+    average = unet_skews(load_file(out / "checkpoint-2" / "ema" / EMA_FILE))
+    assert average and set(average) == set(steps[0])
+    for key, start in average.items():  # after two steps from 0: d^2 * 0 + (1 - d)(d p1 + p2)
+        expected = (1 - DECAY) * (DECAY * steps[0][key] + steps[1][key])
+        assert torch.allclose(start, expected, atol=1e-7)
+    raw, averaged = load_file(out / "raw" / "adapter_model.safetensors"), load_file(out / "adapter_model.safetensors")
+    assert set(raw) == set(averaged)
+    assert any(not torch.allclose(raw[key], averaged[key]) for key in raw), "the saved adapter is not the last step"
+
+
+def test_a_resumed_run_continues_the_average_bitwise(tmp_path):
+    whole, resumed = tmp_path / "whole", tmp_path / "resumed"
+    assert train(whole, "--max_train_steps", "4") == 0
+    assert train(resumed, "--max_train_steps", "2", "--checkpointing_steps", "1") == 0
+    assert train(resumed, "--max_train_steps", "4", "--resume_from_checkpoint", str(resumed / "checkpoint-1"),
+                 "--overwrite_output_dir") == 0
+    for name in ("adapter_model.safetensors", "raw/adapter_model.safetensors"):
+        a, b = load_file(whole / name), load_file(resumed / name)
+        assert all(torch.equal(a[key], b[key]) for key in a), name
