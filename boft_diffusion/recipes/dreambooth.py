@@ -29,7 +29,7 @@ from ..outputs.write import boft_summary, peft_interop_note, save_dreambooth
 from ..tiny.bundled import DEFAULT_INSTANCE_PROMPT, example_subject_dir
 from ..training.cli import add_flag, latent_multiple, parse_recipe_flags, recipe_parser, run_config
 from ..training.config import RunConfig, config_from_flags
-from ..training.data import augment_batch, bucket_sizes, caption_path, list_images, read_captions
+from ..training.data import augment_batch, bucket_sizes, caption_path, center_crop_tensor, list_images, read_captions
 from ..training.losses import denoising_loss, dreambooth_loss
 from ..training.sampling import vae_decodes_in_own_dtype
 from ..training.subject_data import ImageSet, Part, Segment, bucket_groups, cache_latents, segments_of
@@ -55,6 +55,7 @@ class SubjectConfig:
     bucket: bool
     cache_latents: bool
     random_flip: bool
+    validation_data_dir: str | None
 
 
 @dataclass
@@ -119,6 +120,7 @@ def build_parser(description: str | None = None) -> argparse.ArgumentParser:
 def add_dreambooth_args(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("subject and prior")
     add_subject_args(group)
+    add_validation_data_args(group)
     add_prior_args(group)
     add_text_args(group)
     add_baseline_args(group)
@@ -144,6 +146,13 @@ def add_subject_args(group: Any) -> None:
     add_flag(group, "--background_loss_weight", type=float, default=None,
              help=f"Weight of the instance loss outside the subject mask (with --instance_mask_dir; "
                   f"default {DEFAULT_BACKGROUND_LOSS_WEIGHT}).")
+
+
+def add_validation_data_args(group: Any) -> None:
+    add_flag(group, "--validation_data_dir", default=None,
+             help="Held-out images of the subject (captioned like the instance images): a validation loss at "
+                  "fixed noise and timesteps, printed and logged at every validation, comparable across steps "
+                  "and runs.")
 
 
 def add_prior_args(group: Any) -> None:
@@ -336,6 +345,7 @@ class DreamBooth(DiffusionRecipe):
         self.place_frozen()
         self.setup_gradient_checkpointing()
         self.setup_prompts()
+        self.setup_held_out()
         self.image_sets = [self.instances, self.classes] if self.classes else [self.instances]
         self.dataset_len = max(len(images.tensors) for images in self.image_sets)
         if self.config.subject.cache_latents:
@@ -431,9 +441,39 @@ class DreamBooth(DiffusionRecipe):
             with torch.no_grad():
                 self.cached_prompts = self.encode({}, self.prompts)
 
+    def setup_held_out(self) -> None:
+        """The --validation_data_dir images and their prompts, for the validation loss."""
+        subject = self.config.subject
+        self.held_out = None
+        if not subject.validation_data_dir:
+            return
+        self.held_out = self.read_images(subject.validation_data_dir, "validation images")
+        self.held_out_prompts = [subject.instance_prompt] * len(self.held_out.paths)
+        if subject.caption_extension:
+            self.held_out_prompts = read_captions(self.held_out.paths, subject.caption_extension,
+                                                  subject.instance_prompt)
+
+    def validation_loss(self) -> dict[str, float]:
+        """The instance loss of every held-out image at noise and a timestep drawn from a fixed seed per
+        image, centre-cropped and unflipped: the same draws at every validation and in every run."""
+        held, losses = self.held_out, []
+        with torch.no_grad():
+            for index, (tensor, target) in enumerate(zip(held.tensors, held.targets, strict=True)):
+                pixels = center_crop_tensor(tensor[:3], target).unsqueeze(0)
+                size_ids = self.family.size_ids([held.original_sizes[index]], [held.offsets[index]], target,
+                                                self.device)
+                part = Part(pixels, pixels.new_zeros(1, 0, *target), size_ids, [0], 1)
+                prompts = self.encode(self.modules, [self.held_out_prompts[index]])
+                generator = torch.Generator().manual_seed(self.run.trainer.seed + 104729 * (index + 1))
+                noised, prediction = self.predict(self.modules, part, prompts, generator)
+                losses.append(denoising_loss(prediction, self.objective.target(noised),
+                                             self.example_weights(noised.timesteps)).item())
+        return {"validation_loss": sum(losses) / len(losses)}
+
     def trainer_recipe(self) -> Recipe:
         subject = self.config.subject
         recipe = super().trainer_recipe()
+        recipe.validation_metrics = self.validation_loss if self.held_out else None
         recipe.learning_rates = {IdentifierEmbedding.PARAMETER_SUFFIX: self.config.text.identifier_learning_rate}
         recipe.schedule = {"caption_dropout_rate": subject.caption_dropout_rate, "bucket": subject.bucket}
         recipe.groups = bucket_groups(self.instances, self.dataset_len) if subject.bucket else None

@@ -227,6 +227,7 @@ class Recipe:
     ``models`` the same modules as prepared for data parallelism (call these in the forward).
     ``save_outputs(folder, step)``: write the trained artefacts (adapter folders, encoders).
     ``validate(step) -> rows of images``: optional, run on the main process.
+    ``validation_metrics() -> {name: value}``: optional numbers logged and printed at each validation.
     ``learning_rates``: parameter-name suffix -> learning rate, for parameters that need their own.
     ``schedule``: the recipe's own settings that change which random draws a step makes; a
     resumed run must match them.
@@ -238,6 +239,7 @@ class Recipe:
     compute_loss: Callable[[dict[str, nn.Module], list[int], torch.Generator], tuple[torch.Tensor, dict[str, float]]]
     save_outputs: Callable[[Path, int], None]
     validate: Callable[[int], list[list[Image.Image]]] | None = None
+    validation_metrics: Callable[[], dict[str, float]] | None = None
     run_name: str = "boft"
     learning_rates: dict[str, float] = field(default_factory=dict)
     schedule: dict[str, Any] = field(default_factory=dict)
@@ -499,8 +501,13 @@ class Trainer:
                 module.eval()
             with self.accelerator.autocast():
                 rows = self.recipe.validate(self.step)
+                metrics = self.recipe.validation_metrics() if self.recipe.validation_metrics else {}
             for module in self.wrapped.values():
                 module.train()
+            if metrics:
+                logger.info("validation at step %d: %s", self.step,
+                            ", ".join(f"{name} {value:.6f}" for name, value in metrics.items()))
+                self.accelerator.log(metrics, step=self.step)
             if rows:
                 grid = image_grid(rows)
                 path = self.output_dir / "validation" / f"step-{self.step:06d}.png"

@@ -1,6 +1,6 @@
 """--use_ema: the saved adapter is the exponential moving average of the trained tensors (checked by
 hand from the checkpoints' raw tensors), the last step's weights sit in raw/, and a resumed run
-continues the average bit for bit."""
+continues the average bit for bit. --validation_data_dir: a held-out loss at fixed draws."""
 
 import torch
 from safetensors.torch import load_file
@@ -45,3 +45,27 @@ def test_a_resumed_run_continues_the_average_bitwise(tmp_path):
     for name in ("adapter_model.safetensors", "raw/adapter_model.safetensors"):
         a, b = load_file(whole / name), load_file(resumed / name)
         assert all(torch.equal(a[key], b[key]) for key in a), name
+
+
+def test_validation_loss_on_held_out_images_is_logged_and_comparable(tmp_path, caplog):
+    """--validation_data_dir: the loss of held-out images at fixed draws, at every validation; the same
+    in two runs of the same seed, and moving with the adapter from step to step."""
+    import shutil
+
+    from boft_diffusion.tiny.bundled import example_subject_dir
+
+    held_out = tmp_path / "held_out"
+    shutil.copytree(example_subject_dir(), held_out)
+    flags = ["--validation_data_dir", held_out, "--caption_extension", ".txt", "--validation_steps", "1",
+             "--max_train_steps", "3", "--learning_rate", "0.05", "--boft_dropout", "0"]
+
+    def losses(out) -> list[float]:
+        caplog.clear()
+        with caplog.at_level("INFO", logger="boft_diffusion"):
+            assert train_dreambooth.main([*FAST, "--output_dir", str(out), *map(str, flags)]) == 0
+        return [float(r.getMessage().rsplit(" ", 1)[1]) for r in caplog.records
+                if r.getMessage().startswith("validation at step") and "validation_loss" in r.getMessage()]
+
+    first, second = losses(tmp_path / "a"), losses(tmp_path / "b")
+    assert len(first) == 3 and first == second
+    assert len(set(first)) == 3, "the loss follows the adapter from step to step"
