@@ -106,9 +106,9 @@ def save_checkpoint(
     final = output_dir / f"checkpoint-{step}"
     with atomic_folder(final, fsync=True) as tmp:
         tensors = {k: v.detach().cpu().contiguous() for k, v in trainable.items()}
-        _write(tmp, TRAINABLE_FILE, partial(_save_tensors, tensors))
+        _write(tmp, TRAINABLE_FILE, partial(save_file, tensors))
         optimizer_tensors, optimizer_json = _optimizer_to_files(optimizer)
-        _write(tmp, OPTIMIZER_TENSORS, partial(_save_tensors, optimizer_tensors))
+        _write(tmp, OPTIMIZER_TENSORS, partial(save_file, optimizer_tensors))
         _write(tmp, OPTIMIZER_JSON, partial(write_text, text=json.dumps(optimizer_json)))
         _write(tmp, SCHEDULER_JSON, partial(write_text, text=json.dumps(lr_scheduler.state_dict(), default=_not_serialisable)))
         for name, writer in (extra_files or {}).items():
@@ -128,9 +128,6 @@ def _write(folder: Path, name: str, writer: Any) -> None:
     final_name = folder.name.removeprefix(".").rsplit(".tmp-", 1)[0]
     write_or_explain(folder.parent / final_name / name, partial(writer, str(path)))
 
-
-def _save_tensors(tensors: dict[str, torch.Tensor], path: str) -> None:
-    save_file(tensors, path)
 
 
 

@@ -354,13 +354,10 @@ class Trainer:
             self.optimizer,
             self.lr_scheduler,
             self._trainer_state(),
-            extra_files={"adapter": functools.partial(self._save_outputs_at_step, step=self.step),
+            extra_files={"adapter": functools.partial(self.recipe.save_outputs, step=self.step),
                          **({EMA_FOLDER: self.ema.save} if self.ema else {})},
             total_limit=self.config.checkpoints_total_limit,
         )
-
-    def _save_outputs_at_step(self, folder: Path, step: int) -> None:
-        self.recipe.save_outputs(folder, step)
 
     def maybe_resume(self) -> None:
         spec = self.config.resume_from_checkpoint
