@@ -21,6 +21,14 @@ def kohya_name(prefix: str, module_name: str) -> str:
     return f"{prefix}_{module_name.replace('.', '_')}"
 
 
+def _kohya_owners(prefix: str, all_module_names: Iterable[str]) -> dict[str, list[str]]:
+    """Kohya name -> the module names that map to it (more than one where "." -> "_" collides)."""
+    owners: dict[str, list[str]] = defaultdict(list)
+    for name in dict.fromkeys(all_module_names):
+        owners[kohya_name(prefix, name)].append(name)
+    return owners
+
+
 def kohya_names(prefix: str, module_names: Iterable[str], all_module_names: Iterable[str]) -> dict[str, str]:
     """Module name -> kohya name for ``module_names``, refusing any name two modules would share.
 
@@ -28,9 +36,7 @@ def kohya_names(prefix: str, module_names: Iterable[str], all_module_names: Iter
     inverse exists only against the model's own module list: each exported name must belong to
     exactly one module of ``all_module_names``, which makes the mapping a bijection.
     """
-    owners: dict[str, list[str]] = defaultdict(list)
-    for name in dict.fromkeys(all_module_names):
-        owners[kohya_name(prefix, name)].append(name)
+    owners = _kohya_owners(prefix, all_module_names)
     names = {}
     for name in module_names:
         key = kohya_name(prefix, name)
@@ -43,9 +49,7 @@ def kohya_names(prefix: str, module_names: Iterable[str], all_module_names: Iter
 
 def module_names_by_kohya(prefix: str, all_module_names: Iterable[str]) -> dict[str, str]:
     """Kohya name -> module name over every module whose kohya name is unambiguous."""
-    owners: dict[str, list[str]] = defaultdict(list)
-    for name in dict.fromkeys(all_module_names):
-        owners[kohya_name(prefix, name)].append(name)
+    owners = _kohya_owners(prefix, all_module_names)
     return {key: names[0] for key, names in owners.items() if len(names) == 1}
 
 
