@@ -17,6 +17,7 @@ from ..core.adapters import (
     active_adapter,
     adapter_configs,
     base_state_dict,
+    bias_shifts,
     boft_layers,
     has_adapters,
     merged_state_dict,
@@ -154,8 +155,10 @@ def export_lycoris(adapted: AdaptedPipeline, output: str | os.PathLike) -> Path:
             scale = layer.magnitude(adapter)
             tensors.update(lycoris_boft_state_dict(keys[name], skew, None if scale is None else scale.detach(),
                                                    layer.weight.dim()))
-        biases = {name: delta for name, delta in module_deltas(adapted, component).items() if delta.bias is not None}
-        tensors.update(diff_state_dict({key: Delta(bias=biases[name].bias)
+        # trained biases are the adapters' live bias shifts: no need to merge every weight to find them
+        biases = {name: shift.live_delta() for name, _, shift in bias_shifts(model)}
+        biases = {name: delta for name, delta in biases.items() if delta is not None and delta.any()}
+        tensors.update(diff_state_dict({key: Delta(bias=biases[name])
                                         for name, key in _kohya_keys(adapted, component, biases).items()}))
     metadata = {"ss_network_module": "lycoris.kohya", "ss_network_args": json.dumps({"algo": "boft"})}
     return _write_safetensors(tensors, Path(output), metadata)
