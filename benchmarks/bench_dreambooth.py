@@ -33,15 +33,15 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw
 
-from boft_diffusion import load_adapter, load_pipeline
-from boft_diffusion.core.adapters import base_state_dict, merged_state_dict
+from boft_diffusion import load_pipeline
+from boft_diffusion.core.adapters import base_state_dict
 from boft_diffusion.core.files import WEIGHTS_NAME, count_file_parameters
 from boft_diffusion.demo import GUIDANCE, training_flags
 from boft_diffusion.evaluation.energy import energy_change
 from boft_diffusion.evaluation.statistics import bootstrap_ci, paired_bootstrap_ci
 from boft_diffusion.evaluation.tiny_world import instance_self_score, sample_scores, tiny_world_samples
 from boft_diffusion.families.loading import quiet_progress
-from boft_diffusion.kinds.peft_baselines import load_peft_adapter
+from boft_diffusion.kinds.registry import AdapterKind, adapter_kind
 from boft_diffusion.outputs.read import load_outputs
 from boft_diffusion.recipes.dreambooth import DreamBoothConfig, ensure_class_images, train
 from boft_diffusion.tiny import world
@@ -71,15 +71,6 @@ def fresh_pipeline():
     return quiet_progress(load_pipeline("tiny", dtype=torch.float32))
 
 
-def peft_merged_weights(model: torch.nn.Module) -> dict[str, torch.Tensor]:
-    """Weights of a PEFT-adapted model with the adapter folded in, under the plain key names."""
-    for module in model.modules():
-        if hasattr(module, "merge") and hasattr(module, "base_layer"):
-            module.merge()
-    return {k.replace(".base_layer.", "."): v.clone() for k, v in model.state_dict().items()
-            if "lora_" not in k and "oft_" not in k}
-
-
 def instances_of(name: str) -> list[Image.Image]:
     return [image for _, image in load_images(example_subject_dir(name), 64)]
 
@@ -93,8 +84,13 @@ def measure(pipe, name: str, num_images: int, eval_seed: int, guidance: float = 
     return sample_scores(drawn, instances_of(name))
 
 
+def kind_of(method: str) -> AdapterKind:
+    """The adapter kind a method trains ("boft-m2-output" -> boft)."""
+    return adapter_kind(method.split("-")[0])
+
+
 def loader(method: str):
-    return load_adapter if method.startswith("boft") else load_peft_adapter
+    return kind_of(method).load
 
 
 def score_folder(folder: Path, method: str, name: str, num_images: int, eval_seed: int, guidance: float) -> dict:
@@ -104,7 +100,7 @@ def score_folder(folder: Path, method: str, name: str, num_images: int, eval_see
     boft = method.startswith("boft")
     load_outputs(pipe, folder, load=loader(method))
     samples = measure(pipe, name, num_images, eval_seed, guidance)
-    after = merged_state_dict(pipe.unet) if boft else peft_merged_weights(pipe.unet)
+    after = kind_of(method).merged_state_dict(pipe.unet)
     if boft:
         assert base_state_dict(pipe.unet).keys() == after.keys()
     after = {k: v.detach().cpu() for k, v in after.items()}
