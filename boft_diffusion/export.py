@@ -25,7 +25,14 @@ from pathlib import Path
 
 import torch
 
-from .exports.layouts import KOHYA_PREFIXES, KOHYA_PREFIXES_SDXL, LoraReport, format_report
+from .exports.layouts import (
+    KOHYA_PREFIXES,
+    KOHYA_PREFIXES_DIT,
+    KOHYA_PREFIXES_SD3,
+    KOHYA_PREFIXES_SDXL,
+    LoraReport,
+    format_report,
+)
 from .exports.writers import (
     AdaptedPipeline,
     check_rank_choice,
@@ -35,6 +42,7 @@ from .exports.writers import (
     export_lora,
     export_lycoris,
     export_merged_pipeline,
+    export_native_diff,
     identifier_vectors,
     lora_factors,
     lora_report,
@@ -58,7 +66,7 @@ def load_for_export(adapter_dir: str | os.PathLike, base_model: str | None = Non
     if not (folder / "adapter_config.json").is_file():
         raise FileNotFoundError(f"{folder} is not an adapter folder: adapter_config.json not found.")
     pipe = load_pipeline(base_model or _base_model_of(folder), dtype=torch.float32, device="cpu")
-    prefixes = KOHYA_PREFIXES_SDXL if is_sdxl(pipe) else KOHYA_PREFIXES
+    prefixes = kohya_prefixes(pipe)
     base_biases = {name: {key: value.clone() for key, value in getattr(pipe, name).state_dict().items()
                           if key.endswith(".bias")} for name in prefixes}
     try:
@@ -67,6 +75,17 @@ def load_for_export(adapter_dir: str | os.PathLike, base_model: str | None = Non
         raise ValueError(f"{folder}: {error}") from error
     components = {name: getattr(pipe, name) for name in prefixes if getattr(pipe, name) in models}
     return AdaptedPipeline(pipe, components, base_biases, dict(prefixes))
+
+
+def kohya_prefixes(pipe) -> dict[str, str]:
+    """kohya's prefix of each pipeline component an adapter can train."""
+    if is_transformer(pipe):
+        return KOHYA_PREFIXES_DIT if getattr(pipe, "text_encoder_3", None) is None else KOHYA_PREFIXES_SD3
+    return KOHYA_PREFIXES_SDXL if is_sdxl(pipe) else KOHYA_PREFIXES
+
+
+def is_transformer(pipe) -> bool:
+    return getattr(pipe, "transformer", None) is not None
 
 
 @dataclass
@@ -105,6 +124,8 @@ def export_adapter(adapter_dir: str | os.PathLike, fmt: str, output: str | os.Pa
     adapted = load_for_export(adapter_dir, base_model)
     if fmt == "merged":
         return ExportResult([export_merged_pipeline(adapted.pipe, output)])
+    if is_transformer(adapted.pipe):
+        return export_transformer_adapter(adapted, adapter_dir, fmt, output, rank, energy)
     if fmt == "lycoris":
         if is_sdxl(adapted.pipe) and identifier_vectors(adapted):
             raise ValueError(f"{adapter_dir} has learned identifier embeddings on SDXL, whose two-encoder "
@@ -127,6 +148,28 @@ def export_adapter(adapter_dir: str | os.PathLike, fmt: str, output: str | os.Pa
         result.report = lora_report(adapted, factors)
         result.dropped_biases = dropped_biases(deltas)
     result.paths += export_identifiers(adapted, embeddings_dir)
+    return result
+
+
+def export_transformer_adapter(adapted: AdaptedPipeline, adapter_dir: Path, fmt: str, output: Path,
+                               rank: int | None, energy: float | None) -> ExportResult:
+    """Flux.1 and SD3: merged folders, diffusers LoRA folders (``FluxPipeline.load_lora_weights``;
+    full rank, so exact, unless --rank or --energy asks for less) and the transformer's diff under
+    ComfyUI's own key names."""
+    family = type(adapted.pipe).__name__
+    if fmt not in ("merged", "peft-lora", "diff"):
+        raise ValueError(f"{adapter_dir} is a {family} adapter: export it as merged, peft-lora or diff (the "
+                         f"{fmt} format writes kohya's UNet key layouts).")
+    if fmt == "diff":
+        if set(adapted.components) != {"transformer"} or identifier_vectors(adapted):
+            raise ValueError(f"{adapter_dir} trained text-encoder parts, which a {family} diff does not carry yet: "
+                             "export --format peft-lora or merged.")
+        return ExportResult([export_native_diff(adapted, output)])
+    deltas = {component: module_deltas(adapted, component) for component in adapted.components}
+    factors = lora_factors(deltas, rank, 1.0 if rank is None and energy is None else energy)
+    result = ExportResult([export_lora(adapted, output, factors, "peft")], lora_report(adapted, factors),
+                          dropped_biases(deltas))
+    result.paths += export_identifiers(adapted, output)
     return result
 
 

@@ -56,3 +56,94 @@ def a1111_patch(weight: torch.Tensor, tensors: dict[str, torch.Tensor], multipli
     if "rescale" in tensors:
         rotated = rotated * tensors["rescale"].float().reshape(out, *[1] * (weight.dim() - 1))
     return weight + multiplier * (rotated - weight)
+
+
+# ComfyUI's Flux.1 / SD3 "diff" patches (comfy/utils.py flux_to_diffusers, comfy/lora.py, re-implemented)
+def comfyui_flux_key_map(depth: int, single_depth: int, hidden: int) -> dict[str, tuple[str, tuple | None]]:
+    """diffusers weight key -> (ComfyUI model key, (dim, start, length) inside it, or None), for the
+    block modules an adapter can touch, as ``flux_to_diffusers`` maps them with prefix ``diffusion_model.``."""
+    keys: dict[str, tuple[str, tuple | None]] = {}
+    for i in range(depth):
+        src, dst = f"transformer_blocks.{i}", f"diffusion_model.double_blocks.{i}"
+        for stream, names in (("img_attn", ("to_q", "to_k", "to_v")), ("txt_attn", ("add_q_proj", "add_k_proj", "add_v_proj"))):
+            for end in ("weight", "bias"):
+                for n, name in enumerate(names):
+                    keys[f"{src}.attn.{name}.{end}"] = (f"{dst}.{stream}.qkv.{end}", (0, n * hidden, hidden))
+        plain = {"attn.to_out.0": "img_attn.proj", "attn.to_add_out": "txt_attn.proj", "ff.net.0.proj": "img_mlp.0",
+                 "ff.net.2": "img_mlp.2", "ff_context.net.0.proj": "txt_mlp.0", "ff_context.net.2": "txt_mlp.2"}
+        for name, native in plain.items():
+            for end in ("weight", "bias"):
+                keys[f"{src}.{name}.{end}"] = (f"{dst}.{native}.{end}", None)
+    for i in range(single_depth):
+        src, dst = f"single_transformer_blocks.{i}", f"diffusion_model.single_blocks.{i}"
+        for end in ("weight", "bias"):
+            for n, name in enumerate(("attn.to_q", "attn.to_k", "attn.to_v")):
+                keys[f"{src}.{name}.{end}"] = (f"{dst}.linear1.{end}", (0, n * hidden, hidden))
+            keys[f"{src}.proj_mlp.{end}"] = (f"{dst}.linear1.{end}", (0, 3 * hidden, 4 * hidden))
+            keys[f"{src}.proj_out.{end}"] = (f"{dst}.linear2.{end}", None)
+    for name, native in {"proj_out": "final_layer.linear", "x_embedder": "img_in", "context_embedder": "txt_in"}.items():
+        for end in ("weight", "bias"):
+            keys[f"{name}.{end}"] = (f"diffusion_model.{native}.{end}", None)
+    return keys
+
+
+def comfyui_sd3_key_map(depth: int, hidden: int) -> dict[str, tuple[str, tuple | None]]:
+    """The same for SD3's joint blocks (``mmdit_to_diffusers``: x_block and context_block)."""
+    keys: dict[str, tuple[str, tuple | None]] = {}
+    for i in range(depth):
+        src, dst = f"transformer_blocks.{i}", f"diffusion_model.joint_blocks.{i}"
+        for block, names in (("x_block", ("to_q", "to_k", "to_v")), ("context_block", ("add_q_proj", "add_k_proj", "add_v_proj"))):
+            for end in ("weight", "bias"):
+                for n, name in enumerate(names):
+                    keys[f"{src}.attn.{name}.{end}"] = (f"{dst}.{block}.attn.qkv.{end}", (0, n * hidden, hidden))
+        plain = {"attn.to_out.0": "x_block.attn.proj", "attn.to_add_out": "context_block.attn.proj",
+                 "ff.net.0.proj": "x_block.mlp.fc1", "ff.net.2": "x_block.mlp.fc2",
+                 "ff_context.net.0.proj": "context_block.mlp.fc1", "ff_context.net.2": "context_block.mlp.fc2"}
+        for name, native in plain.items():
+            for end in ("weight", "bias"):
+                keys[f"{src}.{name}.{end}"] = (f"{dst}.{native}.{end}", None)
+    for name, native in {"proj_out": "final_layer.linear", "context_embedder": "context_embedder"}.items():
+        for end in ("weight", "bias"):
+            keys[f"{name}.{end}"] = (f"diffusion_model.{native}.{end}", None)
+    return keys
+
+
+def to_comfyui_layout(state_dict: dict[str, torch.Tensor], key_map: dict) -> dict[str, torch.Tensor]:
+    """A diffusers state dict in ComfyUI's layout (slices written into the fused tensors, as
+    ``convert_diffusers_mmdit`` does); keys the map does not name are left out."""
+    native: dict[str, torch.Tensor] = {}
+    for key, (target, offset) in key_map.items():
+        if key not in state_dict:
+            continue
+        value = state_dict[key]
+        if offset is None:
+            native[target] = value.clone()
+            continue
+        dim, start, length = offset
+        fused = native.get(target)
+        if fused is None or fused.shape[dim] < start + length:
+            shape = list(value.shape)
+            shape[dim] = start + length
+            grown = torch.zeros(shape, dtype=value.dtype)
+            if fused is not None:
+                grown.narrow(dim, 0, fused.shape[dim]).copy_(fused)
+            fused = grown
+        fused.narrow(dim, start, length).copy_(value)
+        native[target] = fused
+    return native
+
+
+def comfyui_apply_diffs(native: dict[str, torch.Tensor], tensors: dict[str, torch.Tensor],
+                        strength: float = 1.0) -> tuple[dict[str, torch.Tensor], list[str]]:
+    """ComfyUI's ``diff`` / ``diff_b`` patches: ``<key>.diff`` is added to ``<key>.weight`` and
+    ``<key>.diff_b`` to ``<key>.bias`` when the shapes agree; keys it cannot place are returned
+    (ComfyUI logs them as "lora key not loaded")."""
+    patched, skipped = dict(native), []
+    for key, value in tensors.items():
+        base, _, kind = key.rpartition(".")
+        target = f"{base}.weight" if kind == "diff" else f"{base}.bias" if kind == "diff_b" else None
+        if target is None or target not in patched or patched[target].shape != value.shape:
+            skipped.append(key)
+            continue
+        patched[target] = patched[target] + strength * value
+    return patched, skipped

@@ -16,7 +16,7 @@ APP_DEFAULTS = {"--host": "127.0.0.1", "--port": "7860", "--model": "tiny", "--a
 #: flag, such as --max_upload_mb's 512, must not pass for --max_size).
 COMMANDS = {
     "train_dreambooth.py": {"--learning_rate": "0.001", "--instance_prompt": "a photo of sks ohwx star",
-                            "--boft_target_modules": "to_q to_k to_v to_out.0", "--lora_rank": "4"},
+                            "--boft_target_modules": "to_q to_k to_v to_out.0, with add_q_proj add_k_proj add_v_proj to_add_out on Flux.1 and SD3", "--lora_rank": "4"},
     "train_controlnet.py": {"--control": "light", "--output_dir": "outputs/controlnet", "--num_inference_steps": "25"},
     "app.py": APP_DEFAULTS,
     "-m boft_diffusion.evaluation": {"--num_images": "16", "--num_inference_steps": "25"},

@@ -314,9 +314,9 @@ def test_a_cached_hub_id_of_an_sdxl_model_loads_as_sdxl(sdxl, tmp_path, monkeypa
 def test_single_file_checkpoints_are_told_apart_by_the_second_text_encoder(tmp_path):
     from safetensors.torch import save_file
 
-    from boft_diffusion.families.loading import _file_is_sdxl
+    from boft_diffusion.families.loading import _file_kind
 
     save_file({"conditioner.embedders.1.model.ln_final.weight": torch.ones(2)}, tmp_path / "xl.safetensors")
     save_file({"cond_stage_model.transformer.text_model.final_layer_norm.weight": torch.ones(2)},
               tmp_path / "sd.safetensors")
-    assert _file_is_sdxl(tmp_path / "xl.safetensors") and not _file_is_sdxl(tmp_path / "sd.safetensors")
+    assert _file_kind(tmp_path / "xl.safetensors") == "sdxl" and _file_kind(tmp_path / "sd.safetensors") == "sd"

@@ -6,9 +6,9 @@ import torch.nn.functional as F
 from diffusers import DDPMScheduler
 from torch import nn
 
-from boft_diffusion.families.denoising import DenoisingObjective, NoisedBatch
+from boft_diffusion.families.denoising import DenoisingObjective, NoisedBatch, min_snr_weights
 from boft_diffusion.recipes.dreambooth import DreamBoothConfig
-from boft_diffusion.training.losses import denoising_loss, dreambooth_loss, min_snr_weights
+from boft_diffusion.training.losses import denoising_loss, dreambooth_loss
 from boft_diffusion.training.trainer import make_optimizer
 
 

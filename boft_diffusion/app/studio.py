@@ -34,7 +34,7 @@ from ..core.files import (
 )
 from ..core.identifier import remove_identifier_embeddings
 from ..families.loading import load_pipeline, quiet_progress
-from ..outputs.read import TrainedAdapter, load_outputs, read_control_info, text_encoders
+from ..outputs.read import TrainedAdapter, denoiser_of, load_outputs, read_control_info, text_encoders
 from ..outputs.write import CONTROL_INFO, CONTROLNET_FOLDER, TEXT_ENCODER_2_FOLDER, TEXT_ENCODER_FOLDER
 from .errors import StudioError
 from .uploads import UPLOADS_FOLDER, UploadQuota, install_upload
@@ -224,7 +224,7 @@ class Studio:
         return info
 
     def _models(self) -> list[Any]:
-        return [self.pipe.unet, *text_encoders(self.pipe)]
+        return [denoiser_of(self.pipe), *text_encoders(self.pipe)]
 
     def _key(self, name: str) -> str:
         """A distinct adapter name per folder (folder names may collide once sanitised)."""

@@ -39,6 +39,7 @@ from .layouts import (
     peft_lora_state_dict,
     textual_inversion_state_dict,
 )
+from .native_keys import native_deltas
 
 PEFT_LORA_WEIGHTS = "pytorch_lora_weights.safetensors"
 
@@ -124,6 +125,16 @@ def export_diff(adapted: AdaptedPipeline, output: str | os.PathLike) -> Path:
         tensors.update(diff_state_dict({keys[name]: delta for name, delta in deltas.items()}))
     metadata = {"ss_network_module": "lycoris.kohya", "ss_network_args": json.dumps({"algo": "full"})}
     return _write_safetensors(tensors, Path(output), metadata)
+
+
+def export_native_diff(adapted: AdaptedPipeline, output: str | os.PathLike) -> Path:
+    """The transformer's exact weight differences under ComfyUI's keys for Flux.1 and SD3 (the
+    original checkpoints' layouts, fused projections stacked), which ComfyUI adds to the model by key."""
+    family = "flux" if type(adapted.pipe).__name__.startswith("Flux") else "sd3"
+    model = adapted.components["transformer"]
+    deltas = native_deltas(family, model, module_deltas(adapted, "transformer"))
+    metadata = {"ss_network_module": "lycoris.kohya", "ss_network_args": json.dumps({"algo": "full"})}
+    return _write_safetensors(diff_state_dict(deltas), Path(output), metadata)
 
 
 def export_lycoris(adapted: AdaptedPipeline, output: str | os.PathLike) -> Path:

@@ -10,14 +10,25 @@ import torch
 from torch import nn
 
 
+def min_snr_weights(snr: torch.Tensor, gamma: float, v_prediction: bool) -> torch.Tensor:
+    """Min-SNR loss weights (Hang et al. 2023): ``min(snr, gamma) / snr`` for epsilon prediction,
+    ``min(snr, gamma) / (snr + 1)`` for v-prediction. They cap the weight of nearly clean timesteps
+    and, for v-prediction, shrink that of nearly pure noise, where the target is the data mean:
+    without them a few instance images pull a small model's whole palette towards their average colour."""
+    capped = torch.clamp(snr, max=gamma)
+    return capped / (snr + 1) if v_prediction else capped / snr
+
+
 @dataclass
 class NoisedBatch:
-    """Clean latents (float32), the noise and timesteps drawn for them, and the noised latents."""
+    """Clean latents (float32), the noise and timesteps drawn for them, and the noised latents; flow
+    objectives also keep each example's noise level sigma."""
 
     latents: torch.Tensor
     noise: torch.Tensor
     timesteps: torch.Tensor
     noisy: torch.Tensor
+    sigmas: torch.Tensor | None = None
 
 
 def posterior(vae: nn.Module, pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -81,3 +92,10 @@ class DenoisingObjective:
     def signal_to_noise(self, timesteps: torch.Tensor) -> torch.Tensor:
         alphas = self.scheduler.alphas_cumprod.to(timesteps.device)[timesteps]
         return alphas / (1 - alphas)
+
+    def loss_weights(self, noised: NoisedBatch, snr_gamma: float | None) -> torch.Tensor | None:
+        """Min-SNR weights of the drawn timesteps with ``snr_gamma``, else None (plain MSE)."""
+        if not snr_gamma:
+            return None
+        return min_snr_weights(self.signal_to_noise(noised.timesteps), snr_gamma,
+                               self.prediction_type == "v_prediction")

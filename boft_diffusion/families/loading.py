@@ -1,7 +1,7 @@
-"""Loading Stable Diffusion pipelines: the embedded tiny model, local folders,
-single-file checkpoints and (cached) Hugging Face Hub ids. SD 1.x / 2.x load as
-``StableDiffusionPipeline``, SDXL as ``StableDiffusionXLPipeline``, told apart by the model
-itself (no flag)."""
+"""Loading diffusion pipelines: the embedded tiny model, local folders, single-file checkpoints
+and (cached) Hugging Face Hub ids. SD 1.x / 2.x load as ``StableDiffusionPipeline``, SDXL as
+``StableDiffusionXLPipeline``, Flux.1 as ``FluxPipeline`` and SD 3 / 3.5 as
+``StableDiffusion3Pipeline``, told apart by the model itself (no flag)."""
 
 from __future__ import annotations
 
@@ -15,9 +15,20 @@ from ..tiny.bundled import EMBEDDED_MODEL_DIR
 #: Names accepted for the embedded model.
 TINY_ALIASES = ("tiny", "embedded", "tiny-sd")
 
-_REQUIRED_COMPONENTS = ("unet", "vae", "text_encoder", "tokenizer", "scheduler")
-_SDXL_COMPONENTS = ("text_encoder_2", "tokenizer_2")
-SDXL_PIPELINE = "StableDiffusionXLPipeline"
+#: The pipeline class of each kind of model this loader tells apart.
+PIPELINE_CLASSES = {"sd": "StableDiffusionPipeline", "sdxl": "StableDiffusionXLPipeline", "flux": "FluxPipeline",
+                    "sd3": "StableDiffusion3Pipeline"}
+SDXL_PIPELINE = PIPELINE_CLASSES["sdxl"]
+_TRANSFORMER_KINDS = {"FluxTransformer2DModel": "flux", "SD3Transformer2DModel": "sd3"}
+_SD_COMPONENTS = ("unet", "vae", "text_encoder", "tokenizer", "scheduler")
+_FLUX_COMPONENTS = ("transformer", "vae", "text_encoder", "tokenizer", "text_encoder_2", "tokenizer_2", "scheduler")
+_COMPONENTS = {"sd": _SD_COMPONENTS, "sdxl": (*_SD_COMPONENTS, "text_encoder_2", "tokenizer_2"),
+               "flux": _FLUX_COMPONENTS, "sd3": (*_FLUX_COMPONENTS, "text_encoder_3", "tokenizer_3")}
+_MODEL_COMPONENTS = ("unet", "transformer", "vae", "text_encoder", "text_encoder_2", "text_encoder_3")
+_TOKENIZER_FILES = ("vocab.json", "tokenizer.json", "spiece.model")
+#: Key prefixes that tell a single-file checkpoint's kind (BFL's Flux blocks, SD3's MMDiT blocks,
+#: SDXL's second text encoder), wherever the file nests them.
+_FILE_MARKERS = (("double_blocks.", "flux"), ("joint_blocks.", "sd3"), ("conditioner.embedders.1.", "sdxl"))
 
 
 class ModelLoadError(OSError):
@@ -46,36 +57,74 @@ def _default_dtype(dtype, device):
 
 def is_sdxl_spec(spec: dict[str, Any], unet_config: dict[str, Any] | None = None) -> bool:
     """Whether a ``model_index.json`` (and the UNet's config, when known) describe SDXL: its
-    pipeline class, a second text encoder, or a UNet conditioned on pooled text and sizes."""
-    return (spec.get("_class_name") == SDXL_PIPELINE or "text_encoder_2" in spec
+    pipeline class, a second text encoder beside a UNet, or a UNet conditioned on pooled text and sizes."""
+    return (spec.get("_class_name") == SDXL_PIPELINE or ("text_encoder_2" in spec and "unet" in spec)
             or (unet_config or {}).get("addition_embed_type") == "text_time")
 
 
+def kind_of_spec(spec: dict[str, Any], denoiser_config: dict[str, Any] | None = None) -> str:
+    """``sd``, ``sdxl``, ``flux`` or ``sd3`` from a ``model_index.json`` and the denoiser's config."""
+    by_class = {name: kind for kind, name in PIPELINE_CLASSES.items()}.get(spec.get("_class_name", ""))
+    by_transformer = _TRANSFORMER_KINDS.get((denoiser_config or {}).get("_class_name", ""))
+    if by_transformer or by_class in ("flux", "sd3"):
+        return by_transformer or by_class
+    return "sdxl" if is_sdxl_spec(spec, denoiser_config) else "sd"
+
+
 def is_sdxl(pipe: Any) -> bool:
-    """Whether a loaded pipeline is SDXL (two text encoders, pooled embeddings, size conditioning)."""
-    return getattr(pipe, "text_encoder_2", None) is not None or \
-        getattr(pipe.unet.config, "addition_embed_type", None) == "text_time"
+    """Whether a loaded pipeline is SDXL (a UNet with two text encoders, pooled embeddings, size conditioning)."""
+    unet = getattr(pipe, "unet", None)
+    return unet is not None and (getattr(pipe, "text_encoder_2", None) is not None
+                                 or getattr(unet.config, "addition_embed_type", None) == "text_time")
 
 
-def _folder_is_sdxl(path: Path) -> bool:
-    spec = json.loads((path / "model_index.json").read_text())
-    unet_config = path / "unet" / "config.json"
-    return is_sdxl_spec(spec, json.loads(unet_config.read_text()) if unet_config.is_file() else None)
+def _read_json(path: Path) -> dict[str, Any] | None:
+    try:
+        return json.loads(path.read_text()) if path.is_file() else None
+    except (OSError, ValueError) as e:
+        raise ModelLoadError(f"{str(path)!r} is corrupt (not valid JSON): {e}") from e
 
 
-def _file_is_sdxl(path: Path) -> bool:
-    """An SDXL single-file checkpoint holds the second text encoder under ``conditioner.embedders.1``."""
+def _folder_kind(path: Path) -> str:
+    spec = _read_json(path / "model_index.json") or {}
+    denoiser = _read_json(path / "transformer" / "config.json") or _read_json(path / "unet" / "config.json")
+    return kind_of_spec(spec, denoiser)
+
+
+def _file_kind(path: Path) -> str:
+    """A single-file checkpoint's kind from its keys (see :data:`_FILE_MARKERS`); SD when none matches."""
     if path.suffix.lower() != ".safetensors":
-        return False
+        return "sd"
     from safetensors import safe_open
 
     with safe_open(str(path), framework="pt") as handle:
-        return any(key.startswith("conditioner.embedders.1.") for key in handle.keys())
+        keys = list(handle.keys())
+    for marker, kind in _FILE_MARKERS:
+        if any(key.startswith(marker) or f".{marker}" in key for key in keys):
+            return kind
+    return "sd"
+
+
+def _missing_part(path: Path, component: str) -> str | None:
+    """What a listed component's folder lacks, or None."""
+    sub = path / component
+    if not sub.is_dir():
+        return f"{component}/"
+    if component in _MODEL_COMPONENTS:
+        if not (sub / "config.json").is_file():
+            return f"{component}/config.json"
+        if not any(sub.glob("*.safetensors")) and not any(sub.glob("*.bin")):
+            return f"{component}/ weights (*.safetensors)"
+    elif component == "scheduler" and not (sub / "scheduler_config.json").is_file():
+        return "scheduler/scheduler_config.json"
+    elif component.startswith("tokenizer") and not any((sub / f).is_file() for f in _TOKENIZER_FILES):
+        return f"{component}/vocab.json or tokenizer.json"
+    return None
 
 
 def check_pipeline_folder(path: str | os.PathLike) -> None:
-    """Raise :class:`ModelLoadError` naming ``path`` and what is missing if it is
-    not a complete diffusers Stable Diffusion folder."""
+    """Raise :class:`ModelLoadError` naming ``path`` and what is missing if it is not a complete
+    diffusers folder of a model this toolkit trains (SD, SDXL, Flux.1, SD3)."""
     path = Path(path)
     if not path.exists():
         raise ModelLoadError(f"model folder {str(path)!r} does not exist")
@@ -84,36 +133,13 @@ def check_pipeline_folder(path: str | os.PathLike) -> None:
     index = path / "model_index.json"
     if not index.is_file():
         raise ModelLoadError(f"{str(path)!r} is not a diffusers pipeline folder: model_index.json is missing")
-    try:
-        spec = json.loads(index.read_text())
-    except (OSError, ValueError) as e:
-        raise ModelLoadError(f"{str(index)!r} is corrupt (not valid JSON): {e}") from e
+    spec = _read_json(index)
     missing = []
-    unet_config = path / "unet" / "config.json"
-    try:
-        unet_spec = json.loads(unet_config.read_text()) if unet_config.is_file() else None
-    except (OSError, ValueError) as e:
-        raise ModelLoadError(f"{str(unet_config)!r} is corrupt (not valid JSON): {e}") from e
-    components = _REQUIRED_COMPONENTS + (_SDXL_COMPONENTS if is_sdxl_spec(spec, unet_spec) else ())
-    for comp in components:
-        if comp not in spec:
-            missing.append(f"{comp} (not listed in model_index.json)")
-            continue
-        sub = path / comp
-        if not sub.is_dir():
-            missing.append(f"{comp}/")
-            continue
-        if comp in ("unet", "vae", "text_encoder", "text_encoder_2"):
-            if not (sub / "config.json").is_file():
-                missing.append(f"{comp}/config.json")
-            if not any(sub.glob("*.safetensors")) and not any(sub.glob("*.bin")):
-                missing.append(f"{comp}/ weights (*.safetensors)")
-        elif comp == "scheduler" and not (sub / "scheduler_config.json").is_file():
-            missing.append("scheduler/scheduler_config.json")
-        elif comp in ("tokenizer", "tokenizer_2") and not any(
-            (sub / f).is_file() for f in ("vocab.json", "tokenizer.json")
-        ):
-            missing.append(f"{comp}/vocab.json")
+    for component in _COMPONENTS[_folder_kind(path)]:
+        if component not in spec:
+            missing.append(f"{component} (not listed in model_index.json)")
+        elif part := _missing_part(path, component):
+            missing.append(part)
     if missing:
         raise ModelLoadError(f"model folder {str(path)!r} is incomplete; missing: {', '.join(missing)}")
 
@@ -128,20 +154,21 @@ def _looks_like_path(name: str) -> bool:
     )
 
 
-def _pipeline_class(sdxl: bool):
-    from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
+def _pipeline_class(kind: str):
+    import diffusers
 
-    return StableDiffusionXLPipeline if sdxl else StableDiffusionPipeline
+    return getattr(diffusers, PIPELINE_CLASSES[kind])
 
 
-def _loader_kwargs(sdxl: bool, dtype, kwargs: dict[str, Any]) -> dict[str, Any]:
+def _loader_kwargs(kind: str, dtype, kwargs: dict[str, Any]) -> dict[str, Any]:
     """SD pipelines drop the safety checker; SDXL ones have none and need no watermarker."""
-    common: dict[str, Any] = dict(dtype=dtype, add_watermarker=False) if sdxl else \
-        dict(dtype=dtype, safety_checker=None, feature_extractor=None, requires_safety_checker=False)
-    return {**common, **kwargs}
+    common: dict[str, Any] = {
+        "sd": dict(safety_checker=None, feature_extractor=None, requires_safety_checker=False),
+        "sdxl": dict(add_watermarker=False)}.get(kind, {})
+    return {"dtype": dtype, **common, **kwargs}
 
 
-def _hub_is_sdxl(name: str, offline: bool, kwargs: dict[str, Any]) -> bool:
+def _hub_kind(name: str, offline: bool, kwargs: dict[str, Any]) -> str:
     """From the hub repository's ``model_index.json`` (cached, or fetched when online); SD when unknown."""
     from huggingface_hub import hf_hub_download
 
@@ -149,13 +176,14 @@ def _hub_is_sdxl(name: str, offline: bool, kwargs: dict[str, Any]) -> bool:
         index = hf_hub_download(name, "model_index.json", revision=kwargs.get("revision"), local_files_only=offline)
         spec = json.loads(Path(index).read_text())
     except Exception:  # the loader below reports what is wrong with the id
-        return False
-    return isinstance(spec, dict) and is_sdxl_spec(spec)
+        return "sd"
+    return kind_of_spec(spec) if isinstance(spec, dict) else "sd"
 
 
 def load_pipeline(name_or_path: str | os.PathLike = "tiny", dtype=None, device=None, **kwargs):
-    """Load a :class:`diffusers.StableDiffusionPipeline`, or a
-    :class:`diffusers.StableDiffusionXLPipeline` when the model is SDXL (see :func:`is_sdxl_spec`).
+    """Load the diffusers pipeline of a model: ``StableDiffusionPipeline`` (SD 1.x / 2.x),
+    ``StableDiffusionXLPipeline``, ``FluxPipeline`` or ``StableDiffusion3Pipeline``, told apart by
+    the model itself (see :func:`kind_of_spec`; single files by their keys).
 
     * ``"tiny"`` -> the embedded model in :data:`EMBEDDED_MODEL_DIR`;
     * a local diffusers folder -> ``from_pretrained``;
@@ -183,19 +211,19 @@ def load_pipeline(name_or_path: str | os.PathLike = "tiny", dtype=None, device=N
 
     if name in TINY_ALIASES or path.is_dir():
         check_pipeline_folder(path)
-        sdxl = _folder_is_sdxl(path)
+        kind = _folder_kind(path)
         try:
-            pipe = _pipeline_class(sdxl).from_pretrained(str(path), local_files_only=True,
-                                                         **_loader_kwargs(sdxl, dt, kwargs))
+            pipe = _pipeline_class(kind).from_pretrained(str(path), local_files_only=True,
+                                                         **_loader_kwargs(kind, dt, kwargs))
         except Exception as e:  # corrupt weights, bad configs, ...
             raise ModelLoadError(f"could not load the pipeline folder {str(path)!r}: {type(e).__name__}: {e}") from e
     elif name.lower().endswith((".safetensors", ".ckpt")):
         if not path.is_file():
             raise ModelLoadError(f"checkpoint file {name!r} does not exist")
         try:
-            sdxl = _file_is_sdxl(path)
-            kw = _loader_kwargs(sdxl, dt, dict(kwargs, local_files_only=True) if _offline() else kwargs)
-            pipe = _pipeline_class(sdxl).from_single_file(str(path), **kw)
+            kind = _file_kind(path)
+            kw = _loader_kwargs(kind, dt, dict(kwargs, local_files_only=True) if _offline() else kwargs)
+            pipe = _pipeline_class(kind).from_single_file(str(path), **kw)
         except Exception as e:
             raise ModelLoadError(
                 f"could not load single-file checkpoint {name!r}: {type(e).__name__}: {e}. "
@@ -206,9 +234,10 @@ def load_pipeline(name_or_path: str | os.PathLike = "tiny", dtype=None, device=N
         raise ModelLoadError(f"model folder {name!r} does not exist")
     else:
         offline = _offline()
-        sdxl = _hub_is_sdxl(name, offline, kwargs)
+        kind = _hub_kind(name, offline, kwargs)
         try:
-            pipe = _pipeline_class(sdxl).from_pretrained(name, local_files_only=offline, **_loader_kwargs(sdxl, dt, kwargs))
+            pipe = _pipeline_class(kind).from_pretrained(name, local_files_only=offline,
+                                                         **_loader_kwargs(kind, dt, kwargs))
         except Exception as e:
             why = (
                 "it is not in the local Hugging Face cache and HF_HUB_OFFLINE is set"
@@ -256,4 +285,4 @@ def quiet_progress(pipe: Any) -> Any:
 
 
 __all__ = ["default_guidance", "guidance_kwargs", "ModelLoadError", "load_pipeline", "check_pipeline_folder", "tiny_defaults",
-           "is_sdxl", "is_sdxl_spec"]
+           "is_sdxl", "is_sdxl_spec", "kind_of_spec"]

@@ -26,6 +26,7 @@ class StableDiffusion(ModelFamily):
     def text_encoders(self, pipe: Any) -> list[TextEncoder]:
         return [TextEncoder("text_encoder", pipe.text_encoder, pipe.tokenizer)]
 
-    def encode_prompts(self, encoders: list[TextEncoder], prompts: list[str], device: torch.device) -> EncodedPrompts:
+    def encode_prompts(self, encoders: list[TextEncoder], prompts: list[str], device: torch.device,
+                       max_sequence_length: int | None = None) -> EncodedPrompts:
         encoder = encoders[0]
         return EncodedPrompts(encoder.module(token_ids(encoder.tokenizer, prompts, device))[0])

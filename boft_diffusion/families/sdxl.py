@@ -22,7 +22,8 @@ class StableDiffusionXL(ModelFamily):
         return [TextEncoder("text_encoder", pipe.text_encoder, pipe.tokenizer),
                 TextEncoder("text_encoder_2", pipe.text_encoder_2, pipe.tokenizer_2)]
 
-    def encode_prompts(self, encoders: list[TextEncoder], prompts: list[str], device: torch.device) -> EncodedPrompts:
+    def encode_prompts(self, encoders: list[TextEncoder], prompts: list[str], device: torch.device,
+                       max_sequence_length: int | None = None) -> EncodedPrompts:
         """As ``StableDiffusionXLPipeline.encode_prompt`` encodes them (no clip skip), so training sees
         what sampling does: each encoder's penultimate hidden states side by side, and the pooled
         projection of the encoder that has one (the second)."""

@@ -49,6 +49,7 @@ from ..core.files import (
 )
 from ..core.identifier import remove_identifier_embeddings
 from ..core.lycoris import COMPONENT_PREFIXES, lycoris_modules, modules_named_by
+from ..families import family_of
 from ..families.loading import is_sdxl
 from .write import (
     CONTROL_INFO,
@@ -97,7 +98,7 @@ class TrainedAdapter:
         """Make this folder's adapters the pipeline's active ones at ``strength``, switching off
         adapters of other folders loaded beside it (a text encoder holds one identifier at a time)."""
         pipe = self.pipe
-        for model in (pipe.unet, *text_encoders(pipe)):
+        for model in (denoiser_of(pipe), *text_encoders(pipe)):
             if self.adapter_name in adapter_configs(model):
                 enable_adapters(model)
                 set_adapter(model, self.adapter_name)
@@ -127,6 +128,11 @@ class TrainedAdapter:
             resolution = self.pipe.unet.config.sample_size * self.pipe.vae_scale_factor
             size = (resolution, resolution)
         return self.control.sample(self.pipe, condition, size, control_scale, **pipe_kwargs)
+
+
+def denoiser_of(pipe) -> nn.Module:
+    """The pipeline's UNet or transformer, whichever its family trains."""
+    return family_of(pipe).denoiser(pipe)
 
 
 def text_pairs(pipe) -> list[tuple[nn.Module, Any]]:
@@ -169,8 +175,9 @@ def load_outputs(pipe, folder: str | os.PathLike, adapter_name: str | None = Non
     if info is not None:
         control = _load_control(pipe, folder, info, untrusted)
     if info is None or (folder / CONFIG_NAME).is_file():
-        name = load_into(pipe.unet, folder)
-        models.append(pipe.unet)
+        denoiser = denoiser_of(pipe)
+        name = load_into(denoiser, folder)
+        models.append(denoiser)
     identifiers = []
     # (adapter folder, identifier folder) of each text encoder; the first's identifier sits at the root
     places = [(folder / TEXT_ENCODER_FOLDER, folder), (folder / TEXT_ENCODER_2_FOLDER,) * 2]
@@ -217,6 +224,9 @@ def load_lycoris_outputs(pipe, path: Path, adapter_name: str | None = None) -> T
 
 def _load_control(pipe, folder: Path, info: dict[str, Any], untrusted: bool) -> Control:
     """The light encoder, or the ControlNet with its adapter and fully trained parts."""
+    if getattr(pipe, "unet", None) is None:
+        raise ValueError(f"{folder} carries control, which conditions SD and SDXL UNets; this "
+                         f"{type(pipe).__name__} has none.")
     if info["mode"] == LIGHT:
         encoder = ControlEncoder.load(folder, pipe.unet.conv_in.out_channels, pipe.vae_scale_factor)
         return Control(LIGHT, encoder=encoder.to(pipe.unet.device))

@@ -11,6 +11,7 @@ between SD, SDXL and later families.
 from __future__ import annotations
 
 import dataclasses
+import logging
 from pathlib import Path
 from typing import Any
 
@@ -21,22 +22,25 @@ from torch import nn
 from ..core.adapters import count_trainable_parameters
 from ..families import EncodedPrompts, ModelFamily, family_of
 from ..families.denoising import NoisedBatch
+from ..families.dit import TransformerFamily
 from ..families.loading import guidance_kwargs, load_pipeline, quiet_progress
 from ..kinds.registry import AdapterSpec, adapter_kind
 from ..outputs.write import save_latest_validation, write_model_card
 from ..training.cli import check_resolution
 from ..training.config import RunConfig
-from ..training.losses import min_snr_weights
 from ..training.sampling import vae_decodes_in_own_dtype
 from ..training.trainer import (
     Recipe,
     Trainer,
+    TrainingError,
     check_compile_backend,
     check_output_dir,
     make_accelerator,
     place,
     weight_dtype,
 )
+
+logger = logging.getLogger("boft_diffusion")
 
 
 class DiffusionRecipe:
@@ -108,8 +112,17 @@ class DiffusionRecipe:
         self.pipe = quiet_progress(load_pipeline(model.pretrained_model_name_or_path, dtype=torch.float32,
                                                  device=self.device, revision=model.revision, variant=model.variant))
         self.family: ModelFamily = family_of(self.pipe)
-        self.resolution = check_resolution(model.resolution, self.pipe)
-        self.objective = self.family.objective(self.pipe)
+        self.resolution = check_resolution(model.resolution, self.family, self.pipe)
+        noise, adapter = self.run.noise, self.run.adapter
+        flow = isinstance(self.family, TransformerFamily)
+        if flow and noise.snr_gamma:
+            raise TrainingError(f"--snr_gamma weighs DDPM timesteps; {self.family.name} trains by flow matching: "
+                                "use --weighting_scheme.")
+        if not flow and noise.weighting_scheme != "none":
+            raise TrainingError(f"--weighting_scheme is for the flow-matching models (Flux.1, SD3), not "
+                                f"{self.family.name}; use --snr_gamma.")
+        self.objective = self.family.objective(self.pipe, noise.density())
+        adapter.boft_target_modules = adapter.boft_target_modules or list(self.family.default_target_modules)
         self.denoiser = self.family.denoiser(self.pipe)
         self.encoders = self.family.text_encoders(self.pipe)
         for module in (self.denoiser, self.pipe.vae, *(encoder.module for encoder in self.encoders)):
@@ -134,7 +147,17 @@ class DiffusionRecipe:
         ``models`` where it trains."""
         current = [dataclasses.replace(encoder, module=models.get(encoder.name, encoder.module))
                    for encoder in self.encoders]
-        return self.family.encode_prompts(current, prompts, self.device)
+        return self.family.encode_prompts(current, prompts, self.device, self.run.model.max_sequence_length)
+
+    def release_text_encoders(self) -> None:
+        """Text encoders back to the CPU once every training prompt is encoded, where the denoiser runs
+        on an accelerator: T5-XXL alone is 9 GB in bf16, what keeps Flux off a 24 GB card. The
+        pipelines encode validation prompts on the CPU then."""
+        if self.device.type == "cpu" or not isinstance(self.family, TransformerFamily):
+            return
+        for encoder in self.encoders:
+            encoder.module.to("cpu", torch.float32)
+        logger.info("text encoders moved to the CPU: training prompts are cached")
 
     def noise(self, pixels: torch.Tensor, posterior: tuple[torch.Tensor, torch.Tensor] | None,
               generator: torch.Generator) -> NoisedBatch:
@@ -144,13 +167,10 @@ class DiffusionRecipe:
             return self.objective.noise_posterior(*posterior, generator, self.device, offset)
         return self.objective.noise_pixels(self.pipe.vae, pixels.to(self.device), generator, self.device, offset)
 
-    def example_weights(self, timesteps: torch.Tensor) -> torch.Tensor | None:
-        """Min-SNR weights of the drawn timesteps with --snr_gamma, else None (plain MSE)."""
-        gamma = self.run.noise.snr_gamma
-        if not gamma:
-            return None
-        return min_snr_weights(self.objective.signal_to_noise(timesteps), gamma,
-                               self.objective.prediction_type == "v_prediction")
+    def example_weights(self, noised: NoisedBatch) -> torch.Tensor | None:
+        """Per-example loss weights of the drawn noise levels (the objective's: min-SNR with
+        --snr_gamma, the flow models' --weighting_scheme), or None for plain MSE."""
+        return self.objective.loss_weights(noised, self.run.noise.snr_gamma)
 
     def sample(self, prompts: list[str], seeds: list[int], **options: Any) -> list[Image.Image]:
         """The pipeline's images for ``prompts``, one seed each, with the run's validation sampling."""
@@ -158,4 +178,6 @@ class DiffusionRecipe:
         generators = [torch.Generator().manual_seed(seed) for seed in seeds]
         with torch.no_grad(), vae_decodes_in_own_dtype(self.pipe.vae):
             return self.pipe(prompts, num_inference_steps=validation.num_inference_steps, generator=generators,
-                             **guidance_kwargs(validation.guidance_scale), **options).images
+                             **guidance_kwargs(validation.guidance_scale),
+                             **self.family.sampling_kwargs(self.resolution, self.run.model.max_sequence_length),
+                             **options).images

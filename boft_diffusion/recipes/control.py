@@ -115,6 +115,9 @@ class ControlTraining(DiffusionRecipe):
         self.setup_run()
         self.check_half_precision_device()
         self.load_model()
+        if not self.family.supports_control:
+            raise TrainingError(f"train_controlnet.py conditions SD and SDXL UNets; {self.family.name} is a "
+                                "transformer model (train it with train_dreambooth.py).")
         if self.mode == CONTROLNET and not self.family.supports_controlnet:
             raise TrainingError(f"--control controlnet is for SD 1.x / 2.x models, not {self.family.name}; "
                                 "train --control light.")
@@ -197,7 +200,7 @@ class ControlTraining(DiffusionRecipe):
         noised = self.noise(pixels, None, generator)
         prediction = self.predict(models, batch, prompts, noised.noisy.to(self.dtype), noised.timesteps, conditions)
         target = self.objective.target(noised)
-        return denoising_loss(prediction, target, self.example_weights(noised.timesteps)), {}
+        return denoising_loss(prediction, target, self.example_weights(noised)), {}
 
     def predict(self, models: dict[str, torch.nn.Module], batch: list[ControlExample], prompts: EncodedPrompts,
                 noisy: torch.Tensor, timesteps: torch.Tensor, conditions: torch.Tensor) -> torch.Tensor:

@@ -27,7 +27,7 @@ from ..families.loading import guidance_kwargs
 from ..kinds.registry import ADAPTER_KINDS, adapter_kind, set_adapters_enabled
 from ..outputs.write import boft_summary, peft_interop_note, save_dreambooth
 from ..tiny.bundled import DEFAULT_INSTANCE_PROMPT, example_subject_dir
-from ..training.cli import add_flag, latent_multiple, parse_recipe_flags, recipe_parser, run_config
+from ..training.cli import add_flag, parse_recipe_flags, recipe_parser, run_config
 from ..training.config import RunConfig, config_from_flags
 from ..training.data import augment_batch, bucket_sizes, caption_path, center_crop_tensor, list_images, read_captions
 from ..training.losses import denoising_loss, dreambooth_loss
@@ -353,7 +353,7 @@ class DreamBooth(DiffusionRecipe):
 
     def read_images(self, folder: str | Path, what: str, mask_dir: str | None = None) -> ImageSet:
         subject = self.config.subject
-        buckets = bucket_sizes(self.resolution, latent_multiple(self.pipe)) if subject.bucket else None
+        buckets = bucket_sizes(self.resolution, self.family.latent_multiple(self.pipe)) if subject.bucket else None
         return ImageSet.from_folder(folder, self.resolution, subject.center_crop, self.run.dataloader_num_workers,
                                     what, subject.caption_extension, mask_dir, buckets)
 
@@ -381,7 +381,7 @@ class DreamBooth(DiffusionRecipe):
             logger.info("%s: %d text encoders condition the denoiser", self.family.name, len(self.encoders))
         if not (text.train_text_encoder or text.train_identifier_embedding):
             return
-        for encoder in self.encoders:
+        for encoder in (encoder for encoder in self.encoders if encoder.trainable):
             place(encoder.module, dtype=self.dtype)
             if text.train_text_encoder:
                 self.add_adapters(encoder.module, text.text_encoder_target_modules)
@@ -424,7 +424,8 @@ class DreamBooth(DiffusionRecipe):
         self.denoiser.enable_gradient_checkpointing()
         if self.config.text.train_text_encoder:
             for encoder in self.encoders:
-                encoder.module.gradient_checkpointing_enable()
+                if encoder.trainable:
+                    encoder.module.gradient_checkpointing_enable()
 
     def setup_prompts(self) -> None:
         """Every distinct prompt once, each example's row among them, and the prompts encoded once
@@ -440,6 +441,7 @@ class DreamBooth(DiffusionRecipe):
         if not {encoder.name for encoder in self.encoders} & set(self.modules):
             with torch.no_grad():
                 self.cached_prompts = self.encode({}, self.prompts)
+            self.release_text_encoders()
 
     def setup_held_out(self) -> None:
         """The --validation_data_dir images and their prompts, for the validation loss."""
@@ -467,7 +469,7 @@ class DreamBooth(DiffusionRecipe):
                 generator = torch.Generator().manual_seed(self.run.trainer.seed + 104729 * (index + 1))
                 noised, prediction = self.predict(self.modules, part, prompts, generator)
                 losses.append(denoising_loss(prediction, self.objective.target(noised),
-                                             self.example_weights(noised.timesteps)).item())
+                                             self.example_weights(noised)).item())
         return {"validation_loss": sum(losses) / len(losses)}
 
     def trainer_recipe(self) -> Recipe:
@@ -522,10 +524,9 @@ class DreamBooth(DiffusionRecipe):
                 generator: torch.Generator) -> tuple[NoisedBatch, torch.Tensor]:
         """The part's latents noised (from its cached posterior, else its pixels) and the denoiser's prediction."""
         noised = self.noise(part.pixels, part.posterior, generator)
-        extras = self.family.denoiser_kwargs(prompts, part.size_ids, self.dtype)
-        denoiser = models[self.family.denoiser_name]
-        prediction = denoiser(noised.noisy.to(self.dtype), noised.timesteps, prompts.hidden.to(self.dtype), **extras)
-        return noised, prediction.sample.float()
+        prediction = self.family.denoise(models[self.family.denoiser_name], noised.noisy, noised.timesteps, prompts,
+                                         part.size_ids, self.dtype, self.run.validation.guidance_scale)
+        return noised, prediction.float()
 
     def subject_weight(self, masks: torch.Tensor, size: torch.Size) -> torch.Tensor | None:
         """Per-latent-pixel loss weight: 1 on the subject, --background_loss_weight elsewhere."""
@@ -543,7 +544,7 @@ class DreamBooth(DiffusionRecipe):
         instance_losses, prior_losses = [], []
         for part, prompts in zip(parts, self.part_prompts(models, parts), strict=True):
             noised, prediction = self.predict(models, part, prompts, generator)
-            target, weights = self.objective.target(noised), self.example_weights(noised.timesteps)
+            target, weights = self.objective.target(noised), self.example_weights(noised)
             k = part.instances
             if k:
                 instance_losses.append((denoising_loss(
@@ -565,7 +566,7 @@ class DreamBooth(DiffusionRecipe):
         metadata = {"instance_prompt": config.subject.instance_prompt, "class_prompt": config.prior.class_prompt,
                     "train_steps": step, "resolution": self.resolution,
                     "prior_preservation": bool(config.prior.with_prior_preservation)}
-        save_dreambooth(folder, self.denoiser, metadata, {e.name: e.module for e in self.encoders},
+        save_dreambooth(folder, self.denoiser, metadata, {e.name: e.module for e in self.encoders if e.trainable},
                         text_encoder_adapter=config.text.train_text_encoder,
                         identifier=config.text.train_identifier_embedding, save=self.kind.save)
 

@@ -7,11 +7,13 @@ import copy
 import difflib
 import math
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 from ..core.config import DEFAULT_TARGET_MODULES, MAX_NEUMANN_TERMS, SIDES
+from ..families import ModelFamily
+from ..families.flow import WEIGHTING_SCHEMES
 from ..families.loading import default_guidance
 from .config import RunConfig, TrainerConfig, config_from_flags
 from .trainer import TrainingError
@@ -35,6 +37,8 @@ def add_model_args(parser: argparse.ArgumentParser) -> None:
              help='"tiny" (the embedded model), a diffusers folder, a hub id or a single .safetensors file.')
     add_flag(group, "--revision", default=None, help="Hub revision of the base model.")
     add_flag(group, "--variant", default=None, help='Weight variant of the base model, e.g. "fp16".')
+    add_flag(group, "--max_sequence_length", bounds=(1, None), type=int, default=None,
+             help="T5 tokens per prompt on Flux.1 and SD3 (default: the pipeline's, 512 on Flux.1, 256 on SD3).")
 
 
 def add_training_args(parser: argparse.ArgumentParser, default_output_dir: str, default_steps: int) -> None:
@@ -81,6 +85,13 @@ def add_training_args(parser: argparse.ArgumentParser, default_output_dir: str, 
     add_flag(group, "--max_grad_norm", bounds=(0, None), type=float, default=1.0)
     add_flag(group, "--snr_gamma", bounds=(0, None), type=float, default=None,
              help="Min-SNR loss weighting with this gamma (5.0 is the usual choice); default: plain MSE.")
+    add_flag(group, "--weighting_scheme", default="none", choices=list(WEIGHTING_SCHEMES),
+             help="Flow-matching models (Flux.1, SD3): logit_normal and mode draw timesteps from those densities, "
+                  "sigma_sqrt and cosmap weigh their losses; none draws uniformly, as diffusers' Flux script.")
+    add_flag(group, "--logit_mean", type=float, default=0.0, help="Mean of --weighting_scheme logit_normal.")
+    add_flag(group, "--logit_std", bounds=(0, None), type=float, default=1.0,
+             help="Standard deviation of --weighting_scheme logit_normal.")
+    add_flag(group, "--mode_scale", type=float, default=1.29, help="Scale of --weighting_scheme mode.")
     add_flag(group, "--noise_offset", bounds=(0, None), type=float, default=0.0,
              help="Add offset * randn(batch, channels, 1, 1) to the noise: learns overall darker or "
                   "brighter images than plain noise allows (0.05 to 0.1 is usual).")
@@ -102,7 +113,9 @@ def add_checkpoint_and_logging_args(parser: argparse.ArgumentParser) -> None:
     add_flag(group, "--num_validation_images", bounds=(1, None), run_control=True, type=int, default=2)
     add_flag(group, "--validation_steps", bounds=(0, None), run_control=True, type=int, default=0, help="0: validate at the end only.")
     add_flag(group, "--num_inference_steps", bounds=(1, None), run_control=True, type=int, default=25, help="Sampler steps for validation.")
-    add_flag(group, "--guidance_scale", bounds=(0, None), type=float, default=None)
+    add_flag(group, "--guidance_scale", bounds=(0, None), type=float, default=None,
+             help="Validation sampling; on Flux.1-dev also the guidance its embedding is told during training "
+                  "(default: the pipeline's, 3.5 there).")
     add_flag(group, "--report_to", run_control=True, default="tensorboard", choices=["tensorboard", "none"])
     add_flag(group, "--logging_dir", run_control=True, default="logs", help="Relative to output_dir.")
 
@@ -111,7 +124,7 @@ def add_checkpoint_and_logging_args(parser: argparse.ArgumentParser) -> None:
 COMPILE_BACKENDS = ("inductor", "aot_eager")
 
 
-def add_boft_args(parser: argparse.ArgumentParser, default_targets: Sequence[str]) -> None:
+def add_boft_args(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("BOFT")
     add_flag(group, "--boft_block_size", bounds=(0, None), type=int, default=None,
              help="Features per orthogonal block (default 8 unless --boft_block_num is set).")
@@ -119,7 +132,9 @@ def add_boft_args(parser: argparse.ArgumentParser, default_targets: Sequence[str
     add_flag(group, "--boft_n_butterfly_factor", bounds=(1, None), type=int, default=2, help="Butterfly depth m.")
     add_flag(group, "--boft_dropout", bounds=(0, 1), type=float, default=0.1, help="Probability of dropping each block.")
     add_flag(group, "--boft_bias", default="none", choices=["none", "boft_only", "all"])
-    add_flag(group, "--boft_target_modules", nargs="+", default=list(default_targets))
+    add_flag(group, "--boft_target_modules", nargs="+", default=None,
+             help=f"Module names (suffixes) to adapt (default: {' '.join(DEFAULT_TARGET_MODULES)}, with "
+                  "add_q_proj add_k_proj add_v_proj to_add_out on Flux.1 and SD3).")
     add_flag(group, "--boft_scale", dest="boft_scale", action="store_true", default=True,
              help="Learn a per-output magnitude (default).")
     add_flag(group, "--no_boft_scale", dest="boft_scale", action="store_false")
@@ -248,7 +263,7 @@ def recipe_parser(description: str | None, add_recipe_args: Callable[[argparse.A
     add_model_args(parser)
     add_recipe_args(parser)
     add_training_args(parser, default_output_dir, default_steps)
-    add_boft_args(parser, DEFAULT_TARGET_MODULES)
+    add_boft_args(parser)
     return parser
 
 
@@ -290,23 +305,19 @@ class HelpFormatter(argparse.RawDescriptionHelpFormatter):
         return f"(default: {value})".replace("%", "%%")
 
 
-def latent_multiple(pipe: Any) -> int:
-    """What every image side must be a multiple of: the VAE's downsampling times the UNet's."""
-    return pipe.vae_scale_factor * 2 ** (len(pipe.unet.config.down_block_types) - 1)
-
-
-def check_resolution(resolution: int | None, pipe: Any) -> int:
+def check_resolution(resolution: int | None, family: ModelFamily, pipe: Any) -> int:
     """The training resolution: the model's native one for None, else ``resolution`` if the VAE and
-    the UNet's downsampling divide it (an odd latent size would train off the model's grid)."""
+    the denoiser's downsampling (or patches) divide it (an odd latent size would train off the
+    model's grid)."""
     vae_factor = pipe.vae_scale_factor
     if resolution is None:
-        return pipe.unet.config.sample_size * vae_factor
-    multiple = latent_multiple(pipe)
-    unet_factor = multiple // vae_factor
+        return family.native_resolution(pipe)
+    multiple = family.latent_multiple(pipe)
     if resolution <= 0 or resolution % multiple:
         nearest = max(multiple, round(resolution / multiple) * multiple)
         raise TrainingError(
             f"--resolution {resolution} must be a positive multiple of {multiple} (the VAE downsamples by "
-            f"{vae_factor}, the UNet by {unet_factor} more), e.g. {nearest}; leave it out for the model's own size."
+            f"{vae_factor}, the {family.denoiser_name} by {multiple // vae_factor} more), e.g. {nearest}; leave it "
+            "out for the model's own size."
         )
     return resolution

@@ -12,7 +12,8 @@ import typing
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
-from ..core.config import BOFTConfig
+from ..core.config import DEFAULT_TARGET_MODULES, BOFTConfig
+from ..families.flow import TimestepDensity
 
 Config = TypeVar("Config")
 
@@ -89,6 +90,7 @@ class ModelConfig:
     variant: str | None
     resolution: int | None
     gradient_checkpointing: bool
+    max_sequence_length: int | None = None
 
 
 @dataclass
@@ -97,6 +99,14 @@ class NoiseConfig:
 
     snr_gamma: float | None
     noise_offset: float
+    weighting_scheme: str = "none"
+    logit_mean: float = 0.0
+    logit_std: float = 1.0
+    mode_scale: float = 1.29
+
+    def density(self) -> TimestepDensity:
+        """The flow-matching timestep density and loss weighting these options ask for."""
+        return TimestepDensity(self.weighting_scheme, self.logit_mean, self.logit_std, self.mode_scale)
 
 
 @dataclass
@@ -134,7 +144,7 @@ class AdapterConfig:
             block_size=self.boft_block_size,
             block_num=self.boft_block_num,
             n_butterfly_factor=self.boft_n_butterfly_factor,
-            target_modules=list(target_modules or self.boft_target_modules),
+            target_modules=list(target_modules or self.boft_target_modules or DEFAULT_TARGET_MODULES),
             dropout=self.boft_dropout,
             scale=self.boft_scale,
             bias=self.boft_bias,

@@ -7,15 +7,6 @@ from collections.abc import Sequence
 import torch
 
 
-def min_snr_weights(snr: torch.Tensor, gamma: float, v_prediction: bool) -> torch.Tensor:
-    """Min-SNR loss weights (Hang et al. 2023): ``min(snr, gamma) / snr`` for epsilon prediction,
-    ``min(snr, gamma) / (snr + 1)`` for v-prediction. They cap the weight of nearly clean timesteps
-    and, for v-prediction, shrink that of nearly pure noise, where the target is the data mean:
-    without them a few instance images pull a small model's whole palette towards their average colour."""
-    capped = torch.clamp(snr, max=gamma)
-    return capped / (snr + 1) if v_prediction else capped / snr
-
-
 def denoising_loss(prediction: torch.Tensor, target: torch.Tensor, example_weights: torch.Tensor | None = None,
                    pixel_weights: torch.Tensor | None = None) -> torch.Tensor:
     """The mean over examples of each example's MSE, times its weight where given.
