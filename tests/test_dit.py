@@ -4,6 +4,7 @@ the rectified-flow loss against a step written out by hand with diffusers' own h
 with every text-side option, kill and resume, our loader, the exports (a diffusers LoRA read by
 ``load_lora_weights``, a merged folder, ComfyUI's diff keys) and the app."""
 
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -24,7 +25,7 @@ from boft_diffusion.families.flux import image_position_ids, pack_latents, unpac
 from boft_diffusion.families.loading import ModelLoadError, _file_kind, check_pipeline_folder, quiet_progress
 from boft_diffusion.outputs.read import load_outputs
 from boft_diffusion.recipes.dreambooth import DreamBooth, DreamBoothConfig
-from conftest import kill_at_checkpoint_and_resume
+from conftest import kill_at_checkpoint_and_resume, run_two_processes
 
 ROOT = Path(__file__).resolve().parent.parent
 PROMPT = "a photo of sks star"
@@ -193,6 +194,16 @@ def test_flux_kill_and_resume_equals_an_uninterrupted_run(models, tmp_path):
     for part in ("adapter_model.safetensors", "text_encoder/adapter_model.safetensors"):
         expected, got = load_file(tmp_path / "straight" / part), load_file(tmp_path / "resumed" / part)
         assert expected.keys() == got.keys() and all(torch.equal(expected[k], got[k]) for k in expected), part
+
+
+@pytest.mark.slow
+def test_two_processes_train_one_synchronised_sd3_adapter(models, tmp_path):
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    result = run_two_processes(ROOT / "train_dreambooth.py", [*FAST, "--pretrained_model_name_or_path",
+                                                              models["sd3"]], tmp_path / "ddp", env)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "identical on all 2 processes" in result.stderr
+    assert (tmp_path / "ddp" / "adapter_model.safetensors").is_file()
 
 
 @pytest.fixture(scope="module")
