@@ -56,6 +56,8 @@ class ModelFamily:
     default_target_modules: tuple[str, ...] = DEFAULT_TARGET_MODULES
     #: Whether train_controlnet.py can condition the denoiser (a UNet's conv_in or a ControlNet).
     supports_control = True
+    #: Whether the text encoders wait on the CPU once training prompts are cached (T5 is large).
+    offloads_text_encoders = False
 
     def matches(self, pipe: Any) -> bool:
         """Whether a loaded pipeline belongs to this family."""

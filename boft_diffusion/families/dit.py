@@ -33,6 +33,7 @@ class TransformerFamily(ModelFamily):
     denoiser_name = "transformer"
     default_target_modules = DIT_TARGET_MODULES
     supports_control = False
+    offloads_text_encoders = True
     #: The pipeline class (its ``model_index.json`` name) and the transformer class of the family.
     pipeline_class = ""
     transformer_class = ""

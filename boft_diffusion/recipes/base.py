@@ -22,7 +22,6 @@ from torch import nn
 from ..core.adapters import count_trainable_parameters
 from ..families import EncodedPrompts, ModelFamily, family_of
 from ..families.denoising import NoisedBatch
-from ..families.dit import TransformerFamily
 from ..families.loading import guidance_kwargs, load_pipeline, quiet_progress
 from ..kinds.registry import AdapterSpec, adapter_kind
 from ..outputs.write import save_latest_validation, write_model_card
@@ -114,14 +113,14 @@ class DiffusionRecipe:
         self.family: ModelFamily = family_of(self.pipe)
         self.resolution = check_resolution(model.resolution, self.family, self.pipe)
         noise, adapter = self.run.noise, self.run.adapter
-        flow = isinstance(self.family, TransformerFamily)
+        self.objective = self.family.objective(self.pipe, noise.density())
+        flow = self.objective.prediction_type == "flow"
         if flow and noise.snr_gamma:
             raise TrainingError(f"--snr_gamma weighs DDPM timesteps; {self.family.name} trains by flow matching: "
                                 "use --weighting_scheme.")
         if not flow and noise.weighting_scheme != "none":
             raise TrainingError(f"--weighting_scheme is for the flow-matching models (Flux.1, SD3), not "
                                 f"{self.family.name}; use --snr_gamma.")
-        self.objective = self.family.objective(self.pipe, noise.density())
         adapter.boft_target_modules = adapter.boft_target_modules or list(self.family.default_target_modules)
         self.denoiser = self.family.denoiser(self.pipe)
         self.encoders = self.family.text_encoders(self.pipe)
@@ -153,7 +152,7 @@ class DiffusionRecipe:
         """Text encoders back to the CPU once every training prompt is encoded, where the denoiser runs
         on an accelerator: T5-XXL alone is 9 GB in bf16, what keeps Flux off a 24 GB card. The
         pipelines encode validation prompts on the CPU then."""
-        if self.device.type == "cpu" or not isinstance(self.family, TransformerFamily):
+        if self.device.type == "cpu" or not self.family.offloads_text_encoders:
             return
         for encoder in self.encoders:
             encoder.module.to("cpu", torch.float32)
