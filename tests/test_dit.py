@@ -4,6 +4,7 @@ the rectified-flow loss against a step written out by hand with diffusers' own h
 with every text-side option, kill and resume, our loader, the exports (a diffusers LoRA read by
 ``load_lora_weights``, a merged folder, ComfyUI's diff keys) and the app."""
 
+import json
 import os
 import subprocess
 import sys
@@ -278,3 +279,17 @@ def test_the_app_serves_a_flux_adapter(models, trained, tmp_path):
                                                 compare_with_base=True))
     (base, _), (adapted, _) = results
     assert base.size == adapted.size == (64, 64) and base.tobytes() != adapted.tobytes()
+
+
+def test_the_flux_gpu_benchmark_runs_its_path_on_a_tiny_transformer(tmp_path):
+    """benchmarks/bench_dit_gpu.py waits for a GPU; its path (build, both adapters at equal
+    parameters, timed steps, the JSON) runs here on a tiny config."""
+    result = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "bench_dit_gpu.py"), "--size", "tiny",
+                             "--device", "cpu", "--dtype", "float32", "--resolutions", "64", "--steps", "1",
+                             "--caps_gb", "--out", str(tmp_path)], capture_output=True, text=True, timeout=300,
+                            env={**os.environ, "PYTHONPATH": str(ROOT)})
+    assert result.returncode == 0, result.stderr[-2000:]
+    rows = json.loads((tmp_path / "bench_dit_gpu.json").read_text())["rows"]
+    assert [row["method"] for row in rows] == ["boft-m2", "lora"]
+    assert rows[1]["trainable"] == pytest.approx(rows[0]["trainable"], rel=0.25), "LoRA gets about BOFT's parameters"
+    assert all(row["s_per_step"] > 0 for row in rows)
