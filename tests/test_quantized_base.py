@@ -6,11 +6,14 @@ import copy
 
 import pytest
 import torch
+from safetensors.torch import load_file
+from test_dreambooth import FAST
 from torch import nn
 
 import boft_diffusion as bd
+import train_dreambooth
 from boft_diffusion.core.adapters import boft_layers
-from boft_diffusion.core.quantize import NF4_BLOCK, QuantizedLinear, dequantize, storage_bytes
+from boft_diffusion.core.quantize import NF4_BLOCK, QuantizedLinear, dequantize, quantize_linears, storage_bytes
 from conftest import make_tiny_unet, randomize_adapter, unet_inputs
 
 TARGETS = ["to_q", "to_k", "to_v", "to_out.0", "conv1"]
@@ -111,3 +114,37 @@ def test_merging_a_quantised_base_is_refused_and_works_once_dequantised():
     with torch.no_grad():
         merged = quantized(sample, timestep, encoder_hidden_states=context).sample
     assert torch.allclose(merged, expected, rtol=1e-5, atol=1e-5)
+
+
+def test_int8_training_saves_an_adapter_for_the_float_base_and_resumes_exactly(tmp_path, caplog):
+    """train_dreambooth.py --base_quantization int8: trains (against the rounded weights: another adapter
+    than the float run's), resumes bitwise, and its adapter loads on the unquantised base, where it acts
+    as on the quantised one up to the quantisation error."""
+    def train(out, *flags) -> int:
+        return train_dreambooth.main([*FAST, "--output_dir", str(out), "--boft_dropout", "0", "--learning_rate", "0.05",
+                                      *map(str, flags)])
+
+    whole, resumed, unquantized = tmp_path / "whole", tmp_path / "resumed", tmp_path / "float"
+    with caplog.at_level("INFO", logger="boft_diffusion"):
+        assert train(whole, "--max_train_steps", "3", "--base_quantization", "int8") == 0
+    assert any("stored as int8" in record.getMessage() for record in caplog.records)
+    assert train(resumed, "--max_train_steps", "2", "--checkpointing_steps", "1", "--base_quantization", "int8") == 0
+    assert train(resumed, "--max_train_steps", "3", "--resume_from_checkpoint", str(resumed / "checkpoint-1"),
+                 "--overwrite_output_dir", "--base_quantization", "int8") == 0
+    assert train(unquantized, "--max_train_steps", "3") == 0
+    name = "adapter_model.safetensors"
+    trained, again, floats = (load_file(folder / name) for folder in (whole, resumed, unquantized))
+    assert all(torch.equal(trained[key], again[key]) for key in trained)
+    assert any(not torch.equal(trained[key], floats[key]) for key in trained), "the base was not quantised"
+
+    pipe = bd.load_pipeline("tiny", dtype=torch.float32)
+    sample = torch.randn(1, 4, 16, 16, generator=torch.Generator().manual_seed(0))
+    context = torch.randn(1, 77, pipe.unet.config.cross_attention_dim, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        base = pipe.unet(sample, 10, context).sample
+        bd.load_adapter(pipe.unet, whole)
+        on_float = pipe.unet(sample, 10, context).sample
+        quantize_linears(pipe.unet.requires_grad_(False), "int8")
+        on_int8 = pipe.unet(sample, 10, context).sample
+    assert not torch.allclose(on_float, base, atol=1e-4), "the adapter changes nothing"
+    assert (on_int8 - on_float).abs().mean() < 0.02 * on_float.abs().mean()

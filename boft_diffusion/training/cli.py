@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from ..core.config import DEFAULT_TARGET_MODULES, MAX_NEUMANN_TERMS, SIDES
+from ..core.quantize import QUANTIZATIONS
 from ..families.loading import default_guidance
 from .config import RunConfig, TrainerConfig, config_from_flags
 from .trainer import TrainingError
@@ -35,6 +36,11 @@ def add_model_args(parser: argparse.ArgumentParser) -> None:
              help='"tiny" (the embedded model), a diffusers folder, a hub id or a single .safetensors file.')
     add_flag(group, "--revision", default=None, help="Hub revision of the base model.")
     add_flag(group, "--variant", default=None, help='Weight variant of the base model, e.g. "fp16".')
+    add_flag(group, "--base_quantization", default="none", choices=list(QUANTIZATIONS),
+             help="Store the denoiser's frozen Linear weights quantised (int8, fp8: 1 byte a weight; nf4: half "
+                  "a byte) and dequantise them at each use; the adapter trains in float32 against the "
+                  "dequantised weights. Saves memory, not time. The saved adapter loads on the unquantised "
+                  "base; --save_merged is refused (merge on the unquantised base).")
 
 
 def add_training_args(parser: argparse.ArgumentParser, default_output_dir: str, default_steps: int) -> None:

@@ -89,6 +89,7 @@ class ModelConfig:
     variant: str | None
     resolution: int | None
     gradient_checkpointing: bool
+    base_quantization: str
 
 
 @dataclass
