@@ -43,6 +43,11 @@ from .butterfly import (
 from .config import SIDES
 from .quantize import QuantizedLinear
 
+try:
+    from torch.distributed.tensor import DTensor
+except ImportError:  # a torch built without distributed support
+    DTensor = ()
+
 #: How training applies a Linear layer's rotation; see ``RotationBank``.
 TrainingFold = Literal["auto", "fold", "rotate"]
 
@@ -652,8 +657,8 @@ class RotationBank:
         stale: dict[RotationGroup, list[Member]] = {}
         for layer in self.layers:
             name = layer.live_adapter()
-            if name is None:
-                continue
+            if name is None or isinstance(layer.boft_skew[name], DTensor):
+                continue  # FSDP2 unshards a layer wrapped on its own in its own forward: it builds its blocks there
             if not layer.uses_folded_weight(name):
                 rotating.setdefault(layer.rotation_group(name), []).append((layer, name))
                 continue
