@@ -65,8 +65,8 @@ def add_training_args(parser: argparse.ArgumentParser, default_output_dir: str, 
              help="torch.compile the trained models' forward: cheaper steps on a GPU after a one-off "
                   "compile (a minute or more per model; validation compiles its no-grad forward too).")
     add_flag(group, "--compile_backend", default="inductor", choices=list(COMPILE_BACKENDS),
-             help="torch.compile backend of --compile. inductor is refused for training on the CPU, where it "
-                  "trains a different adapter than eager (up to 0.095 after one step; cause not found yet); "
+             help="torch.compile backend of --compile. inductor is refused for training on the CPU, where its "
+                  "backward gives wrong gradients (the UNet's mid-block attention, with or without adapters); "
                   "aot_eager matches eager there to float rounding.")
     add_flag(group, "--learning_rate", bounds=(0, None), type=float, default=1e-3)
     add_flag(group, "--scale_lr", action="store_true",
