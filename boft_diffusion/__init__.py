@@ -19,6 +19,7 @@ from .core.adapters import (
 )
 from .core.config import BOFTConfig
 from .core.files import load_adapter, save_adapter
+from .core.quantize import dequantize_linears, quantize_linears
 from .families.loading import load_pipeline
 
 __all__ = [
@@ -29,11 +30,13 @@ __all__ = [
     "compile_adapted",
     "count_trainable_parameters",
     "delete_adapter",
+    "dequantize_linears",
     "disable_adapters",
     "enable_adapters",
     "load_adapter",
     "load_pipeline",
     "merge_adapter",
+    "quantize_linears",
     "save_adapter",
     "set_adapter",
     "set_adapter_strength",

@@ -205,14 +205,14 @@ def test_resume_latest_of_an_empty_folder_still_starts(tmp_path):
 
 # 9. --compile with inductor on the CPU -------------------------------------------------------------------
 def test_compile_with_inductor_is_refused_on_the_cpu_before_any_model_loads(tmp_path, capsys, monkeypatch):
-    """inductor trains a different adapter than eager on the CPU (issue 36): the flag refuses it there
+    """inductor computes wrong gradients on the CPU (issue 36): the flag refuses it there
     rather than train something else; aot_eager (which matches eager) and other devices pass."""
     from boft_diffusion.recipes.dreambooth import DreamBoothConfig
     from boft_diffusion.training.trainer import TrainingError, check_compile_backend
 
     monkeypatch.setattr(recipe_base, "load_pipeline", lambda *a, **k: pytest.fail("a model was loaded"))
     assert run_main("--output_dir", tmp_path / "out", "--compile") == 2
-    assert "--compile with the inductor backend trains a different adapter" in capsys.readouterr().err
+    assert "--compile with the inductor backend computes wrong gradients" in capsys.readouterr().err
     assert train_controlnet.main(["--output_dir", str(tmp_path / "ctl"), "--compile", "--report_to", "none"]) == 2
     aot = DreamBoothConfig.from_flags(["--compile", "--compile_backend", "aot_eager"]).run.trainer
     check_compile_backend(aot, torch.device("cpu"))

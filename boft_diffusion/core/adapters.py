@@ -27,6 +27,7 @@ from .layers import (
     check_adapter_name,
     rotated_dim,
 )
+from .quantize import refuse_quantized
 
 _CONFIGS_ATTR = "_boft_configs"
 _ACTIVE_ATTR = "_boft_active_adapter"
@@ -332,8 +333,9 @@ def merge_adapter(model: nn.Module, safe_merge: bool = False) -> None:
     """Fold the active adapter into the base weights so inference costs exactly the base model.
 
     With ``safe_merge`` every merged weight is computed and checked for non-finite values before
-    any base weight is written.
+    any base weight is written. A quantised base is refused (see ``refuse_quantized``).
     """
+    refuse_quantized(model, "merge the adapter")
     layers = [layer for _, layer in boft_layers(model) if layer.live_adapter() is not None]
     if safe_merge:
         with torch.no_grad():
@@ -386,6 +388,7 @@ def count_trainable_parameters(model: nn.Module) -> int:
 def merged_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     """The model's plain state dict (original key names, no adapter tensors) with the active
     adapter folded into the weights: loadable by the unadapted model class."""
+    refuse_quantized(model, "write a merged state dict")
     folded = {}
     with torch.no_grad():
         for name, layer in boft_layers(model):
@@ -411,6 +414,7 @@ def base_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     """The model's plain state dict without any adapter (it must not be merged)."""
     if _is_merged(model):
         raise ValueError("the model has a merged adapter; unmerge_adapter it first.")
+    refuse_quantized(model, "write the base state dict")
     return {k.replace(".base_layer.", "."): v for k, v in model.state_dict().items() if not is_adapter_key(k)}
 
 

@@ -41,6 +41,12 @@ from .butterfly import (
     upcast,
 )
 from .config import SIDES
+from .quantize import QuantizedLinear
+
+try:
+    from torch.distributed.tensor import DTensor
+except ImportError:  # a torch built without distributed support
+    DTensor = ()
 
 #: How training applies a Linear layer's rotation; see ``RotationBank``.
 TrainingFold = Literal["auto", "fold", "rotate"]
@@ -253,13 +259,20 @@ class BOFTLayer(nn.Module):
         spec = self.specs[name]
         skew = self.boft_skew[name]
         s = self.boft_s[name] if name in self.boft_s else None
-        weight = self.weight
         return (
             name, spec.strength, spec.neumann_terms,
             skew._version, skew.data_ptr(),
             None if s is None else (s._version, s.data_ptr()),
-            weight._version, weight.data_ptr(), weight.dtype,
+            self._weight_key(),
         )
+
+    def _weight_key(self) -> tuple:
+        """What the base weight's values depend on; a quantised base dequantises into a new tensor
+        at every access, so its stored tensors stand for it."""
+        if isinstance(self.base_layer, QuantizedLinear):
+            return self.base_layer.storage_key()
+        weight = self.weight
+        return weight._version, weight.data_ptr(), weight.dtype
 
     def current_fold(self, name: str) -> torch.Tensor | None:
         """The cached folded weight of adapter ``name`` if nothing it depends on changed since."""
@@ -306,6 +319,10 @@ class BOFTLayer(nn.Module):
         name = self.active_adapter
         if name is None or self.merged is not None:
             return
+        if isinstance(self.base_layer, QuantizedLinear):
+            raise ValueError(f"{self.module_name}: its base weight is stored quantised ({self.base_layer.method}); "
+                             "the merged weight would be rounded back onto the quantisation grid. Merge on the "
+                             "unquantised base, or boft_diffusion.dequantize_linears(model) first.")
         with torch.no_grad():
             merged = self.folded_weight(name)
             if safe_merge and not torch.isfinite(merged).all():
@@ -640,8 +657,8 @@ class RotationBank:
         stale: dict[RotationGroup, list[Member]] = {}
         for layer in self.layers:
             name = layer.live_adapter()
-            if name is None:
-                continue
+            if name is None or isinstance(layer.boft_skew[name], DTensor):
+                continue  # FSDP2 unshards a layer wrapped on its own in its own forward: it builds its blocks there
             if not layer.uses_folded_weight(name):
                 rotating.setdefault(layer.rotation_group(name), []).append((layer, name))
                 continue

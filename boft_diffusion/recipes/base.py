@@ -20,6 +20,7 @@ from PIL import Image
 from torch import nn
 
 from ..core.adapters import count_trainable_parameters
+from ..core.quantize import quantize_linears, storage_bytes
 from ..families import EncodedPrompts, ModelFamily, family_of
 from ..families.denoising import NoisedBatch
 from ..families.loading import guidance_kwargs, load_pipeline, quiet_progress
@@ -98,6 +99,9 @@ class DiffusionRecipe:
         """Refuse an adapter configuration that cannot be built and an output folder holding another
         run, then start accelerate (seeded)."""
         self.run.adapter.boft()
+        if self.run.model.base_quantization != "none" and self.run.adapter.adapter_type != "boft":
+            raise TrainingError(f"--base_quantization {self.run.model.base_quantization} is for BOFT adapters; "
+                                f"--adapter_type {self.run.adapter.adapter_type} is not tested on a quantised base.")
         check_output_dir(self.run.trainer, self.adapter_files)
         self.accelerator = make_accelerator(self.run.trainer)
         self.dtype = weight_dtype(self.accelerator)
@@ -126,6 +130,16 @@ class DiffusionRecipe:
         self.encoders = self.family.text_encoders(self.pipe)
         for module in (self.denoiser, self.pipe.vae, *(encoder.module for encoder in self.encoders)):
             module.requires_grad_(False)
+
+    def quantize_denoiser(self) -> None:
+        """With --base_quantization: the denoiser's frozen Linear weights stored quantised, before its
+        adapters wrap them (call it once the denoiser is in the run's precision)."""
+        method = self.run.model.base_quantization
+        before = storage_bytes(self.denoiser)
+        count = quantize_linears(self.denoiser, method)
+        if count:
+            logger.info("%s: %d frozen Linear layers stored as %s; its weights take %.1f MiB instead of %.1f MiB",
+                        self.family.denoiser_name, count, method, storage_bytes(self.denoiser) / 2**20, before / 2**20)
 
     def add_adapters(self, model: nn.Module, targets: list[str]) -> None:
         """Put the configured adapter kind on ``targets`` of ``model``."""

@@ -148,6 +148,7 @@ class ControlTraining(DiffusionRecipe):
     def setup_light(self) -> None:
         """BOFT on the UNet and a small zero-initialised control encoder after its conv_in."""
         place(self.denoiser, dtype=self.dtype)
+        self.quantize_denoiser()
         self.add_adapters(self.denoiser, self.run.adapter.boft_target_modules)
         self.encoder = encoder_for_unet(self.denoiser, self.pipe.vae_scale_factor).to(self.device)
         self.modules = {"unet": self.denoiser, "control_encoder": self.encoder}
@@ -168,6 +169,7 @@ class ControlTraining(DiffusionRecipe):
         self.controlnet = controlnet
         self.modules = {"controlnet": controlnet}
         place(self.denoiser, dtype=self.dtype)
+        self.quantize_denoiser()
         if self.config.control.train_unet_boft:
             self.add_adapters(self.denoiser, self.run.adapter.boft_target_modules)
             self.modules["unet"] = self.denoiser

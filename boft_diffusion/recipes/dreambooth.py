@@ -235,6 +235,10 @@ def check_config(config: DreamBoothConfig) -> None:
         (prior.with_prior_preservation and (not prior.class_data_dir or not prior.class_prompt),
          "--with_prior_preservation needs --class_data_dir and --class_prompt."),
         (config.run.adapter.adapter_type != "boft" and config.save_merged, "--save_merged is for BOFT adapters."),
+        (config.run.model.base_quantization != "none" and config.save_merged,
+         f"--save_merged with --base_quantization {config.run.model.base_quantization} would merge into rounded "
+         "base weights; train without --save_merged and export the adapter merged on the unquantised base "
+         "(python -m boft_diffusion.export OUTPUT_DIR --format merged)."),
     ]
     for refused, message in refusals:
         if refused:
@@ -375,6 +379,7 @@ class DreamBooth(DiffusionRecipe):
         those train; the modules that train, denoiser first."""
         text = self.config.text
         place(self.denoiser, dtype=self.dtype)
+        self.quantize_denoiser()
         self.add_adapters(self.denoiser, self.run.adapter.boft_target_modules)
         self.modules = {self.family.denoiser_name: self.denoiser}
         if len(self.encoders) > 1:

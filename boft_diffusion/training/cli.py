@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from ..core.config import DEFAULT_TARGET_MODULES, MAX_NEUMANN_TERMS, SIDES
+from ..core.quantize import QUANTIZATIONS
 from ..families import ModelFamily
 from ..families.flow import WEIGHTING_SCHEMES
 from ..families.loading import default_guidance
@@ -39,6 +40,11 @@ def add_model_args(parser: argparse.ArgumentParser) -> None:
     add_flag(group, "--variant", default=None, help='Weight variant of the base model, e.g. "fp16".')
     add_flag(group, "--max_sequence_length", bounds=(1, None), type=int, default=None,
              help="T5 tokens per prompt on Flux.1 and SD3 (default: the pipeline's, 512 on Flux.1, 256 on SD3).")
+    add_flag(group, "--base_quantization", default="none", choices=list(QUANTIZATIONS),
+             help="Store the denoiser's frozen Linear weights quantised (int8, fp8: 1 byte a weight; nf4: half "
+                  "a byte) and dequantise them at each use; the adapter trains in float32 against the "
+                  "dequantised weights. Saves memory, not time. The saved adapter loads on the unquantised "
+                  "base; --save_merged is refused (merge on the unquantised base).")
 
 
 def add_training_args(parser: argparse.ArgumentParser, default_output_dir: str, default_steps: int) -> None:
@@ -63,8 +69,8 @@ def add_training_args(parser: argparse.ArgumentParser, default_output_dir: str, 
              help="torch.compile the trained models' forward: cheaper steps on a GPU after a one-off "
                   "compile (a minute or more per model; validation compiles its no-grad forward too).")
     add_flag(group, "--compile_backend", default="inductor", choices=list(COMPILE_BACKENDS),
-             help="torch.compile backend of --compile. inductor is refused for training on the CPU, where it "
-                  "trains a different adapter than eager (up to 0.095 after one step; cause not found yet); "
+             help="torch.compile backend of --compile. inductor is refused for training on the CPU, where its "
+                  "backward gives wrong gradients (the UNet's mid-block attention, with or without adapters); "
                   "aot_eager matches eager there to float rounding.")
     add_flag(group, "--learning_rate", bounds=(0, None), type=float, default=1e-3)
     add_flag(group, "--scale_lr", action="store_true",

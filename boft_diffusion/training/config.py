@@ -90,6 +90,7 @@ class ModelConfig:
     variant: str | None
     resolution: int | None
     gradient_checkpointing: bool
+    base_quantization: str
     max_sequence_length: int | None = None
 
 

@@ -71,12 +71,14 @@ def check_output_dir(config: TrainerConfig, adapter_files: Sequence[str]) -> Non
 
 
 def check_compile_backend(config: TrainerConfig, device: torch.device) -> None:
-    """Refuse ``--compile`` with inductor on the CPU: there it trains a different adapter than eager
-    (up to 0.095 after one step of the tiny model, 2026-11-27) while aot_eager matches to 1e-7, and
-    a flag that silently trains something else is worse than none."""
+    """Refuse ``--compile`` with inductor on the CPU: there (torch 2.13) inductor's backward of the tiny
+    UNet's mid-block attention is wrong, with or without adapters (its forward is right), while aot_eager
+    matches eager to 1e-7; a flag that silently trains something else is worse than none. The slow test
+    ``test_inductor_backward_on_the_cpu_is_wrong_without_any_adapter`` fails once torch fixes it."""
     if config.compile and config.compile_backend == "inductor" and device.type == "cpu":
-        raise TrainingError("--compile with the inductor backend trains a different adapter than eager on the CPU "
-                            "(cause not found yet); pass --compile_backend aot_eager, or leave --compile out.")
+        raise TrainingError("--compile with the inductor backend computes wrong gradients on the CPU (torch's "
+                            "inductor backward, with or without adapters: issue #36); pass --compile_backend "
+                            "aot_eager, or leave --compile out.")
 
 
 def make_accelerator(config: TrainerConfig):
