@@ -169,6 +169,17 @@ def test_dreambooth_trains_every_text_option_and_loads_in_a_fresh_pipeline(model
     assert torch.allclose(sample(pipe), base, atol=1e-6)
 
 
+def test_a_flux_adapter_trained_on_an_nf4_base_loads_on_the_full_precision_base(models, tmp_path, caplog):
+    """Nearly every weight of a transformer sits in a Linear layer, so --base_quantization reaches it all."""
+    with caplog.at_level("INFO", logger="boft_diffusion"):
+        assert train(models, "flux", tmp_path / "q", "--base_quantization", "nf4", "--max_sequence_length", "16") == 0
+    assert "frozen Linear layers stored as nf4" in caplog.text
+    pipe = load(models["flux"])
+    base = sample(pipe)
+    load_outputs(pipe, tmp_path / "q")
+    assert not torch.allclose(sample(pipe), base, atol=1e-4)
+
+
 def test_flow_options_are_refused_where_they_do_not_apply(models, tmp_path, capsys):
     assert train(models, "sd3", tmp_path / "a", "--snr_gamma", "5") != 0
     assert "--weighting_scheme" in capsys.readouterr().err
