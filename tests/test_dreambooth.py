@@ -327,9 +327,9 @@ def test_sidecar_captions_are_the_prompts_of_their_images(tmp_path, capsys, capl
         batches.append([mean_to_stem[round(float(image[:3].mean()), 4)] for image in images])
         return real_augment(images, **kwargs)
 
-    def recording_encode(self, encoders, prompts, device):
+    def recording_encode(self, encoders, prompts, device, max_sequence_length=None):
         pairs.extend(zip(batches.pop(0), prompts, strict=True))
-        return real_encode(self, encoders, prompts, device)
+        return real_encode(self, encoders, prompts, device, max_sequence_length)
 
     monkeypatch.setattr(dreambooth, "augment_batch", recording_augment)
     monkeypatch.setattr(StableDiffusion, "encode_prompts", recording_encode)
@@ -368,9 +368,9 @@ def test_class_images_are_drawn_and_trained_on_the_instance_captions(tmp_path, c
     encoded: list[list[str]] = []
     real_encode = StableDiffusion.encode_prompts
 
-    def recording_encode(self, encoders, prompts, device):
+    def recording_encode(self, encoders, prompts, device, max_sequence_length=None):
         encoded.append(list(prompts))
-        return real_encode(self, encoders, prompts, device)
+        return real_encode(self, encoders, prompts, device, max_sequence_length)
 
     monkeypatch.setattr(StableDiffusion, "encode_prompts", recording_encode)
     common = ["--instance_data_dir", subject, "--caption_extension", ".txt", "--with_prior_preservation",
