@@ -143,6 +143,7 @@ def collect_images(paths: list[str | Path], folder: Path, quota: UploadQuota, li
     total = sum(p.stat().st_size for p in paths)
     if total > quota.max_bytes:
         raise StudioError(f"upload of {total} bytes exceeds the {quota.max_bytes}-byte limit.")
+    folder.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix=".images-", dir=folder.parent) as raw:
         sources = _unpack(paths, Path(raw), quota)
         images = sorted((p for p in sources if p.suffix.lower() in IMAGE_SUFFIXES), key=lambda p: p.name)
@@ -159,19 +160,21 @@ def collect_images(paths: list[str | Path], folder: Path, quota: UploadQuota, li
 
 
 def _unpack(paths: list[Path], raw: Path, quota: UploadQuota) -> list[Path]:
-    """Every uploaded file, zips extracted (each into its own folder)."""
-    found = []
+    """Every uploaded file: loose files side by side (so a caption sits beside its image), each zip
+    extracted into a folder of its own."""
+    loose = raw / "files"
+    loose.mkdir()
     for number, path in enumerate(paths):
-        target = raw / f"{number:03d}"
-        target.mkdir()
         if path.suffix.lower() == ".zip":
-            extract_zip(path, target, quota, IMAGE_SUFFIXES | {CAPTION_SUFFIX}, "PNG, JPEG, WebP and .txt caption")
+            extract_zip(path, raw / f"zip-{number:03d}", quota, IMAGE_SUFFIXES | {CAPTION_SUFFIX},
+                        "PNG, JPEG, WebP and .txt caption")
         elif path.suffix.lower() in IMAGE_SUFFIXES | {CAPTION_SUFFIX}:
-            shutil.copyfile(path, target / path.name)
+            if (loose / path.name).exists():
+                raise StudioError(f"{path.name} was uploaded twice.")
+            shutil.copyfile(path, loose / path.name)
         else:
             raise StudioError(f"{path.name}: upload PNG, JPEG or WebP images, .txt captions or a zip of them.")
-        found += [p for p in target.rglob("*") if p.is_file() and not p.is_symlink()]
-    return found
+    return [p for p in raw.rglob("*") if p.is_file() and not p.is_symlink()]
 
 
 def _free_image_name(stem: str, taken: Collection[str]) -> str:
@@ -508,7 +511,7 @@ class TrainingRuns:
                                self.root / record["class_dir"])
         if record["resume"]:
             flags += ["--resume_from_checkpoint", "latest"]
-        env = {**os.environ, "TQDM_DISABLE": "1", "PYTHONUNBUFFERED": "1"}
+        env = {**os.environ, "PYTHONUNBUFFERED": "1"}
         with open(folder / LOG_NAME, "ab") as log:
             self._process = subprocess.Popen([sys.executable, str(TRAIN_SCRIPT), *flags], stdin=subprocess.DEVNULL,
                                              stdout=log, stderr=subprocess.STDOUT, env=env, cwd=CHECKOUT_DIR)
