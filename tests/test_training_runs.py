@@ -22,6 +22,7 @@ from boft_diffusion.app.training_runs import (
     TrainingLimits,
     TrainingRequest,
     TrainingRuns,
+    class_images_folder,
     collect_images,
     subject_prompts,
     training_flags,
@@ -98,6 +99,15 @@ def test_the_demo_preset_trains_the_demos_recipe(tmp_path):
     captions = collect_images(star_files(), run_dir / INSTANCE_FOLDER, QUOTA, TrainingLimits())
     assert theirs.subject.instance_data_dir == str(STAR) and ours.subject.caption_extension == ".txt"
     assert captions == {p.name: p.with_suffix(".txt").read_text().strip() for p in sorted(STAR.glob("*.png"))}
+
+
+def test_runs_share_class_images_only_where_they_would_draw_the_same():
+    demo_preset, real = training_runs.PRESETS["demo"], training_runs.PRESETS["real"]
+    shared = class_images_folder(demo_preset, "tiny", "a photo of star", "1" * 32)
+    assert shared == class_images_folder(demo_preset, "tiny", "a photo of star", "2" * 32)
+    assert len({shared, class_images_folder(demo_preset, "tiny", "a photo of dog", "1" * 32),
+                class_images_folder(demo_preset, "other", "a photo of star", "1" * 32),
+                class_images_folder(real, "tiny", "a photo of star", "1" * 32)}) == 4
 
 
 def test_a_public_address_trains_only_with_allow_training():

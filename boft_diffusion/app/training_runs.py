@@ -35,11 +35,10 @@ from typing import Any
 from PIL import Image
 
 from ..core.files import TEMPORARY_NAME, adapter_name_from, atomic_folder, atomic_write, atomic_write_text, write_text
-from ..recipes.dreambooth import DreamBoothConfig
 from ..tiny.bundled import CHECKOUT_DIR
 from ..training.checkpoints import list_checkpoints
 from ..training.cli import read_config_file
-from ..training.trainer import FLAGS_JSON, PROGRESS_JSON, TrainingError
+from ..training.trainer import FLAGS_JSON, PROGRESS_JSON
 from .errors import StudioError
 from .uploads import ALLOWED_UPLOAD_SUFFIXES, UploadQuota, evict_uploads, extract_zip
 
@@ -242,14 +241,14 @@ def training_flags(preset: Preset, model: str, run_dir: Path, instance_prompt: s
     ]
 
 
-def class_images_key(config: DreamBoothConfig) -> str:
-    """What decides a run's class images (model, class prompt, count, seed, sampling): runs with the same
-    key draw the same pictures, so they share one folder."""
-    run, prior = config.run, config.prior
-    facts = [run.model.pretrained_model_name_or_path, run.model.revision, run.model.variant, prior.class_prompt,
-             prior.num_class_images, prior.sample_batch_size, run.trainer.seed, run.validation.num_inference_steps,
-             run.validation.guidance_scale, run.trainer.mixed_precision, config.subject.caption_extension]
-    return hashlib.sha256(json.dumps(facts, default=str).encode()).hexdigest()[:24]
+def class_images_folder(preset: Preset, model: str, class_prompt: str, run_id: str) -> str:
+    """The name of a run's class image folder. Class images follow from the model, the class prompt and
+    the preset's sampling settings (count, seed, steps, guidance), so runs agreeing on those draw the
+    same pictures and share one folder; a preset drawing them from the captions gets one per run."""
+    if read_config_file(preset.config_file).get("class_prompts_from_captions"):
+        return f"class-{run_id}"
+    facts = json.dumps([model, class_prompt, hashlib.sha256(preset.config_file.read_bytes()).hexdigest()])
+    return f"class-{hashlib.sha256(facts.encode()).hexdigest()[:24]}"
 
 
 class TrainingRuns:
@@ -333,14 +332,7 @@ class TrainingRuns:
                                   "try again later.")
         run_id = secrets.token_hex(16)
         folder = self._folder(run_id)
-        flags = training_flags(preset, request.model, folder, instance_prompt, class_prompt, steps, learning_rate,
-                               self.root / "class-images")
-        try:
-            config = DreamBoothConfig.from_flags(flags)
-        except (TrainingError, SystemExit) as error:
-            raise StudioError(f"the preset {request.preset!r} does not accept these settings: {error}") from error
-        class_dir = self.root / (f"class-{class_images_key(config)}" if not config.prior.class_prompts_from_captions
-                                 else f"class-{run_id}")
+        class_dir = class_images_folder(preset, request.model, class_prompt, run_id)
         folder.mkdir()
         try:
             self._store_images(request, folder)
@@ -349,7 +341,7 @@ class TrainingRuns:
             raise
         record = {"id": run_id, "status": "queued", "created": time.time(), "model": request.model,
                   "preset": request.preset, "steps": steps, "learning_rate": learning_rate,
-                  "instance_prompt": instance_prompt, "class_prompt": class_prompt, "class_dir": class_dir.name,
+                  "instance_prompt": instance_prompt, "class_prompt": class_prompt, "class_dir": class_dir,
                   "seconds": 0.0, "attempts": 0, "resume": False, "pid": None, "message": ""}
         with self._wake:
             self._write(record)
