@@ -10,6 +10,8 @@ import argparse
 import ipaddress
 import json
 import random
+import signal
+import sys
 import tempfile
 from dataclasses import Field, fields
 from pathlib import Path
@@ -131,7 +133,7 @@ def build_app(studio: Studio, runs: TrainingRuns) -> gr.Blocks:
 
     def adapter_choices(owned):
         """The studio's adapters, then the visitor's own trained ones (nobody else's)."""
-        return [*studio.list_adapters(), *((f"trained: {name}", name) for name in runs.adapters(owned))]
+        return [*studio.list_adapters(), *runs.adapters(owned)]
 
     def refresh(owned):
         return gr.update(choices=adapter_choices(owned))
@@ -327,7 +329,7 @@ def build_train_tab(studio: Studio, runs: TrainingRuns, owned: gr.State, adapter
                 "trains on the instance prompt. Runs go one at a time; this page (and its link) alone sees its runs.")
     files = gr.File(label="Images (PNG, JPEG, WebP, .txt captions, or a zip of them)", file_count="multiple",
                     file_types=[".png", ".jpg", ".jpeg", ".webp", ".txt", ".zip"], elem_id="train_files")
-    table = gr.Dataframe(headers=["image", "caption"], datatype=["str", "str"], column_count=2, column_limits=(2, 2),
+    table = gr.Dataframe(headers=["image", "caption"], datatype=["str", "str"], column_count=2,
                          interactive=True, label="Captions", elem_id="captions")
     with gr.Row():
         identifier = gr.Textbox(value="sks ohwx", label="Identifier words (new, rare words)", elem_id="identifier")
@@ -373,8 +375,14 @@ def main(argv: list[str] | None = None) -> None:
                         enabled=training_allowed(args), in_use=studio.loaded_folders)
     app = build_app(studio, runs)
     app.queue(default_concurrency_limit=1)
-    app.launch(server_name=args.host, server_port=args.port, share=args.share,
-               max_file_size=f"{args.max_upload_mb}mb")
+    # SIGTERM unwinds like Ctrl-C, so the training worker is stopped with the server (its run resumes at
+    # the next start); after a kill -9 the next start stops the orphaned worker itself.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
+    try:
+        app.launch(server_name=args.host, server_port=args.port, share=args.share,
+                   max_file_size=f"{args.max_upload_mb}mb")
+    finally:
+        runs.close()
 
 
 if __name__ == "__main__":

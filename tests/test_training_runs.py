@@ -213,7 +213,9 @@ def test_queue_cancel_keeps_the_checkpoint_and_visitors_see_only_their_runs(runs
     reinstalled = install_upload([archive], tmp_path / "elsewhere", QUOTA)  # the zip is an adapter upload
     studio = Studio("tiny", tmp_path / "elsewhere", Limits(max_steps=2))
     assert studio.adapter_info(reinstalled)["training_steps"] == 3
-    assert runs.adapters([first, second]) == [finished["adapter"], cancelled["adapter"]]
+    checkpoint = Path(cancelled["adapter"]).parent.name
+    assert runs.adapters([first, second]) == [(f"trained: run {second[:8]}", finished["adapter"]),
+                                              (f"trained: run {first[:8]} ({checkpoint})", cancelled["adapter"])]
 
 
 @pytest.mark.slow

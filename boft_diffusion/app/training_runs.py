@@ -230,7 +230,7 @@ def training_flags(preset: Preset, model: str, run_dir: Path, instance_prompt: s
     """The train_dreambooth.py flags of a run: the preset's --config file, with the run's model, data,
     prompts, steps and learning rate, and checkpoints and validation grids every tenth of the run
     (flags that never change the trained adapter)."""
-    every = str(max(1, steps // REPORTS_PER_RUN))
+    every = str(max(2, steps // REPORTS_PER_RUN))
     return [
         "--config", str(preset.config_file), "--pretrained_model_name_or_path", model,
         "--output_dir", str(run_dir / ADAPTER_FOLDER), "--instance_data_dir", str(run_dir / INSTANCE_FOLDER),
@@ -406,8 +406,9 @@ class TrainingRuns:
             return None
         return str(folder.relative_to(self.adapters_dir))
 
-    def adapters(self, owned: Collection[str]) -> list[str]:
-        """The adapters of the caller's runs, newest run first."""
+    def adapters(self, owned: Collection[str]) -> list[tuple[str, str]]:
+        """The adapters of the caller's runs as (label, studio name), newest run first; a stopped run's
+        label names the checkpoint it offers."""
         found = []
         for run_id in owned:
             try:
@@ -415,8 +416,9 @@ class TrainingRuns:
             except StudioError:
                 continue
             if (adapter := self._adapter(record)) is not None:
-                found.append((record["created"], adapter))
-        return [adapter for _, adapter in sorted(found, reverse=True)]
+                stopped = "" if record["status"] == "finished" else f" ({Path(adapter).parent.name})"
+                found.append((record["created"], f"trained: run {run_id[:8]}{stopped}", adapter))
+        return [(label, adapter) for _, label, adapter in sorted(found, reverse=True)]
 
     def model_card(self, run_id: Any, owned: Collection[str]) -> str:
         """The README.md of the run's adapter ('' before there is one)."""
