@@ -353,7 +353,7 @@ def build_train_tab(studio: Studio, runs: TrainingRuns, owned: gr.State, adapter
             card = gr.Markdown(elem_id="run_card")
     log = gr.Textbox(label="Log (end)", lines=4, max_lines=8, autoscroll=True)
     shown = gr.State({})
-    timer = gr.Timer(1.0)
+    timer = gr.Timer(2.0)
 
     files.upload(preview, files, table, concurrency_limit=None, api_name="preview_images")
     for box in (identifier, class_noun):

@@ -278,7 +278,7 @@ def generate_with_base(driver, wait) -> tuple[np.ndarray, np.ndarray]:
 
 
 def save_screenshot(driver, path: Path, variable: str) -> None:
-    """The page from its top, copied to the file the environment variable names (scripts/app_screenshots.py)."""
+    """The page from its top, copied to the file the environment variable names (docs screenshots)."""
     driver.execute_script("window.scrollTo(0, 0)")
     driver.save_screenshot(str(path))
     if os.environ.get(variable):

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import math
 import os
 import re
@@ -41,6 +42,8 @@ from ..training.cli import read_config_file
 from ..training.trainer import FLAGS_JSON, PROGRESS_JSON
 from .errors import StudioError
 from .uploads import ALLOWED_UPLOAD_SUFFIXES, UploadQuota, evict_uploads, extract_zip
+
+logger = logging.getLogger("boft_diffusion")
 
 MB = 2**20
 RUNS_FOLDER = ".runs"
@@ -487,10 +490,13 @@ class TrainingRuns:
             with self._wake:
                 if self._closed:
                     return
-                if self._current is None:
-                    self._start_next()
-                else:
-                    self._check_current()
+                try:
+                    if self._current is None:
+                        self._start_next()
+                    else:
+                        self._check_current()
+                except (OSError, ValueError) as error:  # a full disk, a record gone bad: the queue goes on
+                    logger.exception("training queue: %s", error)
                 self._wake.wait(self.poll_seconds)
 
     def _start_next(self) -> None:
@@ -506,9 +512,14 @@ class TrainingRuns:
         if record["resume"]:
             flags += ["--resume_from_checkpoint", "latest"]
         env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-        with open(folder / LOG_NAME, "ab") as log:
-            self._process = subprocess.Popen([sys.executable, str(TRAIN_SCRIPT), *flags], stdin=subprocess.DEVNULL,
-                                             stdout=log, stderr=subprocess.STDOUT, env=env, cwd=CHECKOUT_DIR)
+        try:
+            with open(folder / LOG_NAME, "ab") as log:
+                self._process = subprocess.Popen([sys.executable, str(TRAIN_SCRIPT), *flags], stdin=subprocess.DEVNULL,
+                                                 stdout=log, stderr=subprocess.STDOUT, env=env, cwd=CHECKOUT_DIR)
+        except OSError as error:
+            record.update(status="failed", message=f"the training worker could not start: {error}")
+            self._write(record)
+            return
         self._current, self._started, self._stopping = record["id"], time.monotonic(), None
         record.update(status="running", attempts=record["attempts"] + 1, pid=self._process.pid)
         self._write(record)
