@@ -13,6 +13,7 @@ import random
 import signal
 import sys
 import tempfile
+from collections.abc import Callable
 from dataclasses import Field, fields
 from pathlib import Path
 
@@ -84,7 +85,7 @@ def add_limit_flags(parser: argparse.ArgumentParser) -> None:
                             help=limit.metadata["help"])
 
 
-def limits_from_flags(args: argparse.Namespace, cls: type = Limits):
+def limits_from_flags(args: argparse.Namespace, cls: type[Limits] | type[TrainingLimits] = Limits) -> Limits | TrainingLimits:
     """The studio's Limits (or the TrainingLimits) from the flags ``add_limit_flags`` declared."""
     return cls(**{limit.name: getattr(args, limit_flag(limit)) * flag_unit(limit) for limit in fields(cls)})
 
@@ -251,7 +252,8 @@ REMEMBER_RUN_JS = """(runId) => {
 }"""
 
 
-def build_train_tab(studio: Studio, runs: TrainingRuns, owned: gr.State, adapter: gr.Dropdown, adapter_choices) -> None:
+def build_train_tab(studio: Studio, runs: TrainingRuns, owned: gr.State, adapter: gr.Dropdown,
+                    adapter_choices: Callable[[list[str]], list]) -> None:
     """The Train tab: images and captions, the subject's words, a preset, and the run's progress."""
     preset_key = default_preset(studio.model_name)
     preset_steps, preset_rate = PRESETS[preset_key].defaults()

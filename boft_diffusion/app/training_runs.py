@@ -107,6 +107,7 @@ PRESETS = {
 
 
 def default_preset(model: str) -> str:
+    """The demo recipe for the embedded model, the real-checkpoint default otherwise."""
     return "demo" if model == "tiny" else "real"
 
 
