@@ -234,6 +234,13 @@ def build_app(studio: Studio, runs: TrainingRuns) -> gr.Blocks:
         with gr.Tab("Train", id="train"):
             build_train_tab(studio, runs, owned, adapter, adapter_choices)
 
+        def reconnect(ids, request: gr.Request):
+            """A reloaded page (or a shared link) holds its run's id in ``?run=``."""
+            run_id = runs.reconnect(request.query_params.get("run"))
+            return [*ids, run_id] if run_id and run_id not in ids else ids
+
+        app.load(reconnect, owned, owned)
+
         load_model.click(change_model, [model, owned], [model_status, adapter])
         refresh_button.click(refresh, owned, adapter)
         upload_files.upload(upload, [upload_files, owned], [adapter, upload_status])
@@ -319,41 +326,42 @@ def build_train_tab(studio: Studio, runs: TrainingRuns, owned: gr.State, adapter
             raise fail(error) from error
         return "cancelling..."
 
-    def reconnect(ids, request: gr.Request):
-        run_id = runs.reconnect(dict(request.query_params).get("run")) if request else None
-        return [*ids, run_id] if run_id and run_id not in ids else ids
-
     if not runs.enabled:
         gr.Markdown("**Training is off**: this app is on a public address; its operator may turn training on with "
                     "`--allow_training`.")
     gr.Markdown(f"Teach the model a subject from {MIN_IMAGES} to {training.max_train_images} pictures of it. "
                 "A `.txt` file beside an image (same name) is its caption, editable below; an empty caption "
                 "trains on the instance prompt. Runs go one at a time; this page (and its link) alone sees its runs.")
-    files = gr.File(label="Images (PNG, JPEG, WebP, .txt captions, or a zip of them)", file_count="multiple",
-                    file_types=[".png", ".jpg", ".jpeg", ".webp", ".txt", ".zip"], elem_id="train_files")
-    table = gr.Dataframe(headers=["image", "caption"], datatype=["str", "str"], column_count=2,
-                         interactive=True, label="Captions", elem_id="captions")
     with gr.Row():
-        identifier = gr.Textbox(value="sks ohwx", label="Identifier words (new, rare words)", elem_id="identifier")
-        class_noun = gr.Textbox(value="star", label="Class noun", elem_id="class_noun")
-    prompts = gr.Markdown(show_prompts("sks ohwx", "star"), elem_id="prompts")
-    with gr.Row():
-        preset = gr.Dropdown([(p.label, key) for key, p in PRESETS.items()], value=preset_key, label="Preset")
-        steps = gr.Number(value=min(preset_steps, training.max_train_steps), precision=0, minimum=1,
-                          maximum=training.max_train_steps, label="Steps", elem_id="train_steps")
-        rate = gr.Number(value=preset_rate, label="Learning rate", elem_id="learning_rate")
-    with gr.Row():
-        train_button = gr.Button("Train", variant="primary", elem_id="train", interactive=runs.enabled)
-        cancel_button = gr.Button("Cancel", elem_id="cancel")
-    status = gr.Markdown("no run yet", elem_id="run_status")
-    run_id = gr.Textbox(visible=False)
-    with gr.Row():
-        validation = gr.Image(label="Latest validation (rows: instance prompt, class prompt)", type="filepath",
-                              interactive=False, elem_id="validation")
-        with gr.Column():
+        with gr.Column(scale=1):
+            files = gr.File(label="Images (PNG, JPEG, WebP, .txt captions, or a zip of them)", file_count="multiple",
+                            file_types=[".png", ".jpg", ".jpeg", ".webp", ".txt", ".zip"], height=160,
+                            elem_id="train_files")
+            table = gr.Dataframe(headers=["image", "caption"], datatype=["str", "str"], column_count=2,
+                                 interactive=True, label="Captions", max_height=260, elem_id="captions")
+            with gr.Row():
+                identifier = gr.Textbox(value="sks ohwx", label="Identifier words (new, rare words)",
+                                        elem_id="identifier")
+                class_noun = gr.Textbox(value="star", label="Class noun", elem_id="class_noun")
+            prompts = gr.Markdown(show_prompts("sks ohwx", "star"), elem_id="prompts")
+            with gr.Row():
+                preset = gr.Dropdown([(p.label, key) for key, p in PRESETS.items()], value=preset_key,
+                                     label="Preset")
+                steps = gr.Number(value=min(preset_steps, training.max_train_steps), precision=0, minimum=1,
+                                  maximum=training.max_train_steps, label="Steps", elem_id="train_steps")
+                rate = gr.Number(value=preset_rate, label="Learning rate", elem_id="learning_rate")
+            with gr.Row():
+                train_button = gr.Button("Train", variant="primary", elem_id="train", interactive=runs.enabled)
+                cancel_button = gr.Button("Cancel", elem_id="cancel")
+        with gr.Column(scale=1):
+            status = gr.Markdown("no run yet", elem_id="run_status")
+            run_id = gr.Textbox(visible=False)
+            validation = gr.Image(label="Latest validation (rows: instance prompt, class prompt)", type="filepath",
+                                  interactive=False, elem_id="validation")
             download = gr.File(label="Adapter (zip)", elem_id="run_download", interactive=False)
-            card = gr.Markdown(elem_id="run_card")
-    log = gr.Textbox(label="Log (end)", lines=4, max_lines=8, autoscroll=True)
+            log = gr.Textbox(label="Log (end)", lines=4, max_lines=8, autoscroll=True)
+            with gr.Accordion("Model card", open=False):
+                card = gr.Markdown(elem_id="run_card")
     shown = gr.State({})
     timer = gr.Timer(2.0)
 
@@ -367,7 +375,6 @@ def build_train_tab(studio: Studio, runs: TrainingRuns, owned: gr.State, adapter
     watch_outputs = [status, validation, card, download, adapter, log, shown]
     timer.tick(watch, [owned, shown], watch_outputs, concurrency_limit=None, show_progress="hidden",
                api_name="training_status")
-    gr.on([train_button.click], None, None)  # placeholder removed below
 
 
 def main(argv: list[str] | None = None) -> None:
