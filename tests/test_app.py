@@ -122,6 +122,17 @@ def test_errors_are_readable_and_app_survives(studio, adapters_dir):
     assert info["trainable_parameters"] > 0 and info["training_steps"] == 7
 
 
+def test_the_model_card_is_shown_without_front_matter_or_pictures(adapters_dir, tmp_path):
+    shutil.copytree(adapters_dir / "star", tmp_path / "carded", ignore=shutil.ignore_patterns("checkpoint-*"))
+    (tmp_path / "carded" / "README.md").write_text("---\nbase_model: tiny\n---\n# BOFT adapter\n\n"
+                                                    "![validation samples](validation/latest.png)\nTrigger: `sks`\n")
+    studio = Studio("tiny", tmp_path)
+    card = studio.adapter_card("carded")
+    assert card.startswith("# BOFT adapter") and "Trigger: `sks`" in card
+    assert "base_model" not in card and "![" not in card
+    assert studio.adapter_card(NO_ADAPTER) == ""
+
+
 def zip_bytes(members: dict) -> bytes:
     buffer = io.BytesIO()
     with zipfile.ZipFile(buffer, "w") as archive:

@@ -138,6 +138,29 @@ def test_a_refused_run_leaves_nothing_behind(tmp_path):
         runs.close()
 
 
+def test_a_restart_settles_the_runs_it_left_running(tmp_path):
+    """A run the last server left running: finished if its outputs are complete, failed once it has
+    stopped the server MAX_ATTEMPTS times (no worker starts for either)."""
+    root = tmp_path / training_runs.RUNS_FOLDER
+    records = {"a" * 32: training_runs.MAX_ATTEMPTS, "b" * 32: 1}
+    for run_id, attempts in records.items():
+        (root / run_id / "adapter").mkdir(parents=True)
+        (root / run_id / "run.json").write_text(json.dumps({
+            "id": run_id, "status": "running", "created": 1.0, "model": "tiny", "preset": "demo", "steps": 4,
+            "learning_rate": 2e-3, "instance_prompt": "a photo of sks star", "class_prompt": "a photo of star",
+            "class_dir": "class-x", "seconds": 1.0, "attempts": attempts, "resume": False, "pid": None,
+            "message": ""}))
+    (root / ("b" * 32) / "adapter" / "progress.json").write_text(json.dumps({"step": 4, "finished": True}))
+    (root / ("b" * 32) / "adapter" / "training_flags.json").write_text("{}")
+    runs = TrainingRuns(tmp_path, TrainingLimits(), QUOTA)
+    try:
+        failed, finished = runs.status("a" * 32, ["a" * 32]), runs.status("b" * 32, ["b" * 32])
+        assert failed["status"] == "failed" and "3 times" in failed["message"]
+        assert finished["status"] == "finished" and finished["adapter"] == f".runs/{'b' * 32}/adapter"
+    finally:
+        runs.close()
+
+
 # Real runs of train_dreambooth.py on the embedded model ------------------------------------------------------
 def quick_preset(tmp_path: Path) -> Preset:
     """The demo recipe with 2 class images and cheap validation: the same code, seconds per run."""
