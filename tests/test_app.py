@@ -2,6 +2,7 @@
 and training the bundled star from the Train tab)."""
 
 import base64
+import contextlib
 import io
 import json
 import os
@@ -24,6 +25,7 @@ from safetensors.torch import load_file, save_file
 
 import boft_diffusion as bd
 from boft_diffusion.app.studio import NO_ADAPTER, GenerationRequest, Limits, Studio, StudioError, png_with_parameters
+from boft_diffusion.app.training_runs import RUNS_FOLDER
 from boft_diffusion.tiny.bundled import example_subject_dir
 from conftest import randomize_adapter
 
@@ -31,8 +33,9 @@ ROOT = Path(__file__).resolve().parent.parent
 
 
 @pytest.fixture(scope="module")
-def adapters_dir(tmp_path_factory):
-    """Adapters made without training: random BOFT values on the tiny model, and one for another model."""
+def adapters_dir(tmp_path_factory, request):
+    """Adapters made without training: random BOFT values on the tiny model, and one for another model.
+    The Train tab's class images persist in pytest's cache (see class_image_cache)."""
     root = tmp_path_factory.mktemp("adapters")
     pipe = bd.load_pipeline("tiny", dtype=torch.float32)
     bd.apply_boft(pipe.unet, bd.BOFTConfig(block_size=8, n_butterfly_factor=2))
@@ -45,7 +48,21 @@ def adapters_dir(tmp_path_factory):
     save_file(tensors, root / "other_model" / "adapter_model.safetensors")
     (root / "star" / "checkpoint-1").mkdir()
     shutil.copy(root / "star" / "adapter_config.json", root / "star" / "checkpoint-1")
-    return root
+    with class_image_cache(root / RUNS_FOLDER, request.config.cache.mkdir("boft_class_images")):
+        yield root
+
+
+@contextlib.contextmanager
+def class_image_cache(runs: Path, cache: Path):
+    """Class image folders of the app's runs, kept between test sessions: a folder is named after what
+    draws its pictures (model, class prompt, preset file), and a run tops up a short one itself, as
+    `make demo` does with outputs/demo/class_images; so only a machine's first session draws the demo
+    recipe's 160 (a minute on an idle 2-core CPU, a quarter of an hour on a busy one)."""
+    for folder in cache.iterdir():
+        shutil.copytree(folder, runs / folder.name, ignore=shutil.ignore_patterns(".*"))
+    yield
+    for folder in runs.glob("class-*"):
+        shutil.copytree(folder, cache / folder.name, ignore=shutil.ignore_patterns(".*"), dirs_exist_ok=True)
 
 
 @pytest.fixture(scope="module")
@@ -315,8 +332,7 @@ def test_browser_picks_adapter_and_generates(server, tmp_path):
 
 
 STAR = example_subject_dir()
-#: Long enough for the demo recipe's 160 class images (drawn once per server: about a minute on an idle
-#: 2-core CPU, a quarter of an hour on a busy one).
+#: Long enough for the demo recipe's 160 class images where no earlier session drew them (class_image_cache).
 TRAINING_TIMEOUT = 2400
 
 
@@ -330,7 +346,7 @@ def open_tab(driver, name: str) -> None:
 def test_browser_trains_the_star_and_samples_it(server, tmp_path):
     """In a real browser: upload the bundled star (images and captions), train 4 steps of the demo
     recipe, watch the steps go by, reload and find the run again, then sample with its adapter."""
-    driver = chrome(tmp_path / "profile", height=1700)
+    driver = chrome(tmp_path / "profile", height=1000)
     from selenium.webdriver.common.by import By
     from selenium.webdriver.support import expected_conditions
     from selenium.webdriver.support.ui import WebDriverWait

@@ -395,7 +395,6 @@ class TrainingRuns:
         return {"id": run_id, "status": record["status"], "position": ahead + 1 if record["status"] == "queued" else None,
                 "step": step, "max_steps": max_steps, "loss": progress.get("loss"), "seconds_left": seconds_left,
                 "validation_image": image, "adapter": adapter, "message": record["message"],
-                "instance_prompt": record["instance_prompt"], "class_prompt": record["class_prompt"],
                 "log": _tail(folder / LOG_NAME)}
 
     def _adapter(self, record: dict[str, Any]) -> str | None:
@@ -618,14 +617,17 @@ def _read_progress(path: Path) -> dict[str, Any]:
     return data if isinstance(data, dict) else {}
 
 
-def _tail(path: Path, size: int = 4000) -> str:
-    """The end of a log, bounded whatever its length."""
+def _tail(path: Path, size: int = 4000, lines: int = 12) -> str:
+    """The last lines of a log, bounded whatever its length; of a progress bar redrawn with carriage
+    returns only its last state."""
     try:
         with open(path, "rb") as handle:
             handle.seek(max(0, handle.seek(0, os.SEEK_END) - size))
-            return handle.read().decode(errors="replace")
+            text = handle.read().decode(errors="replace")
     except OSError:
         return ""
+    shown = [line.rsplit("\r", 1)[-1].rstrip() for line in text.split("\n")]
+    return "\n".join([line for line in shown if line][-lines:])
 
 
 def _error_line(folder: Path) -> str:
