@@ -346,7 +346,7 @@ def open_tab(driver, name: str) -> None:
 def test_browser_trains_the_star_and_samples_it(server, tmp_path):
     """In a real browser: upload the bundled star (images and captions), train 4 steps of the demo
     recipe, watch the steps go by, reload and find the run again, then sample with its adapter."""
-    driver = chrome(tmp_path / "profile", height=1000)
+    driver = chrome(tmp_path / "profile", height=1150)
     from selenium.webdriver.common.by import By
     from selenium.webdriver.support import expected_conditions
     from selenium.webdriver.support.ui import WebDriverWait
