@@ -101,6 +101,15 @@ def test_the_demo_preset_trains_the_demos_recipe(tmp_path):
     assert captions == {p.name: p.with_suffix(".txt").read_text().strip() for p in sorted(STAR.glob("*.png"))}
 
 
+def test_the_real_checkpoint_preset_parses_with_the_runs_flags(tmp_path):
+    steps, rate = training_runs.PRESETS["real"].defaults()
+    instance, cls = subject_prompts("sks", "dog")
+    config = DreamBoothConfig.from_flags(training_flags(training_runs.PRESETS["real"], "some/model", tmp_path, instance,
+                                                        cls, steps, rate, tmp_path / "class"))
+    assert (config.run.trainer.max_train_steps, config.run.trainer.optimizer.learning_rate) == (800, 3e-5)
+    assert config.prior.with_prior_preservation and config.run.model.pretrained_model_name_or_path == "some/model"
+
+
 def test_runs_share_class_images_only_where_they_would_draw_the_same():
     demo_preset, real = training_runs.PRESETS["demo"], training_runs.PRESETS["real"]
     shared = class_images_folder(demo_preset, "tiny", "a photo of star", "1" * 32)
