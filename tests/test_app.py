@@ -1,9 +1,12 @@
-"""The app: generation callback, safety of uploads and paths, the HTTP API, and a real browser."""
+"""The app: generation callback, safety of uploads and paths, the HTTP API, and a real browser (sampling,
+and training the bundled star from the Train tab)."""
 
 import base64
+import contextlib
 import io
 import json
 import os
+import re
 import shutil
 import socket
 import subprocess
@@ -12,6 +15,7 @@ import time
 import urllib.request
 import zipfile
 from pathlib import Path
+from urllib.parse import parse_qs, urlparse
 
 import numpy as np
 import pytest
@@ -21,14 +25,17 @@ from safetensors.torch import load_file, save_file
 
 import boft_diffusion as bd
 from boft_diffusion.app.studio import NO_ADAPTER, GenerationRequest, Limits, Studio, StudioError, png_with_parameters
+from boft_diffusion.app.training_runs import RUNS_FOLDER
+from boft_diffusion.tiny.bundled import example_subject_dir
 from conftest import randomize_adapter
 
 ROOT = Path(__file__).resolve().parent.parent
 
 
 @pytest.fixture(scope="module")
-def adapters_dir(tmp_path_factory):
-    """Adapters made without training: random BOFT values on the tiny model, and one for another model."""
+def adapters_dir(tmp_path_factory, request):
+    """Adapters made without training: random BOFT values on the tiny model, and one for another model.
+    The Train tab's class images persist in pytest's cache (see class_image_cache)."""
     root = tmp_path_factory.mktemp("adapters")
     pipe = bd.load_pipeline("tiny", dtype=torch.float32)
     bd.apply_boft(pipe.unet, bd.BOFTConfig(block_size=8, n_butterfly_factor=2))
@@ -41,7 +48,21 @@ def adapters_dir(tmp_path_factory):
     save_file(tensors, root / "other_model" / "adapter_model.safetensors")
     (root / "star" / "checkpoint-1").mkdir()
     shutil.copy(root / "star" / "adapter_config.json", root / "star" / "checkpoint-1")
-    return root
+    with class_image_cache(root / RUNS_FOLDER, request.config.cache.mkdir("boft_class_images")):
+        yield root
+
+
+@contextlib.contextmanager
+def class_image_cache(runs: Path, cache: Path):
+    """Class image folders of the app's runs, kept between test sessions: a folder is named after what
+    draws its pictures (model, class prompt, preset file), and a run tops up a short one itself, as
+    `make demo` does with outputs/demo/class_images; so only a machine's first session draws the demo
+    recipe's 160 (a minute on an idle 2-core CPU, a quarter of an hour on a busy one)."""
+    for folder in cache.iterdir():
+        shutil.copytree(folder, runs / folder.name, ignore=shutil.ignore_patterns(".*"))
+    yield
+    for folder in runs.glob("class-*"):
+        shutil.copytree(folder, cache / folder.name, ignore=shutil.ignore_patterns(".*"), dirs_exist_ok=True)
 
 
 @pytest.fixture(scope="module")
@@ -116,6 +137,17 @@ def test_errors_are_readable_and_app_survives(studio, adapters_dir):
     info = studio.adapter_info("star")
     assert info["trigger_prompt"] == "a photo of sks star" and info["boft"]["n_butterfly_factor"] == 2
     assert info["trainable_parameters"] > 0 and info["training_steps"] == 7
+
+
+def test_the_model_card_is_shown_without_front_matter_or_pictures(adapters_dir, tmp_path):
+    shutil.copytree(adapters_dir / "star", tmp_path / "carded", ignore=shutil.ignore_patterns("checkpoint-*"))
+    (tmp_path / "carded" / "README.md").write_text("---\nbase_model: tiny\n---\n# BOFT adapter\n\n"
+                                                    "![validation samples](validation/latest.png)\nTrigger: `sks`\n")
+    studio = Studio("tiny", tmp_path)
+    card = studio.adapter_card("carded")
+    assert card.startswith("# BOFT adapter") and "Trigger: `sks`" in card
+    assert "base_model" not in card and "![" not in card
+    assert studio.adapter_card(NO_ADAPTER) == ""
 
 
 def zip_bytes(members: dict) -> bytes:
@@ -236,44 +268,160 @@ def gallery_images(driver) -> list[Image.Image] | bool:
     return [image_from_src(src) for src in sources] if len(sources) == 2 and all(sources) else False
 
 
-@pytest.mark.slow
-def test_browser_picks_adapter_and_generates(server, tmp_path):
-    """In a real browser: pick the adapter, ask for the base beside it, and see two generated
-    pictures (decoded from the page's <img>s) that the adapter tells apart."""
+def chrome(profile: Path, height: int = 1500):
+    """A headless Chromium driven by Selenium (skipped without one; see browser_paths)."""
     chromium, chromedriver = browser_paths()
     from selenium import webdriver
-    from selenium.webdriver.common.by import By
-    from selenium.webdriver.support import expected_conditions
-    from selenium.webdriver.support.ui import WebDriverWait
 
     options = webdriver.ChromeOptions()
     options.binary_location = chromium
     for flag in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage", "--no-first-run",
                  "--disable-background-networking", "--disable-component-update", "--disable-sync",
-                 "--window-size=1280,1500", f"--user-data-dir={tmp_path / 'profile'}"):
+                 f"--window-size=1280,{height}", f"--user-data-dir={profile}"):
         options.add_argument(flag)
-    service = webdriver.ChromeService(executable_path=chromedriver)
-    driver = webdriver.Chrome(options=options, service=service)
+    return webdriver.Chrome(options=options, service=webdriver.ChromeService(executable_path=chromedriver))
+
+
+def pick_adapter(driver, wait, matches) -> None:
+    """Open the adapter dropdown and choose the first option whose text ``matches``."""
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support import expected_conditions
+
+    wait.until(expected_conditions.element_to_be_clickable((By.CSS_SELECTOR, "#adapter input"))).click()
+    wait.until(lambda d: next((li for li in d.find_elements(By.CSS_SELECTOR, "ul.option-list li")
+                               if matches(li.text)), False)).click()
+    wait.until(lambda d: matches(d.find_element(By.CSS_SELECTOR, "#adapter input").get_attribute("value")))
+
+
+def generate_with_base(driver, wait) -> tuple[np.ndarray, np.ndarray]:
+    """Tick "compare with base", generate, and return the base and adapter pictures."""
+    from selenium.webdriver.common.by import By
+
+    driver.find_element(By.CSS_SELECTOR, "#compare input").click()
+    driver.find_element(By.CSS_SELECTOR, "#generate").click()
+    base, adapted = (np.asarray(image, dtype=float) for image in wait.until(gallery_images))
+    assert base.shape == adapted.shape == (64, 64, 3), "the tiny model's default size"
+    assert min(base.std(), adapted.std()) > 20, "a generated picture, not a blank one"
+    return base, adapted
+
+
+def save_screenshot(driver, path: Path, variable: str) -> None:
+    """The page from its top, copied to the file the environment variable names (docs screenshots)."""
+    driver.execute_script("window.scrollTo(0, 0)")
+    driver.save_screenshot(str(path))
+    if os.environ.get(variable):
+        shutil.copy(path, os.environ[variable])
+
+
+@pytest.mark.slow
+def test_browser_picks_adapter_and_generates(server, tmp_path):
+    """In a real browser: pick the adapter, ask for the base beside it, and see two generated
+    pictures (decoded from the page's <img>s) that the adapter tells apart."""
+    driver = chrome(tmp_path / "profile")
+    from selenium.webdriver.support.ui import WebDriverWait
+
     try:
         driver.get(server)
         wait = WebDriverWait(driver, 120)
-        box = wait.until(expected_conditions.element_to_be_clickable((By.CSS_SELECTOR, "#adapter input")))
-        box.click()
-        def star_option(d):
-            return next((li for li in d.find_elements(By.CSS_SELECTOR, "ul.option-list li") if li.text == "star"), False)
-
-        wait.until(star_option).click()
-        wait.until(lambda d: d.find_element(By.CSS_SELECTOR, "#adapter input").get_attribute("value") == "star")
-        driver.find_element(By.CSS_SELECTOR, "#compare input").click()
-        driver.find_element(By.CSS_SELECTOR, "#generate").click()
-        shown = wait.until(gallery_images)
-        base, adapted = (np.asarray(image, dtype=float) for image in shown)
-        assert base.shape == adapted.shape == (64, 64, 3), "the tiny model's default size"
-        assert min(base.std(), adapted.std()) > 20, "a generated picture, not a blank one"
+        pick_adapter(driver, wait, lambda text: text == "star")
+        base, adapted = generate_with_base(driver, wait)
         assert np.abs(base - adapted).mean() > 10, "the adapter changes the picture drawn from the same seed"
-        driver.execute_script("window.scrollTo(0, 0)")
-        driver.save_screenshot(str(tmp_path / "app.png"))
-        if os.environ.get("BOFT_SAVE_SCREENSHOT"):
-            shutil.copy(tmp_path / "app.png", os.environ["BOFT_SAVE_SCREENSHOT"])
+        save_screenshot(driver, tmp_path / "app.png", "BOFT_SAVE_SCREENSHOT")
     finally:
         driver.quit()
+
+
+STAR = example_subject_dir()
+#: Long enough for the demo recipe's 160 class images where no earlier session drew them (class_image_cache).
+TRAINING_TIMEOUT = 2400
+
+
+def open_tab(driver, name: str) -> None:
+    from selenium.webdriver.common.by import By
+
+    next(tab for tab in driver.find_elements(By.CSS_SELECTOR, "button[role=tab]") if tab.text.strip() == name).click()
+
+
+@pytest.mark.slow
+def test_browser_trains_the_star_and_samples_it(server, tmp_path):
+    """In a real browser: upload the bundled star (images and captions), train 4 steps of the demo
+    recipe, watch the steps go by, reload and find the run again, then sample with its adapter."""
+    driver = chrome(tmp_path / "profile", height=1150)
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support import expected_conditions
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    try:
+        driver.get(server)
+        wait = WebDriverWait(driver, 120)
+        wait.until(expected_conditions.presence_of_element_located((By.CSS_SELECTOR, "button[role=tab]")))
+        open_tab(driver, "Train")
+        upload = wait.until(expected_conditions.presence_of_element_located(
+            (By.CSS_SELECTOR, "#train_files input[type=file]")))
+        upload.send_keys("\n".join(str(path) for path in sorted(STAR.iterdir())))
+        wait.until(lambda d: "on a green background" in d.find_element(By.CSS_SELECTOR, "#captions").text)
+        assert "a photo of sks ohwx star" in driver.find_element(By.CSS_SELECTOR, "#prompts").text
+        steps = driver.find_element(By.CSS_SELECTOR, "#train_steps input")
+        steps.clear()
+        steps.send_keys("4")
+        driver.find_element(By.CSS_SELECTOR, "#train").click()
+
+        seen: set[int] = set()
+
+        def finished(d) -> bool:
+            text = d.find_element(By.CSS_SELECTOR, "#run_status").text
+            seen.update(int(step) for step in re.findall(r"step (\d+) of 4", text))
+            assert "failed" not in text, text
+            return "finished" in text
+
+        WebDriverWait(driver, TRAINING_TIMEOUT, poll_frequency=0.2).until(finished)
+        assert 4 in seen and min(seen) < 4, f"the steps shown: {sorted(seen)}"
+        wait.until(lambda d: d.find_elements(By.CSS_SELECTOR, "#validation img"))
+        wait.until(lambda d: d.find_elements(By.CSS_SELECTOR, "#run_download a"))
+        run_id = parse_qs(urlparse(driver.current_url).query)["run"][0]
+        assert re.fullmatch(r"[0-9a-f]{32}", run_id)
+        save_screenshot(driver, tmp_path / "app_train.png", "BOFT_SAVE_TRAIN_SCREENSHOT")
+
+        driver.refresh()  # the address bar holds the run: the reloaded page reconnects to it
+        wait.until(expected_conditions.presence_of_element_located((By.CSS_SELECTOR, "button[role=tab]")))
+        open_tab(driver, "Train")
+        wait.until(lambda d: run_id[:8] in d.find_element(By.CSS_SELECTOR, "#run_status").text)
+        open_tab(driver, "Sample")
+        pick_adapter(driver, wait, lambda text: text == f"trained: run {run_id[:8]}")
+        base, adapted = generate_with_base(driver, wait)
+        assert np.abs(base - adapted).mean() > 0.5, "the trained adapter changes the picture drawn from the same seed"
+    finally:
+        driver.quit()
+
+
+@pytest.mark.slow
+def test_gradio_client_trains_and_samples_and_another_visitor_sees_nothing(server):
+    """The Train tab through the API: preview the images, train 3 steps, poll the status until the run
+    finishes, sample with its adapter; a second client (another visitor) has no run and cannot use it."""
+    from gradio_client import Client, handle_file
+
+    client = Client(server, verbose=False)
+    files = [handle_file(str(path)) for path in sorted(STAR.iterdir())]
+    table = client.predict(files=files, api_name="/preview_images")
+    assert [row[0] for row in table["data"]] == [f"sks_star_0{i}.png" for i in range(5)]
+    run_id = client.predict(files=files, table=table, identifier="sks ohwx", class_noun="star", preset="demo",
+                            steps=3, rate=2e-3, api_name="/train")
+    deadline, statuses = time.monotonic() + TRAINING_TIMEOUT, []
+    while "finished" not in (statuses or [""])[-1]:
+        assert time.monotonic() < deadline and "failed" not in (statuses or [""])[-1], statuses[-3:]
+        statuses.append(client.predict(api_name="/training_status")[0])
+        time.sleep(1)
+    assert statuses[-1].startswith(f"run `{run_id[:8]}`") and "step 3 of 3" in statuses[-1]
+
+    adapter = f".runs/{run_id}/adapter"
+    other = Client(server, verbose=False)
+    assert other.predict(api_name="/training_status")[0] == "no run yet"
+    assert other.predict(api_name="/cancel_training") == "no run to cancel"
+    call = dict(prompt="a photo of sks ohwx star on a blue background", negative="", strength=1.0, seed=0, steps=5,
+                guidance=4.0, scheduler="DDIM", width=64, height=64, count=1, compare=True, control_image=None,
+                control_strength=1.0, api_name="/generate")
+    with pytest.raises(Exception, match="not in the list of choices"):
+        other.predict(adapter=adapter, **call)
+    gallery, _ = client.predict(adapter=adapter, **call)
+    base, adapted = (np.asarray(Image.open(item["image"]).convert("RGB"), dtype=float) for item in gallery)
+    assert np.abs(base - adapted).mean() > 0.5, "the trained adapter changes the picture drawn from the same seed"

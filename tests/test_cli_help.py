@@ -11,7 +11,9 @@ ROOT = Path(__file__).resolve().parent.parent
 #: The app's flags that take a value, and the default each one's own help entry must show.
 APP_DEFAULTS = {"--host": "127.0.0.1", "--port": "7860", "--model": "tiny", "--adapters_dir": "outputs",
                 "--max_size": "768", "--max_steps": "100", "--max_images": "4", "--max_upload_mb": "512",
-                "--max_upload_files": "200", "--max_upload_ratio": "100.0", "--max_uploads_folder_mb": "4096"}
+                "--max_upload_files": "200", "--max_upload_ratio": "100.0", "--max_uploads_folder_mb": "4096",
+                "--max_train_images": "30", "--max_train_image_side": "4096", "--max_train_steps": "1000",
+                "--max_train_minutes": "60", "--max_queued_runs": "8", "--max_runs_folder_mb": "8192"}
 #: Per command, flags whose own --help entry must show their default (a default shown under another
 #: flag, such as --max_upload_mb's 512, must not pass for --max_size).
 COMMANDS = {

@@ -169,7 +169,8 @@ def test_two_processes_train_one_synchronised_adapter(tmp_path):
     assert "identical on all 2 processes" in result.stderr
     assert (out / "adapter_model.safetensors").is_file()
     assert sorted(p.name for p in out.iterdir() if not p.name.startswith(".")) == [
-        "README.md", "adapter_config.json", "adapter_model.safetensors", "training_flags.json", "validation"]
+        "README.md", "adapter_config.json", "adapter_model.safetensors", "progress.json", "training_flags.json",
+        "validation"]
 
 
 def test_resume_refuses_checkpoint_of_other_configuration(tmp_path, capsys):

@@ -1,6 +1,8 @@
-"""--use_ema: the saved adapter is the exponential moving average of the trained tensors (checked by
+"""progress.json: what a watcher reads of a run. --use_ema: the saved adapter is the exponential moving average of the trained tensors (checked by
 hand from the checkpoints' raw tensors), the last step's weights sit in raw/, and a resumed run
 continues the average bit for bit. --validation_data_dir: a held-out loss at fixed draws."""
+
+import json
 
 import torch
 from safetensors.torch import load_file
@@ -9,6 +11,7 @@ from test_dreambooth import FAST
 import train_dreambooth
 from boft_diffusion.training.checkpoints import TRAINABLE_FILE
 from boft_diffusion.training.ema import EMA_FILE
+from boft_diffusion.training.trainer import PROGRESS_JSON
 
 DECAY = 0.5
 EMA = ["--use_ema", "--ema_decay", str(DECAY), "--boft_dropout", "0", "--learning_rate", "0.05"]
@@ -69,3 +72,15 @@ def test_validation_loss_on_held_out_images_is_logged_and_comparable(tmp_path, c
     first, second = losses(tmp_path / "a"), losses(tmp_path / "b")
     assert len(first) == 3 and first == second
     assert len(set(first)) == 3, "the loss follows the adapter from step to step"
+
+
+def test_progress_names_the_step_loss_checkpoint_and_grid_and_survives_a_resume(tmp_path):
+    out = tmp_path / "out"
+    assert train(out, "--max_train_steps", "3", "--checkpointing_steps", "2", "--validation_steps", "2") == 0
+    progress = json.loads((out / PROGRESS_JSON).read_text())
+    assert progress["step"] == progress["max_steps"] == 3 and progress["finished"] and progress["first_step"] == 0
+    assert progress["checkpoint"] == "checkpoint-2" and progress["validation"] == "validation/step-000003.png"
+    assert progress["loss"] > 0 and progress["seconds"] > 0 and (out / progress["validation"]).is_file()
+    assert train(out, "--max_train_steps", "4", "--resume_from_checkpoint", "latest") == 0
+    resumed = json.loads((out / PROGRESS_JSON).read_text())
+    assert (resumed["first_step"], resumed["step"], resumed["finished"]) == (2, 4, True)

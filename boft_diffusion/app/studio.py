@@ -37,6 +37,7 @@ from ..families.loading import load_pipeline, quiet_progress
 from ..outputs.read import TrainedAdapter, denoiser_of, load_outputs, read_control_info, text_encoders
 from ..outputs.write import CONTROL_INFO, CONTROLNET_FOLDER, TEXT_ENCODER_2_FOLDER, TEXT_ENCODER_FOLDER
 from .errors import StudioError
+from .training_runs import RUNS_FOLDER
 from .uploads import UPLOADS_FOLDER, UploadQuota, install_upload
 
 logger = logging.getLogger("boft_diffusion")
@@ -156,7 +157,10 @@ class Studio:
 
     def public_message(self, error: Exception) -> str:
         """The message a visitor sees: in a public app, server paths are replaced by a placeholder."""
-        text = str(error)
+        return self.public_text(str(error))
+
+    def public_text(self, text: str) -> str:
+        """``text`` as a visitor may see it (a log line, a status): in a public app, without server paths."""
         if not self.public:
             return text
         return SERVER_PATH.sub("<server path>", text.replace(str(self.adapters_dir), "<adapters>"))
@@ -223,6 +227,23 @@ class Studio:
             })
         return info
 
+    def adapter_card(self, name: str) -> str:
+        """The adapter folder's model card (README.md) as Markdown for the page, without its front matter
+        and pictures (their paths are relative to the folder); '' when there is none."""
+        if not name or name == NO_ADAPTER:
+            return ""
+        card = self.resolve(name) / "README.md"
+        if not card.is_file():
+            return ""
+        text = card.read_text(encoding="utf-8", errors="replace")[:20_000]
+        if text.startswith("---\n") and "\n---\n" in text[4:]:
+            text = text[4:].split("\n---\n", 1)[1]
+        return "\n".join(line for line in text.splitlines() if not line.lstrip().startswith("!["))
+
+    def loaded_folders(self) -> list[Path]:
+        """Folders of the adapters loaded now: never evicted from under the pipeline."""
+        return [adapter.folder for adapter in self._loaded.values()]
+
     def _models(self) -> list[Any]:
         return [denoiser_of(self.pipe), *text_encoders(self.pipe)]
 
@@ -262,14 +283,15 @@ class Studio:
 
     # uploads ----------------------------------------------------------------------------------------------
     def _is_upload(self, folder: Path) -> bool:
-        return (self.adapters_dir / UPLOADS_FOLDER) in folder.resolve().parents
+        """Uploads and visitors' training runs: loaded as untrusted."""
+        parents = folder.resolve().parents
+        return (self.adapters_dir / UPLOADS_FOLDER) in parents or (self.adapters_dir / RUNS_FOLDER) in parents
 
     def import_upload(self, paths: list[str | Path]) -> str:
         """Install an uploaded adapter (see ``uploads.install_upload``); returns its name. Uploads
         whose adapters are loaded are never evicted."""
         with self.lock:
-            in_use = [adapter.folder for adapter in self._loaded.values()]
-            return install_upload(paths, self.adapters_dir, self.limits.upload_quota(), in_use)
+            return install_upload(paths, self.adapters_dir, self.limits.upload_quota(), self.loaded_folders())
 
     # generation --------------------------------------------------------------------------------------------
     def clamp(self, request: GenerationRequest) -> GenerationRequest:

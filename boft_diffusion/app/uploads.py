@@ -19,6 +19,8 @@ from ..outputs.write import CONTROL_INFO
 from .errors import StudioError
 
 ALLOWED_UPLOAD_SUFFIXES = {".json", ".safetensors", ".md", ".png"}
+#: How a refusal names ALLOWED_UPLOAD_SUFFIXES.
+ADAPTER_FILES = "JSON, safetensors (and README/PNG)"
 UPLOADS_FOLDER = "uploads"
 CHUNK = 2**20
 
@@ -56,7 +58,7 @@ def install_upload(paths: list[str | Path], adapters_dir: Path, quota: UploadQuo
     final = _free_name(_ensure_dir(target_root), name)
     with atomic_folder(final) as staging:
         if is_zip:
-            _extract_zip(paths[0], staging, quota)
+            extract_zip(paths[0], staging, quota, ALLOWED_UPLOAD_SUFFIXES, ADAPTER_FILES)
         else:
             _copy_pair(paths, staging)
         _check_contents(staging)
@@ -98,13 +100,15 @@ def _check_contents(staging: Path) -> None:
                 raise StudioError(f"{relative} is not valid JSON.") from error
 
 
-def _extract_zip(path: Path, staging: Path, quota: UploadQuota) -> None:
+def extract_zip(path: Path, staging: Path, quota: UploadQuota, allowed: Collection[str], what: str) -> None:
+    """Extract the zip ``path`` into ``staging`` after the quota, path and file-type checks (suffixes
+    ``allowed``, named ``what`` in the refusal), stopping at the quota's byte budget."""
     try:
         archive = zipfile.ZipFile(path)
     except zipfile.BadZipFile as error:
         raise StudioError(f"{path.name} is not a zip file.") from error
     try:
-        members = _checked_members(archive, path.stat().st_size, quota)
+        members = _checked_members(archive, path.stat().st_size, quota, allowed, what)
         _write_members(archive, members, staging, quota.max_bytes)
     except (zipfile.BadZipFile, RuntimeError, NotImplementedError, OSError, EOFError) as error:
         raise StudioError(f"{path.name} could not be read: {error}") from error
@@ -112,7 +116,8 @@ def _extract_zip(path: Path, staging: Path, quota: UploadQuota) -> None:
         archive.close()
 
 
-def _checked_members(archive: zipfile.ZipFile, zip_size: int, quota: UploadQuota) -> dict[str, zipfile.ZipInfo]:
+def _checked_members(archive: zipfile.ZipFile, zip_size: int, quota: UploadQuota, allowed: Collection[str],
+                     what: str) -> dict[str, zipfile.ZipInfo]:
     """Members by relative path, after the quota and path checks on the zip's directory alone."""
     infos = archive.infolist()
     if len(infos) > quota.max_files:
@@ -131,8 +136,8 @@ def _checked_members(archive: zipfile.ZipFile, zip_size: int, quota: UploadQuota
         if ":" in info.filename or any(part in ("", ".", "..") for part in parts):
             raise StudioError(f"unsafe path in zip: {info.filename!r}.")
         relative = info.filename[len(prefix):]
-        if Path(relative).suffix not in ALLOWED_UPLOAD_SUFFIXES:
-            raise StudioError(f"{info.filename}: only JSON, safetensors (and README/PNG) files are accepted.")
+        if Path(relative).suffix.lower() not in allowed:
+            raise StudioError(f"{info.filename}: only {what} files are accepted.")
         members[relative] = info
     return members
 

@@ -2,7 +2,8 @@
 
 Written once: accelerate set-up, seeding, optimiser and diffusers LR schedules, gradient
 accumulation and clipping, mixed precision with float32 adapter weights, gradient
-checkpointing, atomic checkpoints and exact resume, validation grids, tensorboard and tqdm.
+checkpointing, atomic checkpoints and exact resume, validation grids, tensorboard and tqdm, and a
+machine-readable progress file (``progress.json``) for watchers such as the app's Train tab.
 A recipe supplies the modules to train, a loss function and how to save its outputs; the loop
 reads its own settings from a typed ``TrainerConfig``.
 
@@ -314,6 +315,7 @@ class Trainer:
         self.step = 0
         self.output_dir = Path(config.output_dir)
         self.ema = AdapterEMA(self.params, config.ema_decay) if config.use_ema else None
+        self.progress: dict[str, Any] = {}
 
     # checkpoints ---------------------------------------------------------------------------------
     def _trainer_state(self) -> dict[str, Any]:
@@ -345,6 +347,7 @@ class Trainer:
             except WriteError as error:
                 raise self._explain_write_error(error) from error
             logger.info("saved %s", path)
+            self._write_progress(checkpoint=path.name)
         self.accelerator.wait_for_everyone()
         return path
 
@@ -459,6 +462,10 @@ class Trainer:
             module.train()
         accumulated: dict[str, float] = {}
         throughput = Throughput(acc.device)
+        self.progress = {"step": self.step, "max_steps": self.max_steps, "first_step": self.step,
+                         "started": time.time(), "loss": None, "checkpoint": None, "validation": None,
+                         "finished": False}
+        self._write_progress()
         # closed on the way out of an error too, so the error line starts a line of its own
         with tqdm(total=self.max_steps, initial=self.step, desc="steps", disable=not acc.is_local_main_process) as progress:
             while self.step < self.max_steps:
@@ -480,6 +487,7 @@ class Trainer:
                 progress.update(1)
                 progress.set_postfix(loss=f"{accumulated['loss']:.4f}")
                 acc.log(accumulated, step=self.step)
+                self._write_progress(step=self.step, loss=accumulated["loss"])
                 if config.checkpointing_steps and self.step % config.checkpointing_steps == 0 and self.step < self.max_steps:
                     self.save_checkpoint()
                 if config.validation_steps and self.step % config.validation_steps == 0 and self.step < self.max_steps:
@@ -512,6 +520,7 @@ class Trainer:
                 path = self.output_dir / "validation" / f"step-{self.step:06d}.png"
                 atomic_write(path.parent, {path.name: functools.partial(grid.save, format="PNG")})
                 self._log_image(grid)
+                self._write_progress(validation=str(path.relative_to(self.output_dir)))
         self.accelerator.wait_for_everyone()
         return path
 
@@ -554,6 +563,21 @@ class Trainer:
             except WriteError as error:
                 raise self._explain_write_error(error) from error
         self.run_validation()
+        if acc.is_main_process:
+            self._write_progress(finished=True)
+
+    def _write_progress(self, **changes: Any) -> None:
+        """:data:`PROGRESS_JSON` with ``changes``, on the main process: a watcher reads the step, loss,
+        timing, last checkpoint and last validation grid without parsing logs (``seconds`` counts from
+        this process's first step, ``first_step`` is where it resumed, so a rate survives resumes)."""
+        if not self.accelerator.is_main_process or not self.progress:
+            return
+        self.progress.update(changes, seconds=round(time.time() - self.progress["started"], 3))
+        record = {key: value for key, value in self.progress.items() if key != "started"}
+        try:
+            atomic_write_text(self.output_dir / PROGRESS_JSON, json.dumps(record))
+        except WriteError as error:
+            raise self._explain_write_error(error) from error
 
     def close(self) -> None:
         """End trackers and the process group; call once every process is done with files."""
@@ -567,6 +591,10 @@ RAW_FOLDER = "raw"
 
 #: The run's resolved flags (command line over --config file over defaults), written beside its outputs.
 FLAGS_JSON = "training_flags.json"
+
+#: The run's progress (step, max_steps, first_step, seconds, loss, checkpoint, validation, finished),
+#: rewritten atomically after every optimiser step, checkpoint and validation grid.
+PROGRESS_JSON = "progress.json"
 
 
 def flags_as_json(hparams: dict[str, Any]) -> dict[str, Any]:
