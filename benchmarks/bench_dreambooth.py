@@ -14,6 +14,11 @@ against language drift (the fidelity-vs-drift curve, drawn as a PNG).
     python benchmarks/bench_dreambooth.py --phases tune --workers 15 --output_dir runs/db
     python benchmarks/bench_dreambooth.py --phases confirm --tuning runs/db/tuning.json \
         --subjects all --seeds 10 11 12 --workers 15 --output_dir runs/db
+
+Subjects are the bundled three or any of ``boft_diffusion/tiny/subject_family.py`` (patterned
+shapes split into tuning and evaluation subjects): ``--subjects evaluation:12`` confirms on the
+first 12 evaluation subjects, ``--tune_subject`` takes a tuning subject's name. Their photos are
+written to ``<output_dir>/subjects/`` before any run starts.
 """
 
 from __future__ import annotations
@@ -44,7 +49,7 @@ from boft_diffusion.families.loading import quiet_progress
 from boft_diffusion.kinds.registry import AdapterKind, adapter_kind
 from boft_diffusion.outputs.read import load_outputs
 from boft_diffusion.recipes.dreambooth import DreamBoothConfig, ensure_class_images, train
-from boft_diffusion.tiny import world
+from boft_diffusion.tiny import subject_family, world
 from boft_diffusion.tiny.bundled import example_subject_dir
 from boft_diffusion.training.data import load_images
 from boft_diffusion.training.trainer import FLAGS_JSON, flags_as_json
@@ -72,13 +77,30 @@ def fresh_pipeline():
 
 
 def instances_of(name: str) -> list[Image.Image]:
-    return [image for _, image in load_images(example_subject_dir(name), 64)]
+    """A subject's photos: the bundled folder's, or a generated subject's rendered as
+    ``subject_family.write_subject`` writes them (the same pixels)."""
+    if name in world.SUBJECTS:
+        return [image for _, image in load_images(example_subject_dir(name), 64)]
+    return [world.render(scene) for scene in subject_family.instance_scenes(subject_family.subject_by_name(name))]
+
+
+def instance_dir(out: Path, name: str) -> Path:
+    """Where a run reads a subject's photos: the bundled folder, or the one ``write_subjects`` made."""
+    return example_subject_dir(name) if name in world.SUBJECTS else out / "subjects" / name
+
+
+def write_subjects(out: Path, names: list[str]) -> None:
+    """The photo folders of the generated subjects among ``names``, written once before any worker
+    starts (two workers writing one folder would race)."""
+    for name in names:
+        if name not in world.SUBJECTS:
+            subject_family.write_subject(subject_family.subject_by_name(name), out / "subjects")
 
 
 def measure(pipe, name: str, num_images: int, eval_seed: int, guidance: float = GUIDANCE,
             instance_prompt: str | None = None) -> dict[str, list[float]]:
     """Per-sample tiny-world measures of the pipeline as it is, re-context on the subject's backgrounds."""
-    subject = world.SUBJECTS[name]
+    subject = subject_family.subject_by_name(name)
     drawn = tiny_world_samples(pipe, instance_prompt or subject.instance_prompt, subject.class_prompt, num_images,
                                eval_seed, guidance=guidance, backgrounds=subject.backgrounds)
     return sample_scores(drawn, instances_of(name))
@@ -151,7 +173,7 @@ def run_flags(job: dict) -> list[str]:
     out = Path(job["output_dir"])
     run_dir = out / job["phase"] / job["subject"] / f"{job['method']}-v{job['variant_index']}-lr{job['lr_scale']}-{job['steps']}steps-seed{job['seed']}"
     flags = training_flags(run_dir, job["steps"], job["seed"], class_dir(out, job["subject"], job["seed"], job["variant"]),
-                           job["subject"])
+                           job["subject"], instance_dir(out, job["subject"]))
     rate = float(flags[flags.index("--learning_rate") + 1]) * job["lr_scale"]
     flags[flags.index("--learning_rate") + 1] = f"{rate:g}"
     checkpoints = ["--checkpointing_steps", str(job["checkpoint_every"])] if job["checkpoint_every"] else []
@@ -172,9 +194,10 @@ def execute(job: dict) -> dict:
     measures of a subject, or one training run and its scores."""
     start = time.time()
     if job["kind"] == "class_images":
-        config = DreamBoothConfig.from_flags(training_flags(Path(job["output_dir"]) / "unused", 1, job["seed"],
-                                                         class_dir(Path(job["output_dir"]), job["subject"], job["seed"]),
-                                                         job["subject"]))
+        out = Path(job["output_dir"])
+        config = DreamBoothConfig.from_flags(training_flags(out / "unused", 1, job["seed"],
+                                                            class_dir(out, job["subject"], job["seed"]),
+                                                            job["subject"], instance_dir(out, job["subject"])))
         from accelerate import PartialState
         ensure_class_images(fresh_pipeline(), config, PartialState())
         return {**job, "seconds": time.time() - start}
@@ -376,11 +399,13 @@ def main() -> None:
     parser.add_argument("--tuning", default=None,
                         help="tuning.json of an earlier tune phase (default: the output folder's).")
     parser.add_argument("--subjects", nargs="+", default=["all"],
-                        help=f"Bundled subjects of the confirmation, or 'all' ({', '.join(world.SUBJECTS)}).")
+                        help=f"Subjects of the confirmation: 'all' (the bundled {', '.join(world.SUBJECTS)}), "
+                             "'evaluation:N' (the first N held-out subjects of subject_family), or names.")
     parser.add_argument("--seeds", type=int, nargs="+", default=[10, 11, 12], help="Confirmation training seeds.")
     parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
     parser.add_argument("--tune_seeds", type=int, nargs="+", default=[0, 1, 2], help="Tuning training seeds.")
-    parser.add_argument("--tune_subject", default=world.DEFAULT_SUBJECT)
+    parser.add_argument("--tune_subject", default=world.DEFAULT_SUBJECT,
+                        help="A bundled subject or one of subject_family ('tuning:1': the first tuning subject).")
     parser.add_argument("--lr_scales", type=float, nargs="+", default=[1.0, 2.0],
                         help="Learning rates tried per method, as multiples of the recipe's.")
     parser.add_argument("--tune_steps", type=int, nargs="+", default=[150, 300],
@@ -416,9 +441,17 @@ def main() -> None:
         summary["runs"] = [r for r in summary["runs"] if r["method"] in args.methods]
         report(summary, args.curve_png, args.paired_against)
         return
-    subjects = list(world.SUBJECTS) if args.subjects == ["all"] else args.subjects
+    subjects = [name for spec in args.subjects for name in subject_family.resolve(spec)]
+    tune_subjects = subject_family.resolve(args.tune_subject)
+    if len(tune_subjects) != 1:
+        parser.error("--tune_subject names one subject")
+    args.tune_subject = tune_subjects[0]
+    if "tune" in args.phases and subject_family.split_of(args.tune_subject) == "evaluation" \
+            and args.tune_subject not in world.SUBJECTS:
+        parser.error(f"--tune_subject {args.tune_subject} is an evaluation subject: tune on tuning subjects")
     out = Path(args.output_dir)
     out.mkdir(parents=True, exist_ok=True)
+    write_subjects(out, [*subjects, args.tune_subject])
     common = {"output_dir": str(out), "eval_seed": args.eval_seed, "guidance": args.guidance_scale}
     pool = None
     if args.workers > 1:

@@ -23,7 +23,7 @@ from bench_dreambooth import GUIDANCE, fresh_pipeline, instances_of, loader
 
 from boft_diffusion.evaluation.sampling import sample
 from boft_diffusion.outputs.read import load_outputs
-from boft_diffusion.tiny import metrics, world
+from boft_diffusion.tiny import metrics, subject_family
 
 MODES = ("scored", "subject_coloured_background", "wrong_shape", "stripe_colours_missing", "no_stripes")
 PARTS = ("score", "shape", "colors", "stripes")
@@ -47,7 +47,7 @@ def run_modes(run_dir: Path, num_images: int, eval_seed: int, guidance: float) -
     pipe = fresh_pipeline()
     load_outputs(pipe, run_dir, load=loader(method))
     profile = metrics.SubjectProfile(instances_of(subject))
-    prompt = world.SUBJECTS[subject].instance_prompt
+    prompt = subject_family.subject_by_name(subject).instance_prompt
     counted = [failure_mode(image, profile) for image in sample(pipe, [prompt] * num_images, eval_seed, 25, guidance)]
     return {"run": run_dir.name, "subject": subject, "method": method, "modes": [m for m, _ in counted],
             "parts": {p: [parts[p] for _, parts in counted] for p in PARTS}}

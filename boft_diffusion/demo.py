@@ -37,6 +37,7 @@ from .outputs.write import add_model_card_scores
 from .recipes.dreambooth import DreamBoothConfig, build_parser, train
 from .tiny import world
 from .tiny.bundled import example_subject_dir
+from .tiny.subject_family import subject_by_name
 from .training.cli import HelpFormatter, config_tokens, read_config_file
 from .training.data import load_images
 
@@ -74,9 +75,11 @@ def recipe_flags(leave_out: Collection[str] = ()) -> list[str]:
 
 
 def training_flags(adapter_dir: Path, steps: int, seed: int, class_dir: Path,
-                   subject: str = world.DEFAULT_SUBJECT) -> list[str]:
-    """The demo's DreamBooth recipe for the tiny model, as train_dreambooth.py flags, for one of
-    the bundled subjects: the recipe file's flags, with the subject's data and prompts.
+                   subject: str = world.DEFAULT_SUBJECT, instance_dir: Path | None = None) -> list[str]:
+    """The demo's DreamBooth recipe for the tiny model, as train_dreambooth.py flags, for a bundled
+    subject or one of ``subject_family`` by name: the recipe file's flags, with the subject's data
+    and prompts. ``instance_dir``: the subject's photos (default: the bundled folder; a generated
+    subject's, from ``subject_family.write_subject``, must be given).
 
     Each instance image is captioned with its background (the bundled ``.txt`` sidecars), so the
     identifier learns the subject rather than the photos' backgrounds; caption dropout trains the
@@ -84,15 +87,15 @@ def training_flags(adapter_dir: Path, steps: int, seed: int, class_dir: Path,
     convolution adapters. No random flips: they would mirror the subject's diagonal stripes.
     Validation shows the subject, the subject in a new context and the class.
     """
-    bundled = world.SUBJECTS[subject]
-    instance, recontext = bundled.instance_prompt, recontext_prompts(bundled.instance_prompt, bundled.backgrounds)
+    chosen = subject_by_name(subject)
+    instance, recontext = chosen.instance_prompt, recontext_prompts(chosen.instance_prompt, chosen.backgrounds)
     return [
         "--output_dir", str(adapter_dir),
-        "--instance_data_dir", str(example_subject_dir(subject)), "--instance_prompt", instance,
-        "--class_prompt", bundled.class_prompt, "--class_data_dir", str(class_dir),
+        "--instance_data_dir", str(instance_dir or example_subject_dir(subject)), "--instance_prompt", instance,
+        "--class_prompt", chosen.class_prompt, "--class_data_dir", str(class_dir),
         "--max_train_steps", str(steps), *recipe_flags(),
         "--seed", str(seed), "--guidance_scale", str(GUIDANCE),
-        "--validation_prompt", instance, recontext[1][0], bundled.class_prompt,
+        "--validation_prompt", instance, recontext[1][0], chosen.class_prompt,
     ]
 
 

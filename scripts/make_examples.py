@@ -25,34 +25,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from boft_diffusion.tiny import world as W  # noqa: E402
-
-
-def make_subject(subjects_dir: Path, subject: W.Subject, n: int = 5, seed: int = 7) -> list[Path]:
-    """``<name>/`` (instance images, each with a caption sidecar naming its background, for
-    ``--caption_extension .txt``), ``<name>_masks/`` and ``<name>.json`` (prompts and description)
-    for one bundled subject."""
-    images, masks = subjects_dir / subject.name, subjects_dir / f"{subject.name}_masks"
-    for folder in (images, masks):
-        folder.mkdir(parents=True, exist_ok=True)
-        for old in [*folder.glob("*.png"), *folder.glob("*.txt")]:
-            old.unlink()
-    paths = []
-    for i, scene in enumerate(W.subject_instance_scenes(n, seed, subject)):
-        p = images / f"{subject.name}_{i:02d}.png"
-        W.render(scene).save(p, optimize=True)
-        W.render_mask(scene).save(masks / p.name, optimize=True)
-        p.with_suffix(".txt").write_text(W.on_background(subject.instance_prompt, scene.background) + "\n")
-        paths.append(p)
-    recontext = [W.on_background(subject.instance_prompt, c) for c in subject.backgrounds]
-    (subjects_dir / f"{subject.name}.json").write_text(json.dumps({
-        "instance_prompt": subject.instance_prompt,
-        "class_prompt": subject.class_prompt,
-        "identifier": subject.identifier,
-        "class_noun": subject.kind,
-        "recontext_prompts": recontext,
-        "description": f"{subject.description} (the world stripes some shapes, never a {subject.kind})",
-    }, indent=1) + "\n")
-    return paths
+from boft_diffusion.tiny.subject_family import write_subject  # noqa: E402
 
 
 def make_control(out: Path, n: int = 512, seed: int = 2024) -> Path:
@@ -85,7 +58,7 @@ def main(argv=None):
     args = p.parse_args(argv)
     out = Path(args.out)
     for subject in W.SUBJECTS.values():
-        make_subject(Path(args.subjects), subject)
+        write_subject(subject, Path(args.subjects))
     make_control(out / "tiny_control", args.n_control)
     size = sum(f.stat().st_size for f in out.rglob("*") if f.is_file())
     print(f"wrote examples to {out} ({size / 1e3:.0f} kB) and subjects to {args.subjects}")

@@ -4,14 +4,17 @@ import json
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
-from bench_dreambooth import finished_run, merge_summaries  # noqa: E402
+from bench_dreambooth import finished_run, instances_of, merge_summaries, run_flags, write_subjects  # noqa: E402
 
 from boft_diffusion.core.files import WEIGHTS_NAME  # noqa: E402
 from boft_diffusion.demo import GUIDANCE, training_flags  # noqa: E402
 from boft_diffusion.recipes.dreambooth import DreamBoothConfig  # noqa: E402
+from boft_diffusion.tiny import subject_family  # noqa: E402
+from boft_diffusion.training.data import load_images  # noqa: E402
 from boft_diffusion.training.trainer import FLAGS_JSON, flags_as_json  # noqa: E402
 
 
@@ -44,3 +47,18 @@ def test_summaries_scored_at_other_guidances_are_not_merged():
         "lora", "boft-m2"], "a summary from before the flag was scored at the model's guidance"
     with pytest.raises(SystemExit, match="guidance"):
         merge_summaries([summary(GUIDANCE, "lora"), summary(GUIDANCE / 2, "boft-m2")])
+
+
+def test_a_held_out_subject_trains_on_its_written_photos_and_is_scored_on_the_same(tmp_path):
+    name = subject_family.resolve("evaluation:1")[0]
+    write_subjects(tmp_path, ["sks_star", name])
+    assert not (tmp_path / "subjects" / "sks_star").exists(), "bundled subjects train on their shipped folder"
+    job = {"output_dir": str(tmp_path), "phase": "confirm", "subject": name, "method": "boft-m2", "variant": "",
+           "variant_index": 0, "lr_scale": 1.0, "steps": 10, "seed": 10, "checkpoint_every": 0}
+    config = DreamBoothConfig.from_flags(run_flags(job))
+    folder = Path(config.subject.instance_data_dir)
+    assert folder == tmp_path / "subjects" / name
+    subject = subject_family.subject_by_name(name)
+    assert config.subject.instance_prompt == subject.instance_prompt and config.prior.class_prompt == subject.class_prompt
+    written = [np.asarray(image) for _, image in load_images(folder, 64)]
+    assert all(np.array_equal(a, np.asarray(b)) for a, b in zip(written, instances_of(name), strict=True))

@@ -66,6 +66,17 @@ POSITIONS: tuple[str, ...] = ("center", "top left", "top right", "bottom left", 
 STRIPE_PERIOD = 20.0
 #: Shapes that are never striped in the world (so the subjects stay new).
 NEVER_STRIPED: tuple[str, ...] = ("star", "triangle", "diamond")
+#: Two-colour patterns a DreamBooth subject may carry (``color`` is the base, ``color2`` the
+#: pattern). Only "striped" (diagonal) occurs in pretraining; the others exist so that held-out
+#: subjects (``subject_family.py``) test more than one kind of detail. Every feature is at least
+#: 5 px wide, so it survives the tiny VAE's 4x downsampling.
+PATTERNS: tuple[str, ...] = ("striped", "stripes_vertical", "stripes_horizontal", "stripes_antidiagonal", "dots",
+                             "halves", "ring", "border")
+#: Period of the axis-aligned stripes and of the dot lattice, in pixels: the diagonal stripes' own
+#: spacing across the stripes (STRIPE_PERIOD / sqrt 2).
+PATTERN_PERIOD = 14.0
+#: Dot radius in pixels (a quarter of the lattice cell is dot).
+DOT_RADIUS = 4.0
 #: Bumped whenever sampling, captions or rendering change (pretraining caches use it).
 WORLD_VERSION = 3
 
@@ -99,7 +110,8 @@ class Shape:
     """One object: ``kind`` in SHAPES, ``color`` in COLORS, centre (cx, cy) and
     half-extent ``radius`` in pixels of the 64x64 image; ``position`` "free"
     (anywhere, not named in the caption) is used for control data.  ``pattern`` is
-    "solid" or "striped" (diagonal stripes alternate ``color`` and ``color2``)."""
+    "solid", "striped" (diagonal stripes alternate ``color`` and ``color2``; the only
+    pattern of pretraining) or another of :data:`PATTERNS` (subjects only)."""
 
     kind: str
     color: str
@@ -449,14 +461,49 @@ def _stripe_layer(s: Shape, size: int) -> Image.Image:
     return Image.fromarray(arr, "RGB")
 
 
+def _second_colour_where(s: Shape, size: int) -> np.ndarray:
+    """Boolean map (``size`` x ``size``) of where a non-diagonal pattern shows ``color2``.
+    Periodic patterns sit on the image grid (their phase moves with the shape, as the
+    diagonal stripes' does); halves, ring and border sit on the shape itself."""
+    yy, xx = np.mgrid[0:size, 0:size].astype(np.float32) / (size / IMAGE_SIZE)
+    if s.pattern == "stripes_vertical":
+        return (xx / PATTERN_PERIOD) % 1.0 >= 0.5
+    if s.pattern == "stripes_horizontal":
+        return (yy / PATTERN_PERIOD) % 1.0 >= 0.5
+    if s.pattern == "stripes_antidiagonal":
+        return ((xx - yy) / STRIPE_PERIOD) % 1.0 >= 0.5
+    if s.pattern == "dots":
+        dx = (xx % PATTERN_PERIOD) - PATTERN_PERIOD / 2
+        dy = (yy % PATTERN_PERIOD) - PATTERN_PERIOD / 2
+        return dx * dx + dy * dy <= DOT_RADIUS ** 2
+    if s.pattern == "halves":
+        return xx >= s.cx
+    if s.pattern == "ring":
+        dist = np.hypot(xx - s.cx, yy - s.cy)
+        return (dist >= 0.3 * s.radius) & (dist <= 0.62 * s.radius)
+    if s.pattern == "border":  # the shape less a copy at 0.6 of its size: a band along the outline
+        inner = replace(s, radius=0.6 * s.radius)
+        return ~(np.asarray(_shape_mask_hi(inner, size)) > 127)
+    raise ValueError(f"unknown pattern {s.pattern!r}; known: solid, {', '.join(PATTERNS)}")
+
+
+def _pattern_layer(s: Shape, size: int) -> Image.Image:
+    """Full-canvas RGB image of the shape's two-colour pattern."""
+    if s.pattern == "striped":
+        return _stripe_layer(s, size)
+    a = np.array(PALETTE[s.color], np.uint8)
+    b = np.array(PALETTE[s.color2 or s.color], np.uint8)
+    return Image.fromarray(np.where(_second_colour_where(s, size)[..., None], b, a).astype(np.uint8), "RGB")
+
+
 def render(scene: Scene, size: int = IMAGE_SIZE) -> Image.Image:
     """Render ``scene`` as an anti-aliased ``size`` x ``size`` RGB image."""
     hi = size * _SS
     img = Image.new("RGB", (hi, hi), PALETTE[scene.background])
     for s in scene.shapes:
         mask = _shape_mask_hi(s, hi)
-        if s.pattern == "striped":
-            img.paste(_stripe_layer(s, hi), (0, 0), mask)
+        if s.pattern != "solid":
+            img.paste(_pattern_layer(s, hi), (0, 0), mask)
         else:
             img.paste(PALETTE[s.color], (0, 0, hi, hi), mask)
     return img.resize((size, size), Image.BOX)
@@ -493,7 +540,9 @@ def on_background(prompt: str, colour: str) -> str:
 
 @dataclass(frozen=True)
 class Subject:
-    """A bundled DreamBooth subject: a striped shape of a class the world never stripes."""
+    """A DreamBooth subject: a two-colour ``pattern`` (:data:`PATTERNS`) on a shape. The bundled
+    ones are diagonally striped shapes of classes the world never stripes; ``subject_family.py``
+    generates more."""
 
     name: str
     identifier: str  # two rare words, each with a learned embedding: docs/research/benchmarks_history.md, eighth round
@@ -501,6 +550,7 @@ class Subject:
     color: str
     color2: str
     description: str
+    pattern: str = "striped"
 
     @property
     def instance_prompt(self) -> str:
@@ -542,12 +592,12 @@ def subject_scene(
     rng=None,
     subject: str | Subject = DEFAULT_SUBJECT,
 ) -> Scene:
-    """A scene containing ``subject`` (pretraining never stripes its shape class)."""
+    """A scene containing ``subject`` on ``background``, jittered by ``rng`` as any scene."""
     sub = _subject(subject)
     if background not in sub.backgrounds:
         raise ValueError(f"background must differ from the subject's colours {sub.color}/{sub.color2}")
     base = make_scene("yellow" if background != "yellow" else "white", sub.kind, background, size, position, rng)
-    shp = replace(base.shape, color=sub.color, color2=sub.color2, pattern="striped")
+    shp = replace(base.shape, color=sub.color, color2=sub.color2, pattern=sub.pattern)
     return Scene(background, (shp,))
 
 
@@ -597,5 +647,6 @@ __all__ = [
     "is_held_out", "is_held_out_combo", "caption", "render", "render_mask", "render_edges",
     "subject_scene", "render_subject", "subject_instance_scenes", "all_vocabulary_words",
     "render_batch", "shape_polygon", "free_placement_scenes", "STRIPE_PERIOD", "WORLD_VERSION", "caption_variant",
+    "PATTERNS", "PATTERN_PERIOD", "DOT_RADIUS",
     "OPENINGS", "IDENTIFIER_WORDS", "DESCRIPTOR_POOL", "UNSEEN_DESCRIPTORS", "Subject", "SUBJECTS", "DEFAULT_SUBJECT",
 ]

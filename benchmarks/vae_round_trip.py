@@ -1,0 +1,59 @@
+"""How much of a subject survives the embedded model's VAE: its photos encoded, decoded and scored.
+
+No adapter draws a subject better than the VAE can decode it, so a subject whose photos lose their
+pattern in a round trip caps every method alike (issue #37). Prints, per subject, the photos' own
+score (leave one out) and their round trip's subject fidelity, then the mean and minimum per pattern:
+
+    python benchmarks/vae_round_trip.py --subjects all evaluation:40 --json trips.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from collections import defaultdict
+from pathlib import Path
+
+import numpy as np
+import torch
+from bench_dreambooth import fresh_pipeline, instances_of
+from PIL import Image
+
+from boft_diffusion.evaluation.tiny_world import instance_self_score
+from boft_diffusion.tiny import metrics, subject_family, world
+
+
+def round_trip(vae, images: list[Image.Image]) -> list[Image.Image]:
+    """``images`` through the VAE's encoder (its mean, no sampling) and decoder."""
+    x = torch.from_numpy(np.stack([np.asarray(im, np.float32) / 127.5 - 1 for im in images])).permute(0, 3, 1, 2)
+    with torch.no_grad():
+        y = vae.decode(vae.encode(x).latent_dist.mean).sample
+    arrays = ((y.permute(0, 2, 3, 1).clamp(-1, 1).numpy() + 1) * 127.5).round().astype(np.uint8)
+    return [Image.fromarray(a) for a in arrays]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--subjects", nargs="+", default=["all", "evaluation:40"],
+                        help="As bench_dreambooth.py's: 'all', 'evaluation:N', 'tuning:N' or names.")
+    parser.add_argument("--json", type=Path, help="write every subject's two scores here")
+    args = parser.parse_args()
+    vae = fresh_pipeline().vae
+    rows = {}
+    by_pattern: dict[str, list[float]] = defaultdict(list)
+    for name in [n for spec in args.subjects for n in subject_family.resolve(spec)]:
+        photos = instances_of(name)
+        profile = metrics.SubjectProfile(photos)
+        trip = float(np.mean([metrics.subject_fidelity(im, profile) for im in round_trip(vae, photos)]))
+        rows[name] = {"instances": instance_self_score(photos), "round_trip": trip}
+        by_pattern["bundled" if name in world.SUBJECTS else subject_family.subject_by_name(name).pattern].append(trip)
+        print(f"{name}: instances {rows[name]['instances']:.2f}, VAE round trip {trip:.2f}", flush=True)
+    print("\n| pattern | subjects | round trip, mean | lowest |\n|---|---|---|---|")
+    for pattern, trips in by_pattern.items():
+        print(f"| {pattern} | {len(trips)} | {np.mean(trips):.2f} | {min(trips):.2f} |")
+    if args.json:
+        args.json.write_text(json.dumps(rows, indent=1))
+
+
+if __name__ == "__main__":
+    main()
