@@ -193,10 +193,11 @@ def test_flow_options_are_refused_where_they_do_not_apply(models, tmp_path, caps
 
 
 @pytest.mark.slow
-def test_flux_kill_and_resume_equals_an_uninterrupted_run(models, tmp_path):
+@pytest.mark.parametrize("name", ["flux", "sd3"])
+def test_kill_and_resume_equals_an_uninterrupted_run(models, name, tmp_path):
     def launch(folder: Path, *extra) -> subprocess.Popen:
-        command = [sys.executable, str(ROOT / "train_dreambooth.py"), *FAST, *FLAGS["flux"], "--max_train_steps",
-                   "8", "--checkpointing_steps", "2", "--pretrained_model_name_or_path", str(models["flux"]),
+        command = [sys.executable, str(ROOT / "train_dreambooth.py"), *FAST, *FLAGS[name], "--max_train_steps",
+                   "8", "--checkpointing_steps", "2", "--pretrained_model_name_or_path", str(models[name]),
                    "--output_dir", str(folder), "--max_sequence_length", "16", "--train_text_encoder", *extra]
         return subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
 
