@@ -20,6 +20,7 @@ from pathlib import Path
 import gradio as gr
 
 from boft_diffusion.app.studio import (
+    EXPORT_FORMATS,
     MB,
     MODEL_SCHEDULER,
     NO_ADAPTER,
@@ -326,6 +327,16 @@ def build_train_tab(studio: Studio, runs: TrainingRuns, owned: gr.State, adapter
             raise fail(error) from error
         return "cancelling..."
 
+    def export(ids, fmt):
+        """The page's latest run's adapter in an export format, for ComfyUI, A1111, Forge or diffusers."""
+        if not ids:
+            raise gr.Error("no run yet")
+        try:
+            adapter, folder = runs.export_target(ids[-1], ids)
+            return str(studio.export(adapter, fmt, folder))
+        except StudioError as error:
+            raise fail(error) from error
+
     if not runs.enabled:
         gr.Markdown("**Training is off**: this app is on a public address; its operator may turn training on with "
                     "`--allow_training`.")
@@ -359,6 +370,13 @@ def build_train_tab(studio: Studio, runs: TrainingRuns, owned: gr.State, adapter
             validation = gr.Image(label="Latest validation (rows: instance prompt, class prompt)", type="filepath",
                                   interactive=False, elem_id="validation")
             download = gr.File(label="Adapter (zip)", elem_id="run_download", interactive=False)
+            with gr.Row():
+                export_format = gr.Dropdown(list(EXPORT_FORMATS), value=EXPORT_FORMATS[0], label="Export as",
+                                            info="lora: kohya LoRA (99 % of the change); diff: exact; peft-lora: "
+                                                 "diffusers; lycoris: adapters trained with --boft_side output",
+                                            elem_id="export_format")
+                export_button = gr.Button("Export", elem_id="export")
+            exported = gr.File(label="Export (zip)", elem_id="run_export", interactive=False)
             log = gr.Textbox(label="Log (end)", lines=4, max_lines=8, autoscroll=True)
             with gr.Accordion("Model card", open=False):
                 card = gr.Markdown(elem_id="run_card")
@@ -372,6 +390,7 @@ def build_train_tab(studio: Studio, runs: TrainingRuns, owned: gr.State, adapter
     train_button.click(train, [files, table, identifier, class_noun, preset, steps, rate, owned], [owned, run_id],
                        concurrency_limit=None, api_name="train").then(None, run_id, None, js=REMEMBER_RUN_JS)
     cancel_button.click(cancel, owned, status, concurrency_limit=None, api_name="cancel_training")
+    export_button.click(export, [owned, export_format], exported, api_name="export_run")
     watch_outputs = [status, validation, card, download, adapter, log, shown]
     timer.tick(watch, [owned, shown], watch_outputs, concurrency_limit=None, show_progress="hidden",
                api_name="training_status")

@@ -425,3 +425,31 @@ def test_gradio_client_trains_and_samples_and_another_visitor_sees_nothing(serve
     gallery, _ = client.predict(adapter=adapter, **call)
     base, adapted = (np.asarray(Image.open(item["image"]).convert("RGB"), dtype=float) for item in gallery)
     assert np.abs(base - adapted).mean() > 0.5, "the trained adapter changes the picture drawn from the same seed"
+
+    exported = client.predict("lora", api_name="/export_run")
+    with zipfile.ZipFile(exported) as archive:
+        assert any(name.endswith("-lora.safetensors") for name in archive.namelist()), archive.namelist()
+    with pytest.raises(Exception, match="no run yet"):
+        other.predict("diff", api_name="/export_run")
+
+
+def test_the_app_exports_what_the_export_command_writes(adapters_dir, tmp_path):
+    """Studio.export writes from the model it serves (no second copy) the same files as
+    python -m boft_diffusion.export does from a fresh pipeline; a format the adapter cannot take is
+    refused with the reason."""
+    from boft_diffusion.export import export_adapter
+
+    studio = Studio("tiny", adapters_dir, Limits(max_steps=2))
+    studio.generate(GenerationRequest(prompt="a photo of star", adapter="star", steps=1))  # another adapter state
+    for fmt in ("diff", "lora"):
+        archive = studio.export("star", fmt, tmp_path)
+        with zipfile.ZipFile(archive) as files:
+            name = next(n for n in files.namelist() if n.endswith(f"{fmt}.safetensors"))
+            files.extract(name, tmp_path / "app")
+        ours = load_file(tmp_path / "app" / name)
+        expected = load_file(export_adapter(adapters_dir / "star", fmt, tmp_path / f"cli-{fmt}.safetensors").paths[0])
+        assert ours.keys() == expected.keys() and all(torch.allclose(ours[k], expected[k], atol=1e-6) for k in ours)
+    with pytest.raises(StudioError, match="cannot export 'star' as lycoris"):
+        studio.export("star", "lycoris", tmp_path)
+    with pytest.raises(StudioError, match="unknown export format"):
+        studio.export("star", "merged", tmp_path)

@@ -13,7 +13,9 @@ import json
 import logging
 import math
 import re
+import tempfile
 import threading
+import zipfile
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -27,13 +29,16 @@ from ..core.files import (
     CONFIG_NAME,
     WEIGHTS_NAME,
     adapter_name_from,
+    atomic_write,
     count_file_parameters,
     is_lycoris_file,
     is_lycoris_path,
     read_adapter_config,
 )
 from ..core.identifier import remove_identifier_embeddings
+from ..exports.writers import AdaptedPipeline
 from ..families.loading import load_pipeline, quiet_progress
+from ..outputs.export_formats import export_format, kohya_prefixes
 from ..outputs.read import TrainedAdapter, denoiser_of, load_outputs, read_control_info, text_encoders
 from ..outputs.write import CONTROL_INFO, CONTROLNET_FOLDER, TEXT_ENCODER_2_FOLDER, TEXT_ENCODER_FOLDER
 from .errors import StudioError
@@ -43,6 +48,9 @@ from .uploads import UPLOADS_FOLDER, UploadQuota, install_upload
 logger = logging.getLogger("boft_diffusion")
 
 NO_ADAPTER = "(none: base model)"
+#: Formats the app exports an adapter in (python -m boft_diffusion.export's, less the merged model):
+#: kohya LoRA keeping 99 % of the change, the exact weight difference, diffusers' LoRA folder, LyCORIS BOFT.
+EXPORT_FORMATS = ("lora", "diff", "peft-lora", "lycoris")
 MODEL_SCHEDULER = "Model default"
 SCHEDULERS = {
     MODEL_SCHEDULER: None,
@@ -310,6 +318,36 @@ class Studio:
         request.guidance_scale = max(0.0, min(30.0, _finite(request.guidance_scale, "guidance scale")))
         request.control_strength = max(0.0, min(2.0, _finite(request.control_strength, "control strength")))
         return request
+
+    def export(self, name: str, fmt: str, folder: Path) -> Path:
+        """Adapter ``name`` in export format ``fmt`` (see :data:`EXPORT_FORMATS`), zipped into ``folder``
+        with its identifier embeddings. Written from the model this app serves, under its lock, so no
+        second copy of the model is loaded and exports run one at a time."""
+        if fmt not in EXPORT_FORMATS:
+            raise StudioError(f"unknown export format {fmt!r}; choose one of {', '.join(EXPORT_FORMATS)}.")
+        stem = f"{adapter_name_from(Path(name).parent.name if Path(name).name == 'adapter' else name)}-{fmt}"
+        with self.lock, tempfile.TemporaryDirectory() as scratch:
+            adapter = self._activate(name, 1.0)
+            prefixes = kohya_prefixes(self.pipe)
+            components = {c: getattr(self.pipe, c) for c in prefixes if getattr(self.pipe, c, None) in adapter.models}
+            output = Path(scratch) / stem / (stem if fmt == "peft-lora" else f"{stem}.safetensors")
+            output.parent.mkdir()
+            try:
+                export_format(AdaptedPipeline(self.pipe, components, {}, dict(prefixes)), Path(name), fmt, output)
+            except ValueError as error:
+                raise StudioError(f"cannot export {name!r} as {fmt}: {error}") from error
+            finally:
+                for model in self._models():
+                    enable_adapters(model)
+            files = sorted(p for p in output.parent.rglob("*") if p.is_file())
+
+            def write(tmp: str) -> None:
+                with zipfile.ZipFile(tmp, "w", zipfile.ZIP_DEFLATED) as archive:
+                    for path in files:
+                        archive.write(path, path.relative_to(output.parent.parent).as_posix())
+
+            atomic_write(folder, {f"{stem}.zip": write})
+        return folder / f"{stem}.zip"
 
     def generate(self, request: GenerationRequest, progress: Callable[[float, str], None] | None = None) -> list[tuple[Image.Image, str]]:
         """Images with their caption (the generation parameters); base and adapted when comparing."""

@@ -448,6 +448,14 @@ class TrainingRuns:
         atomic_write(self._folder(run_id), {f"{name}.zip": write})
         return self._folder(run_id) / f"{name}.zip"
 
+    def export_target(self, run_id: Any, owned: Collection[str]) -> tuple[str, Path]:
+        """The run's adapter (studio name) and the folder its exports go to (the run's own, so the
+        runs folder's cap bounds them)."""
+        adapter = self._adapter(self._owned(run_id, owned))
+        if adapter is None:
+            raise StudioError("the run has no adapter yet.")
+        return adapter, self._folder(run_id)
+
     def cancel(self, run_id: Any, owned: Collection[str]) -> None:
         """Take a queued run off the queue, or stop a running one (its last checkpoint stays)."""
         with self._wake:

@@ -244,7 +244,7 @@ def unet_output_errors(adapted: AdaptedPipeline, unet_factors: dict[str, LowRank
     """||y_lora - y_boft|| over ||y_boft|| and over ||y_boft - y_base||, on a fixed input."""
     unet = adapted.pipe.unet
     plain = type(unet).from_config(unet.config).eval()
-    base = {**base_state_dict(unet), **adapted.base_biases["unet"]}
+    base = {**base_state_dict(unet), **adapted.base_biases.get("unet", {})}
     lora = dict(base)
     for name, factor in unet_factors.items():
         lora[f"{name}.weight"] = base[f"{name}.weight"] + factor.product()
