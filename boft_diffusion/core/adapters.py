@@ -27,6 +27,7 @@ from .layers import (
     check_adapter_name,
     rotated_dim,
 )
+from .modules import set_submodule
 from .quantize import refuse_quantized
 
 _CONFIGS_ATTR = "_boft_configs"
@@ -80,12 +81,6 @@ def wrapper_class(module: nn.Module) -> type[BOFTLayer] | None:
     if isinstance(module, nn.Conv2d):
         return BOFTConv2d
     return None
-
-
-def set_submodule(model: nn.Module, name: str, new: nn.Module) -> None:
-    parent_name, _, child = name.rpartition(".")
-    parent = model.get_submodule(parent_name) if parent_name else model
-    setattr(parent, child, new)
 
 
 def _wrap(model: nn.Module, name: str) -> BOFTLayer:

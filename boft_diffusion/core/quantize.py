@@ -21,6 +21,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .modules import set_submodule
+
 #: --base_quantization choices; "none" keeps the float weights.
 QUANTIZATIONS = ("none", "int8", "nf4", "fp8")
 
@@ -123,9 +125,7 @@ def quantize_linears(model: nn.Module, method: str) -> int:
     targets = [name for name, module in model.named_modules()
                if type(module) is nn.Linear and not module.weight.requires_grad]
     for name in targets:
-        parent_name, _, child = name.rpartition(".")
-        parent = model.get_submodule(parent_name) if parent_name else model
-        setattr(parent, child, QuantizedLinear(getattr(parent, child), method))
+        set_submodule(model, name, QuantizedLinear(model.get_submodule(name), method))
     return len(targets)
 
 
@@ -160,8 +160,7 @@ def dequantize_linears(model: nn.Module) -> int:
         plain.weight.requires_grad_(False)
         plain.bias = layer.bias
         plain.train(layer.training)
-        parent_name, _, child = name.rpartition(".")
-        setattr(model.get_submodule(parent_name) if parent_name else model, child, plain)
+        set_submodule(model, name, plain)
     return len(found)
 
 
