@@ -7,24 +7,23 @@ from __future__ import annotations
 from typing import Any
 
 import torch
-from torch import nn
 
 from .base import ModelFamily, TextEncoder, module_device
 from .flow import FlowMatchingObjective, TimestepDensity
+from .sd import token_ids
 
 #: The joint-attention projections of both streams (Flux single blocks have to_q, to_k, to_v only).
 DIT_TARGET_MODULES = ("to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj", "add_v_proj", "to_add_out")
 
 
-def token_ids(tokenizer: Any, prompts: list[str], max_length: int, encoder: nn.Module) -> torch.Tensor:
-    """Token ids padded and truncated to ``max_length``, on the encoder's own device."""
-    return tokenizer(prompts, padding="max_length", max_length=max_length, truncation=True,
-                     return_tensors="pt").input_ids.to(module_device(encoder))
+def encoder_token_ids(encoder: TextEncoder, prompts: list[str], max_length: int | None = None) -> torch.Tensor:
+    """``prompts`` as the encoder's token ids, on the encoder's own device (it may wait on the CPU)."""
+    return token_ids(encoder.tokenizer, prompts, module_device(encoder.module), max_length)
 
 
 def t5_states(encoder: TextEncoder, prompts: list[str], max_length: int, device: torch.device) -> torch.Tensor:
     """T5's last hidden states, as both pipelines take them."""
-    return encoder.module(token_ids(encoder.tokenizer, prompts, max_length, encoder.module))[0].to(device)
+    return encoder.module(encoder_token_ids(encoder, prompts, max_length))[0].to(device)
 
 
 class TransformerFamily(ModelFamily):

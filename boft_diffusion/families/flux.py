@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from .base import EncodedPrompts, TextEncoder
-from .dit import TransformerFamily, t5_states, token_ids
+from .dit import TransformerFamily, encoder_token_ids, t5_states
 
 #: FluxPipeline's guidance when none is given (what dev's guidance embedding is told in training).
 DEFAULT_FLUX_GUIDANCE = 3.5
@@ -52,8 +52,7 @@ class Flux(TransformerFamily):
                        max_sequence_length: int | None = None) -> EncodedPrompts:
         """As ``FluxPipeline.encode_prompt``: CLIP's pooled output and T5's states."""
         clip, t5 = encoders
-        ids = token_ids(clip.tokenizer, prompts, clip.tokenizer.model_max_length, clip.module)
-        pooled = clip.module(ids, output_hidden_states=False).pooler_output.to(device)
+        pooled = clip.module(encoder_token_ids(clip, prompts), output_hidden_states=False).pooler_output.to(device)
         return EncodedPrompts(t5_states(t5, prompts, self.sequence_length(max_sequence_length), device), pooled)
 
     def latent_multiple(self, pipe: Any) -> int:

@@ -10,10 +10,11 @@ from .base import EncodedPrompts, ModelFamily, TextEncoder
 from .loading import is_sdxl
 
 
-def token_ids(tokenizer: Any, prompts: list[str], device: torch.device) -> torch.Tensor:
-    """Token ids padded to the tokenizer's context and truncated to it, as diffusers' pipelines do."""
-    return tokenizer(prompts, padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
-                     return_tensors="pt").input_ids.to(device)
+def token_ids(tokenizer: Any, prompts: list[str], device: torch.device, max_length: int | None = None) -> torch.Tensor:
+    """Token ids padded and truncated to ``max_length`` (default: the tokenizer's context), as
+    diffusers' pipelines do."""
+    return tokenizer(prompts, padding="max_length", max_length=max_length or tokenizer.model_max_length,
+                     truncation=True, return_tensors="pt").input_ids.to(device)
 
 
 class StableDiffusion(ModelFamily):

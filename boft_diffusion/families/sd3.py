@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from .base import EncodedPrompts, TextEncoder
-from .dit import TransformerFamily, t5_states, token_ids
+from .dit import TransformerFamily, encoder_token_ids, t5_states
 
 
 class StableDiffusion3(TransformerFamily):
@@ -29,8 +29,7 @@ class StableDiffusion3(TransformerFamily):
         """As ``StableDiffusion3Pipeline.encode_prompt`` (no clip skip)."""
         states, pooled = [], []
         for clip in encoders[:2]:
-            ids = token_ids(clip.tokenizer, prompts, clip.tokenizer.model_max_length, clip.module)
-            output = clip.module(ids, output_hidden_states=True)
+            output = clip.module(encoder_token_ids(clip, prompts), output_hidden_states=True)
             pooled.append(output[0].to(device))
             states.append(output.hidden_states[-2].to(device))
         clip_states = torch.cat(states, dim=-1)
