@@ -19,8 +19,8 @@ KOHYA_PREFIXES = {"unet": "lora_unet", "text_encoder": "lora_te"}
 #: The same for SDXL, whose two text encoders are ``lora_te1`` and ``lora_te2``.
 KOHYA_PREFIXES_SDXL = {"unet": "lora_unet", "text_encoder": "lora_te1", "text_encoder_2": "lora_te2"}
 #: Flux.1's transformer and CLIP, and SD3's transformer and two CLIPs (T5 never trains).
-KOHYA_PREFIXES_DIT = {"transformer": "lora_unet", "text_encoder": "lora_te1"}
-KOHYA_PREFIXES_SD3 = {**KOHYA_PREFIXES_DIT, "text_encoder_2": "lora_te2"}
+KOHYA_PREFIXES_FLUX = {"transformer": "lora_unet", "text_encoder": "lora_te1"}
+KOHYA_PREFIXES_SD3 = {**KOHYA_PREFIXES_FLUX, "text_encoder_2": "lora_te2"}
 
 
 @dataclass

@@ -127,10 +127,10 @@ def export_diff(adapted: AdaptedPipeline, output: str | os.PathLike) -> Path:
     return _write_safetensors(tensors, Path(output), metadata)
 
 
-def export_native_diff(adapted: AdaptedPipeline, output: str | os.PathLike) -> Path:
-    """The transformer's exact weight differences under ComfyUI's keys for Flux.1 and SD3 (the
-    original checkpoints' layouts, fused projections stacked), which ComfyUI adds to the model by key."""
-    family = "flux" if type(adapted.pipe).__name__.startswith("Flux") else "sd3"
+def export_native_diff(adapted: AdaptedPipeline, output: str | os.PathLike, family: str) -> Path:
+    """The transformer's exact weight differences under ComfyUI's keys for ``family`` (``flux`` or
+    ``sd3``: the original checkpoints' layouts, fused projections stacked), which ComfyUI adds to the
+    model by key."""
     model = adapted.components["transformer"]
     deltas = native_deltas(family, model, module_deltas(adapted, "transformer"))
     metadata = {"ss_network_module": "lycoris.kohya", "ss_network_args": json.dumps({"algo": "full"})}

@@ -7,7 +7,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ..exports.layouts import KOHYA_PREFIXES, KOHYA_PREFIXES_DIT, KOHYA_PREFIXES_SD3, KOHYA_PREFIXES_SDXL, LoraReport
+from ..exports.layouts import KOHYA_PREFIXES, KOHYA_PREFIXES_FLUX, KOHYA_PREFIXES_SD3, KOHYA_PREFIXES_SDXL, LoraReport
 from ..exports.writers import (
     AdaptedPipeline,
     dropped_biases,
@@ -22,20 +22,21 @@ from ..exports.writers import (
     lora_report,
     module_deltas,
 )
-from ..families.loading import is_sdxl
+from ..families import family_of
 
 FORMATS = ("lycoris", "diff", "lora", "peft-lora", "merged")
 
 
+#: kohya's prefix of each pipeline component an adapter can train, by model family.
+KOHYA_PREFIXES_BY_FAMILY = {"sd": KOHYA_PREFIXES, "sdxl": KOHYA_PREFIXES_SDXL, "flux": KOHYA_PREFIXES_FLUX,
+                            "sd3": KOHYA_PREFIXES_SD3}
+#: The families whose denoiser is a transformer, exported under their own checkpoints' key names.
+TRANSFORMER_FAMILIES = ("flux", "sd3")
+
+
 def kohya_prefixes(pipe) -> dict[str, str]:
-    """kohya's prefix of each pipeline component an adapter can train."""
-    if is_transformer(pipe):
-        return KOHYA_PREFIXES_DIT if getattr(pipe, "text_encoder_3", None) is None else KOHYA_PREFIXES_SD3
-    return KOHYA_PREFIXES_SDXL if is_sdxl(pipe) else KOHYA_PREFIXES
-
-
-def is_transformer(pipe) -> bool:
-    return getattr(pipe, "transformer", None) is not None
+    """kohya's prefix of each component of ``pipe`` an adapter can train."""
+    return KOHYA_PREFIXES_BY_FAMILY[family_of(pipe).name]
 
 
 @dataclass
@@ -45,12 +46,11 @@ class ExportResult:
     dropped_biases: list[str] = field(default_factory=list)
 
 
-def export_transformer_adapter(adapted: AdaptedPipeline, adapter_dir: Path, fmt: str, output: Path,
+def export_transformer_adapter(adapted: AdaptedPipeline, family: str, adapter_dir: Path, fmt: str, output: Path,
                                rank: int | None, energy: float | None) -> ExportResult:
     """Flux.1 and SD3: merged folders, diffusers LoRA folders (``FluxPipeline.load_lora_weights``;
     full rank, so exact, unless --rank or --energy asks for less) and the transformer's diff under
     ComfyUI's own key names."""
-    family = type(adapted.pipe).__name__
     if fmt not in ("merged", "peft-lora", "diff"):
         raise ValueError(f"{adapter_dir} is a {family} adapter: export it as merged, peft-lora or diff (the "
                          f"{fmt} format writes kohya's UNet key layouts).")
@@ -58,7 +58,7 @@ def export_transformer_adapter(adapted: AdaptedPipeline, adapter_dir: Path, fmt:
         if set(adapted.components) != {"transformer"} or identifier_vectors(adapted):
             raise ValueError(f"{adapter_dir} trained text-encoder parts, which a {family} diff does not carry yet: "
                              "export --format peft-lora or merged.")
-        return ExportResult([export_native_diff(adapted, output)])
+        return ExportResult([export_native_diff(adapted, output, family)])
     deltas = {component: module_deltas(adapted, component) for component in adapted.components}
     factors = lora_factors(deltas, rank, 1.0 if rank is None and energy is None else energy)
     result = ExportResult([export_lora(adapted, output, factors, "peft")], lora_report(adapted, factors),
@@ -74,14 +74,15 @@ def export_format(adapted: AdaptedPipeline, adapter_dir: Path, fmt: str, output:
     embeddings go beside the file or into the folder (folded in for ``merged``)."""
     if fmt == "merged":
         return ExportResult([export_merged_pipeline(adapted.pipe, output)])
-    if is_transformer(adapted.pipe):
-        return export_transformer_adapter(adapted, adapter_dir, fmt, output, rank, energy)
+    family = family_of(adapted.pipe).name
+    if family in TRANSFORMER_FAMILIES:
+        return export_transformer_adapter(adapted, family, adapter_dir, fmt, output, rank, energy)
     if fmt == "lycoris":
-        if is_sdxl(adapted.pipe) and identifier_vectors(adapted):
+        if family == "sdxl" and identifier_vectors(adapted):
             raise ValueError(f"{adapter_dir} has learned identifier embeddings on SDXL, whose two-encoder "
                              "textual-inversion files are not written yet: export --format merged.")
         return ExportResult([export_lycoris(adapted, output), *export_identifiers(adapted, output.parent)])
-    if is_sdxl(adapted.pipe):
+    if family == "sdxl":
         raise ValueError(f"{adapter_dir} is an SDXL adapter: only --format merged exports it so far (the diff and "
                          "LoRA formats write SD 1.x / 2.x key layouts, which have no second text encoder).")
     embeddings_dir = output if fmt == "peft-lora" else output.parent
