@@ -332,8 +332,7 @@ def build_train_tab(studio: Studio, runs: TrainingRuns, owned: gr.State, adapter
         if not ids:
             raise gr.Error("no run yet")
         try:
-            adapter, folder = runs.export_target(ids[-1], ids)
-            return str(studio.export(adapter, fmt, folder))
+            return str(studio.export(*runs.export_target(ids[-1], ids), fmt=fmt))
         except StudioError as error:
             raise fail(error) from error
 

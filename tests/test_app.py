@@ -442,7 +442,7 @@ def test_the_app_exports_what_the_export_command_writes(adapters_dir, tmp_path):
     studio = Studio("tiny", adapters_dir, Limits(max_steps=2))
     studio.generate(GenerationRequest(prompt="a photo of star", adapter="star", steps=1))  # another adapter state
     for fmt in ("diff", "lora"):
-        archive = studio.export("star", fmt, tmp_path)
+        archive = studio.export("star", tmp_path, "star", fmt)
         with zipfile.ZipFile(archive) as files:
             name = next(n for n in files.namelist() if n.endswith(f"{fmt}.safetensors"))
             files.extract(name, tmp_path / "app")
@@ -450,6 +450,6 @@ def test_the_app_exports_what_the_export_command_writes(adapters_dir, tmp_path):
         expected = load_file(export_adapter(adapters_dir / "star", fmt, tmp_path / f"cli-{fmt}.safetensors").paths[0])
         assert ours.keys() == expected.keys() and all(torch.allclose(ours[k], expected[k], atol=1e-6) for k in ours)
     with pytest.raises(StudioError, match="cannot export 'star' as lycoris"):
-        studio.export("star", "lycoris", tmp_path)
+        studio.export("star", tmp_path, "star", "lycoris")
     with pytest.raises(StudioError, match="unknown export format"):
-        studio.export("star", "merged", tmp_path)
+        studio.export("star", tmp_path, "star", "merged")

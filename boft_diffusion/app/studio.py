@@ -319,13 +319,13 @@ class Studio:
         request.control_strength = max(0.0, min(2.0, _finite(request.control_strength, "control strength")))
         return request
 
-    def export(self, name: str, fmt: str, folder: Path) -> Path:
-        """Adapter ``name`` in export format ``fmt`` (see :data:`EXPORT_FORMATS`), zipped into ``folder``
-        with its identifier embeddings. Written from the model this app serves, under its lock, so no
-        second copy of the model is loaded and exports run one at a time."""
+    def export(self, name: str, folder: Path, title: str, fmt: str) -> Path:
+        """Adapter ``name`` in export format ``fmt`` (see :data:`EXPORT_FORMATS`), zipped into
+        ``folder`` as ``<title>-<fmt>.zip`` with its identifier embeddings. Written from the model this
+        app serves, under its lock, so no second copy of the model is loaded and exports run one at a time."""
         if fmt not in EXPORT_FORMATS:
             raise StudioError(f"unknown export format {fmt!r}; choose one of {', '.join(EXPORT_FORMATS)}.")
-        stem = f"{adapter_name_from(Path(name).parent.name if Path(name).name == 'adapter' else name)}-{fmt}"
+        stem = f"{title}-{fmt}"
         with self.lock, tempfile.TemporaryDirectory() as scratch:
             adapter = self._activate(name, 1.0)
             prefixes = kohya_prefixes(self.pipe)

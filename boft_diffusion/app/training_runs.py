@@ -41,7 +41,7 @@ from ..training.checkpoints import list_checkpoints
 from ..training.cli import read_config_file
 from ..training.trainer import FLAGS_JSON, PROGRESS_JSON
 from .errors import StudioError
-from .uploads import ALLOWED_UPLOAD_SUFFIXES, UploadQuota, evict_uploads, extract_zip
+from .uploads import ALLOWED_UPLOAD_SUFFIXES, UploadQuota, checked_upload, evict_uploads, extract_zip
 
 logger = logging.getLogger("boft_diffusion")
 
@@ -140,12 +140,7 @@ def collect_images(paths: list[str | Path], folder: Path, quota: UploadQuota, li
     Zips pass the adapter uploads' checks (size, entry count, ratio, paths); an image is decoded only
     after its header shows a PNG, JPEG or WebP within the side limit, so nothing unbounded is read.
     """
-    paths = [Path(p) for p in paths or []]
-    if not paths:
-        raise StudioError("no images were uploaded.")
-    total = sum(p.stat().st_size for p in paths)
-    if total > quota.max_bytes:
-        raise StudioError(f"upload of {total} bytes exceeds the {quota.max_bytes}-byte limit.")
+    paths = checked_upload(paths, quota, "no images were uploaded.")
     folder.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix=".images-", dir=folder.parent) as raw:
         sources = _unpack(paths, Path(raw), quota)
@@ -437,7 +432,7 @@ class TrainingRuns:
         if adapter is None:
             raise StudioError("the run has no adapter yet.")
         source = self.adapters_dir / adapter
-        name = adapter_name_from(record["instance_prompt"].removeprefix("a photo of ")) + f"-{run_id[:8]}"
+        name = _title(record)
         members = [p for p in sorted(source.rglob("*")) if p.is_file() and _shipped(p.relative_to(source))]
 
         def write(tmp: str) -> None:
@@ -448,13 +443,14 @@ class TrainingRuns:
         atomic_write(self._folder(run_id), {f"{name}.zip": write})
         return self._folder(run_id) / f"{name}.zip"
 
-    def export_target(self, run_id: Any, owned: Collection[str]) -> tuple[str, Path]:
-        """The run's adapter (studio name) and the folder its exports go to (the run's own, so the
-        runs folder's cap bounds them)."""
-        adapter = self._adapter(self._owned(run_id, owned))
+    def export_target(self, run_id: Any, owned: Collection[str]) -> tuple[str, Path, str]:
+        """The run's adapter (studio name), the folder its exports go to (the run's own, so the runs
+        folder's cap bounds them) and the title its files are named after (the zip download's)."""
+        record = self._owned(run_id, owned)
+        adapter = self._adapter(record)
         if adapter is None:
             raise StudioError("the run has no adapter yet.")
-        return adapter, self._folder(run_id)
+        return adapter, self._folder(run_id), _title(record)
 
     def cancel(self, run_id: Any, owned: Collection[str]) -> None:
         """Take a queued run off the queue, or stop a running one (its last checkpoint stays)."""
@@ -588,6 +584,11 @@ class TrainingRuns:
 #: How long a stopped worker may take to exit on SIGTERM before it is killed.
 GRACE_SECONDS = 10.0
 CANCELLED = "cancelled."
+
+
+def _title(record: dict[str, Any]) -> str:
+    """What a run's downloads are named after: its subject and the start of its id."""
+    return adapter_name_from(record["instance_prompt"].removeprefix("a photo of ")) + f"-{record['id'][:8]}"
 
 
 def _stop_orphan(pid: Any, folder: Path) -> None:

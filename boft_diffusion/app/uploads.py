@@ -36,6 +36,18 @@ class UploadQuota:
     max_folder_bytes: int
 
 
+def checked_upload(paths: list[str | Path] | None, quota: UploadQuota, nothing: str) -> list[Path]:
+    """The uploaded files, refused (``nothing`` says why) when there are none or when together they
+    exceed the quota's bytes, before anything is read or written."""
+    paths = [Path(p) for p in paths or []]
+    if not paths:
+        raise StudioError(nothing)
+    total = sum(p.stat().st_size for p in paths)
+    if total > quota.max_bytes:
+        raise StudioError(f"upload of {total} bytes exceeds the {quota.max_bytes}-byte limit.")
+    return paths
+
+
 def install_upload(paths: list[str | Path], adapters_dir: Path, quota: UploadQuota,
                    in_use: Collection[Path] = ()) -> str:
     """Install an uploaded adapter (a zip of its folder, or its json + safetensors pair) under
@@ -45,12 +57,7 @@ def install_upload(paths: list[str | Path], adapters_dir: Path, quota: UploadQuo
     budget whatever the zip's headers claim. Afterwards the oldest uploads not in ``in_use`` are
     evicted until the folder fits its cap.
     """
-    paths = [Path(p) for p in paths or []]
-    if not paths:
-        raise StudioError("nothing was uploaded.")
-    total = sum(p.stat().st_size for p in paths)
-    if total > quota.max_bytes:
-        raise StudioError(f"upload of {total} bytes exceeds the {quota.max_bytes}-byte limit.")
+    paths = checked_upload(paths, quota, "nothing was uploaded.")
     target_root = adapters_dir / UPLOADS_FOLDER
     is_zip = len(paths) == 1 and paths[0].suffix == ".zip"
     name = adapter_name_from(paths[0].stem if is_zip else next((p.parent.name for p in paths if p.suffix == ".json"),
