@@ -59,52 +59,58 @@ def a1111_patch(weight: torch.Tensor, tensors: dict[str, torch.Tensor], multipli
 
 
 # ComfyUI's Flux.1 / SD3 "diff" patches (comfy/utils.py flux_to_diffusers, comfy/lora.py, re-implemented)
-def comfyui_flux_key_map(depth: int, single_depth: int, hidden: int) -> dict[str, tuple[str, tuple | None]]:
+KeyMap = dict[str, tuple[str, tuple | None]]
+
+
+def _map_qkv(keys: KeyMap, src: str, dst: str, names: tuple[str, ...], hidden: int) -> None:
+    """Weight and bias of each of ``names`` as a ``hidden``-row slice of the fused ``dst``, in order."""
+    for end in ("weight", "bias"):
+        for n, name in enumerate(names):
+            keys[f"{src}.{name}.{end}"] = (f"{dst}.{end}", (0, n * hidden, hidden))
+
+
+def _map_plain(keys: KeyMap, src: str, dst: str, table: dict[str, str]) -> None:
+    """Weight and bias of each diffusers module of ``table`` under its ComfyUI name, whole."""
+    for name, native in table.items():
+        for end in ("weight", "bias"):
+            keys[f"{src}{name}.{end}"] = (f"{dst}{native}.{end}", None)
+
+
+def comfyui_flux_key_map(depth: int, single_depth: int, hidden: int) -> KeyMap:
     """diffusers weight key -> (ComfyUI model key, (dim, start, length) inside it, or None), for the
     block modules an adapter can touch, as ``flux_to_diffusers`` maps them with prefix ``diffusion_model.``."""
-    keys: dict[str, tuple[str, tuple | None]] = {}
+    keys: KeyMap = {}
     for i in range(depth):
         src, dst = f"transformer_blocks.{i}", f"diffusion_model.double_blocks.{i}"
-        for stream, names in (("img_attn", ("to_q", "to_k", "to_v")), ("txt_attn", ("add_q_proj", "add_k_proj", "add_v_proj"))):
-            for end in ("weight", "bias"):
-                for n, name in enumerate(names):
-                    keys[f"{src}.attn.{name}.{end}"] = (f"{dst}.{stream}.qkv.{end}", (0, n * hidden, hidden))
-        plain = {"attn.to_out.0": "img_attn.proj", "attn.to_add_out": "txt_attn.proj", "ff.net.0.proj": "img_mlp.0",
-                 "ff.net.2": "img_mlp.2", "ff_context.net.0.proj": "txt_mlp.0", "ff_context.net.2": "txt_mlp.2"}
-        for name, native in plain.items():
-            for end in ("weight", "bias"):
-                keys[f"{src}.{name}.{end}"] = (f"{dst}.{native}.{end}", None)
+        _map_qkv(keys, f"{src}.attn", f"{dst}.img_attn.qkv", ("to_q", "to_k", "to_v"), hidden)
+        _map_qkv(keys, f"{src}.attn", f"{dst}.txt_attn.qkv", ("add_q_proj", "add_k_proj", "add_v_proj"), hidden)
+        _map_plain(keys, f"{src}.", f"{dst}.", {
+            "attn.to_out.0": "img_attn.proj", "attn.to_add_out": "txt_attn.proj", "ff.net.0.proj": "img_mlp.0",
+            "ff.net.2": "img_mlp.2", "ff_context.net.0.proj": "txt_mlp.0", "ff_context.net.2": "txt_mlp.2"})
     for i in range(single_depth):
         src, dst = f"single_transformer_blocks.{i}", f"diffusion_model.single_blocks.{i}"
+        _map_qkv(keys, src, f"{dst}.linear1", ("attn.to_q", "attn.to_k", "attn.to_v"), hidden)
         for end in ("weight", "bias"):
-            for n, name in enumerate(("attn.to_q", "attn.to_k", "attn.to_v")):
-                keys[f"{src}.{name}.{end}"] = (f"{dst}.linear1.{end}", (0, n * hidden, hidden))
             keys[f"{src}.proj_mlp.{end}"] = (f"{dst}.linear1.{end}", (0, 3 * hidden, 4 * hidden))
-            keys[f"{src}.proj_out.{end}"] = (f"{dst}.linear2.{end}", None)
-    for name, native in {"proj_out": "final_layer.linear", "x_embedder": "img_in", "context_embedder": "txt_in"}.items():
-        for end in ("weight", "bias"):
-            keys[f"{name}.{end}"] = (f"diffusion_model.{native}.{end}", None)
+        _map_plain(keys, f"{src}.", f"{dst}.", {"proj_out": "linear2"})
+    _map_plain(keys, "", "diffusion_model.",
+               {"proj_out": "final_layer.linear", "x_embedder": "img_in", "context_embedder": "txt_in"})
     return keys
 
 
-def comfyui_sd3_key_map(depth: int, hidden: int) -> dict[str, tuple[str, tuple | None]]:
+def comfyui_sd3_key_map(depth: int, hidden: int) -> KeyMap:
     """The same for SD3's joint blocks (``mmdit_to_diffusers``: x_block and context_block)."""
-    keys: dict[str, tuple[str, tuple | None]] = {}
+    keys: KeyMap = {}
     for i in range(depth):
         src, dst = f"transformer_blocks.{i}", f"diffusion_model.joint_blocks.{i}"
-        for block, names in (("x_block", ("to_q", "to_k", "to_v")), ("context_block", ("add_q_proj", "add_k_proj", "add_v_proj"))):
-            for end in ("weight", "bias"):
-                for n, name in enumerate(names):
-                    keys[f"{src}.attn.{name}.{end}"] = (f"{dst}.{block}.attn.qkv.{end}", (0, n * hidden, hidden))
-        plain = {"attn.to_out.0": "x_block.attn.proj", "attn.to_add_out": "context_block.attn.proj",
-                 "ff.net.0.proj": "x_block.mlp.fc1", "ff.net.2": "x_block.mlp.fc2",
-                 "ff_context.net.0.proj": "context_block.mlp.fc1", "ff_context.net.2": "context_block.mlp.fc2"}
-        for name, native in plain.items():
-            for end in ("weight", "bias"):
-                keys[f"{src}.{name}.{end}"] = (f"{dst}.{native}.{end}", None)
-    for name, native in {"proj_out": "final_layer.linear", "context_embedder": "context_embedder"}.items():
-        for end in ("weight", "bias"):
-            keys[f"{name}.{end}"] = (f"diffusion_model.{native}.{end}", None)
+        _map_qkv(keys, f"{src}.attn", f"{dst}.x_block.attn.qkv", ("to_q", "to_k", "to_v"), hidden)
+        _map_qkv(keys, f"{src}.attn", f"{dst}.context_block.attn.qkv", ("add_q_proj", "add_k_proj", "add_v_proj"),
+                 hidden)
+        _map_plain(keys, f"{src}.", f"{dst}.", {
+            "attn.to_out.0": "x_block.attn.proj", "attn.to_add_out": "context_block.attn.proj",
+            "ff.net.0.proj": "x_block.mlp.fc1", "ff.net.2": "x_block.mlp.fc2",
+            "ff_context.net.0.proj": "context_block.mlp.fc1", "ff_context.net.2": "context_block.mlp.fc2"})
+    _map_plain(keys, "", "diffusion_model.", {"proj_out": "final_layer.linear", "context_embedder": "context_embedder"})
     return keys
 
 
