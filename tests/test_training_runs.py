@@ -214,10 +214,11 @@ def runs_factory(tmp_path, monkeypatch):
 def test_queue_cancel_keeps_the_checkpoint_and_visitors_see_only_their_runs(runs_factory, tmp_path):
     runs = runs_factory(max_queued_runs=1)
     first = runs.submit(request(star_files(), steps=30))
+    # the worker takes the first run off the queue before the second arrives (else the queue of one is full)
+    wait_for(lambda: runs.status(first, [first])["status"] == "running")
     second = runs.submit(request(star_files(), steps=3, captions={"sks_star_00.png": "a photo of sks ohwx star"}))
     with pytest.raises(StudioError, match="queue is full"):
         runs.submit(request(star_files()))
-    wait_for(lambda: runs.status(first, [first])["status"] == "running")
     assert runs.status(second, [second])["position"] == 2
     # another visitor: holds only its own id, so the first run is out of its reach
     for call in (runs.status, runs.cancel, runs.download, runs.model_card):
