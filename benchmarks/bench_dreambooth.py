@@ -4,12 +4,12 @@ Every (subject, training seed, method) is trained with the demo's recipe (same d
 prior preservation, learned identifier); only the adapter, its learning rate and its step count
 differ, LoRA and OFT sized to BOFT m = 2's parameter budget. Tuning gives every method the same
 grid (``--lr_scales`` times the recipe's rate, each scored at every one of ``--tune_steps``) on
-``--tune_seeds`` of ``--tune_subject`` and picks by one objective declared below; confirmation
-trains each method at its pick on fresh seeds of every subject, and only confirmation runs are
-reported. Each is scored on the same sampling seeds with the tiny-world measures (per sample, so
-that means come with 95 % bootstrap intervals over subject x seed x sample), the
-hyperspherical-energy change of the adapted layers, and, at every checkpoint, subject fidelity
-against language drift (the fidelity-vs-drift curve, drawn as a PNG).
+``--tune_seeds`` of every one of ``--tune_subjects`` and picks by one objective declared below,
+averaged over them; confirmation trains each method at its pick on fresh seeds of every subject,
+and only confirmation runs are reported. Each is scored on the same sampling seeds with the
+tiny-world measures (per sample, so that means come with 95 % bootstrap intervals over subject x
+seed x sample), the hyperspherical-energy change of the adapted layers, and, at every checkpoint,
+subject fidelity against language drift (the fidelity-vs-drift curve, drawn as a PNG).
 
     python benchmarks/bench_dreambooth.py --phases tune --workers 15 --output_dir runs/db
     python benchmarks/bench_dreambooth.py --phases confirm --tuning runs/db/tuning.json \
@@ -17,8 +17,8 @@ against language drift (the fidelity-vs-drift curve, drawn as a PNG).
 
 Subjects are the bundled three or any of ``boft_diffusion/tiny/subject_family.py`` (patterned
 shapes split into tuning and evaluation subjects): ``--subjects evaluation:12`` confirms on the
-first 12 evaluation subjects, ``--tune_subject`` takes a tuning subject's name. Their photos are
-written to ``<output_dir>/subjects/`` before any run starts.
+first 12 evaluation subjects, ``--tune_subjects tuning:4`` tunes on the first four tuning
+subjects. Their photos are written to ``<output_dir>/subjects/`` before any run starts.
 """
 
 from __future__ import annotations
@@ -287,15 +287,16 @@ def objective(samples: dict[str, list[float]], base: dict) -> float:
     ]))
 
 
-def pick(tuned: list[dict], base: dict, methods: list[str]) -> dict:
+def pick(tuned: list[dict], bases: dict[str, dict], methods: list[str]) -> dict:
     """Each method's grid point (flag variant, learning-rate scale, steps) with the best mean
-    objective over the tuning seeds, and the whole grid's objectives."""
+    objective over the tuning subjects and seeds (each run against its own subject's base model
+    measures, in ``bases``), and the whole grid's objectives."""
     grid: dict[str, dict[tuple, list[float]]] = {m: {} for m in methods}
     for record in tuned:
         points = {**record["checkpoints"], record["steps"]: record["samples"]}
         for step, samples in points.items():
             key = (record["variant"], record["lr_scale"], int(step))  # checkpoint steps are strings in JSON
-            grid[record["method"]].setdefault(key, []).append(objective(samples, base))
+            grid[record["method"]].setdefault(key, []).append(objective(samples, bases[record["subject"]]))
     chosen, table = {}, {}
     for m in methods:
         means = {key: float(np.mean(values)) for key, values in grid[m].items()}
@@ -404,8 +405,9 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, nargs="+", default=[10, 11, 12], help="Confirmation training seeds.")
     parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
     parser.add_argument("--tune_seeds", type=int, nargs="+", default=[0, 1, 2], help="Tuning training seeds.")
-    parser.add_argument("--tune_subject", default=world.DEFAULT_SUBJECT,
-                        help="A bundled subject or one of subject_family ('tuning:1': the first tuning subject).")
+    parser.add_argument("--tune_subjects", nargs="+", default=[world.DEFAULT_SUBJECT],
+                        help="Subjects the picks are made on: bundled ones or subject_family's tuning split "
+                             "('tuning:4': its first four). The objective is averaged over them.")
     parser.add_argument("--lr_scales", type=float, nargs="+", default=[1.0, 2.0],
                         help="Learning rates tried per method, as multiples of the recipe's.")
     parser.add_argument("--tune_steps", type=int, nargs="+", default=[150, 300],
@@ -442,16 +444,13 @@ def main() -> None:
         report(summary, args.curve_png, args.paired_against)
         return
     subjects = [name for spec in args.subjects for name in subject_family.resolve(spec)]
-    tune_subjects = subject_family.resolve(args.tune_subject)
-    if len(tune_subjects) != 1:
-        parser.error("--tune_subject names one subject")
-    args.tune_subject = tune_subjects[0]
-    if "tune" in args.phases and subject_family.split_of(args.tune_subject) == "evaluation" \
-            and args.tune_subject not in world.SUBJECTS:
-        parser.error(f"--tune_subject {args.tune_subject} is an evaluation subject: tune on tuning subjects")
+    args.tune_subjects = [name for spec in args.tune_subjects for name in subject_family.resolve(spec)]
+    held_out = [s for s in args.tune_subjects if s not in world.SUBJECTS and subject_family.split_of(s) == "evaluation"]
+    if "tune" in args.phases and held_out:
+        parser.error(f"--tune_subjects {' '.join(held_out)}: evaluation subjects; tune on tuning subjects")
     out = Path(args.output_dir)
     out.mkdir(parents=True, exist_ok=True)
-    write_subjects(out, [*subjects, args.tune_subject])
+    write_subjects(out, [*subjects, *args.tune_subjects])
     common = {"output_dir": str(out), "eval_seed": args.eval_seed, "guidance": args.guidance_scale}
     pool = None
     if args.workers > 1:
@@ -466,7 +465,7 @@ def main() -> None:
         if "pick" in args.phases:
             runs = json.loads((out / "tuning_runs.json").read_text())
             write_picks(args, out, [r for r in runs if r["kind"] == "train"],
-                        next(r for r in runs if r["kind"] == "base"))
+                        {r["subject"]: r for r in runs if r["kind"] == "base"})
         if "confirm" in args.phases:
             confirm(args, subjects, common, pool, out)
     finally:
@@ -484,30 +483,32 @@ def base_and_class_images(subjects: list[str], seeds: list[int], num_images: int
 
 
 def tune(args, common: dict, pool, out: Path) -> None:
-    """Every method on the same grid of learning rates and step counts; tuning.json holds the picks.
-    Runs go seed by seed, so a deadline leaves every method with the same seeds."""
+    """Every method on the same grid of learning rates and step counts, on every tuning subject;
+    tuning.json holds the picks. Runs go seed by seed, so a deadline leaves every method with the
+    same (subject, seed) runs."""
     start = time.time()
     done: list[dict] = []
     log = out / "tuning_runs.json"
-    base = base_and_class_images([args.tune_subject], args.tune_seeds, args.tune_images, common, pool, args.workers,
-                                 log, done)
+    bases = base_and_class_images(args.tune_subjects, args.tune_seeds, args.tune_images, common, pool, args.workers,
+                                  log, done)
     steps = max(args.tune_steps)
     every = min(args.tune_steps) if len(args.tune_steps) > 1 else 0
     if every and any(s % every for s in args.tune_steps):
         raise SystemExit("--tune_steps must be multiples of the smallest one (they are checkpoints of one run).")
-    jobs = [{**common, "kind": "train", "phase": "tune", "subject": args.tune_subject, "seed": seed, "method": m,
+    jobs = [{**common, "kind": "train", "phase": "tune", "subject": subject, "seed": seed, "method": m,
              "variant": variant, "variant_index": i, "lr_scale": scale, "steps": steps,
              "num_images": args.tune_images, "checkpoint_every": every, "checkpoint_images": args.tune_images}
-            for seed in args.tune_seeds for m in args.methods for i, variant in enumerate(args.tune_variants)
+            for seed in args.tune_seeds for subject in args.tune_subjects for m in args.methods
+            for i, variant in enumerate(args.tune_variants)
             for scale in args.lr_scales]
     tuned = run_all(jobs, pool, args.workers, start + args.tune_deadline_s, log, done)
     if not tuned:
         raise SystemExit("no tuning run finished before --tune_deadline_s")
-    write_picks(args, out, tuned, base[args.tune_subject])
+    write_picks(args, out, tuned, bases)
 
 
-def write_picks(args, out: Path, tuned: list[dict], base: dict) -> None:
-    picked = pick(tuned, base, args.methods)
+def write_picks(args, out: Path, tuned: list[dict], bases: dict[str, dict]) -> None:
+    picked = pick(tuned, bases, args.methods)
     (out / "tuning.json").write_text(json.dumps({"args": vars(args), **picked}, indent=1))
     for m, grid in picked["objective_grid"].items():
         for point in grid:

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
-from bench_dreambooth import finished_run, instances_of, merge_summaries, run_flags, write_subjects  # noqa: E402
+from bench_dreambooth import finished_run, instances_of, merge_summaries, pick, run_flags, write_subjects  # noqa: E402
 
 from boft_diffusion.core.files import WEIGHTS_NAME  # noqa: E402
 from boft_diffusion.demo import GUIDANCE, training_flags  # noqa: E402
@@ -62,3 +62,23 @@ def test_a_held_out_subject_trains_on_its_written_photos_and_is_scored_on_the_sa
     assert config.subject.instance_prompt == subject.instance_prompt and config.prior.class_prompt == subject.class_prompt
     written = [np.asarray(image) for _, image in load_images(folder, 64)]
     assert all(np.array_equal(a, np.asarray(b)) for a, b in zip(written, instances_of(name), strict=True))
+
+
+def scores(subject: float) -> dict[str, list[float]]:
+    """Samples whose only varying measure is subject fidelity (in and out of context)."""
+    return {"subject": [subject], "recontext_subject": [subject], "recontext_background": [1.0],
+            "class_prompt_fidelity": [0.9], "class_shape": [0.9], "class_subject": [0.0]}
+
+
+def test_picks_average_each_tuning_subjects_objective_against_its_own_base():
+    bases = {"easy": {"samples": scores(0.0), "instances": 1.0}, "hard": {"samples": scores(0.0), "instances": 0.25}}
+    fidelity = {1.0: {"easy": 0.9, "hard": 0.1}, 2.0: {"easy": 0.5, "hard": 0.4}}
+    tuned = [{"method": "lora", "variant": "", "lr_scale": scale, "steps": 150, "checkpoints": {},
+              "subject": subject, "samples": scores(value)}
+             for scale, by_subject in fidelity.items() for subject, value in by_subject.items()]
+    picked = pick(tuned, bases, ["lora"])
+    assert picked["chosen"]["lora"]["lr_scale"] == 2.0, \
+        "0.4 of the hard subject's 0.25 outweighs 0.1; against one shared base lr x1 would win"
+    assert len(picked["objective_grid"]["lora"]) == 2
+    same_base = {name: bases["easy"] for name in bases}
+    assert pick(tuned, same_base, ["lora"])["chosen"]["lora"]["lr_scale"] == 1.0
