@@ -392,6 +392,28 @@ def print_paired(summary: dict, baseline: str) -> None:
         print(f"| {method} | {len(pairs)} | " + " | ".join(cells) + " |")
 
 
+def print_per_subject(summary: dict) -> None:
+    """Each subject's subject fidelity per method, mean over its seeds, as a share of its instance
+    images' own score: held-out subjects differ in how well they can be drawn at all, so their
+    raw scores are not comparable."""
+    methods = summary["args"]["methods"]
+    subjects = [s for s in summary["base"] if any(r["subject"] == s for r in summary["runs"])]
+    shares = {m: {} for m in methods}
+    print("\nSubject fidelity per subject, mean over seeds (share of the instance images' own score):\n")
+    print("| subject | instances | " + " | ".join(methods) + " |")
+    print("|---" * (len(methods) + 2) + "|")
+    for subject in subjects:
+        instances = summary["base"][subject]["instances"]
+        cells = []
+        for m in methods:
+            mine = [np.mean(r["samples"]["subject"]) for r in summary["runs"] if r["method"] == m and r["subject"] == subject]
+            shares[m][subject] = float(np.mean(mine)) / instances if mine else float("nan")
+            cells.append(f"{np.mean(mine):.2f} ({shares[m][subject]:.2f})" if mine else "-")
+        print(f"| {subject} | {instances:.2f} | " + " | ".join(cells) + " |")
+    print("| mean share / worst subject's share | | " + " | ".join(
+        f"{np.nanmean(list(shares[m].values())):.2f} / {np.nanmin(list(shares[m].values())):.2f}" for m in methods) + " |")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--output_dir", default="outputs/bench_dreambooth")
@@ -574,6 +596,8 @@ def report(summary: dict, curve_png: str, paired_against: str) -> None:
     """The table, the paired differences and the curve of a finished run, from its summary.json."""
     args = summary["args"]
     print_table(summary, list(summary["base"]), args)
+    if len(summary["base"]) > 1:
+        print_per_subject(summary)
     if paired_against in args["methods"]:
         print_paired(summary, paired_against)
     else:

@@ -8,7 +8,15 @@ import numpy as np
 import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
-from bench_dreambooth import finished_run, instances_of, merge_summaries, pick, run_flags, write_subjects  # noqa: E402
+from bench_dreambooth import (  # noqa: E402
+    finished_run,
+    instances_of,
+    merge_summaries,
+    pick,
+    print_per_subject,
+    run_flags,
+    write_subjects,
+)
 
 from boft_diffusion.core.files import WEIGHTS_NAME  # noqa: E402
 from boft_diffusion.demo import GUIDANCE, training_flags  # noqa: E402
@@ -82,3 +90,15 @@ def test_picks_average_each_tuning_subjects_objective_against_its_own_base():
     assert len(picked["objective_grid"]["lora"]) == 2
     same_base = {name: bases["easy"] for name in bases}
     assert pick(tuned, same_base, ["lora"])["chosen"]["lora"]["lr_scale"] == 1.0
+
+
+def test_each_subject_is_reported_as_a_share_of_its_own_instance_score(capsys):
+    runs = [{"method": "lora", "subject": subject, "seed": seed, "samples": {"subject": [value, value]}}
+            for subject, values in {"easy": (0.8, 0.6), "hard": (0.2, 0.2)}.items()
+            for seed, value in enumerate(values)]
+    summary = {"args": {"methods": ["lora"]}, "runs": runs,
+               "base": {"easy": {"instances": 1.0}, "hard": {"instances": 0.5}, "unrun": {"instances": 1.0}}}
+    print_per_subject(summary)
+    rows = {line.split(" | ")[0].strip("| "): line for line in capsys.readouterr().out.splitlines()}
+    assert "| 0.70 (0.70) |" in rows["easy"] and "| 0.20 (0.40) |" in rows["hard"] and "unrun" not in rows
+    assert rows["mean share / worst subject's share"].endswith("| 0.55 / 0.40 |")
