@@ -27,7 +27,7 @@ import torch
 from .exports.layouts import format_report
 from .exports.writers import AdaptedPipeline, check_rank_choice
 from .families.loading import load_pipeline
-from .outputs.export_formats import FORMATS, ExportResult, export_format, kohya_prefixes
+from .outputs.export_formats import FORMATS, ExportResult, adapted_pipeline, export_format
 from .outputs.read import load_outputs
 
 
@@ -43,15 +43,11 @@ def load_for_export(adapter_dir: str | os.PathLike, base_model: str | None = Non
     if not (folder / "adapter_config.json").is_file():
         raise FileNotFoundError(f"{folder} is not an adapter folder: adapter_config.json not found.")
     pipe = load_pipeline(base_model or _base_model_of(folder), dtype=torch.float32, device="cpu")
-    prefixes = kohya_prefixes(pipe)
-    base_biases = {name: {key: value.clone() for key, value in getattr(pipe, name).state_dict().items()
-                          if key.endswith(".bias")} for name in prefixes}
     try:
         models = load_outputs(pipe, folder).models
     except ValueError as error:
         raise ValueError(f"{folder}: {error}") from error
-    components = {name: getattr(pipe, name) for name in prefixes if getattr(pipe, name) in models}
-    return AdaptedPipeline(pipe, components, base_biases, dict(prefixes))
+    return adapted_pipeline(pipe, models)
 
 
 def _check_request(adapter_dir: Path, fmt: str, output: Path, rank: int | None, energy: float | None) -> None:

@@ -36,9 +36,8 @@ from ..core.files import (
     read_adapter_config,
 )
 from ..core.identifier import remove_identifier_embeddings
-from ..exports.writers import AdaptedPipeline
 from ..families.loading import load_pipeline, quiet_progress
-from ..outputs.export_formats import export_format, kohya_prefixes
+from ..outputs.export_formats import adapted_pipeline, export_format
 from ..outputs.read import TrainedAdapter, denoiser_of, load_outputs, read_control_info, text_encoders
 from ..outputs.write import CONTROL_INFO, CONTROLNET_FOLDER, TEXT_ENCODER_2_FOLDER, TEXT_ENCODER_FOLDER
 from .errors import StudioError
@@ -328,12 +327,10 @@ class Studio:
         stem = f"{title}-{fmt}"
         with self.lock, tempfile.TemporaryDirectory() as scratch:
             adapter = self._activate(name, 1.0)
-            prefixes = kohya_prefixes(self.pipe)
-            components = {c: getattr(self.pipe, c) for c in prefixes if getattr(self.pipe, c, None) in adapter.models}
             output = Path(scratch) / stem / (stem if fmt == "peft-lora" else f"{stem}.safetensors")
             output.parent.mkdir()
             try:
-                export_format(AdaptedPipeline(self.pipe, components, {}, dict(prefixes)), Path(name), fmt, output)
+                export_format(adapted_pipeline(self.pipe, adapter.models), Path(name), fmt, output)
             except ValueError as error:
                 raise StudioError(f"cannot export {name!r} as {fmt}: {error}") from error
             finally:

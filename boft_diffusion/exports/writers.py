@@ -74,11 +74,10 @@ def export_merged_pipeline(pipe, folder: str | os.PathLike) -> Path:
 # The adapter to export ---------------------------------------------------------------------------
 @dataclass
 class AdaptedPipeline:
-    """A base pipeline with an adapter folder loaded, plus the base biases the adapter replaced."""
+    """A base pipeline with an adapter folder loaded: the components it adapts, and their kohya prefixes."""
 
     pipe: object
     components: dict[str, nn.Module]
-    base_biases: dict[str, dict[str, torch.Tensor]] = field(default_factory=dict)
     prefixes: dict[str, str] = field(default_factory=lambda: dict(KOHYA_PREFIXES))
 
 
@@ -86,7 +85,7 @@ def module_deltas(adapted: AdaptedPipeline, component: str) -> dict[str, Delta]:
     """Per module of ``component``: the adapted weight's change, and the bias's when it trained."""
     model = adapted.components[component]
     merged = merged_state_dict(model)
-    base = {**base_state_dict(model), **adapted.base_biases.get(component, {})}
+    base = base_state_dict(model)
     adapted_modules = {name for name, layer in boft_layers(model) if layer.live_adapter() is not None}
     deltas: dict[str, Delta] = {}
     for key, value in merged.items():
@@ -244,7 +243,7 @@ def unet_output_errors(adapted: AdaptedPipeline, unet_factors: dict[str, LowRank
     """||y_lora - y_boft|| over ||y_boft|| and over ||y_boft - y_base||, on a fixed input."""
     unet = adapted.pipe.unet
     plain = type(unet).from_config(unet.config).eval()
-    base = {**base_state_dict(unet), **adapted.base_biases.get("unet", {})}
+    base = base_state_dict(unet)
     lora = dict(base)
     for name, factor in unet_factors.items():
         lora[f"{name}.weight"] = base[f"{name}.weight"] + factor.product()

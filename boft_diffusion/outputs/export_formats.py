@@ -39,6 +39,13 @@ def kohya_prefixes(pipe) -> dict[str, str]:
     return KOHYA_PREFIXES_BY_FAMILY[family_of(pipe).name]
 
 
+def adapted_pipeline(pipe, models: list) -> AdaptedPipeline:
+    """``pipe`` with an adapter loaded into ``models``: the components to export, under kohya's prefixes."""
+    prefixes = kohya_prefixes(pipe)
+    components = {name: getattr(pipe, name) for name in prefixes if getattr(pipe, name, None) in models}
+    return AdaptedPipeline(pipe, components, dict(prefixes))
+
+
 @dataclass
 class ExportResult:
     paths: list[Path]
