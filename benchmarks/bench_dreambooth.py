@@ -341,13 +341,18 @@ def draw_curves(means: dict[str, np.ndarray], path: Path) -> None:
     image.save(path)
 
 
+def subjects_run(summary: dict, subjects) -> list[str]:
+    """``subjects`` that have runs in ``summary``, in order."""
+    return [s for s in subjects if any(r["subject"] == s for r in summary["runs"])]
+
+
 def print_table(summary: dict, subjects: list[str], args) -> None:
     def cell(runs: list[list[float]]) -> str:
         mean, low, high = bootstrap_ci(runs)
         return f"{mean:.2f} [{low:.2f}, {high:.2f}]"
 
     runs = summary["runs"]
-    subjects = [s for s in subjects if any(r["subject"] == s for r in runs)]
+    subjects = subjects_run(summary, subjects)
     seeds = sorted({r["seed"] for r in runs})
     instances = np.mean([summary["base"][s]["instances"] for s in subjects])
     print(f"\nTiny-world DreamBooth on {summary['device']}: subjects {', '.join(subjects)}; training seeds "
@@ -397,7 +402,7 @@ def print_per_subject(summary: dict) -> None:
     images' own score: held-out subjects differ in how well they can be drawn at all, so their
     raw scores are not comparable."""
     methods = summary["args"]["methods"]
-    subjects = [s for s in summary["base"] if any(r["subject"] == s for r in summary["runs"])]
+    subjects = subjects_run(summary, summary["base"])
     shares = {m: {} for m in methods}
     print("\nSubject fidelity per subject, mean over seeds (share of the instance images' own score):\n")
     print("| subject | instances | " + " | ".join(methods) + " |")
@@ -407,8 +412,9 @@ def print_per_subject(summary: dict) -> None:
         cells = []
         for m in methods:
             mine = [np.mean(r["samples"]["subject"]) for r in summary["runs"] if r["method"] == m and r["subject"] == subject]
-            shares[m][subject] = float(np.mean(mine)) / instances if mine else float("nan")
-            cells.append(f"{np.mean(mine):.2f} ({shares[m][subject]:.2f})" if mine else "-")
+            fidelity = float(np.mean(mine)) if mine else float("nan")
+            shares[m][subject] = fidelity / instances
+            cells.append(f"{fidelity:.2f} ({shares[m][subject]:.2f})" if mine else "-")
         print(f"| {subject} | {instances:.2f} | " + " | ".join(cells) + " |")
     print("| mean share / worst subject's share | | " + " | ".join(
         f"{np.nanmean(list(shares[m].values())):.2f} / {np.nanmin(list(shares[m].values())):.2f}" for m in methods) + " |")
