@@ -10,6 +10,7 @@ import torch
 
 from .base import ModelFamily, TextEncoder, module_device
 from .flow import FlowMatchingObjective, TimestepDensity
+from .loading import PIPELINE_CLASSES, TRANSFORMER_CLASSES
 from .sd import token_ids
 
 #: The joint-attention projections of both streams (Flux single blocks have to_q, to_k, to_v only).
@@ -33,15 +34,13 @@ class TransformerFamily(ModelFamily):
     default_target_modules = DIT_TARGET_MODULES
     supports_control = False
     offloads_text_encoders = True
-    #: The pipeline class (its ``model_index.json`` name) and the transformer class of the family.
-    pipeline_class = ""
-    transformer_class = ""
     #: T5 tokens per prompt when --max_sequence_length is left out (the pipeline's default).
     default_sequence_length = 256
 
     def matches(self, pipe: Any) -> bool:
         transformer = getattr(pipe, "transformer", None)
-        return type(pipe).__name__ == self.pipeline_class or type(transformer).__name__ == self.transformer_class
+        return (type(pipe).__name__ == PIPELINE_CLASSES[self.name]
+                or type(transformer).__name__ == TRANSFORMER_CLASSES[self.name])
 
     def objective(self, pipe: Any, density: TimestepDensity) -> FlowMatchingObjective:
         return FlowMatchingObjective.from_pipeline(pipe, density)

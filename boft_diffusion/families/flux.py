@@ -40,8 +40,6 @@ def image_position_ids(height: int, width: int, device: torch.device, dtype: tor
 
 class Flux(TransformerFamily):
     name = "flux"
-    pipeline_class = "FluxPipeline"
-    transformer_class = "FluxTransformer2DModel"
     default_sequence_length = 512
 
     def text_encoders(self, pipe: Any) -> list[TextEncoder]:

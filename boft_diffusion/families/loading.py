@@ -19,7 +19,9 @@ TINY_ALIASES = ("tiny", "embedded", "tiny-sd")
 PIPELINE_CLASSES = {"sd": "StableDiffusionPipeline", "sdxl": "StableDiffusionXLPipeline", "flux": "FluxPipeline",
                     "sd3": "StableDiffusion3Pipeline"}
 SDXL_PIPELINE = PIPELINE_CLASSES["sdxl"]
-_TRANSFORMER_KINDS = {"FluxTransformer2DModel": "flux", "SD3Transformer2DModel": "sd3"}
+#: The denoiser class of each transformer kind (its ``config.json`` ``_class_name``).
+TRANSFORMER_CLASSES = {"flux": "FluxTransformer2DModel", "sd3": "SD3Transformer2DModel"}
+_TRANSFORMER_KINDS = {name: kind for kind, name in TRANSFORMER_CLASSES.items()}
 _SD_COMPONENTS = ("unet", "vae", "text_encoder", "tokenizer", "scheduler")
 _FLUX_COMPONENTS = ("transformer", "vae", "text_encoder", "tokenizer", "text_encoder_2", "tokenizer_2", "scheduler")
 _COMPONENTS = {"sd": _SD_COMPONENTS, "sdxl": (*_SD_COMPONENTS, "text_encoder_2", "tokenizer_2"),

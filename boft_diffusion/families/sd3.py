@@ -14,8 +14,6 @@ from .dit import TransformerFamily, encoder_token_ids, t5_states
 
 class StableDiffusion3(TransformerFamily):
     name = "sd3"
-    pipeline_class = "StableDiffusion3Pipeline"
-    transformer_class = "SD3Transformer2DModel"
 
     def text_encoders(self, pipe: Any) -> list[TextEncoder]:
         if pipe.text_encoder_3 is None:
