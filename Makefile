@@ -19,7 +19,7 @@ $(STAMP): pyproject.toml
 
 # -rs prints why a test was skipped (the browser test without Chromium says how to install it).
 test: install
-	$(BIN)/python -m pytest -q -rs
+	$(BIN)/python -m pytest -q -rs --durations=15
 
 test-fast: install
 	$(BIN)/python -m pytest -q -rs -m "not slow"

@@ -11,7 +11,7 @@ Stages (all reproducible from --seed):
      CLIPTextModel: v-prediction on a cosine schedule (zero-ish terminal SNR, so the
      global colour is decided by the text, not leaked through the initial noise),
      min-SNR weighting, LR warm-up + cosine decay, EMA, 10% caption dropout for
-     classifier-free guidance, world-v3 caption variants (openings, dropped
+     classifier-free guidance, caption variants (openings, dropped
      attributes, descriptor words: ``world.caption_variant``), drawn from a bank of
      --caption-variants tokenized captions per scene;
   6. save a standard diffusers StableDiffusionPipeline folder (fp16 weights, EMA
@@ -24,6 +24,8 @@ Examples::
         --work /tmp/tiny_sd_work > /tmp/tiny_sd_pretrain.log 2>&1 &
     python scripts/pretrain_tiny_sd.py --device cuda --batch 256 --max-minutes 5 \
         --init-vae boft_diffusion/tiny/model/vae --decoder-minutes 1.5   # a GPU run
+    python scripts/pretrain_tiny_sd.py --world 4 --device cuda --batch 256 --max-minutes 5 \
+        --workers 8 --out /tmp/tiny_v4                                  # world v4, its own VAE
 
 The run checkpoints to --work every --ckpt-every steps; rerun with --resume to go on.
 """
@@ -174,10 +176,10 @@ def build_tokenizer_files(folder: Path, words: list[str]) -> None:
     (folder / "merges.txt").write_text("#version: 0.2\n" + "\n".join(f"{a} {b}" for a, b in merges) + "\n")
 
 
-def make_tokenizer(folder: Path, max_length: int):
+def make_tokenizer(folder: Path, max_length: int, version: int = W.WORLD_VERSION):
     from transformers import CLIPTokenizer
 
-    words = W.all_vocabulary_words() + EXTRA_WORDS
+    words = W.all_vocabulary_words(version) + EXTRA_WORDS
     build_tokenizer_files(folder, sorted(set(words)))
     tok = CLIPTokenizer.from_pretrained(str(folder), model_max_length=max_length)
     tok._tiny_source_dir = str(folder)
@@ -246,22 +248,23 @@ def nparams(m):
 # data
 
 
-def _render_chunk(args: tuple[int, int, int]) -> np.ndarray:
-    n, seed, start = args
-    scenes = W.training_scenes(n, seed)[start : start + 1000]
+def _render_chunk(args: tuple[int, int, int, int]) -> np.ndarray:
+    n, seed, version, start = args
+    scenes = W.training_scenes(n, seed, version=version)[start : start + 1000]
     return W.render_batch(scenes)
 
 
-def render_dataset(n: int, seed: int, cache: Path | None, workers: int = 1) -> tuple[np.ndarray, list[W.Scene]]:
-    """The training scenes (re-sampled, which is cheap) and their images (rendered in
-    ``workers`` processes, cached in ``cache``)."""
-    scenes = W.training_scenes(n, seed)
+def render_dataset(n: int, seed: int, cache: Path | None, workers: int = 1,
+                   version: int = W.WORLD_VERSION) -> tuple[np.ndarray, list[W.Scene]]:
+    """The training scenes of world ``version`` (re-sampled, which is cheap) and their images
+    (rendered in ``workers`` processes, cached in ``cache``)."""
+    scenes = W.training_scenes(n, seed, version=version)
     if cache is not None and cache.exists():
         images = np.load(cache, allow_pickle=False)["images"]
         if len(images) == n:
             return images, scenes
     t = time.time()
-    jobs = [(n, seed, start) for start in range(0, n, 1000)]
+    jobs = [(n, seed, version, start) for start in range(0, n, 1000)]
     if workers > 1:
         import multiprocessing
 
@@ -276,7 +279,7 @@ def render_dataset(n: int, seed: int, cache: Path | None, workers: int = 1) -> t
 
 
 def caption_bank(scenes: list[W.Scene], tokenizer, variants: int, rng: np.random.Generator) -> torch.Tensor:
-    """Token ids [n, variants, max_length]: ``variants`` world-v3 captions of every scene,
+    """Token ids [n, variants, max_length]: ``variants`` captions of every scene,
     drawn once, so the training loop only indexes."""
     t = time.time()
     captions = [W.caption_variant(s, rng) for s in scenes for _ in range(variants)]
@@ -502,7 +505,7 @@ def run_meta(args, steps_done: int, models: dict, **extra) -> dict:
         "command": " ".join([Path(sys.argv[0]).name, *sys.argv[1:]]),
         "recipe": {k: v for k, v in vars(args).items() if k not in ("out", "work")},
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
-        "world_version": W.WORLD_VERSION,
+        "world_version": args.world,
         "unet_steps_done": steps_done,
         "params": {name: nparams(m) for name, m in models.items()},
         "identifier_words": list(W.IDENTIFIER_WORDS),
@@ -569,8 +572,10 @@ def main(argv=None):
     p.add_argument("--device", default="cpu", help="cpu or cuda")
     p.add_argument("--workers", type=int, default=1, help="processes that render the training scenes")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--world", type=int, default=W.WORLD_VERSION, choices=W.WORLD_VERSIONS,
+                   help="the world to pretrain on: 3 (the embedded model's) or 4 (every shape with every pattern)")
     p.add_argument("--n-train", type=int, default=20000)
-    p.add_argument("--caption-variants", type=int, default=8, help="world-v3 captions drawn per scene")
+    p.add_argument("--caption-variants", type=int, default=8, help="captions drawn per scene")
     p.add_argument("--init-vae", default=None, help="start from this diffusers VAE folder instead of training one")
     p.add_argument("--vae-steps", type=int, default=1200)
     p.add_argument("--vae-batch", type=int, default=16)
@@ -632,9 +637,9 @@ def main(argv=None):
     t_start = time.time()
     log("args", vars(args))
 
-    cache = None if args.quick else work / f"data_{args.n_train}_{args.seed}_w{W.WORLD_VERSION}.npz"
-    images, scenes = render_dataset(args.n_train, args.seed, cache, args.workers)
-    tokenizer = make_tokenizer(work / "tokenizer", args.max_length)
+    cache = None if args.quick else work / f"data_{args.n_train}_{args.seed}_w{args.world}.npz"
+    images, scenes = render_dataset(args.n_train, args.seed, cache, args.workers, args.world)
+    tokenizer = make_tokenizer(work / "tokenizer", args.max_length, args.world)
     bos, eos, pad = tokenizer.bos_token_id, tokenizer.eos_token_id, tokenizer.pad_token_id
     vae, text_encoder, unet = make_models(args, len(tokenizer), bos, eos, pad)
     log(f"params: vae {nparams(vae)/1e6:.2f}M text {nparams(text_encoder)/1e6:.2f}M unet {nparams(unet)/1e6:.2f}M")

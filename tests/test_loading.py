@@ -42,16 +42,21 @@ def quick_pipeline_dir(tmp_path_factory):
 
 
 @pytest.mark.slow
-def test_quick_pretraining_mode(tmp_path):
+@pytest.mark.parametrize("world", [3, 4])
+def test_quick_pretraining_mode(tmp_path, world):
     out = tmp_path / "model"
     n_threads = torch.get_num_threads()
     try:
-        _pretrain_module().main(["--quick", "--out", str(out)])
+        _pretrain_module().main(["--quick", "--world", str(world), "--out", str(out)])
     finally:
         torch.set_num_threads(n_threads)
     pipe = load_pipeline(str(out), device="cpu")
     assert pipe("a red circle on a blue background", num_inference_steps=2).images[0].size == (64, 64)
     assert (out / "tokenizer" / "vocab.json").is_file() and (out / "tokenizer" / "merges.txt").is_file()
+    assert json.loads((out / "tiny_sd_meta.json").read_text())["world_version"] == world
+    ring = "a red star with an orange ring on a black background"
+    whole_words = len(pipe.tokenizer(ring, add_special_tokens=False).input_ids) == len(ring.split())
+    assert whole_words == (world == 4)
 
 
 def test_quick_pretrain_roundtrip(quick_pipeline_dir):

@@ -179,3 +179,41 @@ def test_bundled_subjects_are_new_combinations_with_their_files(name):
     assert colours == {subject.color2}
     with pytest.raises(ValueError, match="background"):
         W.subject_scene(subject.color, subject=name)
+
+
+def test_world_v4_puts_every_pattern_on_every_shape_but_the_subjects():
+    from boft_diffusion.tiny import subject_family
+
+    scenes = W.training_scenes(3000, seed=2, version=4)
+    assert scenes == W.training_scenes(3000, seed=2, version=4)
+    patterned = [s.shape for s in scenes if len(s.shapes) == 1 and s.shape.pattern != "solid"]
+    assert {(p.kind, p.pattern) for p in patterned} == {(k, p) for k in W.SHAPES for p in W.PATTERNS}
+    held_out = {(s.kind, s.pattern, s.color, s.color2)
+                for s in [*W.SUBJECTS.values(), *subject_family.subjects("evaluation", 12)]}
+    assert held_out <= W.subject_combos()
+    assert not any((p.kind, p.pattern, p.color, p.color2) in W.subject_combos() for p in patterned)
+    for scene in scenes:  # a background is never one of its object's colours
+        assert all(scene.background not in (s.color, s.color2) for s in scene.shapes)
+    with pytest.raises(ValueError, match="world version"):
+        W.sample_scene(0, version=5)
+
+
+def test_world_v4_captions_name_each_pattern_in_its_vocabulary():
+    from boft_diffusion.tiny import metrics as M
+
+    scenes = [s for s in W.training_scenes(1500, seed=4, version=4) if len(s.shapes) == 1]
+    vocabulary = set(W.all_vocabulary_words(4)) | {"photo", "picture", "image", "of"}
+    rng = np.random.default_rng(2)
+    seen = set()
+    for scene in scenes:
+        for text in (W.caption(scene), W.caption_variant(scene, rng)):
+            assert set(text.split()) <= vocabulary, text
+            said, real = M.parse_caption(text)["shapes"][0], M.scene_attributes(scene)["shapes"][0]
+            if said["color"] is not None:
+                assert (said["pattern"], said["color2"]) == (real["pattern"], real["color2"]), text
+                seen.add(said["pattern"])
+    assert seen == set(W.PATTERNS) | {"solid"}
+    ring = W.Scene("black", (W.Shape("star", "red", pattern="ring", color2="orange"),))
+    assert W.caption(ring) == "a red star with an orange ring on a black background"
+    assert set(W.all_vocabulary_words(4)) - set(W.all_vocabulary_words(3)) == {
+        "vertical", "horizontal", "antidiagonal", "dots", "half", "ring", "border"}

@@ -31,11 +31,24 @@ STRIPE_COLOUR_RADIUS = 80.0  # RGB L2 distance within which a pixel counts as on
 # caption parsing
 
 
+#: Stripe directions a caption may name before "stripes" (none: diagonal).
+_STRIPE_DIRECTIONS = {"vertical": "stripes_vertical", "horizontal": "stripes_horizontal",
+                      "antidiagonal": "stripes_antidiagonal"}
+#: World v4's other pattern nouns ("with a white ring").
+_PATTERN_NOUNS = {"dots": "dots", "half": "halves", "ring": "ring", "border": "border"}
+
+
+def _pattern_of(words: list[str]) -> str:
+    if "stripes" in words or "striped" in words:
+        return next((p for w, p in _STRIPE_DIRECTIONS.items() if w in words), "striped")
+    return next((p for w, p in _PATTERN_NOUNS.items() if w in words), "solid")
+
+
 def parse_caption(text: str) -> dict:
     """Parse a world caption into attributes.
 
     Returns ``{"background": str|None, "shapes": [{"color", "kind", "size",
-    "position", "pattern", "color2"}...]}`` (``color2``: the stripe colour).  Unknown words are ignored, so prompts such
+    "position", "pattern", "color2"}...]}`` (``color2``: the pattern's colour).  Unknown words are ignored, so prompts such
     as "a photo of sks star on a blue background" parse to a star with colour
     None.  Missing attributes are None.
     """
@@ -58,7 +71,7 @@ def parse_caption(text: str) -> dict:
         kind = next((w for w in words if w in W.SHAPES), None)
         colors = [w for w in words if w in W.PALETTE]
         color = colors[0] if colors else None
-        striped = "striped" in words or "stripes" in words
+        pattern = _pattern_of(words)
         if kind is None and color is None:
             continue
         shapes.append(
@@ -67,8 +80,8 @@ def parse_caption(text: str) -> dict:
                 "kind": kind,
                 "size": "small" if "small" in words else ("large" if "large" in words else None),
                 "position": pos,
-                "pattern": "striped" if striped else "solid",
-                "color2": colors[1] if striped and len(colors) > 1 else None,
+                "pattern": pattern,
+                "color2": colors[1] if pattern != "solid" and len(colors) > 1 else None,
             }
         )
     return {"background": background, "shapes": shapes}
@@ -256,7 +269,7 @@ def prompt_fidelity(image, target) -> dict[str, float]:
 
     Returns ``{"background", "shape_color", "shape_class", "mean"}``, each in
     [0, 1]: 1 when the attribute read off the pixels equals the requested one
-    (for a striped shape: when its two main colours are the two requested).
+    (for a patterned shape: when its two main colours are the two requested).
     With two shapes the left and right image halves are scored separately and
     averaged.  Attributes the caption does not specify are not counted (their
     key is absent from the result unless every attribute is missing).
@@ -271,7 +284,7 @@ def prompt_fidelity(image, target) -> dict[str, float]:
     cols, kinds = [], []
     for spec, region in zip(shapes, regions, strict=False):
         a = analyse(arr, region)
-        if spec.get("pattern") == "striped" and spec["color"] is not None and spec.get("color2"):
+        if spec.get("pattern") not in (None, "solid") and spec["color"] is not None and spec.get("color2"):
             cols.append(float(set(a["colors"]) == {spec["color"], spec["color2"]}))
         elif spec["color"] is not None:
             cols.append(float(a["color"] == spec["color"]))

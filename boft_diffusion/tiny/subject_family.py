@@ -33,6 +33,9 @@ IDENTIFIER = "sks ohwx"
 #: (red/orange, blue/purple, yellow/orange, green/black).
 MIN_COLOUR_DISTANCE = 2 * STRIPE_COLOUR_RADIUS
 SPLITS = ("tuning", "evaluation")
+#: The first this many subjects of each split are kept out of world v4's pretraining
+#: (``world.subject_combos``): with a v4 model, tune and evaluate within them.
+HELD_OUT_PER_SPLIT = 24
 #: How the pattern reads in a description ("a green star with white dots").
 _PATTERN_WORDS = {
     "striped": "diagonal stripes", "stripes_vertical": "vertical stripes", "stripes_horizontal": "horizontal stripes",
@@ -117,6 +120,12 @@ def subjects(split: str, count: int | None = None) -> list[world.Subject]:
     return ordered if count is None else ordered[:count]
 
 
+def held_out_subjects() -> list[world.Subject]:
+    """The subjects whose exact combination world v4 never draws: the first
+    :data:`HELD_OUT_PER_SPLIT` of each split."""
+    return [s for split in SPLITS for s in subjects(split, HELD_OUT_PER_SPLIT)]
+
+
 def subject_by_name(name: str) -> world.Subject:
     """A bundled subject, or a generated one by its ``<shape>_<pattern>_<colour>_<colour2>`` name."""
     if name in world.SUBJECTS:
@@ -172,5 +181,5 @@ def write_subject(subject: world.Subject, subjects_dir: Path, n: int = 5, seed: 
     return images
 
 
-__all__ = ["IDENTIFIER", "SPLITS", "family", "make_subject", "split_of", "subjects", "subject_by_name", "resolve",
+__all__ = ["IDENTIFIER", "SPLITS", "HELD_OUT_PER_SPLIT", "family", "held_out_subjects", "make_subject", "split_of", "subjects", "subject_by_name", "resolve",
            "instance_scenes", "write_subject"]

@@ -24,6 +24,12 @@ e.g. an orange star with purple stripes) are striped shapes of those classes:
 every part of one is a concept the base model knows, the combination is one it has
 never seen, as with a real DreamBooth subject.
 
+World v4 (``version=4`` of :func:`training_scenes`, for the next embedded model) lets every
+shape carry every pattern of :data:`PATTERNS` in any colour pair ("a red star with white
+dots", "a blue cross with a yellow ring"), except the exact (shape, pattern, colour, colour2)
+of the DreamBooth subjects (:func:`subject_combos`), so that a subject is a new combination of
+known parts for every pattern, not only for diagonal stripes.
+
 World v3 trains on :func:`caption_variant`: the grammar above plus the forms people
 and DreamBooth write ("a photo of star", "a picture of a sks red circle", "a
 hexagon"), with attributes left out (then any value fits) and a descriptor slot
@@ -34,6 +40,7 @@ the model learns to keep following the rest of a caption past an unknown word.
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
@@ -77,8 +84,17 @@ PATTERNS: tuple[str, ...] = ("striped", "stripes_vertical", "stripes_horizontal"
 PATTERN_PERIOD = 14.0
 #: Dot radius in pixels (a quarter of the lattice cell is dot).
 DOT_RADIUS = 4.0
-#: Bumped whenever sampling, captions or rendering change (pretraining caches use it).
+#: The world the embedded model was pretrained on; bumped whenever sampling, captions or rendering
+#: change (pretraining caches use it).
 WORLD_VERSION = 3
+#: The worlds :func:`training_scenes` can sample.
+WORLD_VERSIONS = (3, 4)
+#: How a caption names a pattern after "with": "with white stripes", "with a white ring".
+_PATTERN_PHRASES = {
+    "striped": "{} stripes", "stripes_vertical": "{} vertical stripes", "stripes_horizontal": "{} horizontal stripes",
+    "stripes_antidiagonal": "{} antidiagonal stripes", "dots": "{} dots", "halves": "a {} right half",
+    "ring": "a {} ring", "border": "a {} border",
+}
 
 #: Openings a caption may start with ("" = none).
 OPENINGS: tuple[str, ...] = ("", "a photo of", "a picture of", "an image of")
@@ -167,6 +183,17 @@ def is_held_out(scene: Scene) -> bool:
     return any(is_held_out_combo(s.color, s.kind, scene.background) for s in scene.shapes)
 
 
+@functools.cache
+def subject_combos() -> frozenset[tuple[str, str, str, str]]:
+    """(shape, pattern, colour, colour2) of the bundled subjects and of the generated subjects that
+    benchmarks tune and evaluate on (``subject_family.held_out_subjects``): world v4 never draws
+    them, so each stays new to a model pretrained on it."""
+    from . import subject_family  # builds on this module
+
+    subjects = (*SUBJECTS.values(), *subject_family.held_out_subjects())
+    return frozenset((s.kind, s.pattern, s.color, s.color2) for s in subjects)
+
+
 # ----------------------------------------------------------------------------
 # sampling
 
@@ -218,13 +245,18 @@ def sample_scene(
     *,
     p_two: float = 0.15,
     p_small: float = 0.4,
-    p_striped: float = 0.25,
+    p_patterned: float = 0.25,
     allow_held_out: bool = False,
     held_out_only: bool = False,
+    version: int = WORLD_VERSION,
 ) -> Scene:
     """Sample a scene.  By default (the pretraining sampler) held-out combinations
     are never returned; ``held_out_only`` returns solid single-shape held-out
-    scenes.  A fraction ``p_striped`` of single shapes (never stars) get stripes."""
+    scenes.  A fraction ``p_patterned`` of single shapes carry a second colour: diagonal
+    stripes on shapes other than :data:`NEVER_STRIPED` in world v3, any pattern on any shape
+    but the held-out subjects' combinations in world v4."""
+    if version not in WORLD_VERSIONS:
+        raise ValueError(f"unknown world version {version}; known: {WORLD_VERSIONS}")
     rng = _rng(seed_or_rng)
     for _ in range(1000):
         bg = COLORS[rng.integers(len(COLORS))]
@@ -238,9 +270,16 @@ def sample_scene(
             else:
                 size, position = "large", "center"
             shape = _place(rng, kind, color, size, position)
-            if not held_out_only and kind not in NEVER_STRIPED and rng.random() < p_striped:
-                second = [c for c in others if c != color]
+            second = [c for c in others if c != color]
+            if held_out_only:
+                pass
+            elif version == 3 and kind not in NEVER_STRIPED and rng.random() < p_patterned:
                 shape = replace(shape, pattern="striped", color2=second[rng.integers(len(second))])
+            elif version == 4 and rng.random() < p_patterned:
+                pattern, color2 = PATTERNS[rng.integers(len(PATTERNS))], second[rng.integers(len(second))]
+                if (kind, pattern, color, color2) in subject_combos():
+                    continue
+                shape = replace(shape, pattern=pattern, color2=color2)
             scene = Scene(bg, (shape,))
         else:
             shapes = []
@@ -270,9 +309,10 @@ def sample_scene(
     raise RuntimeError("could not sample a scene")  # pragma: no cover
 
 
-def training_scenes(n: int, seed: int = 0, p_striped: float = 0.25) -> list[Scene]:
+def training_scenes(n: int, seed: int = 0, p_patterned: float = 0.25, version: int = WORLD_VERSION) -> list[Scene]:
+    """The pretraining scenes of world ``version``."""
     rng = np.random.default_rng(seed)
-    return [sample_scene(rng, p_striped=p_striped) for _ in range(n)]
+    return [sample_scene(rng, p_patterned=p_patterned, version=version) for _ in range(n)]
 
 
 def held_out_scenes(n: int, seed: int = 1234, *, single_large: bool = False) -> list[Scene]:
@@ -327,10 +367,18 @@ def _article(word: str) -> str:
     return "an" if word[0] in "aeiou" else "a"
 
 
+def pattern_phrase(s: Shape) -> list[str]:
+    """The words that name the shape's pattern ("with white dots"); none for a solid shape."""
+    if s.pattern == "solid":
+        return []
+    words = _PATTERN_PHRASES[s.pattern].format(s.color2).split()
+    if words[0] == "a":
+        words[0] = _article(s.color2)
+    return ["with", *words]
+
+
 def _shape_phrase(s: Shape, with_position: bool = True) -> str:
-    words = ([s.size] if s.size == "small" else []) + [s.color, s.kind]
-    if s.pattern == "striped":
-        words += ["with", s.color2, "stripes"]
+    words = ([s.size] if s.size == "small" else []) + [s.color, s.kind] + pattern_phrase(s)
     phrase = f"{_article(words[0])} {' '.join(words)}"
     if with_position and s.position not in ("center", "left", "right", "free"):
         phrase += f" at the {s.position}"
@@ -352,7 +400,7 @@ def _subject_phrase(s: Shape, rng: np.random.Generator, *, color: bool, descript
     words = ["small"] if s.size == "small" else []
     noun = [s.kind]
     if color:
-        noun = [s.color, s.kind] + (["with", s.color2, "stripes"] if s.pattern == "striped" else [])
+        noun = [s.color, s.kind] + pattern_phrase(s)
     if descriptor is not None:
         # DreamBooth writes "a sks star"; people also write "a sks red star" and "a red sks star"
         at = 1 if color and rng.random() < 0.5 else 0
@@ -619,9 +667,11 @@ def subject_instance_scenes(n: int = 5, seed: int = 7, subject: str | Subject = 
     return [subject_scene(order[i % len(order)], "large", "center", rng, sub) for i in range(n)]
 
 
-def all_vocabulary_words() -> list[str]:
-    """Every word that can occur in a world caption."""
+def all_vocabulary_words(version: int = WORLD_VERSION) -> list[str]:
+    """Every word that can occur in a caption of world ``version``."""
     words = {"a", "an", "small", "at", "the", "on", "background", "and", "with", "stripes"}
+    if version >= 4:
+        words.update(w for phrase in _PATTERN_PHRASES.values() for w in phrase.split() if w != "{}")
     for opening in OPENINGS:
         words.update(opening.split())
     words.update(DESCRIPTOR_POOL)
@@ -647,6 +697,6 @@ __all__ = [
     "is_held_out", "is_held_out_combo", "caption", "render", "render_mask", "render_edges",
     "subject_scene", "render_subject", "subject_instance_scenes", "all_vocabulary_words",
     "render_batch", "shape_polygon", "free_placement_scenes", "STRIPE_PERIOD", "WORLD_VERSION", "caption_variant",
-    "PATTERNS", "PATTERN_PERIOD", "DOT_RADIUS",
+    "PATTERNS", "PATTERN_PERIOD", "DOT_RADIUS", "WORLD_VERSIONS", "subject_combos", "pattern_phrase",
     "OPENINGS", "IDENTIFIER_WORDS", "DESCRIPTOR_POOL", "UNSEEN_DESCRIPTORS", "Subject", "SUBJECTS", "DEFAULT_SUBJECT",
 ]
