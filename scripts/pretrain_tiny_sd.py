@@ -49,6 +49,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from boft_diffusion.tiny import subject_family  # noqa: E402
 from boft_diffusion.tiny import world as W  # noqa: E402
 
 #: Whole tokens that no pretraining caption uses: prompt words people may type, and the
@@ -250,7 +251,7 @@ def nparams(m):
 
 def _render_chunk(args: tuple[int, int, int, int]) -> np.ndarray:
     n, seed, version, start = args
-    scenes = W.training_scenes(n, seed, version=version)[start : start + 1000]
+    scenes = W.training_scenes(n, seed, version=version, excluded=subject_family.subject_combos())[start : start + 1000]
     return W.render_batch(scenes)
 
 
@@ -258,7 +259,7 @@ def render_dataset(n: int, seed: int, cache: Path | None, workers: int = 1,
                    version: int = W.WORLD_VERSION) -> tuple[np.ndarray, list[W.Scene]]:
     """The training scenes of world ``version`` (re-sampled, which is cheap) and their images
     (rendered in ``workers`` processes, cached in ``cache``)."""
-    scenes = W.training_scenes(n, seed, version=version)
+    scenes = W.training_scenes(n, seed, version=version, excluded=subject_family.subject_combos())
     if cache is not None and cache.exists():
         images = np.load(cache, allow_pickle=False)["images"]
         if len(images) == n:

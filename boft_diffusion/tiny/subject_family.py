@@ -16,6 +16,7 @@ with their background; :func:`write_subject` puts them where train_dreambooth.py
 
 from __future__ import annotations
 
+import functools
 import json
 import zlib
 from itertools import permutations
@@ -34,7 +35,7 @@ IDENTIFIER = "sks ohwx"
 MIN_COLOUR_DISTANCE = 2 * STRIPE_COLOUR_RADIUS
 SPLITS = ("tuning", "evaluation")
 #: The first this many subjects of each split are kept out of world v4's pretraining
-#: (``world.subject_combos``): with a v4 model, tune and evaluate within them.
+#: (:func:`subject_combos`): with a v4 model, tune and evaluate within them.
 HELD_OUT_PER_SPLIT = 24
 #: How the pattern reads in a description ("a green star with white dots").
 _PATTERN_WORDS = {
@@ -124,6 +125,14 @@ def held_out_subjects() -> list[world.Subject]:
     """The subjects whose exact combination world v4 never draws: the first
     :data:`HELD_OUT_PER_SPLIT` of each split."""
     return [s for split in SPLITS for s in subjects(split, HELD_OUT_PER_SPLIT)]
+
+
+@functools.cache
+def subject_combos() -> frozenset[tuple[str, str, str, str]]:
+    """(shape, pattern, colour, colour2) of the bundled subjects and of :func:`held_out_subjects`:
+    what world v4's pretraining leaves out (``world.training_scenes(excluded=...)``), so each stays
+    new to a model pretrained on it."""
+    return frozenset((s.kind, s.pattern, s.color, s.color2) for s in (*world.SUBJECTS.values(), *held_out_subjects()))
 
 
 def subject_by_name(name: str) -> world.Subject:

@@ -27,8 +27,9 @@ never seen, as with a real DreamBooth subject.
 World v4 (``version=4`` of :func:`training_scenes`, for the next embedded model) lets every
 shape carry every pattern of :data:`PATTERNS` in any colour pair ("a red star with white
 dots", "a blue cross with a yellow ring"), except the exact (shape, pattern, colour, colour2)
-of the DreamBooth subjects (:func:`subject_combos`), so that a subject is a new combination of
-known parts for every pattern, not only for diagonal stripes.
+the caller holds out (``excluded``: ``subject_family.subject_combos()``, the DreamBooth
+subjects), so that a subject is a new combination of known parts for every pattern, not only
+for diagonal stripes.
 
 World v3 trains on :func:`caption_variant`: the grammar above plus the forms people
 and DreamBooth write ("a photo of star", "a picture of a sks red circle", "a
@@ -40,9 +41,8 @@ the model learns to keep following the rest of a caption past an unknown word.
 
 from __future__ import annotations
 
-import functools
 import math
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from dataclasses import dataclass, field, replace
 
 import numpy as np
@@ -183,17 +183,6 @@ def is_held_out(scene: Scene) -> bool:
     return any(is_held_out_combo(s.color, s.kind, scene.background) for s in scene.shapes)
 
 
-@functools.cache
-def subject_combos() -> frozenset[tuple[str, str, str, str]]:
-    """(shape, pattern, colour, colour2) of the bundled subjects and of the generated subjects that
-    benchmarks tune and evaluate on (``subject_family.held_out_subjects``): world v4 never draws
-    them, so each stays new to a model pretrained on it."""
-    from . import subject_family  # builds on this module
-
-    subjects = (*SUBJECTS.values(), *subject_family.held_out_subjects())
-    return frozenset((s.kind, s.pattern, s.color, s.color2) for s in subjects)
-
-
 # ----------------------------------------------------------------------------
 # sampling
 
@@ -249,12 +238,13 @@ def sample_scene(
     allow_held_out: bool = False,
     held_out_only: bool = False,
     version: int = WORLD_VERSION,
+    excluded: Collection[tuple[str, str, str, str]] = frozenset(),
 ) -> Scene:
     """Sample a scene.  By default (the pretraining sampler) held-out combinations
     are never returned; ``held_out_only`` returns solid single-shape held-out
     scenes.  A fraction ``p_patterned`` of single shapes carry a second colour: diagonal
     stripes on shapes other than :data:`NEVER_STRIPED` in world v3, any pattern on any shape
-    but the held-out subjects' combinations in world v4."""
+    but the (shape, pattern, colour, colour2) combinations in ``excluded`` in world v4."""
     if version not in WORLD_VERSIONS:
         raise ValueError(f"unknown world version {version}; known: {WORLD_VERSIONS}")
     rng = _rng(seed_or_rng)
@@ -277,7 +267,7 @@ def sample_scene(
                 shape = replace(shape, pattern="striped", color2=second[rng.integers(len(second))])
             elif version == 4 and rng.random() < p_patterned:
                 pattern, color2 = PATTERNS[rng.integers(len(PATTERNS))], second[rng.integers(len(second))]
-                if (kind, pattern, color, color2) in subject_combos():
+                if (kind, pattern, color, color2) in excluded:
                     continue
                 shape = replace(shape, pattern=pattern, color2=color2)
             scene = Scene(bg, (shape,))
@@ -309,10 +299,21 @@ def sample_scene(
     raise RuntimeError("could not sample a scene")  # pragma: no cover
 
 
-def training_scenes(n: int, seed: int = 0, p_patterned: float = 0.25, version: int = WORLD_VERSION) -> list[Scene]:
-    """The pretraining scenes of world ``version``."""
+def training_scenes(
+    n: int,
+    seed: int = 0,
+    p_patterned: float = 0.25,
+    version: int = WORLD_VERSION,
+    excluded: Collection[tuple[str, str, str, str]] | None = None,
+) -> list[Scene]:
+    """The pretraining scenes of world ``version``.  World v4 needs ``excluded``, the patterned
+    (shape, pattern, colour, colour2) combinations it never draws, so no subject is forgotten."""
+    if version >= 4 and excluded is None:
+        raise ValueError("world v4 needs the subjects' combinations to hold out: "
+                         "excluded=subject_family.subject_combos()")
     rng = np.random.default_rng(seed)
-    return [sample_scene(rng, p_patterned=p_patterned, version=version) for _ in range(n)]
+    return [sample_scene(rng, p_patterned=p_patterned, version=version, excluded=excluded or frozenset())
+            for _ in range(n)]
 
 
 def held_out_scenes(n: int, seed: int = 1234, *, single_large: bool = False) -> list[Scene]:
@@ -697,6 +698,6 @@ __all__ = [
     "is_held_out", "is_held_out_combo", "caption", "render", "render_mask", "render_edges",
     "subject_scene", "render_subject", "subject_instance_scenes", "all_vocabulary_words",
     "render_batch", "shape_polygon", "free_placement_scenes", "STRIPE_PERIOD", "WORLD_VERSION", "caption_variant",
-    "PATTERNS", "PATTERN_PERIOD", "DOT_RADIUS", "WORLD_VERSIONS", "subject_combos", "pattern_phrase",
+    "PATTERNS", "PATTERN_PERIOD", "DOT_RADIUS", "WORLD_VERSIONS", "pattern_phrase",
     "OPENINGS", "IDENTIFIER_WORDS", "DESCRIPTOR_POOL", "UNSEEN_DESCRIPTORS", "Subject", "SUBJECTS", "DEFAULT_SUBJECT",
 ]
