@@ -249,9 +249,14 @@ def nparams(m):
 # data
 
 
+def _training_scenes(n: int, seed: int, version: int) -> list[W.Scene]:
+    """World ``version``'s pretraining scenes, the subjects' combinations held out."""
+    return W.training_scenes(n, seed, version=version, excluded=subject_family.subject_combos())
+
+
 def _render_chunk(args: tuple[int, int, int, int]) -> np.ndarray:
     n, seed, version, start = args
-    scenes = W.training_scenes(n, seed, version=version, excluded=subject_family.subject_combos())[start : start + 1000]
+    scenes = _training_scenes(n, seed, version)[start : start + 1000]
     return W.render_batch(scenes)
 
 
@@ -259,7 +264,7 @@ def render_dataset(n: int, seed: int, cache: Path | None, workers: int = 1,
                    version: int = W.WORLD_VERSION) -> tuple[np.ndarray, list[W.Scene]]:
     """The training scenes of world ``version`` (re-sampled, which is cheap) and their images
     (rendered in ``workers`` processes, cached in ``cache``)."""
-    scenes = W.training_scenes(n, seed, version=version, excluded=subject_family.subject_combos())
+    scenes = _training_scenes(n, seed, version)
     if cache is not None and cache.exists():
         images = np.load(cache, allow_pickle=False)["images"]
         if len(images) == n:
