@@ -26,6 +26,9 @@ Examples::
         --init-vae boft_diffusion/tiny/model/vae --decoder-minutes 1.5   # a GPU run
     python scripts/pretrain_tiny_sd.py --world 4 --device cuda --batch 256 --max-minutes 5 \
         --workers 8 --out /tmp/tiny_v4                                  # world v4, its own VAE
+    python scripts/pretrain_tiny_sd.py --world 4 --init-from boft_diffusion/tiny/model \
+        --init-vae boft_diffusion/tiny/model/vae --lr 4e-4 --warmup 50 --ema 0.995 \
+        --max-minutes 75 --out /tmp/tiny_v4                             # world v4 from v3, on a CPU
 
 The run checkpoints to --work every --ckpt-every steps; rerun with --resume to go on.
 """
@@ -571,6 +574,36 @@ def load_vae(args, vae, work: Path, images: np.ndarray, rng: np.random.Generator
     return vae.to(args.device).eval()
 
 
+def warm_start(folder: Path, text_encoder, unet, tokenizer) -> dict:
+    """Start the UNet and text encoder from an earlier embedded model (a diffusers folder), so a
+    world that only adds to the last one (v4's patterns) need not be learned from scratch on a CPU.
+    Token embeddings are matched by token: words the old tokenizer had keep what they learned,
+    new words start from this run's random initialisation."""
+    from diffusers import UNet2DConditionModel
+    from transformers import CLIPTextModel, CLIPTokenizer
+
+    folder = Path(folder)
+    old_unet = UNet2DConditionModel.from_pretrained(folder / "unet", torch_dtype=torch.float32)
+    old_text = CLIPTextModel.from_pretrained(folder / "text_encoder", torch_dtype=torch.float32)
+    old_vocab = CLIPTokenizer.from_pretrained(folder / "tokenizer").get_vocab()
+    old_rows = old_text.get_input_embeddings().weight.detach()
+    rows = text_encoder.get_input_embeddings().weight.detach().clone()
+    kept = 0
+    for token, index in tokenizer.get_vocab().items():
+        if token in old_vocab:
+            rows[index] = old_rows[old_vocab[token]]
+            kept += 1
+    old_text.set_input_embeddings(torch.nn.Embedding.from_pretrained(rows, freeze=False))
+    try:
+        unet.load_state_dict(old_unet.state_dict())
+        text_encoder.load_state_dict(old_text.state_dict())
+    except RuntimeError as err:
+        raise SystemExit(f"--init-from {folder}: its UNet or text encoder has another shape than this run's "
+                         f"(--unet-channels, --text-dim, --text-layers, --max-length must match it): {err}") from None
+    log(f"unet and text encoder from {folder}: {kept} tokens kept, {len(tokenizer) - kept} new")
+    return {"from": str(folder), "tokens_kept": kept, "tokens_new": len(tokenizer) - kept}
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", default=None, help="output pipeline folder (default: package model dir)")
@@ -583,6 +616,8 @@ def main(argv=None):
     p.add_argument("--n-train", type=int, default=20000)
     p.add_argument("--caption-variants", type=int, default=8, help="captions drawn per scene")
     p.add_argument("--init-vae", default=None, help="start from this diffusers VAE folder instead of training one")
+    p.add_argument("--init-from", default=None,
+                   help="start the UNet and text encoder from this pipeline folder (same sizes; tokens matched by word)")
     p.add_argument("--vae-steps", type=int, default=1200)
     p.add_argument("--vae-batch", type=int, default=16)
     p.add_argument("--vae-lr", type=float, default=2e-3)
@@ -649,6 +684,8 @@ def main(argv=None):
     bos, eos, pad = tokenizer.bos_token_id, tokenizer.eos_token_id, tokenizer.pad_token_id
     vae, text_encoder, unet = make_models(args, len(tokenizer), bos, eos, pad)
     log(f"params: vae {nparams(vae)/1e6:.2f}M text {nparams(text_encoder)/1e6:.2f}M unet {nparams(unet)/1e6:.2f}M")
+
+    warm = warm_start(Path(args.init_from), text_encoder, unet, tokenizer) if args.init_from else None
 
     # ---- VAE
     vae = load_vae(args, vae, work, images, rng)
@@ -767,7 +804,7 @@ def main(argv=None):
     train_s = time.time() - t0
     meta = run_meta(args, done, {"vae": vae, "text_encoder": text_encoder, "unet": unet},
                     unet_train_seconds=round(train_s), total_seconds=round(time.time() - t_start),
-                    vae_check=vae_colour_check(vae))
+                    vae_check=vae_colour_check(vae), warm_start=warm)
     pipe = save_pipeline(out, vae, ema_text, tokenizer, ema_unet, noise_sched.config, not args.no_fp16, meta)
     size = sum(f.stat().st_size for f in out.rglob("*") if f.is_file())
     log(f"saved pipeline to {out} ({size / 1e6:.1f} MB); total {time.time() - t_start:.0f}s")

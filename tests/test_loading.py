@@ -77,6 +77,42 @@ def test_quick_pretrain_roundtrip(quick_pipeline_dir):
     assert np.array_equal(np.asarray(img), np.asarray(img2))
 
 
+def test_warm_start_keeps_an_older_models_weights_and_words(quick_pipeline_dir, tmp_path):
+    """World v4 can start from the v3 model on a CPU: the UNet is copied, every word the old
+    tokenizer had keeps its embedding (a v3 caption encodes exactly as before), new words are new."""
+    import argparse
+
+    from transformers import CLIPTextModel
+
+    mod = _pretrain_module()
+    pipe = load_pipeline(str(quick_pipeline_dir), device="cpu")
+    tok = mod.make_tokenizer(tmp_path / "tok", 24, version=4)
+    sizes = argparse.Namespace(vae_channels=[16, 32, 32], unet_channels=[32, 32, 64], unet_layers=1,
+                               text_dim=32, text_layers=1, max_length=24)
+    _, text, unet = mod.make_models(sizes, len(tok), tok.bos_token_id, tok.eos_token_id, tok.pad_token_id)
+    info = mod.warm_start(quick_pipeline_dir, text, unet, tok)
+    old_vocab, new_vocab = pipe.tokenizer.get_vocab(), tok.get_vocab()
+    assert info["tokens_kept"] == len(old_vocab.keys() & new_vocab.keys())
+    assert info["tokens_new"] == len(tok) - info["tokens_kept"] > 0
+    assert {word for word in old_vocab if word.endswith("</w>")} <= new_vocab.keys()
+    for name, value in pipe.unet.state_dict().items():
+        assert torch.equal(unet.state_dict()[name], value), name
+    old_text = CLIPTextModel.from_pretrained(quick_pipeline_dir / "text_encoder", torch_dtype=torch.float32).eval()
+    caption = "a photo of sks star on a blue background"
+
+    def encode(model, tokenizer):
+        ids = tokenizer(caption, padding="max_length", max_length=24, return_tensors="pt").input_ids
+        return model.eval()(ids)[0]
+
+    assert torch.equal(encode(text, tok), encode(old_text, pipe.tokenizer))
+    assert len(tok("dots", add_special_tokens=False).input_ids) == 1
+
+    sizes.unet_channels = [32, 64, 64]
+    _, text, unet = mod.make_models(sizes, len(tok), tok.bos_token_id, tok.eos_token_id, tok.pad_token_id)
+    with pytest.raises(SystemExit, match="--init-from .*--unet-channels"):
+        mod.warm_start(quick_pipeline_dir, text, unet, tok)
+
+
 def test_missing_folder_error(tmp_path):
     missing = tmp_path / "nope"
     with pytest.raises(ModelLoadError, match="nope"):
