@@ -9,7 +9,10 @@ Reports, on --n samples per row with fixed seeds:
   identifier slot, and the bare class prompts "a photo of <shape>", "a <shape>",
   "a photo of <shape> on a <colour> background" (is that shape drawn; stars apart);
 * subject fidelity of each bundled subject's instance images, of their VAE round trip,
-  and of base-model samples for the subject's instance prompt.
+  and of base-model samples for the subject's instance prompt;
+* the first --described evaluation subjects of ``subject_family`` described in words ("a green
+  star with white dots on a blue background"): a world-v4 model has the words for every pattern
+  and can compose a subject it never saw; a v3 model has words for diagonal stripes only.
 """
 
 from __future__ import annotations
@@ -26,8 +29,10 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from boft_diffusion.evaluation.tiny_world import instance_self_score  # noqa: E402
 from boft_diffusion.families.loading import load_pipeline, quiet_progress  # noqa: E402
 from boft_diffusion.tiny import metrics as M  # noqa: E402
+from boft_diffusion.tiny import subject_family  # noqa: E402
 from boft_diffusion.tiny import world as W  # noqa: E402
 from boft_diffusion.tiny.evaluate import evaluate_prompt_fidelity, generate  # noqa: E402
 
@@ -88,6 +93,32 @@ def subject_scores(pipe, steps: int, guidance: float, n: int) -> dict[str, dict[
     return out
 
 
+def described_subject_scores(pipe, steps: int, guidance: float, n: int, count: int) -> dict:
+    """Subject fidelity of base samples prompted with each held-out subject's own captions (its
+    photos' captions in turn), as a share of the photos' score against each other; and of the
+    photos' VAE round trip, the ceiling any sample of the subject can reach."""
+    per_subject = {}
+    for subject in subject_family.subjects("evaluation", count):
+        scenes = subject_family.instance_scenes(subject)
+        photos = [W.render(scene) for scene in scenes]
+        prompts = [W.caption(scenes[i % len(scenes)]) for i in range(n)]
+        samples = generate(pipe, prompts, list(range(n)), steps, guidance)
+        own = instance_self_score(photos)
+        x = torch.from_numpy(W.render_batch(scenes)).permute(0, 3, 1, 2).to(pipe.vae.device, pipe.vae.dtype) / 127.5 - 1
+        with torch.no_grad():
+            back = pipe.vae.decode(pipe.vae.encode(x).latent_dist.mean).sample.float().clamp(-1, 1)
+        back = ((back + 1) * 127.5).round().byte().permute(0, 2, 3, 1).cpu().numpy()
+        per_subject[subject.name] = {
+            "described": float(np.mean([M.subject_fidelity(im, photos) for im in samples])) / own,
+            "vae_round_trip": float(np.mean([M.subject_fidelity(im, photos) for im in back])) / own,
+            "example_prompt": prompts[0],
+        }
+    shares = [r["described"] for r in per_subject.values()]
+    return {"mean_share": float(np.mean(shares)), "worst_share": float(np.min(shares)),
+            "vae_round_trip_mean_share": float(np.mean([r["vae_round_trip"] for r in per_subject.values()])),
+            "samples_per_subject": n, "subjects": per_subject}
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default="tiny")
@@ -96,6 +127,7 @@ def main(argv=None):
     p.add_argument("--steps", type=int, default=25)
     p.add_argument("--guidance", type=float, nargs="+", default=[4.0])
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--described", type=int, default=12, help="evaluation subjects described in words")
     p.add_argument("--output", default=None, help="write the report here (JSON)")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
@@ -130,6 +162,10 @@ def main(argv=None):
     report["subjects"] = subject_scores(pipe, args.steps, g, min(args.n, 16))
     for name, r in report["subjects"].items():
         print(f"subject {name}:", {k: round(v, 3) for k, v in r.items()}, flush=True)
+    described = described_subject_scores(pipe, args.steps, g, min(args.n, 8), args.described)
+    report["held-out subjects described in words"] = described
+    print("held-out subjects described in words:",
+          {k: round(v, 3) for k, v in described.items() if isinstance(v, float)}, flush=True)
     text = json.dumps(report, indent=1, default=float)
     if args.output:
         Path(args.output).write_text(text)
