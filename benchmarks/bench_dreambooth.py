@@ -397,6 +397,12 @@ def print_paired(summary: dict, baseline: str) -> None:
         print(f"| {method} | {len(pairs)} | " + " | ".join(cells) + " |")
 
 
+def subject_means(runs: list[dict]) -> dict[str, float]:
+    """Each subject's subject fidelity among ``runs``, mean over its runs (seeds) of each run's mean."""
+    return {subject: float(np.mean([np.mean(r["samples"]["subject"]) for r in runs if r["subject"] == subject]))
+            for subject in dict.fromkeys(r["subject"] for r in runs)}
+
+
 def print_per_subject(summary: dict) -> None:
     """Each subject's subject fidelity per method, mean over its seeds, as a share of its instance
     images' own score: held-out subjects differ in how well they can be drawn at all, so their
@@ -407,14 +413,14 @@ def print_per_subject(summary: dict) -> None:
     print("\nSubject fidelity per subject, mean over seeds (share of the instance images' own score):\n")
     print("| subject | instances | " + " | ".join(methods) + " |")
     print("|---" * (len(methods) + 2) + "|")
+    means = {m: subject_means([r for r in summary["runs"] if r["method"] == m]) for m in methods}
     for subject in subjects:
         instances = summary["base"][subject]["instances"]
         cells = []
         for m in methods:
-            mine = [np.mean(r["samples"]["subject"]) for r in summary["runs"] if r["method"] == m and r["subject"] == subject]
-            fidelity = float(np.mean(mine)) if mine else float("nan")
+            fidelity = means[m].get(subject, float("nan"))
             shares[m][subject] = fidelity / instances
-            cells.append(f"{fidelity:.2f} ({shares[m][subject]:.2f})" if mine else "-")
+            cells.append(f"{fidelity:.2f} ({shares[m][subject]:.2f})" if subject in means[m] else "-")
         print(f"| {subject} | {instances:.2f} | " + " | ".join(cells) + " |")
     print("| mean share / worst subject's share | | " + " | ".join(
         f"{np.nanmean(list(shares[m].values())):.2f} / {np.nanmin(list(shares[m].values())):.2f}" for m in methods) + " |")

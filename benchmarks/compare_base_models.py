@@ -16,6 +16,7 @@ import json
 from pathlib import Path
 
 import numpy as np
+from bench_dreambooth import subject_means
 
 from boft_diffusion.evaluation.statistics import bootstrap_ci, paired_bootstrap_ci
 
@@ -30,10 +31,7 @@ def runs_by_key(summary: dict) -> dict[tuple, dict]:
 def method_row(runs: list[dict], base: dict) -> dict:
     """One model's means for one method: measures, shares of the instance score, drift."""
     row = {name: bootstrap_ci([r["samples"][name] for r in runs]) for name in MEASURES}
-    shares = {}
-    for subject in sorted({r["subject"] for r in runs}):
-        mine = [np.mean(r["samples"]["subject"]) for r in runs if r["subject"] == subject]
-        shares[subject] = float(np.mean(mine)) / base[subject]["instances"]
+    shares = {subject: fidelity / base[subject]["instances"] for subject, fidelity in subject_means(runs).items()}
     row["mean_share"], row["worst_share"] = float(np.mean(list(shares.values()))), float(min(shares.values()))
     untrained = np.mean([np.mean(base[r["subject"]]["samples"]["class_prompt_fidelity"]) for r in runs])
     row["drift_points"] = float(100 * (untrained - row["class_prompt_fidelity"][0]))

@@ -15,21 +15,11 @@ from collections import defaultdict
 from pathlib import Path
 
 import numpy as np
-import torch
 from bench_dreambooth import fresh_pipeline, instances_of
-from PIL import Image
 
 from boft_diffusion.evaluation.tiny_world import instance_self_score
 from boft_diffusion.tiny import metrics, subject_family, world
-
-
-def round_trip(vae, images: list[Image.Image]) -> list[Image.Image]:
-    """``images`` through the VAE's encoder (its mean, no sampling) and decoder."""
-    x = torch.from_numpy(np.stack([np.asarray(im, np.float32) / 127.5 - 1 for im in images])).permute(0, 3, 1, 2)
-    with torch.no_grad():
-        y = vae.decode(vae.encode(x).latent_dist.mean).sample
-    arrays = ((y.permute(0, 2, 3, 1).clamp(-1, 1).numpy() + 1) * 127.5).round().astype(np.uint8)
-    return [Image.fromarray(a) for a in arrays]
+from boft_diffusion.tiny.evaluate import round_trip
 
 
 def main() -> None:

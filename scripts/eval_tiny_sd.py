@@ -34,7 +34,7 @@ from boft_diffusion.families.loading import load_pipeline, quiet_progress  # noq
 from boft_diffusion.tiny import metrics as M  # noqa: E402
 from boft_diffusion.tiny import subject_family  # noqa: E402
 from boft_diffusion.tiny import world as W  # noqa: E402
-from boft_diffusion.tiny.evaluate import evaluate_prompt_fidelity, generate  # noqa: E402
+from boft_diffusion.tiny.evaluate import evaluate_prompt_fidelity, generate, round_trip  # noqa: E402
 
 
 def _background(colour: str) -> str:
@@ -75,15 +75,11 @@ def score_prompts(pipe, prompts: list[str], steps: int, guidance: float) -> dict
 
 
 def subject_scores(pipe, steps: int, guidance: float, n: int) -> dict[str, dict[str, float]]:
-    vae = pipe.vae
     out = {}
     for name, subject in W.SUBJECTS.items():
         inst = W.render_batch(W.subject_instance_scenes(5, subject=name))
         profile = M.SubjectProfile(list(inst))
-        x = torch.from_numpy(inst).permute(0, 3, 1, 2).to(vae.device, vae.dtype) / 127.5 - 1
-        with torch.no_grad():
-            back = vae.decode(vae.encode(x).latent_dist.mean).sample.float().clamp(-1, 1)
-        back = ((back + 1) * 127.5).round().byte().permute(0, 2, 3, 1).cpu().numpy()
+        back = round_trip(pipe.vae, inst)
         samples = generate(pipe, [subject.instance_prompt] * n, list(range(n)), steps, guidance)
         out[name] = {
             "instances": float(np.mean([M.subject_fidelity(im, profile) for im in inst])),
@@ -104,10 +100,7 @@ def described_subject_scores(pipe, steps: int, guidance: float, n: int, count: i
         prompts = [W.caption(scenes[i % len(scenes)]) for i in range(n)]
         samples = generate(pipe, prompts, list(range(n)), steps, guidance)
         own = instance_self_score(photos)
-        x = torch.from_numpy(W.render_batch(scenes)).permute(0, 3, 1, 2).to(pipe.vae.device, pipe.vae.dtype) / 127.5 - 1
-        with torch.no_grad():
-            back = pipe.vae.decode(pipe.vae.encode(x).latent_dist.mean).sample.float().clamp(-1, 1)
-        back = ((back + 1) * 127.5).round().byte().permute(0, 2, 3, 1).cpu().numpy()
+        back = round_trip(pipe.vae, photos)
         per_subject[subject.name] = {
             "described": float(np.mean([M.subject_fidelity(im, photos) for im in samples])) / own,
             "vae_round_trip": float(np.mean([M.subject_fidelity(im, photos) for im in back])) / own,

@@ -30,6 +30,19 @@ def generate(pipe, prompts: Sequence[str], seeds: Sequence[int], steps: int = 25
     return out
 
 
+def round_trip(vae, images: Sequence) -> list:
+    """``images`` (PIL or uint8 HxWx3 arrays) through the VAE's encoder (its mean, no sampling) and
+    decoder, as PIL images: what any sample of them can at best look like after decoding."""
+    import torch
+    from PIL import Image
+
+    x = torch.from_numpy(np.stack([np.asarray(im, np.float32) / 127.5 - 1 for im in images])).permute(0, 3, 1, 2)
+    with torch.no_grad():
+        y = vae.decode(vae.encode(x.to(vae.device, vae.dtype)).latent_dist.mean).sample.float().cpu()
+    arrays = ((y.permute(0, 2, 3, 1).clamp(-1, 1).numpy() + 1) * 127.5).round().astype(np.uint8)
+    return [Image.fromarray(a) for a in arrays]
+
+
 def evaluate_prompt_fidelity(pipe, scenes: Sequence[W.Scene], seeds: Sequence[int] | None = None,
                              steps: int = 25, guidance: float = 4.0, batch_size: int = 16,
                              return_images: bool = False) -> dict:
