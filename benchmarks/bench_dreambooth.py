@@ -3,7 +3,7 @@
 Every (subject, training seed, method) is trained with the demo's recipe (same data, captions,
 prior preservation, learned identifier); only the adapter, its learning rate and its step count
 differ, LoRA and OFT sized to BOFT m = 2's parameter budget. Tuning gives every method the same
-grid (``--lr_scales`` times the recipe's rate, each scored at every one of ``--tune_steps``) on
+grid (``--lr_scales`` times ``BASE_LEARNING_RATE``, each scored at every one of ``--tune_steps``) on
 ``--tune_seeds`` of every one of ``--tune_subjects`` and picks by one objective declared below,
 averaged over them; confirmation trains each method at its pick on fresh seeds of every subject,
 and only confirmation runs are reported. Each is scored on the same sampling seeds with the
@@ -56,7 +56,8 @@ from boft_diffusion.training.trainer import FLAGS_JSON, flags_as_json
 
 #: train_dreambooth.py flags of each method; LoRA r=6 and OFT b=16 match BOFT m=2's budget. m = 4
 #: needs block size 4 on the tiny UNet's 32-wide layers (8 * 2**3 > 32). boft-m2-output is the
-#: recipe with the rotation on each weight's output side (LyCORIS's convention).
+#: BOFT m=2 (the recipe until 2026-12-07) with the rotation on each weight's output side (LyCORIS's
+#: convention).
 METHODS = {
     "boft-m1": ["--adapter_type", "boft", "--boft_n_butterfly_factor", "1"],
     "boft-m2": ["--adapter_type", "boft", "--boft_n_butterfly_factor", "2"],
@@ -65,6 +66,10 @@ METHODS = {
     "lora": ["--adapter_type", "lora", "--lora_rank", "6"],
     "oft": ["--adapter_type", "oft", "--oft_block_size", "16"],
 }
+#: The rate ``--lr_scales`` multiply: the recipe's until 2026-12-07 (BOFT m=2's pick on the bundled
+#: star), fixed here rather than read from the recipe file so that every stored tuning and summary
+#: file keeps its meaning; the recipe's rate today, 6e-3, is lr x3.
+BASE_LEARNING_RATE = 2e-3
 MEASURES = ("subject", "recontext_background", "recontext_subject", "class_prompt_fidelity", "class_subject",
             "class_shape")
 #: The measures compared pair by pair between methods (class leakage and class shape sit at their
@@ -174,8 +179,7 @@ def run_flags(job: dict) -> list[str]:
     run_dir = out / job["phase"] / job["subject"] / f"{job['method']}-v{job['variant_index']}-lr{job['lr_scale']}-{job['steps']}steps-seed{job['seed']}"
     flags = training_flags(run_dir, job["steps"], job["seed"], class_dir(out, job["subject"], job["seed"], job["variant"]),
                            job["subject"], instance_dir(out, job["subject"]))
-    rate = float(flags[flags.index("--learning_rate") + 1]) * job["lr_scale"]
-    flags[flags.index("--learning_rate") + 1] = f"{rate:g}"
+    flags[flags.index("--learning_rate") + 1] = f"{BASE_LEARNING_RATE * job['lr_scale']:g}"
     checkpoints = ["--checkpointing_steps", str(job["checkpoint_every"])] if job["checkpoint_every"] else []
     return [*flags, *shlex.split(job["variant"]), *METHODS[job["method"]], "--report_to", "none", *checkpoints]
 
@@ -330,7 +334,7 @@ def draw_curves(means: dict[str, np.ndarray], path: Path) -> None:
         draw.text((at(tick, 0)[0] - 12, height - margin + 5), f"{tick:.2f}", fill="black")
     draw.line([at(0, 0), at(0, 1)], fill="#bbbbbb")
     draw.text((at(0, 1)[0] + 3, at(0, 1)[1]), "base", fill="#888888")
-    colours = ["#d62728", "#ff7f0e", "#8c564b", "#1f77b4", "#2ca02c"]
+    colours = ["#d62728", "#ff7f0e", "#8c564b", "#1f77b4", "#2ca02c", "#9467bd", "#17becf"]
     for i, (method, points) in enumerate(means.items()):
         xy = [at(p[2], p[1]) for p in points]
         draw.line(xy, fill=colours[i % len(colours)], width=2)
@@ -344,6 +348,12 @@ def draw_curves(means: dict[str, np.ndarray], path: Path) -> None:
 def subjects_run(summary: dict, subjects) -> list[str]:
     """``subjects`` that have runs in ``summary``, in order."""
     return [s for s in subjects if any(r["subject"] == s for r in summary["runs"])]
+
+
+def describe_point(chosen: dict) -> str:
+    """A tuned point as the tables print it: its flag variant, learning-rate scale and steps."""
+    variant = f"{chosen['variant'].strip()}, " if chosen["variant"] else ""
+    return f"{variant}lr x{chosen['lr_scale']:g}, {chosen['steps']} steps"
 
 
 def print_table(summary: dict, subjects: list[str], args) -> None:
@@ -367,11 +377,9 @@ def print_table(summary: dict, subjects: list[str], args) -> None:
     for method in args["methods"]:
         mine = [r for r in runs if r["method"] == method]
         worst = min(np.mean(r["samples"]["subject"]) for r in mine)
-        chosen = summary["chosen"][method]
-        point = f"{chosen['variant']}, " if chosen["variant"] else ""
         cells = " | ".join(cell([r["samples"][m] for r in mine]) for m in MEASURES)
         trained = [r["train_seconds"] for r in mine if r["train_seconds"] is not None]
-        print(f"| {method} | {point}lr x{chosen['lr_scale']:g}, {chosen['steps']} steps | {mine[0]['params']:,} | "
+        print(f"| {method} | {describe_point(summary['chosen'][method])} | {mine[0]['params']:,} | "
               f"{cells} | {worst:.2f} | {np.mean([r['energy_change'] for r in mine]):.2e} "
               f"| {f'{np.mean(trained):.0f}' if trained else '-'} |")
 
@@ -443,7 +451,7 @@ def main() -> None:
                         help="Subjects the picks are made on: bundled ones or subject_family's tuning split "
                              "('tuning:4': its first four). The objective is averaged over them.")
     parser.add_argument("--lr_scales", type=float, nargs="+", default=[1.0, 2.0],
-                        help="Learning rates tried per method, as multiples of the recipe's.")
+                        help="Learning rates tried per method, as multiples of BASE_LEARNING_RATE (2e-3).")
     parser.add_argument("--tune_steps", type=int, nargs="+", default=[150, 300],
                         help="Step counts tried per method (one run to the largest, scored at each).")
     parser.add_argument("--tune_variants", nargs="+", default=[""],
@@ -472,9 +480,13 @@ def main() -> None:
                         help="The method every other one is compared with, run by run and sample by sample.")
     args = parser.parse_args()
     if args.report:
-        summary = merge_summaries([json.loads(Path(f).read_text()) for f in args.report])
-        summary["args"]["methods"] = [m for m in summary["args"]["methods"] if m in args.methods]
-        summary["runs"] = [r for r in summary["runs"] if r["method"] in args.methods]
+        summary = merge_summaries([json.loads(Path(f).read_text()) for f in args.report], args.methods)
+        if not summary["runs"]:
+            parser.error(f"--report: no runs of {' '.join(args.methods)} in these summaries")
+        split = [m for m in summary["args"]["methods"] if m.startswith(f"{args.paired_against} at ")]
+        if split:
+            parser.error(f"--paired_against {args.paired_against}: it ran at several points ({'; '.join(split)}); "
+                         "pair against another method")
         report(summary, args.curve_png, args.paired_against)
         return
     subjects = [name for spec in args.subjects for name in subject_family.resolve(spec)]
@@ -580,10 +592,16 @@ def sampling_guidance(args: dict) -> float:
     return args.get("guidance_scale", GUIDANCE)
 
 
-def merge_summaries(summaries: list[dict]) -> dict:
-    """One summary of confirmations run separately, which must share subjects, seeds and sampling (so
-    their base-model scores agree) and differ in methods."""
+def merge_summaries(summaries: list[dict], methods: list[str]) -> dict:
+    """One summary of ``methods``' confirmations run separately, which must share subjects, seeds and
+    sampling (so their base-model scores agree). A method confirmed at different points in different
+    summaries (another learning rate, say) is kept once per point, each named with its point."""
     first = summaries[0]
+    points: dict[str, list[dict]] = {}
+    for summary in summaries:
+        for method in summary["args"]["methods"]:
+            if method in methods:
+                points.setdefault(method, []).append(summary["chosen"][method])
     merged = {**first, "args": {**first["args"], "methods": []}, "chosen": {}, "runs": []}
     for summary in summaries:
         for key in ("seeds", "num_images", "eval_seed", "curve_images"):
@@ -595,12 +613,14 @@ def merge_summaries(summaries: list[dict]) -> dict:
                              f"and {sampling_guidance(first['args'])}")
         if any(summary["base"].get(s, {}).get("samples") != first["base"][s]["samples"] for s in first["base"]):
             raise SystemExit("--report: the summaries' base-model scores differ; they were not sampled alike")
-        repeated = set(summary["args"]["methods"]) & set(merged["args"]["methods"])
-        if repeated:
-            raise SystemExit(f"--report: {', '.join(sorted(repeated))} appears in more than one summary")
-        merged["args"]["methods"] += summary["args"]["methods"]
-        merged["chosen"].update(summary["chosen"])
-        merged["runs"] += summary["runs"]
+        for method in [m for m in summary["args"]["methods"] if m in methods]:
+            point = summary["chosen"][method]
+            name = method if len(points[method]) == 1 else f"{method} at {describe_point(point)}"
+            if name in merged["chosen"]:
+                raise SystemExit(f"--report: {name} appears in more than one summary")
+            merged["args"]["methods"].append(name)
+            merged["chosen"][name] = point
+            merged["runs"] += [{**r, "method": name} for r in summary["runs"] if r["method"] == method]
     return merged
 
 

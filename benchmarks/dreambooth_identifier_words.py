@@ -32,7 +32,7 @@ from boft_diffusion.recipes.dreambooth import DreamBoothConfig, train
 from boft_diffusion.tiny import world
 from boft_diffusion.tiny.bundled import example_subject_dir
 
-METHOD = "boft-m2"  # the recipe's adapter
+METHOD = "boft-m1"  # the recipe's adapter, for its loader
 
 
 def renamed_subject(out: Path, name: str, words: str) -> Path:

@@ -43,18 +43,30 @@ def test_a_run_is_reused_only_when_finished_with_the_same_flags(tmp_path):
     assert not finished_run(run_dir, flags), "without its flags a folder cannot be trusted to match"
 
 
-def summary(guidance: float | None, method: str) -> dict:
+def summary(guidance: float | None, method: str, lr_scale: float = 1.0) -> dict:
     args = {"seeds": [10], "num_images": 4, "eval_seed": 100, "curve_images": 0, "methods": [method]}
     if guidance is not None:
         args["guidance_scale"] = guidance
-    return {"args": args, "base": {"sks_star": {"samples": {"subject": [0.0]}}}, "chosen": {method: {}}, "runs": []}
+    return {"args": args, "base": {"sks_star": {"samples": {"subject": [0.0]}}},
+            "chosen": {method: {"variant": "", "lr_scale": lr_scale, "steps": 300}},
+            "runs": [{"method": method, "subject": "sks_star", "seed": 10, "lr_scale": lr_scale}]}
 
 
 def test_summaries_scored_at_other_guidances_are_not_merged():
-    assert merge_summaries([summary(None, "lora"), summary(GUIDANCE, "boft-m2")])["args"]["methods"] == [
-        "lora", "boft-m2"], "a summary from before the flag was scored at the model's guidance"
+    merged = merge_summaries([summary(None, "lora"), summary(GUIDANCE, "boft-m2")], ["lora", "boft-m2"])
+    assert merged["args"]["methods"] == ["lora", "boft-m2"], "a summary from before the flag was scored at the model's guidance"
     with pytest.raises(SystemExit, match="guidance"):
-        merge_summaries([summary(GUIDANCE, "lora"), summary(GUIDANCE / 2, "boft-m2")])
+        merge_summaries([summary(GUIDANCE, "lora"), summary(GUIDANCE / 2, "boft-m2")], ["lora", "boft-m2"])
+
+
+def test_a_method_confirmed_at_two_points_is_kept_once_per_point():
+    summaries = [summary(GUIDANCE, "boft-m1"), summary(GUIDANCE, "lora"), summary(GUIDANCE, "boft-m1", lr_scale=3.0)]
+    merged = merge_summaries(summaries, ["boft-m1"])
+    names = ["boft-m1 at lr x1, 300 steps", "boft-m1 at lr x3, 300 steps"]
+    assert merged["args"]["methods"] == names and list(merged["chosen"]) == names, "lora was not asked for"
+    assert [(r["method"], r["lr_scale"]) for r in merged["runs"]] == list(zip(names, [1.0, 3.0], strict=True))
+    with pytest.raises(SystemExit, match="boft-m1 at lr x1, 300 steps appears in more than one summary"):
+        merge_summaries([summary(GUIDANCE, "boft-m1"), summary(GUIDANCE, "boft-m1")], ["boft-m1"])
 
 
 def test_a_held_out_subject_trains_on_its_written_photos_and_is_scored_on_the_same(tmp_path):
@@ -63,13 +75,17 @@ def test_a_held_out_subject_trains_on_its_written_photos_and_is_scored_on_the_sa
     assert not (tmp_path / "subjects" / "sks_star").exists(), "bundled subjects train on their shipped folder"
     job = {"output_dir": str(tmp_path), "phase": "confirm", "subject": name, "method": "boft-m2", "variant": "",
            "variant_index": 0, "lr_scale": 1.0, "steps": 10, "seed": 10, "checkpoint_every": 0}
-    config = DreamBoothConfig.from_flags(run_flags(job))
+    flags = run_flags(job)
+    config = DreamBoothConfig.from_flags(flags)
     folder = Path(config.subject.instance_data_dir)
     assert folder == tmp_path / "subjects" / name
     subject = subject_family.subject_by_name(name)
     assert config.subject.instance_prompt == subject.instance_prompt and config.prior.class_prompt == subject.class_prompt
     written = [np.asarray(image) for _, image in load_images(folder, 64)]
     assert all(np.array_equal(a, np.asarray(b)) for a, b in zip(written, instances_of(name), strict=True))
+    assert flags[flags.index("--learning_rate") + 1] == "0.002", "lr x1 is BASE_LEARNING_RATE, not the recipe's rate"
+    tripled = run_flags({**job, "lr_scale": 3.0})
+    assert tripled[tripled.index("--learning_rate") + 1] == "0.006"
 
 
 def scores(subject: float) -> dict[str, list[float]]:
