@@ -31,6 +31,7 @@ import os
 import shlex
 import threading
 import time
+from collections import Counter
 from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 from pathlib import Path
 
@@ -597,11 +598,7 @@ def merge_summaries(summaries: list[dict], methods: list[str]) -> dict:
     sampling (so their base-model scores agree). A method confirmed at different points in different
     summaries (another learning rate, say) is kept once per point, each named with its point."""
     first = summaries[0]
-    points: dict[str, list[dict]] = {}
-    for summary in summaries:
-        for method in summary["args"]["methods"]:
-            if method in methods:
-                points.setdefault(method, []).append(summary["chosen"][method])
+    summaries_with = Counter(m for summary in summaries for m in summary["args"]["methods"] if m in methods)
     merged = {**first, "args": {**first["args"], "methods": []}, "chosen": {}, "runs": []}
     for summary in summaries:
         for key in ("seeds", "num_images", "eval_seed", "curve_images"):
@@ -615,7 +612,7 @@ def merge_summaries(summaries: list[dict], methods: list[str]) -> dict:
             raise SystemExit("--report: the summaries' base-model scores differ; they were not sampled alike")
         for method in [m for m in summary["args"]["methods"] if m in methods]:
             point = summary["chosen"][method]
-            name = method if len(points[method]) == 1 else f"{method} at {describe_point(point)}"
+            name = method if summaries_with[method] == 1 else f"{method} at {describe_point(point)}"
             if name in merged["chosen"]:
                 raise SystemExit(f"--report: {name} appears in more than one summary")
             merged["args"]["methods"].append(name)
