@@ -477,8 +477,9 @@ def main() -> None:
     parser.add_argument("--report", nargs="+", default=None, help="Print the table and draw the curve of "
                         "earlier runs' summary.json files (several: one table of their methods; --methods picks "
                         "among them) instead of training.")
-    parser.add_argument("--paired_against", default="lora", choices=list(METHODS),
-                        help="The method every other one is compared with, run by run and sample by sample.")
+    parser.add_argument("--paired_against", default="lora",
+                        help="The method every other one is compared with, run by run and sample by sample; with "
+                             "--report, also a method kept once per point (\"boft-m1 at lr x3, 300 steps\").")
     args = parser.parse_args()
     if args.report:
         summary = merge_summaries([json.loads(Path(f).read_text()) for f in args.report], args.methods)

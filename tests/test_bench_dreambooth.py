@@ -9,10 +9,12 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
 from bench_dreambooth import (  # noqa: E402
+    PAIRED_MEASURES,
     finished_run,
     instances_of,
     merge_summaries,
     pick,
+    print_paired,
     print_per_subject,
     run_flags,
     write_subjects,
@@ -67,6 +69,15 @@ def test_a_method_confirmed_at_two_points_is_kept_once_per_point():
     assert [(r["method"], r["lr_scale"]) for r in merged["runs"]] == list(zip(names, [1.0, 3.0], strict=True))
     with pytest.raises(SystemExit, match="boft-m1 at lr x1, 300 steps appears in more than one summary"):
         merge_summaries([summary(GUIDANCE, "boft-m1"), summary(GUIDANCE, "boft-m1")], ["boft-m1"])
+
+
+def test_one_point_of_a_method_is_paired_against_another(capsys):
+    summaries = [summary(GUIDANCE, "boft-m1"), summary(GUIDANCE, "boft-m1", lr_scale=3.0)]
+    for part, value in zip(summaries, (0.25, 0.75), strict=True):
+        part["runs"][0]["samples"] = {measure: [value, value] for measure in PAIRED_MEASURES}
+    print_paired(merge_summaries(summaries, ["boft-m1"]), "boft-m1 at lr x1, 300 steps")
+    rows = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| boft-m1")]
+    assert rows == ["| boft-m1 at lr x3, 300 steps | 1 | " + " | ".join(["+0.50 [+0.50, +0.50]"] * 4) + " |"]
 
 
 def test_a_held_out_subject_trains_on_its_written_photos_and_is_scored_on_the_same(tmp_path):

@@ -293,6 +293,37 @@ def test_initializer_token_starts_the_identifier_from_a_word(tmp_path, capsys):
     assert "needs --train_identifier_embedding" in capsys.readouterr().err
 
 
+def test_identifier_only_fraction_learns_the_embedding_first_and_resumes_exactly(tmp_path, capsys):
+    import boft_diffusion as bd
+
+    flags = ["--train_identifier_embedding", "--class_prompt", "a photo of star", "--identifier_only_fraction", "0.5",
+             "--checkpointing_steps", "2", "--lr_scheduler", "cosine", "--boft_dropout", "0"]
+    out = tmp_path / "out"
+    assert run_main("--output_dir", out, *flags) == 0
+    held = load_file(out / "checkpoint-2" / "trainable.safetensors")
+    rotations = [key for key in held if "boft_skew" in key]
+    assert rotations and all(not held[key].any() for key in rotations)  # the adapters still the identity
+    assert all(torch.equal(held[key], torch.ones_like(held[key])) for key in held if "boft_s." in key)
+    pipe = bd.load_pipeline("tiny", dtype=torch.float32)
+    rows = pipe.text_encoder.get_input_embeddings().weight.detach()[pipe.tokenizer("sks ohwx", add_special_tokens=False).input_ids]
+    assert (held["text_encoder.embeddings.token_embedding.identifier.vectors"] - rows).abs().max() > 1e-3  # it moved
+    moments = load_file(out / "checkpoint-2" / "optimizer.safetensors")
+    assert len({key.split(".")[0] for key in moments}) == 1  # no gradient, so no AdamW moments, for the adapters
+    final = load_file(out / "adapter_model.safetensors")
+    assert any(final[key].abs().max() > 1e-4 for key in final if key.endswith("boft_R"))  # then they joined
+
+    resumed = tmp_path / "resumed"
+    shutil.copytree(out / "checkpoint-2", resumed / "checkpoint-2")
+    assert run_main("--output_dir", resumed, *flags, "--resume_from_checkpoint", "latest") == 0
+    expected, actual = adapter_tensors(out), adapter_tensors(resumed)
+    assert all(torch.equal(expected[key], actual[key]) for key in expected)
+
+    assert run_main("--output_dir", tmp_path / "bad", "--identifier_only_fraction", "0.5") == 2
+    assert "--identifier_only_fraction needs --train_identifier_embedding" in capsys.readouterr().err
+    assert run_main("--output_dir", tmp_path / "bad", *flags[:3], "--identifier_only_fraction", "1") == 2
+    assert "--identifier_only_fraction 1.0 leaves no step for the adapters" in capsys.readouterr().err
+
+
 def subject_copy(folder: Path) -> Path:
     """The bundled star's images, without their caption sidecars."""
     shutil.copytree(ROOT / "boft_diffusion" / "tiny" / "subjects" / "sks_star", folder,

@@ -1,5 +1,7 @@
 """The training losses as pure functions, checked by hand; targets per prediction type; the optimiser's groups."""
 
+import math
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -9,7 +11,7 @@ from torch import nn
 from boft_diffusion.families.denoising import DenoisingObjective, NoisedBatch, min_snr_weights
 from boft_diffusion.recipes.dreambooth import DreamBoothConfig
 from boft_diffusion.training.losses import denoising_loss, dreambooth_loss
-from boft_diffusion.training.trainer import make_optimizer
+from boft_diffusion.training.trainer import TrainingError, make_lr_scheduler, make_optimizer
 
 
 def objective(kind: str) -> DenoisingObjective:
@@ -72,6 +74,28 @@ def test_make_optimizer_gives_named_parameters_their_own_rate(tmp_path):
     groups = sorted((g["lr"], [p.numel() for p in g["params"]]) for g in optimizer.param_groups)
     assert [sizes for _, sizes in groups] == [[2], [3]]
     assert [lr for lr, _ in groups] == pytest.approx([6e-3, 3e-2])
+
+
+def test_a_head_start_holds_the_other_groups_then_runs_their_schedule_over_the_steps_left(tmp_path):
+    config = DreamBoothConfig.from_flags(["--output_dir", str(tmp_path), "--learning_rate", "1e-3",
+                                          "--lr_scheduler", "cosine"])
+    params = {"unet.up.to_q.boft_skew.default": nn.Parameter(torch.zeros(2)),
+              "text_encoder.token_embedding.identifier.vectors": nn.Parameter(torch.zeros(3))}
+    optimizer = make_optimizer(config.run.trainer, params, 1, {"identifier.vectors": 1e-3}, ("identifier.vectors",))
+    # one rate, yet two groups: the head start must be scheduled apart
+    assert sorted(g["head_start"] for g in optimizer.param_groups) == [False, True]
+    scheduler = make_lr_scheduler(config.run.trainer, optimizer, max_steps=10, head_start_steps=4)
+    rates = {True: [], False: []}
+    for _ in range(10):
+        for group in optimizer.param_groups:
+            rates[group["head_start"]].append(group["lr"])
+        optimizer.step()
+        scheduler.step()
+    cosine = [1e-3 * 0.5 * (1 + math.cos(math.pi * step / steps)) for steps in (10, 6) for step in range(steps)]
+    assert rates[True] == pytest.approx(cosine[:10])
+    assert rates[False] == pytest.approx([0.0] * 4 + cosine[10:])
+    with pytest.raises(TrainingError, match="a head start of 10 steps leaves no step of the 10"):
+        make_lr_scheduler(config.run.trainer, optimizer, max_steps=10, head_start_steps=10)
 
 
 def test_pixel_weight_gives_a_weighted_mean_per_example():

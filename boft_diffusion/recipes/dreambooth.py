@@ -81,6 +81,7 @@ class TextConfig:
     identifier_token: list[str] | None
     initializer_token: list[str] | None
     identifier_learning_rate: float
+    identifier_only_fraction: float
 
 
 @dataclass
@@ -192,6 +193,10 @@ def add_text_args(group: Any) -> None:
                   "instead of its own, one word per identifier (e.g. the subject's colour).")
     add_flag(group, "--identifier_learning_rate", bounds=(0, None), type=float, default=5e-3,
              help="Learning rate of the identifier embedding.")
+    add_flag(group, "--identifier_only_fraction", bounds=(0, None), type=float, default=0.0,
+             help="With --train_identifier_embedding: this fraction of the steps, the first, learns only the "
+                  "identifier's embedding (textual inversion), then the adapters join, their --lr_scheduler run "
+                  "over the steps left.")
 
 
 def add_baseline_args(group: Any) -> None:
@@ -219,6 +224,10 @@ def check_config(config: DreamBoothConfig) -> None:
     refusals = [
         (text.initializer_token and not text.train_identifier_embedding,
          "--initializer_token needs --train_identifier_embedding (it starts the learned embedding)."),
+        (text.identifier_only_fraction and not text.train_identifier_embedding,
+         "--identifier_only_fraction needs --train_identifier_embedding (the embedding is what those steps learn)."),
+        (text.identifier_only_fraction >= 1,
+         f"--identifier_only_fraction {text.identifier_only_fraction} leaves no step for the adapters; give less than 1."),
         (not 0 <= subject.caption_dropout_rate <= 1,
          f"--caption_dropout_rate {subject.caption_dropout_rate} is not a probability."),
         (subject.caption_dropout_rate and not subject.caption_extension,
@@ -482,6 +491,9 @@ class DreamBooth(DiffusionRecipe):
         recipe = super().trainer_recipe()
         recipe.validation_metrics = self.validation_loss if self.held_out else None
         recipe.learning_rates = {IdentifierEmbedding.PARAMETER_SUFFIX: self.config.text.identifier_learning_rate}
+        if self.config.text.identifier_only_fraction:
+            recipe.head_start = (IdentifierEmbedding.PARAMETER_SUFFIX,)
+            recipe.head_start_fraction = self.config.text.identifier_only_fraction
         recipe.schedule = {"caption_dropout_rate": subject.caption_dropout_rate, "bucket": subject.bucket}
         recipe.groups = bucket_groups(self.instances, self.dataset_len) if subject.bucket else None
         return recipe

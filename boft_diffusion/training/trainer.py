@@ -129,16 +129,17 @@ def place(module: nn.Module, device: torch.device | None = None, dtype: torch.dt
 
 def make_optimizer(
     config: TrainerConfig, params: dict[str, nn.Parameter], num_processes: int,
-    learning_rates: dict[str, float] | None = None,
+    learning_rates: dict[str, float] | None = None, head_start: tuple[str, ...] = (),
 ) -> torch.optim.Optimizer:
     """AdamW (or 8-bit AdamW) at the learning rate, except parameters whose names end with a key of
-    ``learning_rates``, which get that rate; ``scale_lr`` scales every rate alike."""
+    ``learning_rates``, which get that rate; ``scale_lr`` scales every rate alike. Parameters whose
+    names end with a suffix in ``head_start`` get groups of their own, marked ``"head_start"``."""
     opt = config.optimizer
     factor = config.gradient_accumulation_steps * config.train_batch_size * num_processes if opt.scale_lr else 1
-    groups: dict[float, list[nn.Parameter]] = {}
+    groups: dict[tuple[float, bool], list[nn.Parameter]] = {}
     for name, param in params.items():
         rate = next((r for suffix, r in (learning_rates or {}).items() if name.endswith(suffix)), opt.learning_rate)
-        groups.setdefault(rate, []).append(param)
+        groups.setdefault((rate, name.endswith(head_start) if head_start else False), []).append(param)
     if opt.use_8bit_adam:
         try:
             import bitsandbytes as bnb
@@ -148,12 +149,42 @@ def make_optimizer(
     else:
         optimizer_class = torch.optim.AdamW
     return optimizer_class(
-        [{"params": group, "lr": rate * factor} for rate, group in groups.items()],
+        [{"params": group, "lr": rate * factor, "head_start": early} for (rate, early), group in groups.items()],
         lr=opt.learning_rate * factor,
         betas=(opt.adam_beta1, opt.adam_beta2),
         weight_decay=opt.adam_weight_decay,
         eps=opt.adam_epsilon,
     )
+
+
+def make_lr_scheduler(config: TrainerConfig, optimizer: torch.optim.Optimizer, max_steps: int,
+                      head_start_steps: int = 0) -> torch.optim.lr_scheduler.LRScheduler:
+    """The diffusers schedule ``--lr_scheduler`` over ``max_steps``; with a head start, only the
+    optimiser's ``"head_start"`` groups follow it from step 0, and the others stay at rate 0 for
+    ``head_start_steps`` steps, then run the same schedule over the steps that remain."""
+    from diffusers.optimization import get_scheduler
+
+    opt = config.optimizer
+
+    def schedule(optimizer: torch.optim.Optimizer, steps: int) -> torch.optim.lr_scheduler.LambdaLR:
+        return get_scheduler(opt.lr_scheduler, optimizer, num_warmup_steps=opt.lr_warmup_steps,
+                             num_training_steps=steps)
+
+    if not head_start_steps:
+        return schedule(optimizer, max_steps)
+    if not 0 < head_start_steps < max_steps:
+        raise TrainingError(f"a head start of {head_start_steps} steps leaves no step of the {max_steps} "
+                            "for the other parameters.")
+    def shape(steps: int) -> Callable[[int], float]:
+        return schedule(torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=1.0), steps).lr_lambdas[0]
+
+    full, rest = shape(max_steps), shape(max_steps - head_start_steps)
+
+    def joined_late(step: int) -> float:
+        return rest(step - head_start_steps) if step >= head_start_steps else 0.0
+
+    return torch.optim.lr_scheduler.LambdaLR(
+        optimizer, [full if group["head_start"] else joined_late for group in optimizer.param_groups])
 
 
 def derive_seed(*parts: int) -> int:
@@ -235,6 +266,9 @@ class Recipe:
     ``schedule``: the recipe's own settings that change which random draws a step makes; a
     resumed run must match them.
     ``groups``: example indices by group (aspect-ratio buckets); each micro-batch then comes from one.
+    ``head_start``: parameter-name suffixes that train alone for the first ``head_start_fraction``
+    of the steps (the identifier's embedding before the adapters: textual inversion, then
+    DreamBooth); every other parameter then joins, its learning-rate schedule run over the steps left.
     """
 
     modules: dict[str, nn.Module]
@@ -247,6 +281,8 @@ class Recipe:
     learning_rates: dict[str, float] = field(default_factory=dict)
     schedule: dict[str, Any] = field(default_factory=dict)
     groups: list[list[int]] | None = None
+    head_start: tuple[str, ...] = ()
+    head_start_fraction: float = 0.0
 
 
 def trainable_tensors(modules: dict[str, nn.Module]) -> dict[str, nn.Parameter]:
@@ -300,12 +336,11 @@ class Trainer:
             if param.dtype != torch.float32:
                 param.data = param.data.float()
         self.max_steps = steps_for(config, recipe.dataset_len, accelerator.num_processes, recipe.groups)
-        optimizer = make_optimizer(config, self.params, accelerator.num_processes, recipe.learning_rates)
-        from diffusers.optimization import get_scheduler
-
-        self.lr_scheduler = get_scheduler(
-            config.optimizer.lr_scheduler, optimizer, num_warmup_steps=config.optimizer.lr_warmup_steps, num_training_steps=self.max_steps
-        )
+        optimizer = make_optimizer(config, self.params, accelerator.num_processes, recipe.learning_rates,
+                                   recipe.head_start)
+        # at least one step is left for the parameters that join late
+        self.head_start_steps = min(round(recipe.head_start_fraction * self.max_steps), self.max_steps - 1)
+        self.lr_scheduler = make_lr_scheduler(config, optimizer, self.max_steps, self.head_start_steps)
         if config.compile:
             for module in recipe.modules.values():
                 compile_adapted(module, backend=config.compile_backend)
@@ -437,6 +472,14 @@ class Trainer:
             acc.backward(loss / config.gradient_accumulation_steps)
         return {"loss": losses.mean().item(), **logs}
 
+    def _drop_late_gradients(self) -> None:
+        """During a head start, the parameters that join later get no gradient: AdamW then leaves
+        their moments untouched, and clipping measures only the parameters that move."""
+        for group in self.optimizer.param_groups:
+            if not group["head_start"]:
+                for param in group["params"]:
+                    param.grad = None
+
     def _check_gradients(self) -> None:
         """Clip, and refuse to apply non-finite gradients (fp16's scaler skips those steps itself)."""
         config, acc = self.config, self.accelerator
@@ -475,6 +518,8 @@ class Trainer:
                     logs = self._micro_step(micro, last=j == config.gradient_accumulation_steps - 1)
                     for key, value in logs.items():
                         accumulated[key] = accumulated.get(key, 0.0) + value / config.gradient_accumulation_steps
+                if self.step < self.head_start_steps:
+                    self._drop_late_gradients()
                 self._check_gradients()
                 self.optimizer.step()
                 if self.ema is not None:
