@@ -491,6 +491,9 @@ def main() -> None:
                          "pair against another method")
         report(summary, args.curve_png, args.paired_against)
         return
+    if args.paired_against not in METHODS:
+        parser.error(f"--paired_against {args.paired_against}: not one of {', '.join(METHODS)} (a method at one "
+                     "point of several is named only with --report)")
     subjects = [name for spec in args.subjects for name in subject_family.resolve(spec)]
     args.tune_subjects = [name for spec in args.tune_subjects for name in subject_family.resolve(spec)]
     held_out = [s for s in args.tune_subjects if s not in world.SUBJECTS and subject_family.split_of(s) == "evaluation"]

@@ -297,7 +297,7 @@ def test_identifier_only_fraction_learns_the_embedding_first_and_resumes_exactly
     import boft_diffusion as bd
 
     flags = ["--train_identifier_embedding", "--class_prompt", "a photo of star", "--identifier_only_fraction", "0.5",
-             "--checkpointing_steps", "2", "--lr_scheduler", "cosine", "--boft_dropout", "0"]
+             "--checkpointing_steps", "1", "--lr_scheduler", "cosine", "--boft_dropout", "0"]
     out = tmp_path / "out"
     assert run_main("--output_dir", out, *flags) == 0
     held = load_file(out / "checkpoint-2" / "trainable.safetensors")
@@ -312,11 +312,14 @@ def test_identifier_only_fraction_learns_the_embedding_first_and_resumes_exactly
     final = load_file(out / "adapter_model.safetensors")
     assert any(final[key].abs().max() > 1e-4 for key in final if key.endswith("boft_R"))  # then they joined
 
-    resumed = tmp_path / "resumed"
-    shutil.copytree(out / "checkpoint-2", resumed / "checkpoint-2")
+    resumed = tmp_path / "resumed"  # from inside the head start
+    shutil.copytree(out / "checkpoint-1", resumed / "checkpoint-1")
     assert run_main("--output_dir", resumed, *flags, "--resume_from_checkpoint", "latest") == 0
     expected, actual = adapter_tensors(out), adapter_tensors(resumed)
     assert all(torch.equal(expected[key], actual[key]) for key in expected)
+    assert run_main("--output_dir", resumed, *flags, "--resume_from_checkpoint", str(resumed / "checkpoint-1"),
+                    "--max_train_steps", "8") == 2  # a head start of 4 steps, not the 2 it began with
+    assert "head_start_steps 2 -> 4" in capsys.readouterr().err
 
     assert run_main("--output_dir", tmp_path / "bad", "--identifier_only_fraction", "0.5") == 2
     assert "--identifier_only_fraction needs --train_identifier_embedding" in capsys.readouterr().err

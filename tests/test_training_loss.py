@@ -98,6 +98,21 @@ def test_a_head_start_holds_the_other_groups_then_runs_their_schedule_over_the_s
         make_lr_scheduler(config.run.trainer, optimizer, max_steps=10, head_start_steps=10)
 
 
+def test_a_head_start_keeps_the_polynomial_schedules_floor_a_rate(tmp_path):
+    from diffusers.optimization import get_scheduler
+
+    config = DreamBoothConfig.from_flags(["--output_dir", str(tmp_path), "--learning_rate", "1e-3",
+                                          "--lr_scheduler", "polynomial"])
+    params = {"text_encoder.identifier.vectors": nn.Parameter(torch.zeros(3)), "unet.boft_skew": nn.Parameter(torch.zeros(2))}
+    optimizer = make_optimizer(config.run.trainer, params, 1, head_start=("identifier.vectors",))
+    reference = torch.optim.AdamW([nn.Parameter(torch.zeros(1))], lr=1e-3)
+    expected = get_scheduler("polynomial", reference, num_warmup_steps=0, num_training_steps=10)
+    scheduler = make_lr_scheduler(config.run.trainer, optimizer, max_steps=10, head_start_steps=4)
+    for _ in range(10):
+        assert optimizer.param_groups[0]["lr"] == pytest.approx(reference.param_groups[0]["lr"])
+        optimizer.step(), scheduler.step(), reference.step(), expected.step()
+
+
 def test_pixel_weight_gives_a_weighted_mean_per_example():
     gen = torch.Generator().manual_seed(1)
     prediction, target = torch.randn(2, 4, 8, 8, generator=gen), torch.randn(2, 4, 8, 8, generator=gen)

@@ -157,6 +157,15 @@ def make_optimizer(
     )
 
 
+def head_start_steps(fraction: float, max_steps: int) -> int:
+    """The steps a head start of ``fraction`` of ``max_steps`` takes, leaving at least one for the
+    parameters that join late; says so when rounding or that limit moves it by a step or more."""
+    steps = min(round(fraction * max_steps), max_steps - 1)
+    if fraction and abs(steps - fraction * max_steps) >= 1:
+        logger.warning("a head start of %g of %d steps is %d steps", fraction, max_steps, steps)
+    return steps
+
+
 def make_lr_scheduler(config: TrainerConfig, optimizer: torch.optim.Optimizer, max_steps: int,
                       head_start_steps: int = 0) -> torch.optim.lr_scheduler.LRScheduler:
     """The diffusers schedule ``--lr_scheduler`` over ``max_steps``; with a head start, only the
@@ -176,7 +185,9 @@ def make_lr_scheduler(config: TrainerConfig, optimizer: torch.optim.Optimizer, m
         raise TrainingError(f"a head start of {head_start_steps} steps leaves no step of the {max_steps} "
                             "for the other parameters.")
     def shape(steps: int) -> Callable[[int], float]:
-        return schedule(torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=1.0), steps).lr_lambdas[0]
+        # at the real base rate: the polynomial schedule's floor is a rate, not a factor
+        probe = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=optimizer.defaults["lr"])
+        return schedule(probe, steps).lr_lambdas[0]
 
     full, rest = shape(max_steps), shape(max_steps - head_start_steps)
 
@@ -338,9 +349,10 @@ class Trainer:
         self.max_steps = steps_for(config, recipe.dataset_len, accelerator.num_processes, recipe.groups)
         optimizer = make_optimizer(config, self.params, accelerator.num_processes, recipe.learning_rates,
                                    recipe.head_start)
-        # at least one step is left for the parameters that join late
-        self.head_start_steps = min(round(recipe.head_start_fraction * self.max_steps), self.max_steps - 1)
+        self.head_start_steps = head_start_steps(recipe.head_start_fraction, self.max_steps)
         self.lr_scheduler = make_lr_scheduler(config, optimizer, self.max_steps, self.head_start_steps)
+        # by position: loading a checkpoint replaces the groups' settings with the saved ones
+        self.late_groups = [i for i, group in enumerate(optimizer.param_groups) if not group["head_start"]]
         if config.compile:
             for module in recipe.modules.values():
                 compile_adapted(module, backend=config.compile_backend)
@@ -366,7 +378,7 @@ class Trainer:
         return {"seed": config.seed, "train_batch_size": config.train_batch_size,
                 "gradient_accumulation_steps": config.gradient_accumulation_steps,
                 "num_processes": self.accelerator.num_processes, "dataset_len": self.recipe.dataset_len,
-                **self.recipe.schedule}
+                "head_start_steps": self.head_start_steps, **self.recipe.schedule}
 
     def _explain_write_error(self, error: WriteError) -> TrainingError:
         checkpoints = list_checkpoints(self.output_dir)
@@ -414,7 +426,8 @@ class Trainer:
             tensors, state = load_checkpoint(path, self.optimizer, self.lr_scheduler)
         except (ValueError, KeyError) as error:
             raise TrainingError(f"{path} does not fit this run{because}: {error}") from error
-        moved = {k: (state.get(k), v) for k, v in self._schedule().items() if k in state and state[k] != v}
+        saved = {"head_start_steps": 0, **state}  # checkpoints from before head starts had none
+        moved = {k: (saved.get(k), v) for k, v in self._schedule().items() if k in saved and saved[k] != v}
         if moved:
             details = ", ".join(f"{k} {old} -> {new}" for k, (old, new) in moved.items())
             raise TrainingError(f"{path} was written with other settings ({details}); resume with the same ones.")
@@ -475,10 +488,9 @@ class Trainer:
     def _drop_late_gradients(self) -> None:
         """During a head start, the parameters that join later get no gradient: AdamW then leaves
         their moments untouched, and clipping measures only the parameters that move."""
-        for group in self.optimizer.param_groups:
-            if not group["head_start"]:
-                for param in group["params"]:
-                    param.grad = None
+        for index in self.late_groups:
+            for param in self.optimizer.param_groups[index]["params"]:
+                param.grad = None
 
     def _check_gradients(self) -> None:
         """Clip, and refuse to apply non-finite gradients (fp16's scaler skips those steps itself)."""
@@ -528,7 +540,10 @@ class Trainer:
                 self.optimizer.zero_grad(set_to_none=True)
                 self.step += 1
                 throughput.tick()
-                accumulated["lr"] = self.lr_scheduler.get_last_lr()[0]
+                rates = self.lr_scheduler.get_last_lr()
+                accumulated["lr"] = rates[0]
+                if self.head_start_steps:
+                    accumulated["lr_head_start"] = next(r for i, r in enumerate(rates) if i not in self.late_groups)
                 progress.update(1)
                 progress.set_postfix(loss=f"{accumulated['loss']:.4f}")
                 acc.log(accumulated, step=self.step)
