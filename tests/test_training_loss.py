@@ -110,7 +110,10 @@ def test_a_head_start_keeps_the_polynomial_schedules_floor_a_rate(tmp_path):
     scheduler = make_lr_scheduler(config.run.trainer, optimizer, max_steps=10, head_start_steps=4)
     for _ in range(10):
         assert optimizer.param_groups[0]["lr"] == pytest.approx(reference.param_groups[0]["lr"])
-        optimizer.step(), scheduler.step(), reference.step(), expected.step()
+        optimizer.step()
+        scheduler.step()
+        reference.step()
+        expected.step()
 
 
 def test_pixel_weight_gives_a_weighted_mean_per_example():

@@ -139,7 +139,7 @@ def make_optimizer(
     groups: dict[tuple[float, bool], list[nn.Parameter]] = {}
     for name, param in params.items():
         rate = next((r for suffix, r in (learning_rates or {}).items() if name.endswith(suffix)), opt.learning_rate)
-        groups.setdefault((rate, name.endswith(head_start) if head_start else False), []).append(param)
+        groups.setdefault((rate, name.endswith(head_start)), []).append(param)
     if opt.use_8bit_adam:
         try:
             import bitsandbytes as bnb
@@ -184,6 +184,7 @@ def make_lr_scheduler(config: TrainerConfig, optimizer: torch.optim.Optimizer, m
     if not 0 < head_start_steps < max_steps:
         raise TrainingError(f"a head start of {head_start_steps} steps leaves no step of the {max_steps} "
                             "for the other parameters.")
+
     def shape(steps: int) -> Callable[[int], float]:
         # at the real base rate: the polynomial schedule's floor is a rate, not a factor
         probe = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=optimizer.defaults["lr"])
