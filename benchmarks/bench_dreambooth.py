@@ -295,19 +295,24 @@ def objective(samples: dict[str, list[float]], base: dict) -> float:
 def pick(tuned: list[dict], bases: dict[str, dict], methods: list[str]) -> dict:
     """Each method's grid point (flag variant, learning-rate scale, steps) with the best mean
     objective over the tuning subjects and seeds (each run against its own subject's base model
-    measures, in ``bases``), and the whole grid's objectives."""
-    grid: dict[str, dict[tuple, list[float]]] = {m: {} for m in methods}
+    measures, in ``bases``), and the whole grid's objectives, also per tuning seed (a point that
+    wins on one seed only is noise)."""
+    grid: dict[str, dict[tuple, dict[int, list[float]]]] = {m: {} for m in methods}
     for record in tuned:
         points = {**record["checkpoints"], record["steps"]: record["samples"]}
         for step, samples in points.items():
             key = (record["variant"], record["lr_scale"], int(step))  # checkpoint steps are strings in JSON
-            grid[record["method"]].setdefault(key, []).append(objective(samples, bases[record["subject"]]))
+            by_seed = grid[record["method"]].setdefault(key, {})
+            by_seed.setdefault(record["seed"], []).append(objective(samples, bases[record["subject"]]))
     chosen, table = {}, {}
     for m in methods:
-        means = {key: float(np.mean(values)) for key, values in grid[m].items()}
+        means = {key: float(np.mean([o for values in by_seed.values() for o in values]))
+                 for key, by_seed in grid[m].items()}
         (variant, scale, step), best = max(means.items(), key=lambda item: item[1])
         chosen[m] = {"variant": variant, "lr_scale": scale, "steps": step, "objective": best}
-        table[m] = [{"variant": v, "lr_scale": lr, "steps": st, "objective": o} for (v, lr, st), o in means.items()]
+        table[m] = [{"variant": v, "lr_scale": lr, "steps": st, "objective": o,
+                     "objective_by_seed": {seed: float(np.mean(values)) for seed, values in grid[m][v, lr, st].items()}}
+                    for (v, lr, st), o in means.items()]
     return {"chosen": chosen, "objective_grid": table}
 
 
@@ -494,6 +499,9 @@ def main() -> None:
     if args.paired_against not in METHODS:
         parser.error(f"--paired_against {args.paired_against}: not one of {', '.join(METHODS)} (a method at one "
                      "point of several is named only with --report)")
+    if "tune" in args.phases and any(s % min(args.tune_steps) for s in args.tune_steps):
+        parser.error(f"--tune_steps {' '.join(map(str, args.tune_steps))}: each must be a multiple of the smallest "
+                     "(they are checkpoints of one run of the largest)")
     subjects = [name for spec in args.subjects for name in subject_family.resolve(spec)]
     args.tune_subjects = [name for spec in args.tune_subjects for name in subject_family.resolve(spec)]
     held_out = [s for s in args.tune_subjects if s not in world.SUBJECTS and subject_family.split_of(s) == "evaluation"]
@@ -544,8 +552,6 @@ def tune(args, common: dict, pool, out: Path) -> None:
                                   log, done)
     steps = max(args.tune_steps)
     every = min(args.tune_steps) if len(args.tune_steps) > 1 else 0
-    if every and any(s % every for s in args.tune_steps):
-        raise SystemExit("--tune_steps must be multiples of the smallest one (they are checkpoints of one run).")
     jobs = [{**common, "kind": "train", "phase": "tune", "subject": subject, "seed": seed, "method": m,
              "variant": variant, "variant_index": i, "lr_scale": scale, "steps": steps,
              "num_images": args.tune_images, "checkpoint_every": every, "checkpoint_images": args.tune_images}

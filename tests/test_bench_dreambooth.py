@@ -12,6 +12,7 @@ from bench_dreambooth import (  # noqa: E402
     PAIRED_MEASURES,
     finished_run,
     instances_of,
+    main,
     merge_summaries,
     pick,
     print_paired,
@@ -52,6 +53,19 @@ def summary(guidance: float | None, method: str, lr_scale: float = 1.0) -> dict:
     return {"args": args, "base": {"sks_star": {"samples": {"subject": [0.0]}}},
             "chosen": {method: {"variant": "", "lr_scale": lr_scale, "steps": 300}},
             "runs": [{"method": method, "subject": "sks_star", "seed": 10, "lr_scale": lr_scale}]}
+
+
+@pytest.mark.parametrize("flags, culprit", [
+    (["--phases", "tune", "--tune_steps", "300", "450"], "--tune_steps 300 450"),
+    (["--paired_against", "boft-m1 at lr x3, 300 steps"], "--paired_against boft-m1 at lr x3"),
+])
+def test_flags_that_cannot_run_are_refused_before_any_work(tmp_path, monkeypatch, capsys, flags, culprit):
+    out = tmp_path / "bench"
+    monkeypatch.setattr(sys, "argv", ["bench_dreambooth.py", "--output_dir", str(out), *flags])
+    with pytest.raises(SystemExit):
+        main()
+    assert culprit in capsys.readouterr().err
+    assert not out.exists()
 
 
 def test_summaries_scored_at_other_guidances_are_not_merged():
@@ -109,7 +123,7 @@ def test_picks_average_each_tuning_subjects_objective_against_its_own_base():
     bases = {"easy": {"samples": scores(0.0), "instances": 1.0}, "hard": {"samples": scores(0.0), "instances": 0.25}}
     fidelity = {1.0: {"easy": 0.9, "hard": 0.1}, 2.0: {"easy": 0.5, "hard": 0.4}}
     tuned = [{"method": "lora", "variant": "", "lr_scale": scale, "steps": 150, "checkpoints": {},
-              "subject": subject, "samples": scores(value)}
+              "subject": subject, "seed": 0, "samples": scores(value)}
              for scale, by_subject in fidelity.items() for subject, value in by_subject.items()]
     picked = pick(tuned, bases, ["lora"])
     assert picked["chosen"]["lora"]["lr_scale"] == 2.0, \
@@ -117,6 +131,19 @@ def test_picks_average_each_tuning_subjects_objective_against_its_own_base():
     assert len(picked["objective_grid"]["lora"]) == 2
     same_base = {name: bases["easy"] for name in bases}
     assert pick(tuned, same_base, ["lora"])["chosen"]["lora"]["lr_scale"] == 1.0
+
+
+def test_the_objective_grid_keeps_each_tuning_seeds_mean():
+    base = {"samples": scores(0.0), "instances": 1.0}
+    tuned = [{"method": "boft-m1", "variant": "", "lr_scale": 1.0, "steps": 300, "subject": subject, "seed": seed,
+              "checkpoints": {"150": scores(value / 2)}, "samples": scores(value)}
+             for (subject, seed), value in {("a", 0): 0.8, ("b", 0): 0.4, ("a", 1): 0.2, ("b", 1): 0.2}.items()]
+    grid = {point["steps"]: point for point in pick(tuned, {"a": base, "b": base}, ["boft-m1"])["objective_grid"]["boft-m1"]}
+    assert set(grid) == {150, 300}
+    final = grid[300]
+    assert final["objective_by_seed"][0] > final["objective_by_seed"][1]
+    assert final["objective"] == pytest.approx(np.mean(list(final["objective_by_seed"].values())))
+    assert grid[150]["objective_by_seed"][0] < final["objective_by_seed"][0]
 
 
 def test_each_subject_is_reported_as_a_share_of_its_own_instance_score(capsys):
