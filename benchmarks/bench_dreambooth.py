@@ -485,9 +485,12 @@ def main() -> None:
     parser.add_argument("--paired_against", default="lora",
                         help="The method every other one is compared with, run by run and sample by sample; with "
                              "--report, also a method kept once per point (\"boft-m1 at lr x3, 300 steps\").")
+    parser.add_argument("--report_seeds", type=int, nargs="+", default=None,
+                        help="With --report, only the runs of these training seeds (each summary must have them).")
     args = parser.parse_args()
     if args.report:
-        summary = merge_summaries([json.loads(Path(f).read_text()) for f in args.report], args.methods)
+        summary = merge_summaries([json.loads(Path(f).read_text()) for f in args.report], args.methods,
+                                  args.report_seeds)
         if not summary["runs"]:
             parser.error(f"--report: no runs of {' '.join(args.methods)} in these summaries")
         split = [m for m in summary["args"]["methods"] if m.startswith(f"{args.paired_against} at ")]
@@ -603,10 +606,14 @@ def sampling_guidance(args: dict) -> float:
     return args.get("guidance_scale", GUIDANCE)
 
 
-def merge_summaries(summaries: list[dict], methods: list[str]) -> dict:
+def merge_summaries(summaries: list[dict], methods: list[str], seeds: list[int] | None = None) -> dict:
     """One summary of ``methods``' confirmations run separately, which must share subjects, seeds and
     sampling (so their base-model scores agree). A method confirmed at different points in different
-    summaries (another learning rate, say) is kept once per point, each named with its point."""
+    summaries (another learning rate, say) is kept once per point, each named with its point. With
+    ``seeds``, each summary is first cut to the runs of those training seeds, so that a confirmation
+    on fewer seeds pairs with the same seeds of a longer one."""
+    if seeds is not None:
+        summaries = [cut_to_seeds(summary, seeds) for summary in summaries]
     first = summaries[0]
     summaries_with = Counter(m for summary in summaries for m in summary["args"]["methods"] if m in methods)
     merged = {**first, "args": {**first["args"], "methods": []}, "chosen": {}, "runs": []}
@@ -629,6 +636,15 @@ def merge_summaries(summaries: list[dict], methods: list[str]) -> dict:
             merged["chosen"][name] = point
             merged["runs"] += [{**r, "method": name} for r in summary["runs"] if r["method"] == method]
     return merged
+
+
+def cut_to_seeds(summary: dict, seeds: list[int]) -> dict:
+    missing = sorted(set(seeds) - set(summary["args"]["seeds"]))
+    if missing:
+        raise SystemExit(f"--report_seeds: seed {', '.join(map(str, missing))} is not among a summary's seeds "
+                         f"{summary['args']['seeds']}")
+    return {**summary, "args": {**summary["args"], "seeds": sorted(seeds)},
+            "runs": [r for r in summary["runs"] if r["seed"] in seeds]}
 
 
 def report(summary: dict, curve_png: str, paired_against: str) -> None:

@@ -85,6 +85,20 @@ def test_a_method_confirmed_at_two_points_is_kept_once_per_point():
         merge_summaries([summary(GUIDANCE, "boft-m1"), summary(GUIDANCE, "boft-m1")], ["boft-m1"])
 
 
+def test_a_confirmation_on_fewer_seeds_is_reported_with_the_same_seeds_of_a_longer_one():
+    longer = summary(GUIDANCE, "lora")
+    longer["args"]["seeds"] = [10, 11]
+    longer["runs"].append({**longer["runs"][0], "seed": 11})
+    shorter = summary(GUIDANCE, "boft-m1")
+    with pytest.raises(SystemExit, match="seeds"):
+        merge_summaries([longer, shorter], ["lora", "boft-m1"])
+    merged = merge_summaries([longer, shorter], ["lora", "boft-m1"], seeds=[10])
+    assert [(r["method"], r["seed"]) for r in merged["runs"]] == [("lora", 10), ("boft-m1", 10)]
+    assert merged["args"]["seeds"] == [10]
+    with pytest.raises(SystemExit, match="seed 11 is not among"):
+        merge_summaries([longer, shorter], ["lora", "boft-m1"], seeds=[11])
+
+
 def test_one_point_of_a_method_is_paired_against_another(capsys):
     summaries = [summary(GUIDANCE, "boft-m1"), summary(GUIDANCE, "boft-m1", lr_scale=3.0)]
     for part, value in zip(summaries, (0.25, 0.75), strict=True):
