@@ -488,6 +488,8 @@ def main() -> None:
     parser.add_argument("--report_seeds", type=int, nargs="+", default=None,
                         help="With --report, only the runs of these training seeds (each summary must have them).")
     args = parser.parse_args()
+    if args.report_seeds and not args.report:
+        parser.error("--report_seeds: only with --report")
     if args.report:
         summary = merge_summaries([json.loads(Path(f).read_text()) for f in args.report], args.methods,
                                   args.report_seeds)
@@ -502,6 +504,8 @@ def main() -> None:
     if args.paired_against not in METHODS:
         parser.error(f"--paired_against {args.paired_against}: not one of {', '.join(METHODS)} (a method at one "
                      "point of several is named only with --report)")
+    if min(args.tune_steps) < 1:
+        parser.error(f"--tune_steps {' '.join(map(str, args.tune_steps))}: step counts must be positive")
     if "tune" in args.phases and any(s % min(args.tune_steps) for s in args.tune_steps):
         parser.error(f"--tune_steps {' '.join(map(str, args.tune_steps))}: each must be a multiple of the smallest "
                      "(they are checkpoints of one run of the largest)")
@@ -613,7 +617,7 @@ def merge_summaries(summaries: list[dict], methods: list[str], seeds: list[int] 
     ``seeds``, each summary is first cut to the runs of those training seeds, so that a confirmation
     on fewer seeds pairs with the same seeds of a longer one."""
     if seeds is not None:
-        summaries = [cut_to_seeds(summary, seeds) for summary in summaries]
+        summaries = [cut_to_seeds(summary, seeds, methods) for summary in summaries]
     first = summaries[0]
     summaries_with = Counter(m for summary in summaries for m in summary["args"]["methods"] if m in methods)
     merged = {**first, "args": {**first["args"], "methods": []}, "chosen": {}, "runs": []}
@@ -638,11 +642,15 @@ def merge_summaries(summaries: list[dict], methods: list[str], seeds: list[int] 
     return merged
 
 
-def cut_to_seeds(summary: dict, seeds: list[int]) -> dict:
-    missing = sorted(set(seeds) - set(summary["args"]["seeds"]))
-    if missing:
-        raise SystemExit(f"--report_seeds: seed {', '.join(map(str, missing))} is not among a summary's seeds "
-                         f"{summary['args']['seeds']}")
+def cut_to_seeds(summary: dict, seeds: list[int], methods: list[str]) -> dict:
+    """``summary`` with the runs of ``seeds`` alone; each of its ``methods`` must have runs at each of
+    them (a confirmation stopped by its deadline may lack some)."""
+    for method in [m for m in summary["args"]["methods"] if m in methods]:
+        ran = {r["seed"] for r in summary["runs"] if r["method"] == method}
+        missing = sorted(set(seeds) - ran)
+        if missing:
+            raise SystemExit(f"--report_seeds: {method} has no run at seed {', '.join(map(str, missing))} in a "
+                             f"summary of seeds {summary['args']['seeds']}")
     return {**summary, "args": {**summary["args"], "seeds": sorted(seeds)},
             "runs": [r for r in summary["runs"] if r["seed"] in seeds]}
 

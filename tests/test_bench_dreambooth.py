@@ -14,6 +14,7 @@ from bench_dreambooth import (  # noqa: E402
     instances_of,
     main,
     merge_summaries,
+    objective,
     pick,
     print_paired,
     print_per_subject,
@@ -58,6 +59,8 @@ def summary(guidance: float | None, method: str, lr_scale: float = 1.0) -> dict:
 @pytest.mark.parametrize("flags, culprit", [
     (["--phases", "tune", "--tune_steps", "300", "450"], "--tune_steps 300 450"),
     (["--paired_against", "boft-m1 at lr x3, 300 steps"], "--paired_against boft-m1 at lr x3"),
+    (["--phases", "tune", "--tune_steps", "0", "150"], "--tune_steps 0 150"),
+    (["--report_seeds", "40"], "--report_seeds"),
 ])
 def test_flags_that_cannot_run_are_refused_before_any_work(tmp_path, monkeypatch, capsys, flags, culprit):
     out = tmp_path / "bench"
@@ -95,8 +98,11 @@ def test_a_confirmation_on_fewer_seeds_is_reported_with_the_same_seeds_of_a_long
     merged = merge_summaries([longer, shorter], ["lora", "boft-m1"], seeds=[10])
     assert [(r["method"], r["seed"]) for r in merged["runs"]] == [("lora", 10), ("boft-m1", 10)]
     assert merged["args"]["seeds"] == [10]
-    with pytest.raises(SystemExit, match="seed 11 is not among"):
+    with pytest.raises(SystemExit, match="boft-m1 has no run at seed 11"):
         merge_summaries([longer, shorter], ["lora", "boft-m1"], seeds=[11])
+    longer["runs"].pop()
+    with pytest.raises(SystemExit, match="lora has no run at seed 11"):
+        merge_summaries([longer], ["lora"], seeds=[11])
 
 
 def test_one_point_of_a_method_is_paired_against_another(capsys):
@@ -154,10 +160,13 @@ def test_the_objective_grid_keeps_each_tuning_seeds_mean():
              for (subject, seed), value in {("a", 0): 0.8, ("b", 0): 0.4, ("a", 1): 0.2, ("b", 1): 0.2}.items()]
     grid = {point["steps"]: point for point in pick(tuned, {"a": base, "b": base}, ["boft-m1"])["objective_grid"]["boft-m1"]}
     assert set(grid) == {150, 300}
-    final = grid[300]
-    assert final["objective_by_seed"][0] > final["objective_by_seed"][1]
-    assert final["objective"] == pytest.approx(np.mean(list(final["objective_by_seed"].values())))
-    assert grid[150]["objective_by_seed"][0] < final["objective_by_seed"][0]
+    for steps, point in grid.items():
+        ran = {seed: [objective(r["samples"] if steps == 300 else r["checkpoints"]["150"], base)
+                      for r in tuned if r["seed"] == seed] for seed in (0, 1)}
+        assert point["objective_by_seed"] == {seed: pytest.approx(np.mean(o)) for seed, o in ran.items()}
+        assert point["objective"] == pytest.approx(np.mean([o for values in ran.values() for o in values]))
+    assert grid[300]["objective_by_seed"][0] > grid[300]["objective_by_seed"][1]
+    assert grid[150]["objective_by_seed"][0] < grid[300]["objective_by_seed"][0]
 
 
 def test_each_subject_is_reported_as_a_share_of_its_own_instance_score(capsys):
