@@ -504,11 +504,12 @@ def main() -> None:
     if args.paired_against not in METHODS:
         parser.error(f"--paired_against {args.paired_against}: not one of {', '.join(METHODS)} (a method at one "
                      "point of several is named only with --report)")
+    tune_steps = f"--tune_steps {' '.join(map(str, args.tune_steps))}"
     if min(args.tune_steps) < 1:
-        parser.error(f"--tune_steps {' '.join(map(str, args.tune_steps))}: step counts must be positive")
+        parser.error(f"{tune_steps}: step counts must be positive")
     if "tune" in args.phases and any(s % min(args.tune_steps) for s in args.tune_steps):
-        parser.error(f"--tune_steps {' '.join(map(str, args.tune_steps))}: each must be a multiple of the smallest "
-                     "(they are checkpoints of one run of the largest)")
+        parser.error(f"{tune_steps}: each must be a multiple of the smallest (they are checkpoints of one run of "
+                     "the largest)")
     subjects = [name for spec in args.subjects for name in subject_family.resolve(spec)]
     args.tune_subjects = [name for spec in args.tune_subjects for name in subject_family.resolve(spec)]
     held_out = [s for s in args.tune_subjects if s not in world.SUBJECTS and subject_family.split_of(s) == "evaluation"]
