@@ -75,11 +75,13 @@ MEASURES = ("subject", "recontext_background", "recontext_subject", "class_promp
             "class_shape")
 #: The measures compared pair by pair between methods (class leakage and class shape sit at their
 #: ideal for every method, so their differences say nothing).
+#: The base model an output folder's runs were made with (see ``claim_for_model``).
+BASE_MODEL_FILE = "base_model.txt"
 PAIRED_MEASURES = ("subject", "recontext_subject", "recontext_background", "class_prompt_fidelity")
 
 
-def fresh_pipeline():
-    return quiet_progress(load_pipeline("tiny", dtype=torch.float32))
+def fresh_pipeline(model: str = "tiny"):
+    return quiet_progress(load_pipeline(model, dtype=torch.float32))
 
 
 def instances_of(name: str) -> list[Image.Image]:
@@ -121,13 +123,14 @@ def loader(method: str):
     return kind_of(method).load
 
 
-def score_folder(folder: Path, method: str, name: str, num_images: int, eval_seed: int, guidance: float) -> dict:
-    """Per-sample tiny-world measures of one output folder, and its hyperspherical-energy change."""
-    pipe = fresh_pipeline()
+def score_folder(folder: Path, job: dict) -> dict:
+    """Per-sample tiny-world measures of one run's output folder, and its hyperspherical-energy change."""
+    method, name = job["method"], job["subject"]
+    pipe = fresh_pipeline(job["model"])
     before = {k: v.detach().cpu().clone() for k, v in pipe.unet.state_dict().items()}
     boft = method.startswith("boft")
     load_outputs(pipe, folder, load=loader(method))
-    samples = measure(pipe, name, num_images, eval_seed, guidance)
+    samples = measure(pipe, name, job["num_images"], job["eval_seed"], job["guidance"])
     after = kind_of(method).merged_state_dict(pipe.unet)
     if boft:
         assert base_state_dict(pipe.unet).keys() == after.keys()
@@ -144,7 +147,7 @@ def checkpoint_samples(run_dir: Path, job: dict, num_images: int) -> dict[int, d
     folders = sorted(run_dir.glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[1]))
     scored = {}
     for folder in folders:
-        pipe = fresh_pipeline()
+        pipe = fresh_pipeline(job["model"])
         load_outputs(pipe, folder / "adapter", load=loader(job["method"]))
         scored[int(folder.name.split("-")[1])] = measure(pipe, job["subject"], num_images, job["eval_seed"],
                                                          job["guidance"])
@@ -175,6 +178,10 @@ def class_dir(out: Path, name: str, seed: int, variant: str = "") -> Path:
     return out / name / f"{captioned}class_images-seed{seed}"
 
 
+def model_flags(job: dict) -> list[str]:
+    return ["--pretrained_model_name_or_path", job["model"]]
+
+
 def run_flags(job: dict) -> list[str]:
     out = Path(job["output_dir"])
     run_dir = out / job["phase"] / job["subject"] / f"{job['method']}-v{job['variant_index']}-lr{job['lr_scale']}-{job['steps']}steps-seed{job['seed']}"
@@ -182,7 +189,15 @@ def run_flags(job: dict) -> list[str]:
                            job["subject"], instance_dir(out, job["subject"]))
     flags[flags.index("--learning_rate") + 1] = f"{BASE_LEARNING_RATE * job['lr_scale']:g}"
     checkpoints = ["--checkpointing_steps", str(job["checkpoint_every"])] if job["checkpoint_every"] else []
-    return [*flags, *shlex.split(job["variant"]), *METHODS[job["method"]], "--report_to", "none", *checkpoints]
+    return [*flags, *model_flags(job), *shlex.split(job["variant"]), *METHODS[job["method"]], "--report_to", "none",
+            *checkpoints]
+
+
+def class_image_flags(job: dict) -> list[str]:
+    """Flags whose config draws the class images of a job's (subject, seed) with the job's model."""
+    out = Path(job["output_dir"])
+    return [*training_flags(out / "unused", 1, job["seed"], class_dir(out, job["subject"], job["seed"]), job["subject"],
+                            instance_dir(out, job["subject"])), *model_flags(job)]
 
 
 def finished_run(run_dir: Path, config: DreamBoothConfig) -> bool:
@@ -199,16 +214,13 @@ def execute(job: dict) -> dict:
     measures of a subject, or one training run and its scores."""
     start = time.time()
     if job["kind"] == "class_images":
-        out = Path(job["output_dir"])
-        config = DreamBoothConfig.from_flags(training_flags(out / "unused", 1, job["seed"],
-                                                            class_dir(out, job["subject"], job["seed"]),
-                                                            job["subject"], instance_dir(out, job["subject"])))
+        config = DreamBoothConfig.from_flags(class_image_flags(job))
         from accelerate import PartialState
-        ensure_class_images(fresh_pipeline(), config, PartialState())
+        ensure_class_images(fresh_pipeline(job["model"]), config, PartialState())
         return {**job, "seconds": time.time() - start}
     if job["kind"] == "base":
         instances = instances_of(job["subject"])
-        return {**job, "samples": measure(fresh_pipeline(), job["subject"], job["num_images"], job["eval_seed"],
+        return {**job, "samples": measure(fresh_pipeline(job["model"]), job["subject"], job["num_images"], job["eval_seed"],
                                           job["guidance"]),
                 "instances": instance_self_score(instances), "seconds": time.time() - start}
     config = DreamBoothConfig.from_flags(run_flags(job))
@@ -217,7 +229,7 @@ def execute(job: dict) -> dict:
     if not reused:
         train(config)
     trained = None if reused else time.time() - start
-    scored = score_folder(run_dir, job["method"], job["subject"], job["num_images"], job["eval_seed"], job["guidance"])
+    scored = score_folder(run_dir, job)
     at_checkpoints = checkpoint_samples(run_dir, job, job["checkpoint_images"]) if job["checkpoint_every"] else {}
     return {**job, **scored, "checkpoints": at_checkpoints, "train_seconds": trained,
             "seconds": time.time() - start}
@@ -443,6 +455,10 @@ def print_per_subject(summary: dict) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--output_dir", default="outputs/bench_dreambooth")
+    parser.add_argument("--pretrained_model_name_or_path", default="tiny",
+                        help="The base model every run trains on and is scored with (a tiny-world model: the "
+                             "embedded one, or a candidate from scripts/pretrain_tiny_sd.py). Class images are "
+                             "that model's: an --output_dir used with one model is refused to another.")
     parser.add_argument("--phases", nargs="+", default=["tune", "confirm"], choices=["tune", "pick", "confirm"],
                         help="pick: redo tuning.json from the tuning runs finished so far (after a killed tune).")
     parser.add_argument("--tuning", default=None,
@@ -516,9 +532,10 @@ def main() -> None:
     if "tune" in args.phases and held_out:
         parser.error(f"--tune_subjects {' '.join(held_out)}: evaluation subjects; tune on tuning subjects")
     out = Path(args.output_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    claim_for_model(out, args.pretrained_model_name_or_path, parser)
     write_subjects(out, [*subjects, *args.tune_subjects])
-    common = {"output_dir": str(out), "eval_seed": args.eval_seed, "guidance": args.guidance_scale}
+    common = {"output_dir": str(out), "model": args.pretrained_model_name_or_path, "eval_seed": args.eval_seed,
+              "guidance": args.guidance_scale}
     pool = None
     if args.workers > 1:
         pool = ProcessPoolExecutor(args.workers, mp_context=multiprocessing.get_context("spawn"),
@@ -538,6 +555,19 @@ def main() -> None:
     finally:
         if pool:
             pool.shutdown()
+
+
+def claim_for_model(out: Path, model: str, parser: argparse.ArgumentParser) -> None:
+    """Mark ``out`` as holding one base model's class images, base measures and runs, and refuse it
+    to another model: class images are reused by folder, so a second model would train on the
+    first one's prior without a word."""
+    out.mkdir(parents=True, exist_ok=True)
+    marker = out / BASE_MODEL_FILE
+    if marker.is_file() and (claimed := marker.read_text().strip()) != model:
+        parser.error(f"--output_dir {out} holds runs of the base model {claimed!r}, not "
+                     f"--pretrained_model_name_or_path {model!r}: give each model its own --output_dir")
+    if not marker.is_file():
+        marker.write_text(model + "\n")
 
 
 def base_and_class_images(subjects: list[str], seeds: list[int], num_images: int, common: dict, pool, workers: int,

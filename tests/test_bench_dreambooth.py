@@ -1,5 +1,6 @@
 """benchmarks/bench_dreambooth.py scores a finished run again without training it, and only then."""
 
+import argparse
 import json
 import sys
 from pathlib import Path
@@ -9,7 +10,10 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
 from bench_dreambooth import (  # noqa: E402
+    BASE_MODEL_FILE,
     PAIRED_MEASURES,
+    claim_for_model,
+    class_image_flags,
     finished_run,
     instances_of,
     main,
@@ -118,8 +122,8 @@ def test_a_held_out_subject_trains_on_its_written_photos_and_is_scored_on_the_sa
     name = subject_family.resolve("evaluation:1")[0]
     write_subjects(tmp_path, ["sks_star", name])
     assert not (tmp_path / "subjects" / "sks_star").exists(), "bundled subjects train on their shipped folder"
-    job = {"output_dir": str(tmp_path), "phase": "confirm", "subject": name, "method": "boft-m2", "variant": "",
-           "variant_index": 0, "lr_scale": 1.0, "steps": 10, "seed": 10, "checkpoint_every": 0}
+    job = {"output_dir": str(tmp_path), "model": "tiny", "phase": "confirm", "subject": name, "method": "boft-m2",
+           "variant": "", "variant_index": 0, "lr_scale": 1.0, "steps": 10, "seed": 10, "checkpoint_every": 0}
     flags = run_flags(job)
     config = DreamBoothConfig.from_flags(flags)
     folder = Path(config.subject.instance_data_dir)
@@ -131,6 +135,38 @@ def test_a_held_out_subject_trains_on_its_written_photos_and_is_scored_on_the_sa
     assert flags[flags.index("--learning_rate") + 1] == "0.002", "lr x1 is BASE_LEARNING_RATE, not the recipe's rate"
     tripled = run_flags({**job, "lr_scale": 3.0})
     assert tripled[tripled.index("--learning_rate") + 1] == "0.006"
+
+
+def test_a_candidate_base_model_trains_draws_the_class_images_and_is_never_mistaken_for_another(tmp_path):
+    candidate = str(tmp_path / "candidate_model")
+    job = {"output_dir": str(tmp_path), "model": candidate, "phase": "confirm", "subject": "sks_star",
+           "method": "boft-m1", "variant": "", "variant_index": 0, "lr_scale": 3.0, "steps": 10, "seed": 40,
+           "checkpoint_every": 0}
+    config = DreamBoothConfig.from_flags(run_flags(job))
+    assert config.run.model.pretrained_model_name_or_path == candidate
+    class_config = DreamBoothConfig.from_flags(class_image_flags(job))
+    assert class_config.run.model.pretrained_model_name_or_path == candidate
+    assert class_config.prior.class_data_dir == config.prior.class_data_dir
+
+    run_dir = Path(config.run.trainer.output_dir)
+    run_dir.mkdir(parents=True)
+    (run_dir / WEIGHTS_NAME).write_bytes(b"")
+    (run_dir / FLAGS_JSON).write_text(json.dumps(flags_as_json(config.run.trainer.hparams)))
+    assert finished_run(run_dir, config)
+    on_the_embedded_model = DreamBoothConfig.from_flags(run_flags({**job, "model": "tiny"}))
+    assert not finished_run(run_dir, on_the_embedded_model), "a run on another base model must train again"
+
+
+def test_an_output_folder_of_one_base_model_is_refused_to_another(tmp_path, monkeypatch, capsys):
+    out = tmp_path / "bench"
+    claim_for_model(out, "tiny", argparse.ArgumentParser())
+    claim_for_model(out, "tiny", argparse.ArgumentParser())
+    monkeypatch.setattr(sys, "argv", ["bench_dreambooth.py", "--output_dir", str(out), "--subjects", "sks_star",
+                                      "--pretrained_model_name_or_path", str(tmp_path / "candidate")])
+    with pytest.raises(SystemExit):
+        main()
+    assert "holds runs of the base model 'tiny'" in capsys.readouterr().err
+    assert sorted(p.name for p in out.iterdir()) == [BASE_MODEL_FILE], "nothing was written for the other model"
 
 
 def scores(subject: float) -> dict[str, list[float]]:
