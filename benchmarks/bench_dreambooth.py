@@ -19,11 +19,16 @@ Subjects are the bundled three or any of ``boft_diffusion/tiny/subject_family.py
 shapes split into tuning and evaluation subjects): ``--subjects evaluation:12`` confirms on the
 first 12 evaluation subjects, ``--tune_subjects tuning:4`` tunes on the first four tuning
 subjects. Their photos are written to ``<output_dir>/subjects/`` before any run starts.
+
+``--pretrained_model_name_or_path`` trains and scores on another tiny-world model instead (a
+candidate folder from ``scripts/pretrain_tiny_sd.py``); ``<output_dir>/base_model.json`` records
+which, and an output folder is refused to any other model.
 """
 
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import logging
 import multiprocessing
@@ -41,17 +46,17 @@ from PIL import Image, ImageDraw
 
 from boft_diffusion import load_pipeline
 from boft_diffusion.core.adapters import base_state_dict
-from boft_diffusion.core.files import WEIGHTS_NAME, count_file_parameters
+from boft_diffusion.core.files import WEIGHTS_NAME, atomic_write_text, count_file_parameters
 from boft_diffusion.demo import GUIDANCE, training_flags
 from boft_diffusion.evaluation.energy import energy_change
 from boft_diffusion.evaluation.statistics import bootstrap_ci, paired_bootstrap_ci
 from boft_diffusion.evaluation.tiny_world import instance_self_score, sample_scores, tiny_world_samples
-from boft_diffusion.families.loading import quiet_progress
+from boft_diffusion.families.loading import TINY_ALIASES, quiet_progress
 from boft_diffusion.kinds.registry import AdapterKind, adapter_kind
 from boft_diffusion.outputs.read import load_outputs
 from boft_diffusion.recipes.dreambooth import DreamBoothConfig, ensure_class_images, train
 from boft_diffusion.tiny import subject_family, world
-from boft_diffusion.tiny.bundled import example_subject_dir
+from boft_diffusion.tiny.bundled import EMBEDDED_MODEL_DIR, example_subject_dir
 from boft_diffusion.training.data import load_images
 from boft_diffusion.training.trainer import FLAGS_JSON, flags_as_json
 
@@ -73,10 +78,10 @@ METHODS = {
 BASE_LEARNING_RATE = 2e-3
 MEASURES = ("subject", "recontext_background", "recontext_subject", "class_prompt_fidelity", "class_subject",
             "class_shape")
+#: The base model an output folder's runs were made with (see ``claim_for_model``).
+BASE_MODEL_FILE = "base_model.json"
 #: The measures compared pair by pair between methods (class leakage and class shape sit at their
 #: ideal for every method, so their differences say nothing).
-#: The base model an output folder's runs were made with (see ``claim_for_model``).
-BASE_MODEL_FILE = "base_model.txt"
 PAIRED_MEASURES = ("subject", "recontext_subject", "recontext_background", "class_prompt_fidelity")
 
 
@@ -458,7 +463,8 @@ def main() -> None:
     parser.add_argument("--pretrained_model_name_or_path", default="tiny",
                         help="The base model every run trains on and is scored with (a tiny-world model: the "
                              "embedded one, or a candidate from scripts/pretrain_tiny_sd.py). Class images are "
-                             "that model's: an --output_dir used with one model is refused to another.")
+                             "that model's: an --output_dir used with one model (base_model.json) is refused to "
+                             "another.")
     parser.add_argument("--phases", nargs="+", default=["tune", "confirm"], choices=["tune", "pick", "confirm"],
                         help="pick: redo tuning.json from the tuning runs finished so far (after a killed tune).")
     parser.add_argument("--tuning", default=None,
@@ -557,17 +563,45 @@ def main() -> None:
             pool.shutdown()
 
 
+def model_identity(model: str) -> dict[str, str]:
+    """What makes two base models one: the folder (the embedded model under any of its names) and the
+    bytes of its UNet, so that a candidate retrained into the same folder counts as another model."""
+    folder = EMBEDDED_MODEL_DIR if model in TINY_ALIASES else Path(model)
+    weights = sorted((folder / "unet").glob("*.safetensors"))
+    if not weights:
+        raise ValueError(f"{model!r} is not a tiny-world pipeline folder (no unet/*.safetensors in it)")
+    digest = hashlib.sha256()
+    for path in weights:
+        digest.update(path.read_bytes())
+    return {"folder": str(folder.resolve()), "unet_sha256": digest.hexdigest()}
+
+
 def claim_for_model(out: Path, model: str, parser: argparse.ArgumentParser) -> None:
     """Mark ``out`` as holding one base model's class images, base measures and runs, and refuse it
-    to another model: class images are reused by folder, so a second model would train on the
-    first one's prior without a word."""
-    out.mkdir(parents=True, exist_ok=True)
+    to another model: class images and finished runs are reused by folder, so a second model would
+    train on the first one's prior without a word. A folder from before the mark was made on the
+    embedded model."""
+    try:
+        identity = model_identity(model)
+    except ValueError as err:
+        parser.error(f"--pretrained_model_name_or_path: {err}")
     marker = out / BASE_MODEL_FILE
-    if marker.is_file() and (claimed := marker.read_text().strip()) != model:
-        parser.error(f"--output_dir {out} holds runs of the base model {claimed!r}, not "
-                     f"--pretrained_model_name_or_path {model!r}: give each model its own --output_dir")
-    if not marker.is_file():
-        marker.write_text(model + "\n")
+    if marker.is_file():
+        claimed = json.loads(marker.read_text())
+    else:
+        claimed = model_identity("tiny") if out.is_dir() and any(out.iterdir()) else identity
+    if claimed != identity:
+        parser.error(f"--output_dir {out} holds runs of the base model in {claimed['folder']} (UNet sha256 "
+                     f"{claimed['unet_sha256'][:12]}), not --pretrained_model_name_or_path {model} ({identity['folder']}, "
+                     f"UNet sha256 {identity['unet_sha256'][:12]}): give each model its own --output_dir")
+    out.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(marker, json.dumps(identity, indent=1) + "\n")
+
+
+def base_model_of(out: Path) -> str:
+    """The base model folder of a bench output folder's runs (the embedded model's if unmarked)."""
+    marker = out / BASE_MODEL_FILE
+    return json.loads(marker.read_text())["folder"] if marker.is_file() else "tiny"
 
 
 def base_and_class_images(subjects: list[str], seeds: list[int], num_images: int, common: dict, pool, workers: int,

@@ -19,7 +19,7 @@ from collections import defaultdict
 from pathlib import Path
 
 import numpy as np
-from bench_dreambooth import GUIDANCE, fresh_pipeline, instances_of, loader
+from bench_dreambooth import GUIDANCE, base_model_of, fresh_pipeline, instances_of, loader
 
 from boft_diffusion.evaluation.sampling import sample
 from boft_diffusion.outputs.read import load_outputs
@@ -44,7 +44,7 @@ def failure_mode(image, profile: metrics.SubjectProfile) -> tuple[str, dict[str,
 def run_modes(run_dir: Path, num_images: int, eval_seed: int, guidance: float) -> dict:
     subject = run_dir.parent.name
     method = run_dir.name.split("-v")[0]
-    pipe = fresh_pipeline()
+    pipe = fresh_pipeline(base_model_of(run_dir.parents[2]))
     load_outputs(pipe, run_dir, load=loader(method))
     profile = metrics.SubjectProfile(instances_of(subject))
     prompt = subject_family.subject_by_name(subject).instance_prompt

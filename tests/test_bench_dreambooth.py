@@ -2,6 +2,7 @@
 
 import argparse
 import json
+import shutil
 import sys
 from pathlib import Path
 
@@ -12,6 +13,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
 from bench_dreambooth import (  # noqa: E402
     BASE_MODEL_FILE,
     PAIRED_MEASURES,
+    base_model_of,
     claim_for_model,
     class_image_flags,
     finished_run,
@@ -30,6 +32,7 @@ from boft_diffusion.core.files import WEIGHTS_NAME  # noqa: E402
 from boft_diffusion.demo import GUIDANCE, training_flags  # noqa: E402
 from boft_diffusion.recipes.dreambooth import DreamBoothConfig  # noqa: E402
 from boft_diffusion.tiny import subject_family  # noqa: E402
+from boft_diffusion.tiny.bundled import EMBEDDED_MODEL_DIR  # noqa: E402
 from boft_diffusion.training.data import load_images  # noqa: E402
 from boft_diffusion.training.trainer import FLAGS_JSON, flags_as_json  # noqa: E402
 
@@ -157,16 +160,43 @@ def test_a_candidate_base_model_trains_draws_the_class_images_and_is_never_mista
     assert not finished_run(run_dir, on_the_embedded_model), "a run on another base model must train again"
 
 
-def test_an_output_folder_of_one_base_model_is_refused_to_another(tmp_path, monkeypatch, capsys):
-    out = tmp_path / "bench"
-    claim_for_model(out, "tiny", argparse.ArgumentParser())
-    claim_for_model(out, "tiny", argparse.ArgumentParser())
+def refusal(out: Path, model: str, monkeypatch, capsys) -> str:
+    """The error bench_dreambooth.py gives for ``--output_dir out`` with ``model``."""
     monkeypatch.setattr(sys, "argv", ["bench_dreambooth.py", "--output_dir", str(out), "--subjects", "sks_star",
-                                      "--pretrained_model_name_or_path", str(tmp_path / "candidate")])
+                                      "--pretrained_model_name_or_path", model])
     with pytest.raises(SystemExit):
         main()
-    assert "holds runs of the base model 'tiny'" in capsys.readouterr().err
+    return capsys.readouterr().err
+
+
+def test_an_output_folder_of_one_base_model_is_refused_to_another(tmp_path, monkeypatch, capsys):
+    out = tmp_path / "bench"
+    for same in ("tiny", "embedded", str(EMBEDDED_MODEL_DIR)):
+        claim_for_model(out, same, argparse.ArgumentParser())
+    assert base_model_of(out) == str(EMBEDDED_MODEL_DIR.resolve())
+    candidate = tmp_path / "candidate"
+    shutil.copytree(EMBEDDED_MODEL_DIR, candidate)
+    assert "holds runs of the base model in" in refusal(out, str(candidate), monkeypatch, capsys)
     assert sorted(p.name for p in out.iterdir()) == [BASE_MODEL_FILE], "nothing was written for the other model"
+
+    retrained = tmp_path / "bench_candidate"
+    claim_for_model(retrained, str(candidate), argparse.ArgumentParser())
+    weights = next((candidate / "unet").glob("*.safetensors"))
+    weights.write_bytes(weights.read_bytes()[:-1] + b"\x00")
+    assert "UNet sha256" in refusal(retrained, str(candidate), monkeypatch, capsys), "retrained in the same folder"
+
+
+def test_a_mistyped_model_claims_nothing_and_an_unmarked_folder_is_the_embedded_models(tmp_path, monkeypatch, capsys):
+    fresh = tmp_path / "fresh"
+    assert "not a tiny-world pipeline folder" in refusal(fresh, str(tmp_path / "typo"), monkeypatch, capsys)
+    assert not fresh.exists()
+    old = tmp_path / "old"
+    (old / "sks_star" / "class_images-seed10").mkdir(parents=True)
+    candidate = tmp_path / "candidate"
+    shutil.copytree(EMBEDDED_MODEL_DIR, candidate)
+    assert "holds runs of the base model in" in refusal(old, str(candidate), monkeypatch, capsys)
+    claim_for_model(old, "tiny", argparse.ArgumentParser())
+    assert base_model_of(old) == str(EMBEDDED_MODEL_DIR.resolve())
 
 
 def scores(subject: float) -> dict[str, list[float]]:
