@@ -347,8 +347,17 @@ def vae_batch(images: np.ndarray, args, rng: np.random.Generator) -> torch.Tenso
     return to_tensor(np.concatenate([images[idx], texture_images(n_tex, rng)])).to(args.device)
 
 
+def native_bf16(device: str) -> bool:
+    """Whether ``device`` computes bf16 in hardware: a CUDA GPU, or a CPU with AVX-512 (oneDNN's bf16
+    kernels). Elsewhere autocast emulates bf16, and a step on the 2-core AVX2 development CPU took
+    15 s instead of 1.9 s in fp32 (2026-12-07)."""
+    if torch.device(device).type == "cuda":
+        return True
+    return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+
+
 def autocast(args):
-    """bf16 autocast on the training device (CPU or CUDA), or nothing with --no-bf16."""
+    """bf16 autocast on the training device (CPU or CUDA), or nothing without --bf16."""
     return torch.autocast(torch.device(args.device).type, dtype=torch.bfloat16, enabled=args.bf16)
 
 
@@ -604,7 +613,7 @@ def warm_start(folder: Path, text_encoder, unet, tokenizer) -> dict:
     return {"from": str(folder), "tokens_kept": kept, "tokens_new": len(tokenizer) - kept}
 
 
-def main(argv=None):
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", default=None, help="output pipeline folder (default: package model dir)")
     p.add_argument("--work", default=None, help="scratch dir: dataset cache, checkpoints (default /tmp/tiny_sd_work)")
@@ -646,7 +655,9 @@ def main(argv=None):
     p.add_argument("--decoder-minutes", type=float, default=0.0, help="decoder fine-tune wall-time budget")
     p.add_argument("--decoder-only", action="store_true",
                    help="only fine-tune the decoder and save --work/vae_decoder_ft.pt")
-    p.add_argument("--no-bf16", dest="bf16", action="store_false", help="disable bf16 autocast for training")
+    p.add_argument("--bf16", action=argparse.BooleanOptionalAction, default=None,
+                   help="bf16 autocast for training (default: where the device computes bf16 in hardware, "
+                        "see native_bf16)")
     p.add_argument("--no-fp16", action="store_true")
     p.add_argument("--resume", action="store_true")
     p.add_argument("--quick", action="store_true", help="seconds-long smoke test into a tmp dir")
@@ -654,6 +665,13 @@ def main(argv=None):
                    help="only export the pipeline from the EMA weights of --work/ckpt.pt (+ vae.pt)")
     p.add_argument("--scaling-factor", type=float, default=None, help="with --export-ckpt (else re-estimated)")
     args = p.parse_args(argv)
+    if args.bf16 is None:
+        args.bf16 = native_bf16(args.device)
+    return args
+
+
+def main(argv=None):
+    args = parse_args(argv)
 
     if args.quick:
         tmp = Path(tempfile.mkdtemp(prefix="tiny_sd_quick_"))

@@ -59,6 +59,15 @@ def test_quick_pretraining_mode(tmp_path, world):
     assert whole_words == (world == 4)
 
 
+@pytest.mark.parametrize("native", [True, False])
+def test_pretraining_autocasts_to_bf16_only_where_the_cpu_computes_it(monkeypatch, native):
+    mod = _pretrain_module()
+    monkeypatch.setattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", lambda: native)
+    assert mod.parse_args([]).bf16 is native, "emulated bf16 is several times slower than fp32"
+    assert mod.parse_args(["--device", "cuda"]).bf16, "GPUs compute bf16"
+    assert mod.parse_args(["--bf16"]).bf16 and not mod.parse_args(["--device", "cuda", "--no-bf16"]).bf16
+
+
 def test_quick_pretrain_roundtrip(quick_pipeline_dir):
     from diffusers import StableDiffusionPipeline
 
