@@ -78,7 +78,9 @@ METHODS = {
 BASE_LEARNING_RATE = 2e-3
 MEASURES = ("subject", "recontext_background", "recontext_subject", "class_prompt_fidelity", "class_subject",
             "class_shape")
-#: The base model an output folder's runs were made with (see ``claim_for_model``).
+#: How prompts name the subject (``subject_prompt``).
+SUBJECT_PROMPTS = ("identifier", "described")
+#: The base model and subject prompts an output folder's runs were made with (``claim_for_model``).
 BASE_MODEL_FILE = "base_model.json"
 #: The measures compared pair by pair between methods (class leakage and class shape sit at their
 #: ideal for every method, so their differences say nothing).
@@ -97,17 +99,32 @@ def instances_of(name: str) -> list[Image.Image]:
     return [world.render(scene) for scene in subject_family.instance_scenes(subject_family.subject_by_name(name))]
 
 
-def instance_dir(out: Path, name: str) -> Path:
-    """Where a run reads a subject's photos: the bundled folder, or the one ``write_subjects`` made."""
+def subject_prompt(name: str, style: str = "identifier") -> str:
+    """A subject's instance prompt in one of ``SUBJECT_PROMPTS``: the identifier and the class noun
+    ("a photo of sks ohwx hexagon"), or those with the subject's colours and pattern in words
+    ("a photo of sks ohwx purple hexagon with orange vertical stripes"), which leaves the identifier
+    only what the words cannot say."""
+    subject = subject_family.subject_by_name(name)
+    if style == "identifier":
+        return subject.instance_prompt
+    return f"a photo of {subject.identifier} {subject.description.split(' ', 1)[1]}"
+
+
+def instance_dir(out: Path, name: str, style: str = "identifier") -> Path:
+    """Where a run reads a subject's photos: the bundled folder, or the one ``write_subjects`` made
+    (described subjects' captions describe them, so every described subject has one)."""
+    if style == "described":
+        return out / "subjects_described" / name
     return example_subject_dir(name) if name in world.SUBJECTS else out / "subjects" / name
 
 
-def write_subjects(out: Path, names: list[str]) -> None:
-    """The photo folders of the generated subjects among ``names``, written once before any worker
+def write_subjects(out: Path, names: list[str], style: str = "identifier") -> None:
+    """The photo folders of the subjects among ``names`` that have none, written once before any worker
     starts (two workers writing one folder would race)."""
     for name in names:
-        if name not in world.SUBJECTS:
-            subject_family.write_subject(subject_family.subject_by_name(name), out / "subjects")
+        if style == "described" or name not in world.SUBJECTS:
+            subject_family.write_subject(subject_family.subject_by_name(name), instance_dir(out, name, style).parent,
+                                         instance_prompt=subject_prompt(name, style))
 
 
 def measure(pipe, name: str, num_images: int, eval_seed: int, guidance: float = GUIDANCE,
@@ -135,7 +152,8 @@ def score_folder(folder: Path, job: dict) -> dict:
     before = {k: v.detach().cpu().clone() for k, v in pipe.unet.state_dict().items()}
     boft = method.startswith("boft")
     load_outputs(pipe, folder, load=loader(method))
-    samples = measure(pipe, name, job["num_images"], job["eval_seed"], job["guidance"])
+    samples = measure(pipe, name, job["num_images"], job["eval_seed"], job["guidance"],
+                      subject_prompt(name, job["subject_prompts"]))
     after = kind_of(method).merged_state_dict(pipe.unet)
     if boft:
         assert base_state_dict(pipe.unet).keys() == after.keys()
@@ -155,7 +173,8 @@ def checkpoint_samples(run_dir: Path, job: dict, num_images: int) -> dict[int, d
         pipe = fresh_pipeline(job["model"])
         load_outputs(pipe, folder / "adapter", load=loader(job["method"]))
         scored[int(folder.name.split("-")[1])] = measure(pipe, job["subject"], num_images, job["eval_seed"],
-                                                         job["guidance"])
+                                                         job["guidance"],
+                                                         subject_prompt(job["subject"], job["subject_prompts"]))
     return scored
 
 
@@ -187,22 +206,33 @@ def model_flags(job: dict) -> list[str]:
     return ["--pretrained_model_name_or_path", job["model"]]
 
 
+def prompt_flags(job: dict) -> list[str]:
+    """A described subject's prompt, with its identifier named (the prompt's words the class prompt
+    lacks would count its colours and pattern as identifier too)."""
+    if job["subject_prompts"] == "identifier":
+        return []
+    subject = subject_family.subject_by_name(job["subject"])
+    return ["--instance_prompt", subject_prompt(job["subject"], "described"),
+            "--identifier_token", *subject.identifier.split()]
+
+
 def run_flags(job: dict) -> list[str]:
     out = Path(job["output_dir"])
     run_dir = out / job["phase"] / job["subject"] / f"{job['method']}-v{job['variant_index']}-lr{job['lr_scale']}-{job['steps']}steps-seed{job['seed']}"
     flags = training_flags(run_dir, job["steps"], job["seed"], class_dir(out, job["subject"], job["seed"], job["variant"]),
-                           job["subject"], instance_dir(out, job["subject"]))
+                           job["subject"], instance_dir(out, job["subject"], job["subject_prompts"]))
     flags[flags.index("--learning_rate") + 1] = f"{BASE_LEARNING_RATE * job['lr_scale']:g}"
     checkpoints = ["--checkpointing_steps", str(job["checkpoint_every"])] if job["checkpoint_every"] else []
-    return [*flags, *model_flags(job), *shlex.split(job["variant"]), *METHODS[job["method"]], "--report_to", "none",
-            *checkpoints]
+    return [*flags, *model_flags(job), *prompt_flags(job), *shlex.split(job["variant"]), *METHODS[job["method"]],
+            "--report_to", "none", *checkpoints]
 
 
 def class_image_flags(job: dict) -> list[str]:
     """Flags whose config draws the class images of a job's (subject, seed) with the job's model."""
     out = Path(job["output_dir"])
     return [*training_flags(out / "unused", 1, job["seed"], class_dir(out, job["subject"], job["seed"]), job["subject"],
-                            instance_dir(out, job["subject"])), *model_flags(job)]
+                            instance_dir(out, job["subject"], job["subject_prompts"])), *model_flags(job),
+            *prompt_flags(job)]
 
 
 def finished_run(run_dir: Path, config: DreamBoothConfig) -> bool:
@@ -225,8 +255,9 @@ def execute(job: dict) -> dict:
         return {**job, "seconds": time.time() - start}
     if job["kind"] == "base":
         instances = instances_of(job["subject"])
-        return {**job, "samples": measure(fresh_pipeline(job["model"]), job["subject"], job["num_images"], job["eval_seed"],
-                                          job["guidance"]),
+        return {**job, "samples": measure(fresh_pipeline(job["model"]), job["subject"], job["num_images"],
+                                          job["eval_seed"], job["guidance"],
+                                          subject_prompt(job["subject"], job["subject_prompts"])),
                 "instances": instance_self_score(instances), "seconds": time.time() - start}
     config = DreamBoothConfig.from_flags(run_flags(job))
     run_dir = Path(config.run.trainer.output_dir)
@@ -465,6 +496,10 @@ def main() -> None:
                              "embedded one, or a candidate from scripts/pretrain_tiny_sd.py). Class images are "
                              "that model's: an --output_dir used with one model (base_model.json) is refused to "
                              "another.")
+    parser.add_argument("--subject_prompts", default="identifier", choices=SUBJECT_PROMPTS,
+                        help="How every prompt names the subject, in training captions and in sampling: by "
+                             "its identifier and class noun (the recipe), or described too (its colours and "
+                             "pattern in words). Runs of each live in their own --output_dir.")
     parser.add_argument("--phases", nargs="+", default=["tune", "confirm"], choices=["tune", "pick", "confirm"],
                         help="pick: redo tuning.json from the tuning runs finished so far (after a killed tune).")
     parser.add_argument("--tuning", default=None,
@@ -538,10 +573,10 @@ def main() -> None:
     if "tune" in args.phases and held_out:
         parser.error(f"--tune_subjects {' '.join(held_out)}: evaluation subjects; tune on tuning subjects")
     out = Path(args.output_dir)
-    claim_for_model(out, args.pretrained_model_name_or_path, parser)
-    write_subjects(out, [*subjects, *args.tune_subjects])
-    common = {"output_dir": str(out), "model": args.pretrained_model_name_or_path, "eval_seed": args.eval_seed,
-              "guidance": args.guidance_scale}
+    claim_for_model(out, args.pretrained_model_name_or_path, parser, args.subject_prompts)
+    write_subjects(out, [*subjects, *args.tune_subjects], args.subject_prompts)
+    common = {"output_dir": str(out), "model": args.pretrained_model_name_or_path,
+              "subject_prompts": args.subject_prompts, "eval_seed": args.eval_seed, "guidance": args.guidance_scale}
     pool = None
     if args.workers > 1:
         pool = ProcessPoolExecutor(args.workers, mp_context=multiprocessing.get_context("spawn"),
@@ -576,32 +611,42 @@ def model_identity(model: str) -> dict[str, str]:
     return {"folder": str(folder.resolve()), "unet_sha256": digest.hexdigest()}
 
 
-def claim_for_model(out: Path, model: str, parser: argparse.ArgumentParser) -> None:
-    """Mark ``out`` as holding one base model's class images, base measures and runs, and refuse it
-    to another model: class images and finished runs are reused by folder, so a second model would
-    train on the first one's prior without a word. A folder from before the mark was made on the
-    embedded model."""
+def claim_for_model(out: Path, model: str, parser: argparse.ArgumentParser,
+                    subject_prompts: str = "identifier") -> None:
+    """Mark ``out`` as holding the class images, base measures and runs of one base model and one way
+    of prompting the subject, and refuse it to any other: class images and finished runs are reused
+    by folder, so another model would train on the first one's prior without a word, and described
+    runs would be scored beside their base model's identifier-only measures. A folder from before
+    the mark was made on the embedded model with the identifier."""
     try:
-        identity = model_identity(model)
+        identity = {**model_identity(model), "subject_prompts": subject_prompts}
     except ValueError as err:
         parser.error(f"--pretrained_model_name_or_path: {err}")
     marker = out / BASE_MODEL_FILE
     if marker.is_file():
         claimed = json.loads(marker.read_text())
+    elif out.is_dir() and any(out.iterdir()):
+        claimed = {**model_identity("tiny"), "subject_prompts": "identifier"}
     else:
-        claimed = model_identity("tiny") if out.is_dir() and any(out.iterdir()) else identity
+        claimed = identity
     if claimed != identity:
-        parser.error(f"--output_dir {out} holds runs of the base model in {claimed['folder']} (UNet sha256 "
-                     f"{claimed['unet_sha256'][:12]}), not --pretrained_model_name_or_path {model} ({identity['folder']}, "
-                     f"UNet sha256 {identity['unet_sha256'][:12]}): give each model its own --output_dir")
+        def said(facts: dict) -> str:
+            return (f"the base model in {facts['folder']} (UNet sha256 {facts['unet_sha256'][:12]}), "
+                    f"--subject_prompts {facts['subject_prompts']}")
+        parser.error(f"--output_dir {out} holds runs of {said(claimed)}; this run asks for {said(identity)} "
+                     f"(--pretrained_model_name_or_path {model}): give each its own --output_dir")
     out.mkdir(parents=True, exist_ok=True)
     atomic_write_text(marker, json.dumps(identity, indent=1) + "\n")
 
 
-def base_model_of(out: Path) -> str:
-    """The base model folder of a bench output folder's runs (the embedded model's if unmarked)."""
+def bench_setup(out: Path) -> tuple[str, str]:
+    """The base model folder and the subject prompts of an output folder's runs (the embedded model
+    and the identifier where unmarked)."""
     marker = out / BASE_MODEL_FILE
-    return json.loads(marker.read_text())["folder"] if marker.is_file() else "tiny"
+    if not marker.is_file():
+        return "tiny", "identifier"
+    facts = json.loads(marker.read_text())
+    return facts["folder"], facts["subject_prompts"]
 
 
 def base_and_class_images(subjects: list[str], seeds: list[int], num_images: int, common: dict, pool, workers: int,

@@ -19,11 +19,11 @@ from collections import defaultdict
 from pathlib import Path
 
 import numpy as np
-from bench_dreambooth import GUIDANCE, base_model_of, fresh_pipeline, instances_of, loader
+from bench_dreambooth import GUIDANCE, bench_setup, fresh_pipeline, instances_of, loader, subject_prompt
 
 from boft_diffusion.evaluation.sampling import sample
 from boft_diffusion.outputs.read import load_outputs
-from boft_diffusion.tiny import metrics, subject_family
+from boft_diffusion.tiny import metrics
 
 MODES = ("scored", "subject_coloured_background", "wrong_shape", "stripe_colours_missing", "no_stripes")
 PARTS = ("score", "shape", "colors", "stripes")
@@ -44,10 +44,11 @@ def failure_mode(image, profile: metrics.SubjectProfile) -> tuple[str, dict[str,
 def run_modes(run_dir: Path, num_images: int, eval_seed: int, guidance: float) -> dict:
     subject = run_dir.parent.name
     method = run_dir.name.split("-v")[0]
-    pipe = fresh_pipeline(base_model_of(run_dir.parents[2]))
+    model, subject_prompts = bench_setup(run_dir.parents[2])
+    pipe = fresh_pipeline(model)
     load_outputs(pipe, run_dir, load=loader(method))
     profile = metrics.SubjectProfile(instances_of(subject))
-    prompt = subject_family.subject_by_name(subject).instance_prompt
+    prompt = subject_prompt(subject, subject_prompts)
     counted = [failure_mode(image, profile) for image in sample(pipe, [prompt] * num_images, eval_seed, 25, guidance)]
     return {"run": run_dir.name, "subject": subject, "method": method, "modes": [m for m, _ in counted],
             "parts": {p: [parts[p] for _, parts in counted] for p in PARTS}}

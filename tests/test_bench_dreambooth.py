@@ -13,7 +13,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
 from bench_dreambooth import (  # noqa: E402
     BASE_MODEL_FILE,
     PAIRED_MEASURES,
-    base_model_of,
+    bench_setup,
     claim_for_model,
     class_image_flags,
     finished_run,
@@ -25,6 +25,7 @@ from bench_dreambooth import (  # noqa: E402
     print_paired,
     print_per_subject,
     run_flags,
+    subject_prompt,
     write_subjects,
 )
 
@@ -125,7 +126,7 @@ def test_a_held_out_subject_trains_on_its_written_photos_and_is_scored_on_the_sa
     name = subject_family.resolve("evaluation:1")[0]
     write_subjects(tmp_path, ["sks_star", name])
     assert not (tmp_path / "subjects" / "sks_star").exists(), "bundled subjects train on their shipped folder"
-    job = {"output_dir": str(tmp_path), "model": "tiny", "phase": "confirm", "subject": name, "method": "boft-m2",
+    job = {"output_dir": str(tmp_path), "model": "tiny", "subject_prompts": "identifier", "phase": "confirm", "subject": name, "method": "boft-m2",
            "variant": "", "variant_index": 0, "lr_scale": 1.0, "steps": 10, "seed": 10, "checkpoint_every": 0}
     flags = run_flags(job)
     config = DreamBoothConfig.from_flags(flags)
@@ -140,9 +141,33 @@ def test_a_held_out_subject_trains_on_its_written_photos_and_is_scored_on_the_sa
     assert tripled[tripled.index("--learning_rate") + 1] == "0.006"
 
 
+@pytest.mark.parametrize("name", ["sks_star", "hexagon_stripes_vertical_purple_orange"])
+def test_a_described_subject_trains_and_is_captioned_with_its_colours_and_pattern_and_the_identifier_alone_learns(
+        tmp_path, name):
+    write_subjects(tmp_path, [name], "described")
+    job = {"output_dir": str(tmp_path), "model": "tiny", "subject_prompts": "described", "phase": "tune",
+           "subject": name, "method": "boft-m1", "variant": "", "variant_index": 0, "lr_scale": 3.0, "steps": 10,
+           "seed": 0, "checkpoint_every": 0}
+    config = DreamBoothConfig.from_flags(run_flags(job))
+    subject = subject_family.subject_by_name(name)
+    described = subject_prompt(name, "described")
+    assert described.startswith("a photo of sks ohwx ") and described.endswith(subject.description.split(" ", 1)[1])
+    assert config.subject.instance_prompt == described and config.identifier == ["sks", "ohwx"]
+    folder = Path(config.subject.instance_data_dir)
+    assert folder == tmp_path / "subjects_described" / name
+    captions = [path.read_text().strip() for path in sorted(folder.glob("*.txt"))]
+    assert len(captions) == 5 and all(c.startswith(described + " on ") for c in captions)
+    written = [np.asarray(image) for _, image in load_images(folder, 64)]
+    assert all(np.array_equal(a, np.asarray(b)) for a, b in zip(written, instances_of(name), strict=True))
+    plain = DreamBoothConfig.from_flags(run_flags({**job, "subject_prompts": "identifier"}))
+    assert plain.subject.instance_prompt == subject.instance_prompt and plain.identifier == ["sks", "ohwx"]
+    assert plain.prior.class_data_dir == config.prior.class_data_dir, "the class prompt, and its images, are one"
+
+
 def test_a_candidate_base_model_trains_draws_the_class_images_and_is_never_mistaken_for_another(tmp_path):
     candidate = str(tmp_path / "candidate_model")
-    job = {"output_dir": str(tmp_path), "model": candidate, "phase": "confirm", "subject": "sks_star",
+    job = {"output_dir": str(tmp_path), "model": candidate, "subject_prompts": "identifier", "phase": "confirm",
+           "subject": "sks_star",
            "method": "boft-m1", "variant": "", "variant_index": 0, "lr_scale": 3.0, "steps": 10, "seed": 40,
            "checkpoint_every": 0}
     config = DreamBoothConfig.from_flags(run_flags(job))
@@ -173,7 +198,7 @@ def test_an_output_folder_of_one_base_model_is_refused_to_another(tmp_path, monk
     out = tmp_path / "bench"
     for same in ("tiny", "embedded", str(EMBEDDED_MODEL_DIR)):
         claim_for_model(out, same, argparse.ArgumentParser())
-    assert base_model_of(out) == str(EMBEDDED_MODEL_DIR.resolve())
+    assert bench_setup(out) == (str(EMBEDDED_MODEL_DIR.resolve()), "identifier")
     candidate = tmp_path / "candidate"
     shutil.copytree(EMBEDDED_MODEL_DIR, candidate)
     assert "holds runs of the base model in" in refusal(out, str(candidate), monkeypatch, capsys)
@@ -195,8 +220,13 @@ def test_a_mistyped_model_claims_nothing_and_an_unmarked_folder_is_the_embedded_
     candidate = tmp_path / "candidate"
     shutil.copytree(EMBEDDED_MODEL_DIR, candidate)
     assert "holds runs of the base model in" in refusal(old, str(candidate), monkeypatch, capsys)
+    monkeypatch.setattr(sys, "argv", ["bench_dreambooth.py", "--output_dir", str(old), "--subjects", "sks_star",
+                                      "--subject_prompts", "described"])
+    with pytest.raises(SystemExit):
+        main()
+    assert "--subject_prompts identifier; this run asks for" in capsys.readouterr().err
     claim_for_model(old, "tiny", argparse.ArgumentParser())
-    assert base_model_of(old) == str(EMBEDDED_MODEL_DIR.resolve())
+    assert bench_setup(old) == (str(EMBEDDED_MODEL_DIR.resolve()), "identifier")
 
 
 def scores(subject: float) -> dict[str, list[float]]:

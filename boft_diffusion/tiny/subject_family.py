@@ -162,11 +162,14 @@ def instance_scenes(subject: world.Subject, n: int = 5, seed: int = 7) -> list[w
     return world.subject_instance_scenes(n, seed, subject)
 
 
-def write_subject(subject: world.Subject, subjects_dir: Path, n: int = 5, seed: int = 7) -> Path:
+def write_subject(subject: world.Subject, subjects_dir: Path, n: int = 5, seed: int = 7,
+                  instance_prompt: str | None = None) -> Path:
     """``<name>/`` (photos, each with a ``.txt`` caption naming its background, for
     ``--caption_extension .txt``), ``<name>_masks/`` (for ``--instance_mask_dir``) and ``<name>.json``
     (prompts and description) under ``subjects_dir``; returns the photo folder. Old files there
-    are replaced, so the folder holds exactly this subject."""
+    are replaced, so the folder holds exactly this subject. ``instance_prompt``: what the captions
+    call the subject (default: its identifier and class noun)."""
+    instance_prompt = instance_prompt or subject.instance_prompt
     images, masks = subjects_dir / subject.name, subjects_dir / f"{subject.name}_masks"
     for folder in (images, masks):
         folder.mkdir(parents=True, exist_ok=True)
@@ -176,15 +179,15 @@ def write_subject(subject: world.Subject, subjects_dir: Path, n: int = 5, seed: 
         path = images / f"{subject.name}_{i:02d}.png"
         world.render(scene).save(path, optimize=True)
         world.render_mask(scene).save(masks / path.name, optimize=True)
-        path.with_suffix(".txt").write_text(world.on_background(subject.instance_prompt, scene.background) + "\n")
+        path.with_suffix(".txt").write_text(world.on_background(instance_prompt, scene.background) + "\n")
     novelty = (f" (the world stripes some shapes, never a {subject.kind})" if subject.pattern == "striped"
                else f" (the world never draws {subject.pattern})")
     (subjects_dir / f"{subject.name}.json").write_text(json.dumps({
-        "instance_prompt": subject.instance_prompt,
+        "instance_prompt": instance_prompt,
         "class_prompt": subject.class_prompt,
         "identifier": subject.identifier,
         "class_noun": subject.kind,
-        "recontext_prompts": [world.on_background(subject.instance_prompt, c) for c in subject.backgrounds],
+        "recontext_prompts": [world.on_background(instance_prompt, c) for c in subject.backgrounds],
         "description": subject.description + novelty,
     }, indent=1) + "\n")
     return images
