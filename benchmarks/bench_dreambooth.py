@@ -21,8 +21,10 @@ first 12 evaluation subjects, ``--tune_subjects tuning:4`` tunes on the first fo
 subjects. Their photos are written to ``<output_dir>/subjects/`` before any run starts.
 
 ``--pretrained_model_name_or_path`` trains and scores on another tiny-world model instead (a
-candidate folder from ``scripts/pretrain_tiny_sd.py``); ``<output_dir>/base_model.json`` records
-which, and an output folder is refused to any other model.
+candidate folder from ``scripts/pretrain_tiny_sd.py``); ``--subject_prompts described`` names the
+subject's colours and pattern in every caption and prompt beside the identifier (its photos are
+written to ``<output_dir>/subjects_described/``). ``<output_dir>/base_model.json`` records both, and
+an output folder is refused to any other model or prompting.
 """
 
 from __future__ import annotations
@@ -102,12 +104,22 @@ def instances_of(name: str) -> list[Image.Image]:
 def subject_prompt(name: str, style: str = "identifier") -> str:
     """A subject's instance prompt in one of ``SUBJECT_PROMPTS``: the identifier and the class noun
     ("a photo of sks ohwx hexagon"), or those with the subject's colours and pattern in words
-    ("a photo of sks ohwx purple hexagon with orange vertical stripes"), which leaves the identifier
-    only what the words cannot say."""
+    ("a photo of sks ohwx purple hexagon with orange vertical stripes", in the world's caption
+    words), which leaves the identifier only what the words cannot say."""
     subject = subject_family.subject_by_name(name)
     if style == "identifier":
         return subject.instance_prompt
-    return f"a photo of {subject.identifier} {subject.description.split(' ', 1)[1]}"
+    pattern = world.pattern_phrase(world.subject_scene(subject.backgrounds[0], subject=subject).shape)
+    return " ".join(["a photo of", subject.identifier, subject.color, subject.kind, *pattern])
+
+
+def prompts_cut_by(model: str, names: list[str], style: str) -> list[str]:
+    """The subjects' prompts (re-context ones are the longest) that ``model``'s tokenizer would cut:
+    a cut caption loses its background, which the identifier would then learn."""
+    tokenizer = fresh_pipeline(model).tokenizer
+    prompts = [world.on_background(subject_prompt(name, style), colour) for name in names
+               for colour in [*world.COLORS, *subject_family.subject_by_name(name).backgrounds]]
+    return [p for p in dict.fromkeys(prompts) if len(tokenizer(p).input_ids) > tokenizer.model_max_length]
 
 
 def instance_dir(out: Path, name: str, style: str = "identifier") -> Path:
@@ -119,8 +131,8 @@ def instance_dir(out: Path, name: str, style: str = "identifier") -> Path:
 
 
 def write_subjects(out: Path, names: list[str], style: str = "identifier") -> None:
-    """The photo folders of the subjects among ``names`` that have none, written once before any worker
-    starts (two workers writing one folder would race)."""
+    """The photo folders of ``names`` (but the bundled subjects' own, unless described), written once
+    before any worker starts (two workers writing one folder would race)."""
     for name in names:
         if style == "described" or name not in world.SUBJECTS:
             subject_family.write_subject(subject_family.subject_by_name(name), instance_dir(out, name, style).parent,
@@ -574,6 +586,10 @@ def main() -> None:
         parser.error(f"--tune_subjects {' '.join(held_out)}: evaluation subjects; tune on tuning subjects")
     out = Path(args.output_dir)
     claim_for_model(out, args.pretrained_model_name_or_path, parser, args.subject_prompts)
+    cut = prompts_cut_by(args.pretrained_model_name_or_path, [*subjects, *args.tune_subjects], args.subject_prompts)
+    if cut:
+        parser.error(f"--subject_prompts {args.subject_prompts}: {len(cut)} prompts are longer than the model's "
+                     f"tokenizer takes, e.g. {cut[0]!r}; leave those subjects out")
     write_subjects(out, [*subjects, *args.tune_subjects], args.subject_prompts)
     common = {"output_dir": str(out), "model": args.pretrained_model_name_or_path,
               "subject_prompts": args.subject_prompts, "eval_seed": args.eval_seed, "guidance": args.guidance_scale}
@@ -611,6 +627,12 @@ def model_identity(model: str) -> dict[str, str]:
     return {"folder": str(folder.resolve()), "unet_sha256": digest.hexdigest()}
 
 
+def holds_runs(out: Path) -> bool:
+    """Whether ``out`` holds what a bench run leaves: run logs, run folders or class images."""
+    made = [out / "tuning_runs.json", out / "confirmation_runs.json", out / "tune", out / "confirm"]
+    return any(path.exists() for path in made) or any(out.glob("*/class_images-seed*"))
+
+
 def claim_for_model(out: Path, model: str, parser: argparse.ArgumentParser,
                     subject_prompts: str = "identifier") -> None:
     """Mark ``out`` as holding the class images, base measures and runs of one base model and one way
@@ -624,8 +646,8 @@ def claim_for_model(out: Path, model: str, parser: argparse.ArgumentParser,
         parser.error(f"--pretrained_model_name_or_path: {err}")
     marker = out / BASE_MODEL_FILE
     if marker.is_file():
-        claimed = json.loads(marker.read_text())
-    elif out.is_dir() and any(out.iterdir()):
+        claimed = {"subject_prompts": "identifier", **json.loads(marker.read_text())}
+    elif holds_runs(out):
         claimed = {**model_identity("tiny"), "subject_prompts": "identifier"}
     else:
         claimed = identity
@@ -646,7 +668,7 @@ def bench_setup(out: Path) -> tuple[str, str]:
     if not marker.is_file():
         return "tiny", "identifier"
     facts = json.loads(marker.read_text())
-    return facts["folder"], facts["subject_prompts"]
+    return facts["folder"], facts.get("subject_prompts", "identifier")
 
 
 def base_and_class_images(subjects: list[str], seeds: list[int], num_images: int, common: dict, pool, workers: int,

@@ -348,16 +348,22 @@ def vae_batch(images: np.ndarray, args, rng: np.random.Generator) -> torch.Tenso
 
 
 def native_bf16(device: str) -> bool:
-    """Whether ``device`` computes bf16 in hardware: a CUDA GPU, or a CPU with AVX-512 (oneDNN's bf16
-    kernels). Elsewhere autocast emulates bf16, and a step on the 2-core AVX2 development CPU took
-    15 s instead of 1.9 s in fp32 (2026-12-07)."""
-    if torch.device(device).type == "cuda":
+    """Whether ``device`` computes bf16 in hardware: a CUDA GPU, or a CPU that oneDNN has bf16 kernels
+    for. Elsewhere autocast emulates bf16, and a step on the 2-core AVX2 development CPU took 15 s
+    instead of 1.9 s in fp32 (2026-12-07)."""
+    kind = torch.device(device).type
+    if kind == "cuda":
         return True
-    return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    if kind != "cpu" or not torch.backends.mkldnn.is_available():
+        return False
+    try:
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):  # a build without oneDNN's bf16 query
+        return False
 
 
 def autocast(args):
-    """bf16 autocast on the training device (CPU or CUDA), or nothing without --bf16."""
+    """bf16 autocast on the training device (CPU or CUDA) where ``args.bf16`` (see ``native_bf16``)."""
     return torch.autocast(torch.device(args.device).type, dtype=torch.bfloat16, enabled=args.bf16)
 
 

@@ -141,17 +141,20 @@ def test_a_held_out_subject_trains_on_its_written_photos_and_is_scored_on_the_sa
     assert tripled[tripled.index("--learning_rate") + 1] == "0.006"
 
 
-@pytest.mark.parametrize("name", ["sks_star", "hexagon_stripes_vertical_purple_orange"])
+@pytest.mark.parametrize("name, described", [
+    ("sks_star", "a photo of sks ohwx orange star with purple stripes"),
+    ("hexagon_stripes_vertical_purple_orange", "a photo of sks ohwx purple hexagon with orange vertical stripes"),
+    ("cross_ring_green_blue", "a photo of sks ohwx green cross with a blue ring"),
+])
 def test_a_described_subject_trains_and_is_captioned_with_its_colours_and_pattern_and_the_identifier_alone_learns(
-        tmp_path, name):
+        tmp_path, name, described):
     write_subjects(tmp_path, [name], "described")
     job = {"output_dir": str(tmp_path), "model": "tiny", "subject_prompts": "described", "phase": "tune",
            "subject": name, "method": "boft-m1", "variant": "", "variant_index": 0, "lr_scale": 3.0, "steps": 10,
            "seed": 0, "checkpoint_every": 0}
     config = DreamBoothConfig.from_flags(run_flags(job))
     subject = subject_family.subject_by_name(name)
-    described = subject_prompt(name, "described")
-    assert described.startswith("a photo of sks ohwx ") and described.endswith(subject.description.split(" ", 1)[1])
+    assert subject_prompt(name, "described") == described, "the world's own caption words"
     assert config.subject.instance_prompt == described and config.identifier == ["sks", "ohwx"]
     folder = Path(config.subject.instance_data_dir)
     assert folder == tmp_path / "subjects_described" / name
@@ -211,6 +214,17 @@ def test_an_output_folder_of_one_base_model_is_refused_to_another(tmp_path, monk
     assert "UNet sha256" in refusal(retrained, str(candidate), monkeypatch, capsys), "retrained in the same folder"
 
 
+def test_described_prompts_the_tokenizer_would_cut_are_refused(tmp_path, monkeypatch, capsys):
+    out = tmp_path / "bench"
+    monkeypatch.setattr(sys, "argv", ["bench_dreambooth.py", "--output_dir", str(out), "--subject_prompts", "described",
+                                      "--subjects", "evaluation:12"])
+    with pytest.raises(SystemExit):
+        main()
+    error = capsys.readouterr().err
+    assert "longer than the model's tokenizer takes" in error and "horizontal stripes on a" in error
+    assert not (out / "subjects_described").exists()
+
+
 def test_a_mistyped_model_claims_nothing_and_an_unmarked_folder_is_the_embedded_models(tmp_path, monkeypatch, capsys):
     fresh = tmp_path / "fresh"
     assert "not a tiny-world pipeline folder" in refusal(fresh, str(tmp_path / "typo"), monkeypatch, capsys)
@@ -226,6 +240,11 @@ def test_a_mistyped_model_claims_nothing_and_an_unmarked_folder_is_the_embedded_
         main()
     assert "--subject_prompts identifier; this run asks for" in capsys.readouterr().err
     claim_for_model(old, "tiny", argparse.ArgumentParser())
+    logged_only = tmp_path / "logged_only"
+    logged_only.mkdir()
+    (logged_only / "log.txt").write_text("a benchmark's log, written before it started\n")
+    claim_for_model(logged_only, str(candidate), argparse.ArgumentParser())
+    assert bench_setup(logged_only) == (str(candidate.resolve()), "identifier")
     assert bench_setup(old) == (str(EMBEDDED_MODEL_DIR.resolve()), "identifier")
 
 
