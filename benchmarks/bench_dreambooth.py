@@ -339,17 +339,25 @@ def report_job(result: dict, log: Path, done: list[dict]) -> None:
           f"{result['seconds']:.0f} s", flush=True)
 
 
-def objective(samples: dict[str, list[float]], base: dict) -> float:
-    """The tuning objective, fixed before any run: the mean of the issue's measures, each scaled
-    so that 1 is the ideal (subject measures against the instance images' own score, prompt
-    fidelity and class shape against the base model, class leakage counted against)."""
+def objective_parts(samples: dict[str, list[float]], base: dict) -> dict[str, float]:
+    """The issue's measures as the objective reads them, each scaled so that 1 is the ideal (subject
+    measures against the instance images' own score, prompt fidelity and class shape against the
+    base model, capped at 1, class leakage counted against)."""
     s = {m: float(np.mean(v)) for m, v in samples.items()}
     b = {m: float(np.mean(v)) for m, v in base["samples"].items()}
-    return float(np.mean([
-        s["subject"] / base["instances"], s["recontext_subject"] / base["instances"], s["recontext_background"],
-        min(1.0, s["class_prompt_fidelity"] / b["class_prompt_fidelity"]),
-        min(1.0, s["class_shape"] / max(b["class_shape"], 1e-6)), 1.0 - s["class_subject"],
-    ]))
+    return {
+        "subject_share": s["subject"] / base["instances"],
+        "in_context_share": s["recontext_subject"] / base["instances"],
+        "background_right": s["recontext_background"],
+        "prompt_fidelity_kept": min(1.0, s["class_prompt_fidelity"] / b["class_prompt_fidelity"]),
+        "class_shape_kept": min(1.0, s["class_shape"] / max(b["class_shape"], 1e-6)),
+        "no_class_leakage": 1.0 - s["class_subject"],
+    }
+
+
+def objective(samples: dict[str, list[float]], base: dict) -> float:
+    """The tuning objective, fixed before any run: the mean of ``objective_parts``."""
+    return float(np.mean(list(objective_parts(samples, base).values())))
 
 
 def pick(tuned: list[dict], bases: dict[str, dict], methods: list[str]) -> dict:
@@ -585,11 +593,15 @@ def main() -> None:
     if "tune" in args.phases and held_out:
         parser.error(f"--tune_subjects {' '.join(held_out)}: evaluation subjects; tune on tuning subjects")
     out = Path(args.output_dir)
-    claim_for_model(out, args.pretrained_model_name_or_path, parser, args.subject_prompts)
+    try:
+        model_identity(args.pretrained_model_name_or_path)
+    except ValueError as err:
+        parser.error(f"--pretrained_model_name_or_path: {err}")
     cut = prompts_cut_by(args.pretrained_model_name_or_path, [*subjects, *args.tune_subjects], args.subject_prompts)
     if cut:
         parser.error(f"--subject_prompts {args.subject_prompts}: {len(cut)} prompts are longer than the model's "
                      f"tokenizer takes, e.g. {cut[0]!r}; leave those subjects out")
+    claim_for_model(out, args.pretrained_model_name_or_path, parser, args.subject_prompts)
     write_subjects(out, [*subjects, *args.tune_subjects], args.subject_prompts)
     common = {"output_dir": str(out), "model": args.pretrained_model_name_or_path,
               "subject_prompts": args.subject_prompts, "eval_seed": args.eval_seed, "guidance": args.guidance_scale}

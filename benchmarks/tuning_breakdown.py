@@ -1,6 +1,7 @@
-"""What moved a tuning objective: the parts of ``bench_dreambooth.objective`` run by run, for one or
-more tuning logs (``tuning_runs.json``) of the same subjects and seeds, each beside its base model's
-own subject share (the prompt alone, no training).
+"""What moved a tuning objective: ``bench_dreambooth.objective_parts`` run by run (each run's end,
+not its checkpoints), for one or more tuning logs (``tuning_runs.json``) of the same subjects and
+seeds, with two raw extras: the class leakage and the base model's own subject share (the same
+prompt, no training).
 
 The objective is a mean of six parts, so a point can win on the subject and lose it all on the
 background; this table says which. Runs pair across logs by (subject, seed, method, point):
@@ -16,30 +17,29 @@ import json
 from pathlib import Path
 
 import numpy as np
+from bench_dreambooth import objective_parts
 
-PARTS = ("subject_share", "in_context_share", "background_right", "prompt_fidelity_change", "class_leakage",
-         "base_subject_share")
+EXTRAS = ("class_leakage", "base_subject_share")
 
 
 def run_parts(run: dict, base: dict) -> dict[str, float]:
-    """One tuning run's objective parts, on the scales the objective reads them."""
-    mean = {name: float(np.mean(values)) for name, values in run["samples"].items()}
-    untrained = {name: float(np.mean(values)) for name, values in base["samples"].items()}
-    return {
-        "subject_share": mean["subject"] / base["instances"],
-        "in_context_share": mean["recontext_subject"] / base["instances"],
-        "background_right": mean["recontext_background"],
-        "prompt_fidelity_change": mean["class_prompt_fidelity"] - untrained["class_prompt_fidelity"],
-        "class_leakage": mean["class_subject"],
-        "base_subject_share": untrained["subject"] / base["instances"],
-    }
+    """One tuning run's objective parts and the extras."""
+    return {**objective_parts(run["samples"], base),
+            "class_leakage": float(np.mean(run["samples"]["class_subject"])),
+            "base_subject_share": float(np.mean(base["samples"]["subject"])) / base["instances"]}
 
 
 def breakdown(log: list[dict]) -> dict[tuple, dict[str, float]]:
     """A tuning log's runs by (subject, seed, method, lr scale, steps, variant), as their parts."""
     bases = {r["subject"]: r for r in log if r["kind"] == "base"}
-    return {(r["subject"], r["seed"], r["method"], r["lr_scale"], r["steps"], r["variant"]): run_parts(r, bases[r["subject"]])
-            for r in log if r["kind"] == "train"}
+    table = {}
+    for r in log:
+        if r["kind"] == "train":
+            key = (r["subject"], r["seed"], r["method"], r["lr_scale"], r["steps"], r["variant"])
+            if key in table:
+                raise ValueError(f"run {key} is in the log twice")
+            table[key] = run_parts(r, bases[r["subject"]])
+    return table
 
 
 def main(argv: list[str] | None = None) -> dict[str, dict]:
@@ -48,9 +48,12 @@ def main(argv: list[str] | None = None) -> dict[str, dict]:
     parser.add_argument("--labels", nargs="+", default=None)
     args = parser.parse_args(argv)
     labels = args.labels or [str(path) for path in args.logs]
-    if len(labels) != len(args.logs):
-        parser.error(f"--labels: {len(labels)} labels for {len(args.logs)} logs")
-    tables = {label: breakdown(json.loads(path.read_text())) for label, path in zip(labels, args.logs, strict=True)}
+    if len(labels) != len(args.logs) or len(set(labels)) != len(labels):
+        parser.error(f"--labels: {len(args.logs)} different labels needed, got {' '.join(labels)}")
+    try:
+        tables = {label: breakdown(json.loads(path.read_text())) for label, path in zip(labels, args.logs, strict=True)}
+    except ValueError as err:
+        parser.error(str(err))
     shared = set.intersection(*(set(table) for table in tables.values()))
     if not shared:
         parser.error("the logs share no (subject, seed, method, point) run")
@@ -59,9 +62,10 @@ def main(argv: list[str] | None = None) -> dict[str, dict]:
     for key in sorted(shared, key=lambda k: (k[1], k[0])):
         cells = [f"{t[key]['subject_share']:.2f} / {t[key]['background_right']:.2f}" for t in tables.values()]
         print(f"| {key[0]}, seed {key[1]}: share / background | {' | '.join(cells)} |")
-    means = {label: {part: float(np.mean([table[key][part] for key in shared])) for part in PARTS}
+    parts = list(next(iter(tables.values()))[next(iter(shared))])
+    means = {label: {part: float(np.mean([table[key][part] for key in shared])) for part in parts}
              for label, table in tables.items()}
-    for part in PARTS:
+    for part in parts:
         print(f"| mean {part.replace('_', ' ')} | {' | '.join(f'{means[label][part]:.3f}' for label in labels)} |")
     return means
 

@@ -222,7 +222,7 @@ def test_described_prompts_the_tokenizer_would_cut_are_refused(tmp_path, monkeyp
         main()
     error = capsys.readouterr().err
     assert "longer than the model's tokenizer takes" in error and "horizontal stripes on a" in error
-    assert not (out / "subjects_described").exists()
+    assert not out.exists(), "a refused run claims no folder"
 
 
 def test_a_mistyped_model_claims_nothing_and_an_unmarked_folder_is_the_embedded_models(tmp_path, monkeypatch, capsys):
