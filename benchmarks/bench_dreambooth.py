@@ -45,6 +45,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from PIL import Image, ImageDraw
+from transformers import CLIPTokenizer
 
 from boft_diffusion import load_pipeline
 from boft_diffusion.core.adapters import base_state_dict
@@ -113,10 +114,10 @@ def subject_prompt(name: str, style: str = "identifier") -> str:
     return " ".join(["a photo of", subject.identifier, subject.color, subject.kind, *pattern])
 
 
-def prompts_cut_by(model: str, names: list[str], style: str) -> list[str]:
-    """The subjects' prompts (re-context ones are the longest) that ``model``'s tokenizer would cut:
-    a cut caption loses its background, which the identifier would then learn."""
-    tokenizer = fresh_pipeline(model).tokenizer
+def prompts_cut_by(model_folder: str, names: list[str], style: str) -> list[str]:
+    """The subjects' prompts (re-context ones are the longest) that the tokenizer of the pipeline in
+    ``model_folder`` would cut: a cut caption loses its background, which the identifier would then learn."""
+    tokenizer = CLIPTokenizer.from_pretrained(Path(model_folder) / "tokenizer")
     prompts = [world.on_background(subject_prompt(name, style), colour) for name in names
                for colour in [*world.COLORS, *subject_family.subject_by_name(name).backgrounds]]
     return [p for p in dict.fromkeys(prompts) if len(tokenizer(p).input_ids) > tokenizer.model_max_length]
@@ -148,6 +149,12 @@ def measure(pipe, name: str, num_images: int, eval_seed: int, guidance: float = 
     return sample_scores(drawn, instances_of(name))
 
 
+def measure_job(pipe, job: dict, num_images: int) -> dict[str, list[float]]:
+    """``measure`` of a job's subject with its sampling seeds, guidance and subject prompts."""
+    return measure(pipe, job["subject"], num_images, job["eval_seed"], job["guidance"],
+                   subject_prompt(job["subject"], job["subject_prompts"]))
+
+
 def kind_of(method: str) -> AdapterKind:
     """The adapter kind a method trains ("boft-m2-output" -> boft)."""
     return adapter_kind(method.split("-")[0])
@@ -159,13 +166,12 @@ def loader(method: str):
 
 def score_folder(folder: Path, job: dict) -> dict:
     """Per-sample tiny-world measures of one run's output folder, and its hyperspherical-energy change."""
-    method, name = job["method"], job["subject"]
+    method = job["method"]
     pipe = fresh_pipeline(job["model"])
     before = {k: v.detach().cpu().clone() for k, v in pipe.unet.state_dict().items()}
     boft = method.startswith("boft")
     load_outputs(pipe, folder, load=loader(method))
-    samples = measure(pipe, name, job["num_images"], job["eval_seed"], job["guidance"],
-                      subject_prompt(name, job["subject_prompts"]))
+    samples = measure_job(pipe, job, job["num_images"])
     after = kind_of(method).merged_state_dict(pipe.unet)
     if boft:
         assert base_state_dict(pipe.unet).keys() == after.keys()
@@ -184,9 +190,7 @@ def checkpoint_samples(run_dir: Path, job: dict, num_images: int) -> dict[int, d
     for folder in folders:
         pipe = fresh_pipeline(job["model"])
         load_outputs(pipe, folder / "adapter", load=loader(job["method"]))
-        scored[int(folder.name.split("-")[1])] = measure(pipe, job["subject"], num_images, job["eval_seed"],
-                                                         job["guidance"],
-                                                         subject_prompt(job["subject"], job["subject_prompts"]))
+        scored[int(folder.name.split("-")[1])] = measure_job(pipe, job, num_images)
     return scored
 
 
@@ -267,9 +271,7 @@ def execute(job: dict) -> dict:
         return {**job, "seconds": time.time() - start}
     if job["kind"] == "base":
         instances = instances_of(job["subject"])
-        return {**job, "samples": measure(fresh_pipeline(job["model"]), job["subject"], job["num_images"],
-                                          job["eval_seed"], job["guidance"],
-                                          subject_prompt(job["subject"], job["subject_prompts"])),
+        return {**job, "samples": measure_job(fresh_pipeline(job["model"]), job, job["num_images"]),
                 "instances": instance_self_score(instances), "seconds": time.time() - start}
     config = DreamBoothConfig.from_flags(run_flags(job))
     run_dir = Path(config.run.trainer.output_dir)
@@ -594,14 +596,14 @@ def main() -> None:
         parser.error(f"--tune_subjects {' '.join(held_out)}: evaluation subjects; tune on tuning subjects")
     out = Path(args.output_dir)
     try:
-        model_identity(args.pretrained_model_name_or_path)
+        identity = output_identity(args.pretrained_model_name_or_path, args.subject_prompts)
     except ValueError as err:
         parser.error(f"--pretrained_model_name_or_path: {err}")
-    cut = prompts_cut_by(args.pretrained_model_name_or_path, [*subjects, *args.tune_subjects], args.subject_prompts)
+    cut = prompts_cut_by(identity["folder"], [*subjects, *args.tune_subjects], args.subject_prompts)
     if cut:
         parser.error(f"--subject_prompts {args.subject_prompts}: {len(cut)} prompts are longer than the model's "
                      f"tokenizer takes, e.g. {cut[0]!r}; leave those subjects out")
-    claim_for_model(out, args.pretrained_model_name_or_path, parser, args.subject_prompts)
+    claim_for_model(out, identity, parser)
     write_subjects(out, [*subjects, *args.tune_subjects], args.subject_prompts)
     common = {"output_dir": str(out), "model": args.pretrained_model_name_or_path,
               "subject_prompts": args.subject_prompts, "eval_seed": args.eval_seed, "guidance": args.guidance_scale}
@@ -645,30 +647,30 @@ def holds_runs(out: Path) -> bool:
     return any(path.exists() for path in made) or any(out.glob("*/class_images-seed*"))
 
 
-def claim_for_model(out: Path, model: str, parser: argparse.ArgumentParser,
-                    subject_prompts: str = "identifier") -> None:
-    """Mark ``out`` as holding the class images, base measures and runs of one base model and one way
-    of prompting the subject, and refuse it to any other: class images and finished runs are reused
-    by folder, so another model would train on the first one's prior without a word, and described
-    runs would be scored beside their base model's identifier-only measures. A folder from before
-    the mark was made on the embedded model with the identifier."""
-    try:
-        identity = {**model_identity(model), "subject_prompts": subject_prompts}
-    except ValueError as err:
-        parser.error(f"--pretrained_model_name_or_path: {err}")
+def output_identity(model: str, subject_prompts: str = "identifier") -> dict[str, str]:
+    """What an output folder's runs share: the base model (``model_identity``) and the subject prompts."""
+    return {**model_identity(model), "subject_prompts": subject_prompts}
+
+
+def claim_for_model(out: Path, identity: dict[str, str], parser: argparse.ArgumentParser) -> None:
+    """Mark ``out`` as holding the class images, base measures and runs of one ``output_identity``
+    (base model and way of prompting the subject), and refuse it to any other: class images and
+    finished runs are reused by folder, so another model would train on the first one's prior without
+    a word, and described runs would be scored beside their base model's identifier-only measures. A
+    folder from before the mark was made on the embedded model with the identifier."""
     marker = out / BASE_MODEL_FILE
     if marker.is_file():
         claimed = {"subject_prompts": "identifier", **json.loads(marker.read_text())}
     elif holds_runs(out):
-        claimed = {**model_identity("tiny"), "subject_prompts": "identifier"}
+        claimed = output_identity("tiny")
     else:
         claimed = identity
     if claimed != identity:
         def said(facts: dict) -> str:
             return (f"the base model in {facts['folder']} (UNet sha256 {facts['unet_sha256'][:12]}), "
                     f"--subject_prompts {facts['subject_prompts']}")
-        parser.error(f"--output_dir {out} holds runs of {said(claimed)}; this run asks for {said(identity)} "
-                     f"(--pretrained_model_name_or_path {model}): give each its own --output_dir")
+        parser.error(f"--output_dir {out} holds runs of {said(claimed)}; this run asks for {said(identity)}: "
+                     "give each its own --output_dir")
     out.mkdir(parents=True, exist_ok=True)
     atomic_write_text(marker, json.dumps(identity, indent=1) + "\n")
 

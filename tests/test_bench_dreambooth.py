@@ -21,6 +21,7 @@ from bench_dreambooth import (  # noqa: E402
     main,
     merge_summaries,
     objective,
+    output_identity,
     pick,
     print_paired,
     print_per_subject,
@@ -200,7 +201,7 @@ def refusal(out: Path, model: str, monkeypatch, capsys) -> str:
 def test_an_output_folder_of_one_base_model_is_refused_to_another(tmp_path, monkeypatch, capsys):
     out = tmp_path / "bench"
     for same in ("tiny", "embedded", str(EMBEDDED_MODEL_DIR)):
-        claim_for_model(out, same, argparse.ArgumentParser())
+        claim_for_model(out, output_identity(same), argparse.ArgumentParser())
     assert bench_setup(out) == (str(EMBEDDED_MODEL_DIR.resolve()), "identifier")
     candidate = tmp_path / "candidate"
     shutil.copytree(EMBEDDED_MODEL_DIR, candidate)
@@ -208,7 +209,7 @@ def test_an_output_folder_of_one_base_model_is_refused_to_another(tmp_path, monk
     assert sorted(p.name for p in out.iterdir()) == [BASE_MODEL_FILE], "nothing was written for the other model"
 
     retrained = tmp_path / "bench_candidate"
-    claim_for_model(retrained, str(candidate), argparse.ArgumentParser())
+    claim_for_model(retrained, output_identity(str(candidate)), argparse.ArgumentParser())
     weights = next((candidate / "unet").glob("*.safetensors"))
     weights.write_bytes(weights.read_bytes()[:-1] + b"\x00")
     assert "UNet sha256" in refusal(retrained, str(candidate), monkeypatch, capsys), "retrained in the same folder"
@@ -239,11 +240,11 @@ def test_a_mistyped_model_claims_nothing_and_an_unmarked_folder_is_the_embedded_
     with pytest.raises(SystemExit):
         main()
     assert "--subject_prompts identifier; this run asks for" in capsys.readouterr().err
-    claim_for_model(old, "tiny", argparse.ArgumentParser())
+    claim_for_model(old, output_identity("tiny"), argparse.ArgumentParser())
     logged_only = tmp_path / "logged_only"
     logged_only.mkdir()
     (logged_only / "log.txt").write_text("a benchmark's log, written before it started\n")
-    claim_for_model(logged_only, str(candidate), argparse.ArgumentParser())
+    claim_for_model(logged_only, output_identity(str(candidate)), argparse.ArgumentParser())
     assert bench_setup(logged_only) == (str(candidate.resolve()), "identifier")
     assert bench_setup(old) == (str(EMBEDDED_MODEL_DIR.resolve()), "identifier")
 
