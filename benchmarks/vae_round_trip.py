@@ -3,7 +3,7 @@
 No adapter draws a subject better than the VAE can decode it, so a subject whose photos lose their
 pattern in a round trip caps every method alike (issue #37). Prints, per subject, the photos' own
 score (leave one out) and their round trip's subject fidelity, then the mean and minimum per pattern;
-``--grid`` draws each subject's photos above their round trips, to see what the VAE loses:
+``--grid`` draws each subject's photos beside their round trips, to see what the VAE loses:
 
     python benchmarks/vae_round_trip.py --subjects all evaluation:40 --json trips.json
     python benchmarks/vae_round_trip.py --subjects star_ring_white_red sks_star --grid trips.png
@@ -18,8 +18,8 @@ from pathlib import Path
 
 import numpy as np
 from bench_dreambooth import fresh_pipeline, instances_of
-from PIL import Image
 
+from boft_diffusion.core.images import LabelledRow, labelled_comparison
 from boft_diffusion.evaluation.tiny_world import instance_self_score
 from boft_diffusion.tiny import metrics, subject_family, world
 from boft_diffusion.tiny.evaluate import round_trip
@@ -30,40 +30,38 @@ def main() -> None:
     parser.add_argument("--subjects", nargs="+", default=["all", "evaluation:40"],
                         help="As bench_dreambooth.py's: 'all', 'evaluation:N', 'tuning:N' or names.")
     parser.add_argument("--json", type=Path, help="write every subject's two scores here")
-    parser.add_argument("--grid", type=Path, help="write a PNG here: per subject, its photos above their round trips")
+    parser.add_argument("--grid", type=Path, help="write a PNG here: per subject, its photos beside their round trips")
     args = parser.parse_args()
     vae = fresh_pipeline().vae
     rows = {}
-    pairs = []
+    pictures: list[LabelledRow] = []
     by_pattern: dict[str, list[float]] = defaultdict(list)
     for name in [n for spec in args.subjects for n in subject_family.resolve(spec)]:
-        photos = instances_of(name)
-        profile = metrics.SubjectProfile(photos)
-        decoded = round_trip(vae, photos)
-        pairs.append((photos, decoded))
-        trip = float(np.mean([metrics.subject_fidelity(im, profile) for im in decoded]))
-        rows[name] = {"instances": instance_self_score(photos), "round_trip": trip}
+        scores, picture = measure_subject(vae, name)
+        rows[name] = scores
+        pictures.append(picture)
+        trip = scores["round_trip"]
         by_pattern["bundled" if name in world.SUBJECTS else subject_family.subject_by_name(name).pattern].append(trip)
-        print(f"{name}: instances {rows[name]['instances']:.2f}, VAE round trip {trip:.2f}", flush=True)
+        print(f"{name}: instances {scores['instances']:.2f}, VAE round trip {trip:.2f}", flush=True)
     print("\n| pattern | subjects | round trip, mean | lowest |\n|---|---|---|---|")
     for pattern, trips in by_pattern.items():
         print(f"| {pattern} | {len(trips)} | {np.mean(trips):.2f} | {min(trips):.2f} |")
     if args.json:
         args.json.write_text(json.dumps(rows, indent=1))
     if args.grid:
-        photo_grid(pairs).save(args.grid)
+        labelled_comparison(pictures, ["photos", "VAE round trip"], scale=2).save(args.grid)
 
 
-def photo_grid(pairs: list[tuple[list, list]], zoom: int = 2) -> Image.Image:
-    """One row of photos and one of their round trips per subject, enlarged ``zoom`` times without
-    smoothing (64x64 tiles are too small to judge a ring or a stripe)."""
-    rows = [row for pair in pairs for row in pair]
-    size = max(im.size[0] for row in rows for im in row)
-    grid = Image.new("RGB", (size * max(len(row) for row in rows), size * len(rows)))
-    for y, row in enumerate(rows):
-        for x, image in enumerate(row):
-            grid.paste(image.convert("RGB"), (x * size, y * size))
-    return grid.resize((grid.width * zoom, grid.height * zoom), Image.NEAREST)
+def measure_subject(vae, name: str) -> tuple[dict[str, float], LabelledRow]:
+    """A subject's photos' own score and their round trip's, and the picture row that shows both
+    (enlarged twice: a ring or a stripe is a few pixels of a 64x64 photo)."""
+    photos = instances_of(name)
+    profile = metrics.SubjectProfile(photos)
+    decoded = round_trip(vae, photos)
+    scores = {"instances": instance_self_score(photos),
+              "round_trip": float(np.mean([metrics.subject_fidelity(im, profile) for im in decoded]))}
+    title = f"{name}: round trip {scores['round_trip']:.2f}, photos {scores['instances']:.2f}"
+    return scores, LabelledRow(title, [photos, decoded])
 
 
 if __name__ == "__main__":

@@ -7,7 +7,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
 from bench_dreambooth import fresh_pipeline, instances_of  # noqa: E402
-from vae_round_trip import round_trip  # noqa: E402
+from vae_round_trip import measure_subject, round_trip  # noqa: E402
 
 from boft_diffusion.tiny import metrics  # noqa: E402
 
@@ -27,17 +27,14 @@ def test_round_trip_keeps_the_bundled_star_and_loses_part_of_a_held_out_ring_sta
     assert scores["star_ring_white_red"] < 0.6
 
 
-def test_photo_grid_puts_each_subject_s_photos_above_their_round_trips():
-    from vae_round_trip import photo_grid
 
-    photos = instances_of("sks_star")[:3]
-    decoded = round_trip(fresh_pipeline().vae, photos)
-    others = instances_of("star_ring_white_red")[:2]
-    grid = np.asarray(photo_grid([(photos, decoded), (others, others)], zoom=2))
-    assert grid.shape == (4 * 128, 3 * 128, 3)
-    for column, (photo, trip) in enumerate(zip(photos, decoded, strict=True)):
-        left = column * 128
-        assert np.array_equal(grid[0:128:2, left:left + 128:2], np.asarray(photo.convert("RGB")))
-        assert np.array_equal(grid[128:256:2, left:left + 128:2], np.asarray(trip))
-    assert np.array_equal(grid[256:384:2, 128:256:2], np.asarray(others[1].convert("RGB")))
-    assert not grid[256:, 256:].any(), "a shorter row leaves its end black"
+def test_a_subject_s_picture_row_shows_its_photos_beside_their_round_trips_and_names_both_scores():
+    vae = fresh_pipeline().vae
+    scores, row = measure_subject(vae, "star_ring_white_red")
+    photos = instances_of("star_ring_white_red")
+    assert len(row.groups) == 2
+    assert [np.asarray(im).tolist() for im in row.groups[0]] == [np.asarray(im).tolist() for im in photos]
+    expected = round_trip(vae, photos)
+    assert [np.asarray(im).tolist() for im in row.groups[1]] == [np.asarray(im).tolist() for im in expected]
+    assert row.title == f"star_ring_white_red: round trip {scores['round_trip']:.2f}, photos {scores['instances']:.2f}"
+    assert scores["round_trip"] < scores["instances"]
