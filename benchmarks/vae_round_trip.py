@@ -7,6 +7,7 @@ score (leave one out) and their round trip's subject fidelity, then the mean and
 
     python benchmarks/vae_round_trip.py --subjects all evaluation:40 --json trips.json
     python benchmarks/vae_round_trip.py --subjects star_ring_white_red sks_star --grid trips.png
+    python benchmarks/vae_round_trip.py --vae /tmp/v4_vae --subjects evaluation:12   # a new VAE
 """
 
 from __future__ import annotations
@@ -17,7 +18,9 @@ from collections import defaultdict
 from pathlib import Path
 
 import numpy as np
+import torch
 from bench_dreambooth import fresh_pipeline, instances_of
+from diffusers import AutoencoderKL
 
 from boft_diffusion.core.images import LabelledRow, labelled_comparison
 from boft_diffusion.evaluation.tiny_world import instance_self_score
@@ -31,8 +34,10 @@ def main() -> None:
                         help="As bench_dreambooth.py's: 'all', 'evaluation:N', 'tuning:N' or names.")
     parser.add_argument("--json", type=Path, help="write every subject's two scores here")
     parser.add_argument("--grid", type=Path, help="write a PNG here: per subject, its photos beside their round trips")
+    parser.add_argument("--vae", type=Path, help="a diffusers VAE folder, or a model folder with one, to measure "
+                        "instead of the embedded model's (pretrain_tiny_sd.py --vae-only writes one)")
     args = parser.parse_args()
-    vae = fresh_pipeline().vae
+    vae = load_vae(args.vae) if args.vae else fresh_pipeline().vae
     rows = {}
     pictures: list[LabelledRow] = []
     by_pattern: dict[str, list[float]] = defaultdict(list)
@@ -50,6 +55,15 @@ def main() -> None:
         args.json.write_text(json.dumps(rows, indent=1))
     if args.grid:
         labelled_comparison(pictures, ["photos", "VAE round trip"], scale=2).save(args.grid)
+
+
+def load_vae(folder: Path) -> AutoencoderKL:
+    """A VAE folder's weights in fp32, or those of the ``vae`` folder inside a model folder."""
+    if not (folder / "config.json").is_file() and (folder / "vae" / "config.json").is_file():
+        folder = folder / "vae"
+    if not (folder / "config.json").is_file():
+        raise SystemExit(f"--vae {folder}: no diffusers VAE here (config.json missing)")
+    return AutoencoderKL.from_pretrained(str(folder), torch_dtype=torch.float32).eval()
 
 
 def measure_subject(vae, name: str) -> tuple[dict[str, float], LabelledRow]:

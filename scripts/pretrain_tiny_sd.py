@@ -26,6 +26,8 @@ Examples::
         --init-vae boft_diffusion/tiny/model/vae --decoder-minutes 1.5   # a GPU run
     python scripts/pretrain_tiny_sd.py --world 4 --device cuda --batch 256 --max-minutes 5 \
         --workers 8 --out /tmp/tiny_v4                                  # world v4, its own VAE
+    python scripts/pretrain_tiny_sd.py --world 4 --vae-channels 32 64 128 --vae-only \
+        --work /tmp/v4_work --out /tmp/v4_vae                           # its VAE first, to check it
     python scripts/pretrain_tiny_sd.py --world 4 --init-from boft_diffusion/tiny/model \
         --init-vae boft_diffusion/tiny/model/vae --lr 4e-4 --warmup 50 --ema 0.995 \
         --max-minutes 75 --out /tmp/tiny_v4                             # world v4 from v3, on a CPU
@@ -565,6 +567,15 @@ def export_checkpoint(args, out, work, vae, text_encoder, unet, tokenizer, image
     return pipe, out
 
 
+def save_vae(vae, images: np.ndarray, out: Path) -> Path:
+    """The VAE alone as a diffusers folder, its scaling factor estimated as a full run would."""
+    m, _ = encode_all(vae, images[:4000])
+    vae.register_to_config(scaling_factor=float(1.0 / m.float().std()))
+    vae.cpu().save_pretrained(str(out), safe_serialization=True)
+    log(f"vae saved to {out} (scaling_factor {vae.config.scaling_factor:.4f})")
+    return out
+
+
 def load_vae(args, vae, work: Path, images: np.ndarray, rng: np.random.Generator):
     """The VAE to start from: --init-vae (a diffusers folder), else this run's vae.pt
     (and fine-tuned decoder) when resuming, else a new one trained here."""
@@ -659,8 +670,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--decoder-steps", type=int, default=0, help="decoder-only fine-tune steps (frozen encoder)")
     p.add_argument("--decoder-lr", type=float, default=1e-3)
     p.add_argument("--decoder-minutes", type=float, default=0.0, help="decoder fine-tune wall-time budget")
-    p.add_argument("--decoder-only", action="store_true",
-                   help="only fine-tune the decoder and save --work/vae_decoder_ft.pt")
+    p.add_argument("--vae-only", action="store_true",
+                   help="stop after the VAE (trained, or loaded, and its decoder fine-tuned if asked): save it "
+                        "to --out as a diffusers AutoencoderKL folder, for vae_round_trip.py --vae before a UNet "
+                        "is trained on it; --resume or --init-vae OUT goes on from it")
     p.add_argument("--bf16", action=argparse.BooleanOptionalAction, default=None,
                    help="bf16 autocast for training (default: where the device computes bf16 in hardware, "
                         "see native_bf16)")
@@ -719,8 +732,8 @@ def main(argv=None):
     if (args.decoder_steps or args.decoder_minutes) and not (args.resume and dec_path.exists()):
         finetune_decoder(vae, images, args, rng, args.decoder_steps, args.decoder_minutes, save_to=dec_path)
     log("vae check fp32", vae_colour_check(vae))
-    if args.decoder_only:
-        return None, dec_path
+    if args.vae_only:
+        return save_vae(vae, images, out)
 
     t = time.time()
     lat_mean, lat_std = encode_all(vae, images)

@@ -59,6 +59,23 @@ def test_quick_pretraining_mode(tmp_path, world):
     assert whole_words == (world == 4)
 
 
+def test_vae_only_pretraining_saves_a_vae_folder_and_trains_no_unet(tmp_path):
+    """A new VAE's round trip is checked before minutes of UNet training go into its latent space."""
+    from diffusers import AutoencoderKL
+
+    out, work = tmp_path / "vae", tmp_path / "work"
+    n_threads = torch.get_num_threads()
+    try:
+        _pretrain_module().main(["--quick", "--world", "4", "--vae-only", "--out", str(out), "--work", str(work)])
+    finally:
+        torch.set_num_threads(n_threads)
+    vae = AutoencoderKL.from_pretrained(str(out))
+    assert list(vae.config.block_out_channels) == [16, 32, 32]
+    assert 0.0 < vae.config.scaling_factor != 1.0
+    assert (work / "vae.pt").is_file() and not (work / "ckpt.pt").exists()
+    assert not (out / "unet").exists()
+
+
 @pytest.mark.parametrize("native", [True, False])
 def test_pretraining_autocasts_to_bf16_only_where_the_device_computes_it(monkeypatch, native):
     mod = _pretrain_module()

@@ -4,10 +4,14 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import pytest
+import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
 from bench_dreambooth import fresh_pipeline, instances_of  # noqa: E402
-from vae_round_trip import measure_subject, round_trip  # noqa: E402
+from vae_round_trip import load_vae, measure_subject, round_trip  # noqa: E402
+
+from boft_diffusion.tiny.bundled import EMBEDDED_MODEL_DIR  # noqa: E402
 
 
 def test_round_trip_keeps_the_bundled_star_and_loses_part_of_a_held_out_ring_star():
@@ -34,3 +38,13 @@ def test_a_subject_s_picture_row_shows_its_photos_beside_their_round_trips_and_n
     assert [np.asarray(im).tolist() for im in row.groups[1]] == [np.asarray(im).tolist() for im in expected]
     assert row.title == f"star_ring_white_red: round trip {scores['round_trip']:.2f}, photos {scores['instances']:.2f}"
     assert scores["round_trip"] < scores["instances"]
+
+
+def test_another_vae_is_read_from_its_own_folder_or_a_model_folder_and_a_wrong_folder_is_named(tmp_path):
+    embedded = fresh_pipeline().vae.state_dict()
+    for folder in (Path(EMBEDDED_MODEL_DIR), Path(EMBEDDED_MODEL_DIR) / "vae"):
+        vae = load_vae(folder)
+        assert next(vae.parameters()).dtype == torch.float32
+        assert all(torch.equal(value, embedded[key]) for key, value in vae.state_dict().items())
+    with pytest.raises(SystemExit, match=str(tmp_path)):
+        load_vae(tmp_path)
