@@ -568,7 +568,7 @@ def export_checkpoint(args, out, work, vae, text_encoder, unet, tokenizer, image
 
 
 def save_vae(vae, images: np.ndarray, out: Path) -> Path:
-    """The VAE alone as a diffusers folder, its scaling factor estimated as a full run would."""
+    """The VAE alone as a diffusers folder, its scaling factor estimated as --export-ckpt estimates it."""
     m, _ = encode_all(vae, images[:4000])
     vae.register_to_config(scaling_factor=float(1.0 / m.float().std()))
     vae.cpu().save_pretrained(str(out), safe_serialization=True)
@@ -672,8 +672,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--decoder-minutes", type=float, default=0.0, help="decoder fine-tune wall-time budget")
     p.add_argument("--vae-only", action="store_true",
                    help="stop after the VAE (trained, or loaded, and its decoder fine-tuned if asked): save it "
-                        "to --out as a diffusers AutoencoderKL folder, for vae_round_trip.py --vae before a UNet "
-                        "is trained on it; --resume or --init-vae OUT goes on from it")
+                        "to --out (required) as a diffusers AutoencoderKL folder, for vae_round_trip.py --vae before "
+                        "a UNet is trained on it; --init-vae OUT goes on from it, as does --resume with the same "
+                        "--work and --vae-channels")
     p.add_argument("--bf16", action=argparse.BooleanOptionalAction, default=None,
                    help="bf16 autocast for training (default: where the device computes bf16 in hardware, "
                         "see native_bf16)")
@@ -686,6 +687,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args = p.parse_args(argv)
     if args.bf16 is None:
         args.bf16 = native_bf16(args.device)
+    if args.vae_only and not (args.out or args.quick):
+        p.error("--vae-only needs --out: the default is the embedded model's folder, which a VAE alone would spoil")
     return args
 
 
@@ -733,7 +736,7 @@ def main(argv=None):
         finetune_decoder(vae, images, args, rng, args.decoder_steps, args.decoder_minutes, save_to=dec_path)
     log("vae check fp32", vae_colour_check(vae))
     if args.vae_only:
-        return save_vae(vae, images, out)
+        return None, save_vae(vae, images, out)
 
     t = time.time()
     lat_mean, lat_std = encode_all(vae, images)

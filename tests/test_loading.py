@@ -63,17 +63,25 @@ def test_vae_only_pretraining_saves_a_vae_folder_and_trains_no_unet(tmp_path):
     """A new VAE's round trip is checked before minutes of UNet training go into its latent space."""
     from diffusers import AutoencoderKL
 
+    from boft_diffusion.tiny import world
+    from boft_diffusion.tiny.evaluate import round_trip
+
+    mod = _pretrain_module()
     out, work = tmp_path / "vae", tmp_path / "work"
     n_threads = torch.get_num_threads()
     try:
-        _pretrain_module().main(["--quick", "--world", "4", "--vae-only", "--out", str(out), "--work", str(work)])
+        mod.main(["--quick", "--world", "4", "--vae-only", "--out", str(out), "--work", str(work)])
     finally:
         torch.set_num_threads(n_threads)
     vae = AutoencoderKL.from_pretrained(str(out))
     assert list(vae.config.block_out_channels) == [16, 32, 32]
-    assert 0.0 < vae.config.scaling_factor != 1.0
+    assert vae.config.scaling_factor != pytest.approx(0.18215), "diffusers' default: this VAE's was not estimated"
     assert (work / "vae.pt").is_file() and not (work / "ckpt.pt").exists()
     assert not (out / "unet").exists()
+    scene = world.Scene("blue", (world.Shape("star", "red", cx=32.0, cy=32.0, radius=20.0),))
+    assert round_trip(vae, [world.render(scene)])[0].size == (64, 64)
+    with pytest.raises(SystemExit):
+        mod.parse_args(["--vae-only"])
 
 
 @pytest.mark.parametrize("native", [True, False])
