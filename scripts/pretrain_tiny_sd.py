@@ -554,8 +554,7 @@ def export_checkpoint(args, out, work, vae, text_encoder, unet, tokenizer, image
     ck = torch.load(work / "ckpt.pt")
     scale = ck.get("scaling_factor") or args.scaling_factor
     if scale is None:
-        m, _ = encode_all(vae, images[:4000])
-        scale = float(1.0 / m.float().std())
+        scale = estimated_scaling_factor(vae, images)
     vae.register_to_config(scaling_factor=scale)
     unet.load_state_dict(ck["ema_unet"])
     text_encoder.load_state_dict(ck["ema_text"])
@@ -567,10 +566,16 @@ def export_checkpoint(args, out, work, vae, text_encoder, unet, tokenizer, image
     return pipe, out
 
 
-def save_vae(vae, images: np.ndarray, out: Path) -> Path:
-    """The VAE alone as a diffusers folder, its scaling factor estimated as --export-ckpt estimates it."""
+def estimated_scaling_factor(vae, images: np.ndarray) -> float:
+    """1 / std of the latents of the first 4,000 training images: what unit-variance latents need, when the
+    full encoding of a training run is not at hand."""
     m, _ = encode_all(vae, images[:4000])
-    vae.register_to_config(scaling_factor=float(1.0 / m.float().std()))
+    return float(1.0 / m.float().std())
+
+
+def save_vae(vae, images: np.ndarray, out: Path) -> Path:
+    """The VAE alone as a diffusers folder, with its estimated scaling factor."""
+    vae.register_to_config(scaling_factor=estimated_scaling_factor(vae, images))
     vae.cpu().save_pretrained(str(out), safe_serialization=True)
     log(f"vae saved to {out} (scaling_factor {vae.config.scaling_factor:.4f})")
     return out
