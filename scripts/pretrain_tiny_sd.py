@@ -54,6 +54,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from boft_diffusion.core.files import atomic_folder  # noqa: E402
 from boft_diffusion.tiny import subject_family  # noqa: E402
 from boft_diffusion.tiny import world as W  # noqa: E402
 
@@ -498,6 +499,8 @@ def encode_all(vae, images, batch=256):
 
 
 def save_pipeline(out: Path, vae, text_encoder, tokenizer, unet, sched_cfg, fp16: bool, meta: dict):
+    """The pipeline as a diffusers folder, written whole or not at all: a run killed while saving
+    leaves the folder that was there (the embedded model, by default) as it was."""
     from diffusers import DPMSolverMultistepScheduler, StableDiffusionPipeline
 
     scheduler = DPMSolverMultistepScheduler.from_config(sched_cfg, algorithm_type="dpmsolver++", solver_order=2, steps_offset=1)
@@ -513,14 +516,14 @@ def save_pipeline(out: Path, vae, text_encoder, tokenizer, unet, sched_cfg, fp16
     )
     if fp16:
         pipe.to(torch.float16)
-    out.mkdir(parents=True, exist_ok=True)
-    pipe.save_pretrained(str(out), safe_serialization=True)
-    # transformers 5 writes only tokenizer.json; keep the generated BPE files too (older/slow tokenizers need them)
-    src = Path(getattr(tokenizer, "_tiny_source_dir", ""))
-    for fname in ("vocab.json", "merges.txt"):
-        if (src / fname).is_file():
-            shutil.copy(src / fname, out / "tokenizer" / fname)
-    (out / "tiny_sd_meta.json").write_text(json.dumps(meta, indent=1))
+    with atomic_folder(out, fsync=True) as tmp:
+        pipe.save_pretrained(str(tmp), safe_serialization=True)
+        # transformers 5 writes only tokenizer.json; keep the generated BPE files too (older/slow tokenizers need them)
+        src = Path(getattr(tokenizer, "_tiny_source_dir", ""))
+        for fname in ("vocab.json", "merges.txt"):
+            if (src / fname).is_file():
+                shutil.copy(src / fname, tmp / "tokenizer" / fname)
+        (tmp / "tiny_sd_meta.json").write_text(json.dumps(meta, indent=1))
     return pipe
 
 
@@ -574,9 +577,10 @@ def estimated_scaling_factor(vae, images: np.ndarray) -> float:
 
 
 def save_vae(vae, images: np.ndarray, out: Path) -> Path:
-    """The VAE alone as a diffusers folder, with its estimated scaling factor."""
+    """The VAE alone as a diffusers folder, with its estimated scaling factor, written whole or not at all."""
     vae.register_to_config(scaling_factor=estimated_scaling_factor(vae, images))
-    vae.cpu().save_pretrained(str(out), safe_serialization=True)
+    with atomic_folder(out, fsync=True) as tmp:
+        vae.cpu().save_pretrained(str(tmp), safe_serialization=True)
     log(f"vae saved to {out} (scaling_factor {vae.config.scaling_factor:.4f})")
     return out
 

@@ -149,6 +149,68 @@ def test_warm_start_keeps_an_older_models_weights_and_words(quick_pipeline_dir, 
         mod.warm_start(quick_pipeline_dir, text, unet, tok)
 
 
+def _folder_bytes(folder) -> dict:
+    return {str(path.relative_to(folder)): path.read_bytes() for path in sorted(folder.rglob("*")) if path.is_file()}
+
+
+def test_pretraining_save_killed_midway_leaves_the_old_model_folder_whole(quick_pipeline_dir, tmp_path, monkeypatch):
+    """The pretraining script writes over the embedded model by default: a save that fails after
+    some files are written keeps every file of the model that was there, and leaves no temporary."""
+    import argparse
+
+    from diffusers import DDPMScheduler, StableDiffusionPipeline
+
+    mod = _pretrain_module()
+    out = tmp_path / "model"
+    shutil.copytree(quick_pipeline_dir, out)
+    before = _folder_bytes(out)
+    tok = mod.make_tokenizer(tmp_path / "tok", 24)
+    sizes = argparse.Namespace(vae_channels=[16, 32, 32], unet_channels=[32, 32, 64], unet_layers=1,
+                               text_dim=32, text_layers=1, max_length=24)
+    torch.manual_seed(1)
+    vae, text, unet = mod.make_models(sizes, len(tok), tok.bos_token_id, tok.eos_token_id, tok.pad_token_id)
+    sched = DDPMScheduler(beta_schedule="squaredcos_cap_v2", prediction_type="v_prediction").config
+    save = StableDiffusionPipeline.save_pretrained
+
+    def save_then_die(self, folder, **kwargs):
+        save(self, folder, **kwargs)
+        raise OSError("disk full")
+
+    monkeypatch.setattr(StableDiffusionPipeline, "save_pretrained", save_then_die)
+    with pytest.raises(OSError, match="disk full"):
+        mod.save_pipeline(out, vae, text, tok, unet, sched, True, {"recipe": {"new": True}})
+    assert _folder_bytes(out) == before
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["model", "tok"]
+
+    monkeypatch.setattr(StableDiffusionPipeline, "save_pretrained", save)
+    mod.save_pipeline(out, vae, text, tok, unet, sched, True, {"recipe": {"new": True}})
+    after = _folder_bytes(out)
+    assert after.keys() == before.keys()
+    assert after["unet/diffusion_pytorch_model.safetensors"] != before["unet/diffusion_pytorch_model.safetensors"]
+    assert json.loads(after["tiny_sd_meta.json"]) == {"recipe": {"new": True}}
+
+
+@pytest.mark.slow
+def test_export_ckpt_writes_the_pipeline_a_finished_run_saved(tmp_path):
+    """--export-ckpt rebuilds a pipeline from a run's checkpoint (a killed run's last one): for a
+    finished run it is the very pipeline the run saved, from the EMA weights and the same latent scale."""
+    mod = _pretrain_module()
+    work = tmp_path / "work"
+    n_threads = torch.get_num_threads()
+    try:
+        mod.main(["--quick", "--work", str(work), "--out", str(tmp_path / "trained")])
+        mod.main(["--quick", "--work", str(work), "--out", str(tmp_path / "exported"), "--export-ckpt"])
+    finally:
+        torch.set_num_threads(n_threads)
+    trained, exported = _folder_bytes(tmp_path / "trained"), _folder_bytes(tmp_path / "exported")
+    for part in ("unet", "text_encoder", "vae"):
+        name = f"{part}/{'model' if part == 'text_encoder' else 'diffusion_pytorch_model'}.safetensors"
+        assert exported[name] == trained[name], name
+    assert json.loads(exported["vae/config.json"])["scaling_factor"] == json.loads(trained["vae/config.json"])["scaling_factor"]
+    meta = json.loads(exported["tiny_sd_meta.json"])
+    assert meta["exported_from_checkpoint"] and meta["unet_steps_done"] == 3
+
+
 def test_missing_folder_error(tmp_path):
     missing = tmp_path / "nope"
     with pytest.raises(ModelLoadError, match="nope"):
