@@ -32,7 +32,8 @@ Examples::
         --init-vae boft_diffusion/tiny/model/vae --lr 4e-4 --warmup 50 --ema 0.995 \
         --max-minutes 75 --out /tmp/tiny_v4                             # world v4 from v3, on a CPU
 
-The run checkpoints to --work every --ckpt-every steps; rerun with --resume to go on.
+The run checkpoints to --work (the VAE, the decoder fine-tune every 500 steps, the UNet every
+--ckpt-every steps) and writes --out whole or not at all; rerun with --resume to go on.
 """
 
 from __future__ import annotations
@@ -407,18 +408,42 @@ def train_vae(vae, images, args, rng):
     return vae
 
 
-def finetune_decoder(vae, images, args, rng, steps: int, minutes: float = 0.0, save_to: Path | None = None):
+def finetune_decoder(vae, images, args, rng, steps: int, minutes: float = 0.0, save_to: Path | None = None,
+                     resume: bool = False, save_every: int = 500) -> int:
     """Sharpen the decoder with the encoder frozen (the latent space, and hence
     anything trained on it, stays valid).  Runs ``steps`` steps, or until
-    ``minutes`` of wall time when that is set (LR cosine over the budget)."""
+    ``minutes`` of wall time when that is set (LR cosine over the budget).
+    ``save_to`` gets the decoder, its optimiser, the random states and the steps and seconds spent
+    every ``save_every`` steps and at the end; ``resume`` goes on from there (a step-counted run to
+    the same weights as one never killed), so a killed fine-tune is finished, not taken as done."""
     vae.requires_grad_(False)
     dec_params = list(vae.post_quant_conv.parameters()) + list(vae.decoder.parameters())
     for q in dec_params:
         q.requires_grad_(True)
     opt = torch.optim.AdamW(dec_params, lr=args.decoder_lr, weight_decay=0.0)
     tuner = ThreadTuner(args.threads)
-    t0 = time.time()
-    step = 0
+    step, spent = 0, 0.0
+    if resume and save_to is not None and save_to.exists():
+        state = torch.load(save_to)
+        vae.load_state_dict(state["vae"])
+        step, spent = state["step"], state["seconds"]
+        if state["finished"]:
+            log(f"decoder already fine-tuned ({step} steps); delete {save_to} to fine-tune it again")
+            vae.requires_grad_(False)
+            vae.eval()
+            return step
+        opt.load_state_dict(state["opt"])
+        rng.bit_generator.state = state["numpy_rng"]
+        torch.set_rng_state(state["torch_rng"])
+        log(f"decoder fine-tune resumed at step {step} ({spent:.0f}s spent)")
+    t0 = time.time() - spent
+
+    def save(finished: bool) -> None:
+        if save_to is not None:
+            save_atomic({"vae": vae.state_dict(), "opt": opt.state_dict(), "step": step,
+                         "seconds": time.time() - t0, "finished": finished,
+                         "numpy_rng": rng.bit_generator.state, "torch_rng": torch.get_rng_state()}, save_to)
+
     while True:
         prog = step / steps if steps else 0.0
         if minutes:
@@ -444,13 +469,12 @@ def finetune_decoder(vae, images, args, rng, steps: int, minutes: float = 0.0, s
         tuner.stop()
         if step % 100 == 0:
             log(f"decoder step {step} l1 {l1.item():.4f} mse {mse.item():.5f} lr {lr:.2e} ({time.time() - t0:.0f}s) {tuner}")
-            if save_to is not None and step % 500 == 0 and step:
-                save_atomic(vae.state_dict(), save_to)
         step += 1
+        if step % save_every == 0:
+            save(finished=False)
     vae.requires_grad_(False)
     vae.eval()
-    if save_to is not None:
-        torch.save(vae.state_dict(), save_to)
+    save(finished=True)
     log(f"decoder fine-tuned for {step} steps ({time.time() - t0:.0f}s)")
     return step
 
@@ -602,10 +626,11 @@ def load_vae(args, vae, work: Path, images: np.ndarray, rng: np.random.Generator
         t = time.time()
         train_vae(vae, images, args, rng)
         log(f"vae trained in {time.time() - t:.0f}s")
-        torch.save(vae.state_dict(), vae_path)
+        save_atomic(vae.state_dict(), vae_path)
     if (args.resume or args.export_ckpt) and dec_path.exists():
-        vae.load_state_dict(torch.load(dec_path))
-        log("loaded fine-tuned decoder")
+        state = torch.load(dec_path)
+        vae.load_state_dict(state["vae"])
+        log(f"loaded the decoder fine-tuned {state['step']} steps" + ("" if state["finished"] else " (unfinished)"))
     return vae.to(args.device).eval()
 
 
@@ -688,7 +713,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="bf16 autocast for training (default: where the device computes bf16 in hardware, "
                         "see native_bf16)")
     p.add_argument("--no-fp16", action="store_true")
-    p.add_argument("--resume", action="store_true")
+    p.add_argument("--resume", action="store_true",
+                   help="go on from --work: its VAE, an unfinished decoder fine-tune, the UNet's last checkpoint")
     p.add_argument("--quick", action="store_true", help="seconds-long smoke test into a tmp dir")
     p.add_argument("--export-ckpt", action="store_true",
                    help="only export the pipeline from the EMA weights of --work/ckpt.pt (+ vae.pt)")
@@ -741,8 +767,9 @@ def main(argv=None):
     if args.export_ckpt:
         return export_checkpoint(args, out, work, vae, text_encoder, unet, tokenizer, images)
     dec_path = work / "vae_decoder_ft.pt"
-    if (args.decoder_steps or args.decoder_minutes) and not (args.resume and dec_path.exists()):
-        finetune_decoder(vae, images, args, rng, args.decoder_steps, args.decoder_minutes, save_to=dec_path)
+    if args.decoder_steps or args.decoder_minutes:
+        finetune_decoder(vae, images, args, rng, args.decoder_steps, args.decoder_minutes, save_to=dec_path,
+                         resume=args.resume)
     log("vae check fp32", vae_colour_check(vae))
     if args.vae_only:
         return None, save_vae(vae, images, out)
@@ -752,7 +779,8 @@ def main(argv=None):
     scale = float(1.0 / lat_mean.float().std())
     vae.register_to_config(scaling_factor=scale)
     log(f"encoded {len(images)} in {time.time() - t:.0f}s, latent std {1/scale:.3f} -> scaling_factor {scale:.4f}")
-    bank = caption_bank(scenes, tokenizer, args.caption_variants, rng).to(device)
+    # its own generator: a resumed run, which skips the VAE's draws, trains on the same captions
+    bank = caption_bank(scenes, tokenizer, args.caption_variants, np.random.default_rng([args.seed, 1])).to(device)
 
     # ---- UNet + text encoder
     noise_sched = noise_scheduler()

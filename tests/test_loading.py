@@ -190,6 +190,62 @@ def test_pretraining_save_killed_midway_leaves_the_old_model_folder_whole(quick_
     assert json.loads(after["tiny_sd_meta.json"]) == {"recipe": {"new": True}}
 
 
+def test_killed_decoder_fine_tune_resumes_to_the_weights_of_one_never_killed(tmp_path, monkeypatch):
+    """A decoder fine-tune is hours on a CPU: one killed midway is finished from its last save by
+    --resume (not taken as done, as before), to the very weights of a run never killed; a finished
+    one is left as it is."""
+    import argparse
+
+    mod = _pretrain_module()
+    tok = mod.make_tokenizer(tmp_path / "tok", 24)
+    sizes = argparse.Namespace(vae_channels=[16, 32, 32], unet_channels=[32, 32, 64], unet_layers=1,
+                               text_dim=32, text_layers=1, max_length=24)
+    args = argparse.Namespace(decoder_lr=1e-3, threads=1, vae_batch=2, vae_p_texture=0.5, device="cpu",
+                              bf16=False, seed=0)
+    images = np.random.default_rng(0).integers(0, 256, (8, 64, 64, 3), dtype=np.uint8)
+
+    def fresh_vae():
+        torch.manual_seed(0)
+        return mod.make_models(sizes, len(tok), tok.bos_token_id, tok.eos_token_id, tok.pad_token_id)[0]
+
+    def fine_tune(vae, save_to, resume=False):
+        torch.manual_seed(1)
+        return mod.finetune_decoder(vae, images, args, np.random.default_rng(2), 6, save_to=save_to,
+                                    resume=resume, save_every=2)
+
+    n_threads = torch.get_num_threads()
+    try:
+        whole = fresh_vae()
+        assert fine_tune(whole, tmp_path / "whole.pt") == 6
+        batch, calls = mod.vae_batch, []
+
+        def killed_at_step_5(*a):
+            calls.append(1)
+            if len(calls) == 5:
+                raise KeyboardInterrupt
+            return batch(*a)
+
+        monkeypatch.setattr(mod, "vae_batch", killed_at_step_5)
+        killed = tmp_path / "killed.pt"
+        with pytest.raises(KeyboardInterrupt):
+            fine_tune(fresh_vae(), killed)
+        saved = torch.load(killed)
+        assert saved["step"] == 4 and not saved["finished"]
+        monkeypatch.setattr(mod, "vae_batch", batch)
+        resumed = fresh_vae()
+        assert fine_tune(resumed, killed, resume=True) == 6
+        assert torch.load(killed)["finished"]
+        for name, value in whole.state_dict().items():
+            assert torch.equal(resumed.state_dict()[name], value), name
+        assert not torch.equal(fresh_vae().decoder.conv_out.weight, whole.decoder.conv_out.weight)
+
+        again = fresh_vae()
+        assert fine_tune(again, killed, resume=True) == 6
+        assert torch.equal(again.decoder.conv_out.weight, whole.decoder.conv_out.weight)
+    finally:
+        torch.set_num_threads(n_threads)
+
+
 @pytest.mark.slow
 def test_export_ckpt_writes_the_pipeline_a_finished_run_saved(tmp_path):
     """--export-ckpt rebuilds a pipeline from a run's checkpoint (a killed run's last one): for a
