@@ -371,6 +371,9 @@ def autocast(args):
     return torch.autocast(torch.device(args.device).type, dtype=torch.bfloat16, enabled=args.bf16)
 
 
+DECODER_CHECKPOINT = "vae_decoder_ft.pt"
+
+
 def save_atomic(obj, path: Path) -> None:
     """torch.save through a temporary file, so a kill never leaves a half-written checkpoint."""
     torch.save(obj, str(path) + ".tmp")
@@ -408,34 +411,43 @@ def train_vae(vae, images, args, rng):
     return vae
 
 
+def read_decoder_checkpoint(path: Path) -> dict:
+    """A decoder fine-tune's save (``finetune_decoder``), or a clear stop for a file of another kind."""
+    state = torch.load(path, map_location="cpu")
+    if not isinstance(state, dict) or not {"vae", "opt", "step", "finished"} <= state.keys():
+        raise SystemExit(f"{path} is not a decoder fine-tune checkpoint of this script (from before it could be "
+                         "resumed?): move it away to fine-tune the decoder again")
+    return state
+
+
 def finetune_decoder(vae, images, args, rng, steps: int, minutes: float = 0.0, save_to: Path | None = None,
                      resume: bool = False, save_every: int = 500) -> int:
     """Sharpen the decoder with the encoder frozen (the latent space, and hence
     anything trained on it, stays valid).  Runs ``steps`` steps, or until
     ``minutes`` of wall time when that is set (LR cosine over the budget).
-    ``save_to`` gets the decoder, its optimiser, the random states and the steps and seconds spent
-    every ``save_every`` steps and at the end; ``resume`` goes on from there (a step-counted run to
-    the same weights as one never killed), so a killed fine-tune is finished, not taken as done."""
+    ``save_to`` gets the VAE, the optimiser, the random states and the steps and seconds spent
+    every ``save_every`` steps and at the end; ``resume`` goes on from there, so a killed fine-tune
+    is finished, not taken as done (a step-counted run on the CPU at one thread count ends on the
+    weights of a run never killed)."""
+    step, spent, state = 0, 0.0, None
+    if resume and save_to is not None and save_to.exists():
+        state = read_decoder_checkpoint(save_to)
+        vae.load_state_dict(state["vae"])
+        rng.bit_generator.state = state["numpy_rng"]
+        torch.set_rng_state(state["torch_rng"])
+        step, spent = state["step"], state["seconds"]
+        if state["finished"]:
+            log(f"decoder already fine-tuned ({step} steps); move {save_to} away to fine-tune it again")
+            return step
+        log(f"decoder fine-tune resumed at step {step} ({spent:.0f}s spent)")
     vae.requires_grad_(False)
     dec_params = list(vae.post_quant_conv.parameters()) + list(vae.decoder.parameters())
     for q in dec_params:
         q.requires_grad_(True)
     opt = torch.optim.AdamW(dec_params, lr=args.decoder_lr, weight_decay=0.0)
-    tuner = ThreadTuner(args.threads)
-    step, spent = 0, 0.0
-    if resume and save_to is not None and save_to.exists():
-        state = torch.load(save_to)
-        vae.load_state_dict(state["vae"])
-        step, spent = state["step"], state["seconds"]
-        if state["finished"]:
-            log(f"decoder already fine-tuned ({step} steps); delete {save_to} to fine-tune it again")
-            vae.requires_grad_(False)
-            vae.eval()
-            return step
+    if state is not None:
         opt.load_state_dict(state["opt"])
-        rng.bit_generator.state = state["numpy_rng"]
-        torch.set_rng_state(state["torch_rng"])
-        log(f"decoder fine-tune resumed at step {step} ({spent:.0f}s spent)")
+    tuner = ThreadTuner(args.threads)
     t0 = time.time() - spent
 
     def save(finished: bool) -> None:
@@ -614,7 +626,7 @@ def load_vae(args, vae, work: Path, images: np.ndarray, rng: np.random.Generator
     (and fine-tuned decoder) when resuming, else a new one trained here."""
     from diffusers import AutoencoderKL
 
-    vae_path, dec_path = work / "vae.pt", work / "vae_decoder_ft.pt"
+    vae_path, dec_path = work / "vae.pt", work / DECODER_CHECKPOINT
     if args.init_vae:
         vae = AutoencoderKL.from_pretrained(args.init_vae, torch_dtype=torch.float32)
         log(f"vae from {args.init_vae}")
@@ -628,9 +640,13 @@ def load_vae(args, vae, work: Path, images: np.ndarray, rng: np.random.Generator
         log(f"vae trained in {time.time() - t:.0f}s")
         save_atomic(vae.state_dict(), vae_path)
     if (args.resume or args.export_ckpt) and dec_path.exists():
-        state = torch.load(dec_path)
+        state = read_decoder_checkpoint(dec_path)
         vae.load_state_dict(state["vae"])
-        log(f"loaded the decoder fine-tuned {state['step']} steps" + ("" if state["finished"] else " (unfinished)"))
+        if state["finished"]:
+            log(f"loaded the decoder fine-tuned {state['step']} steps")
+        else:
+            log(f"WARNING: the decoder in {dec_path} stopped at step {state['step']}, unfinished: "
+                "--resume with its --decoder-steps or --decoder-minutes finishes it")
     return vae.to(args.device).eval()
 
 
@@ -766,7 +782,7 @@ def main(argv=None):
     vae = load_vae(args, vae, work, images, rng)
     if args.export_ckpt:
         return export_checkpoint(args, out, work, vae, text_encoder, unet, tokenizer, images)
-    dec_path = work / "vae_decoder_ft.pt"
+    dec_path = work / DECODER_CHECKPOINT
     if args.decoder_steps or args.decoder_minutes:
         finetune_decoder(vae, images, args, rng, args.decoder_steps, args.decoder_minutes, save_to=dec_path,
                          resume=args.resume)

@@ -191,9 +191,9 @@ def test_pretraining_save_killed_midway_leaves_the_old_model_folder_whole(quick_
 
 
 def test_killed_decoder_fine_tune_resumes_to_the_weights_of_one_never_killed(tmp_path, monkeypatch):
-    """A decoder fine-tune is hours on a CPU: one killed midway is finished from its last save by
-    --resume (not taken as done, as before), to the very weights of a run never killed; a finished
-    one is left as it is."""
+    """A decoder fine-tune is an hour on a CPU: one killed midway is finished from its last save by
+    --resume, to the very weights of a run never killed (on the CPU at one thread); a finished one
+    is left as it is; a file the script did not write that way is refused by name."""
     import argparse
 
     mod = _pretrain_module()
@@ -219,13 +219,13 @@ def test_killed_decoder_fine_tune_resumes_to_the_weights_of_one_never_killed(tmp
         assert fine_tune(whole, tmp_path / "whole.pt") == 6
         batch, calls = mod.vae_batch, []
 
-        def killed_at_step_5(*a):
+        def killed_in_step_5(*a):
             calls.append(1)
-            if len(calls) == 5:
+            if len(calls) == 6:
                 raise KeyboardInterrupt
             return batch(*a)
 
-        monkeypatch.setattr(mod, "vae_batch", killed_at_step_5)
+        monkeypatch.setattr(mod, "vae_batch", killed_in_step_5)
         killed = tmp_path / "killed.pt"
         with pytest.raises(KeyboardInterrupt):
             fine_tune(fresh_vae(), killed)
@@ -242,6 +242,10 @@ def test_killed_decoder_fine_tune_resumes_to_the_weights_of_one_never_killed(tmp
         again = fresh_vae()
         assert fine_tune(again, killed, resume=True) == 6
         assert torch.equal(again.decoder.conv_out.weight, whole.decoder.conv_out.weight)
+
+        torch.save(whole.state_dict(), tmp_path / "plain.pt")
+        with pytest.raises(SystemExit, match="plain.pt is not a decoder fine-tune checkpoint"):
+            fine_tune(fresh_vae(), tmp_path / "plain.pt", resume=True)
     finally:
         torch.set_num_threads(n_threads)
 
@@ -249,12 +253,13 @@ def test_killed_decoder_fine_tune_resumes_to_the_weights_of_one_never_killed(tmp
 @pytest.mark.slow
 def test_export_ckpt_writes_the_pipeline_a_finished_run_saved(tmp_path):
     """--export-ckpt rebuilds a pipeline from a run's checkpoint (a killed run's last one): for a
-    finished run it is the very pipeline the run saved, from the EMA weights and the same latent scale."""
+    finished run it is the very pipeline the run saved, from the EMA weights, the fine-tuned decoder
+    and the same latent scale."""
     mod = _pretrain_module()
     work = tmp_path / "work"
     n_threads = torch.get_num_threads()
     try:
-        mod.main(["--quick", "--work", str(work), "--out", str(tmp_path / "trained")])
+        mod.main(["--quick", "--work", str(work), "--out", str(tmp_path / "trained"), "--decoder-steps", "2"])
         mod.main(["--quick", "--work", str(work), "--out", str(tmp_path / "exported"), "--export-ckpt"])
     finally:
         torch.set_num_threads(n_threads)

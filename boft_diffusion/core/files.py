@@ -198,7 +198,9 @@ def remove_stale_temporaries(folder: str | os.PathLike) -> list[Path]:
 def atomic_folder(final: str | os.PathLike, fsync: bool = False) -> Iterator[Path]:
     """Yield an empty temporary sibling of ``final`` to fill; a block that ends without error
     renames it to ``final`` (replacing any folder there), one that fails removes it. Readers see
-    the whole folder or none of it; ``fsync`` flushes its files to disk before the rename."""
+    the whole folder or none of it; ``fsync`` flushes its files to disk before the rename. A folder
+    being replaced is moved aside and deleted only once the new one has its name, so a kill while
+    deleting it leaves the new folder whole, not the old one half deleted."""
     final = Path(final)
     tmp = final.with_name(f".{final.name}.tmp-{os.getpid()}")
     if tmp.exists():
@@ -211,9 +213,13 @@ def atomic_folder(final: str | os.PathLike, fsync: bool = False) -> Iterator[Pat
                 if path.is_file():
                     with open(path, "rb") as handle:
                         os.fsync(handle.fileno())
-        if final.exists():
-            remove_folder(final)
+        tombstone = final.with_name(f".{final.name}.trash-{os.getpid()}")
+        replacing = final.exists()
+        if replacing:
+            os.rename(final, tombstone)
         os.rename(tmp, final)
+        if replacing:
+            shutil.rmtree(tombstone)
     finally:
         if tmp.exists():
             shutil.rmtree(tmp)
