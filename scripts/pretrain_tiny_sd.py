@@ -622,11 +622,11 @@ def save_vae(vae, images: np.ndarray, out: Path) -> Path:
 
 
 def load_vae(args, vae, work: Path, images: np.ndarray, rng: np.random.Generator):
-    """The VAE to start from: --init-vae (a diffusers folder), else this run's vae.pt
-    (and fine-tuned decoder) when resuming, else a new one trained here."""
+    """The VAE to start from: --init-vae (a diffusers folder), else this run's vae.pt when
+    resuming, else a new one trained here."""
     from diffusers import AutoencoderKL
 
-    vae_path, dec_path = work / "vae.pt", work / DECODER_CHECKPOINT
+    vae_path = work / "vae.pt"
     if args.init_vae:
         vae = AutoencoderKL.from_pretrained(args.init_vae, torch_dtype=torch.float32)
         log(f"vae from {args.init_vae}")
@@ -639,15 +639,18 @@ def load_vae(args, vae, work: Path, images: np.ndarray, rng: np.random.Generator
         train_vae(vae, images, args, rng)
         log(f"vae trained in {time.time() - t:.0f}s")
         save_atomic(vae.state_dict(), vae_path)
-    if (args.resume or args.export_ckpt) and dec_path.exists():
-        state = read_decoder_checkpoint(dec_path)
-        vae.load_state_dict(state["vae"])
-        if state["finished"]:
-            log(f"loaded the decoder fine-tuned {state['step']} steps")
-        else:
-            log(f"WARNING: the decoder in {dec_path} stopped at step {state['step']}, unfinished: "
-                "--resume with its --decoder-steps or --decoder-minutes finishes it")
     return vae.to(args.device).eval()
+
+
+def load_fine_tuned_decoder(vae, path: Path) -> None:
+    """This run's fine-tuned decoder, for a run that resumes or exports without fine-tuning it."""
+    state = read_decoder_checkpoint(path)
+    vae.load_state_dict(state["vae"])
+    if state["finished"]:
+        log(f"loaded the decoder fine-tuned {state['step']} steps")
+    else:
+        log(f"WARNING: the decoder in {path} stopped at step {state['step']}, unfinished: "
+            "--resume with its --decoder-steps or --decoder-minutes finishes it")
 
 
 def warm_start(folder: Path, text_encoder, unet, tokenizer) -> dict:
@@ -780,12 +783,14 @@ def main(argv=None):
 
     # ---- VAE
     vae = load_vae(args, vae, work, images, rng)
-    if args.export_ckpt:
-        return export_checkpoint(args, out, work, vae, text_encoder, unet, tokenizer, images)
     dec_path = work / DECODER_CHECKPOINT
-    if args.decoder_steps or args.decoder_minutes:
+    if (args.decoder_steps or args.decoder_minutes) and not args.export_ckpt:
         finetune_decoder(vae, images, args, rng, args.decoder_steps, args.decoder_minutes, save_to=dec_path,
                          resume=args.resume)
+    elif (args.resume or args.export_ckpt) and dec_path.exists():
+        load_fine_tuned_decoder(vae, dec_path)
+    if args.export_ckpt:
+        return export_checkpoint(args, out, work, vae, text_encoder, unet, tokenizer, images)
     log("vae check fp32", vae_colour_check(vae))
     if args.vae_only:
         return None, save_vae(vae, images, out)

@@ -154,10 +154,15 @@ def write_text(path: str | os.PathLike, text: str) -> None:
 def remove_folder(folder: str | os.PathLike) -> None:
     """Delete a folder so that a kill midway never leaves it half deleted under its own name:
     rename it to a hidden tombstone first (``remove_stale_temporaries`` finishes a killed delete)."""
-    folder = Path(folder)
-    tombstone = folder.with_name(f".{folder.name}.trash-{os.getpid()}")
+    tombstone = _tombstone(folder)
     os.rename(folder, tombstone)
     shutil.rmtree(tombstone)
+
+
+def _tombstone(folder: str | os.PathLike) -> Path:
+    """The hidden name a folder is moved to before it is deleted (``remove_stale_temporaries`` knows it)."""
+    folder = Path(folder)
+    return folder.with_name(f".{folder.name}.trash-{os.getpid()}")
 
 
 def _process_alive(pid: int) -> bool:
@@ -213,7 +218,7 @@ def atomic_folder(final: str | os.PathLike, fsync: bool = False) -> Iterator[Pat
                 if path.is_file():
                     with open(path, "rb") as handle:
                         os.fsync(handle.fileno())
-        tombstone = final.with_name(f".{final.name}.trash-{os.getpid()}")
+        tombstone = _tombstone(final)
         replacing = final.exists()
         if replacing:
             os.rename(final, tombstone)
