@@ -20,19 +20,25 @@ def _pretrain_module():
     return mod
 
 
+def _tiny_sizes():
+    """The model sizes of ``--quick``: the embedded model's architecture family, small."""
+    import argparse
+
+    return argparse.Namespace(vae_channels=[16, 32, 32], unet_channels=[32, 32, 64], unet_layers=1,
+                              text_dim=32, text_layers=1, max_length=24)
+
+
 @pytest.fixture(scope="module")
 def quick_pipeline_dir(tmp_path_factory):
     """An untrained pipeline folder with the embedded model's architecture family
     (tiny sizes), written by the pretraining script's own helpers."""
-    import argparse
 
     from diffusers import DDPMScheduler
 
     mod = _pretrain_module()
     tmp = tmp_path_factory.mktemp("quick")
     tok = mod.make_tokenizer(tmp / "tok", 24)
-    args = argparse.Namespace(vae_channels=[16, 32, 32], unet_channels=[32, 32, 64], unet_layers=1,
-                              text_dim=32, text_layers=1, max_length=24)
+    args = _tiny_sizes()
     torch.manual_seed(0)
     vae, text, unet = mod.make_models(args, len(tok), tok.bos_token_id, tok.eos_token_id, tok.pad_token_id)
     sched = DDPMScheduler(beta_schedule="squaredcos_cap_v2", prediction_type="v_prediction")
@@ -116,15 +122,13 @@ def test_quick_pretrain_roundtrip(quick_pipeline_dir):
 def test_warm_start_keeps_an_older_models_weights_and_words(quick_pipeline_dir, tmp_path):
     """World v4 can start from the v3 model on a CPU: the UNet is copied, every word the old
     tokenizer had keeps its embedding (a v3 caption encodes exactly as before), new words are new."""
-    import argparse
 
     from transformers import CLIPTextModel
 
     mod = _pretrain_module()
     pipe = load_pipeline(str(quick_pipeline_dir), device="cpu")
     tok = mod.make_tokenizer(tmp_path / "tok", 24, version=4)
-    sizes = argparse.Namespace(vae_channels=[16, 32, 32], unet_channels=[32, 32, 64], unet_layers=1,
-                               text_dim=32, text_layers=1, max_length=24)
+    sizes = _tiny_sizes()
     _, text, unet = mod.make_models(sizes, len(tok), tok.bos_token_id, tok.eos_token_id, tok.pad_token_id)
     info = mod.warm_start(quick_pipeline_dir, text, unet, tok)
     old_vocab, new_vocab = pipe.tokenizer.get_vocab(), tok.get_vocab()
@@ -156,7 +160,6 @@ def _folder_bytes(folder) -> dict:
 def test_pretraining_save_killed_midway_leaves_the_old_model_folder_whole(quick_pipeline_dir, tmp_path, monkeypatch):
     """The pretraining script writes over the embedded model by default: a save that fails after
     some files are written keeps every file of the model that was there, and leaves no temporary."""
-    import argparse
 
     from diffusers import DDPMScheduler, StableDiffusionPipeline
 
@@ -165,8 +168,7 @@ def test_pretraining_save_killed_midway_leaves_the_old_model_folder_whole(quick_
     shutil.copytree(quick_pipeline_dir, out)
     before = _folder_bytes(out)
     tok = mod.make_tokenizer(tmp_path / "tok", 24)
-    sizes = argparse.Namespace(vae_channels=[16, 32, 32], unet_channels=[32, 32, 64], unet_layers=1,
-                               text_dim=32, text_layers=1, max_length=24)
+    sizes = _tiny_sizes()
     torch.manual_seed(1)
     vae, text, unet = mod.make_models(sizes, len(tok), tok.bos_token_id, tok.eos_token_id, tok.pad_token_id)
     sched = DDPMScheduler(beta_schedule="squaredcos_cap_v2", prediction_type="v_prediction").config
@@ -198,8 +200,7 @@ def test_killed_decoder_fine_tune_resumes_to_the_weights_of_one_never_killed(tmp
 
     mod = _pretrain_module()
     tok = mod.make_tokenizer(tmp_path / "tok", 24)
-    sizes = argparse.Namespace(vae_channels=[16, 32, 32], unet_channels=[32, 32, 64], unet_layers=1,
-                               text_dim=32, text_layers=1, max_length=24)
+    sizes = _tiny_sizes()
     args = argparse.Namespace(decoder_lr=1e-3, threads=1, vae_batch=2, vae_p_texture=0.5, device="cpu",
                               bf16=False, seed=0)
     images = np.random.default_rng(0).integers(0, 256, (8, 64, 64, 3), dtype=np.uint8)
